@@ -1,0 +1,21 @@
+"""Built-in adapters, registered as a plugin of tokenmerge itself.
+
+Each adapter is registered by an ``AdapterSpec`` naming its module, so neither the adapter nor its
+model library is imported until a model needs it.
+"""
+
+from __future__ import annotations
+
+from tokenmerge.hookspecs import hookimpl
+from tokenmerge.registry import AdapterSpec
+
+
+@hookimpl
+def tokenmerge_register_adapters(register):
+    register(
+        AdapterSpec(
+            name="generic",
+            target="tokenmerge.adapters.generic:GenericAdapter",
+            description="any torch model: local merging around the modules include= names",
+        )
+    )

@@ -1,0 +1,116 @@
+"""The generic adapter: merge around modules you name, in any PyTorch model.
+
+For research models and architectures without a dedicated adapter. Each module an ``include``
+glob matches becomes a site, merged in local mode: its first argument (or ``hidden_states=``) must
+be image tokens ``(B, N, C)`` - optionally behind ``num_prefix`` protected tokens - and its output
+a tensor of the same layout (or a tuple starting with one).
+
+The grid is ``grid=(h, w)`` when given, else square when the image-token count is a perfect
+square, else ``1 x N``. Without ``timestep_arg`` every call of the model is a new generation (no
+plan reuse across calls); with it, plans are cached across denoising steps like in the diffusion
+adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.config import MergeConfig
+from tokenmerge.errors import ConfigError, NoSitesError
+from tokenmerge.site import Site, TokenLayout
+
+__all__ = ["GenericAdapter"]
+
+
+class GenericAdapter(Adapter):
+    """Local merging around the modules named by ``include`` globs; see the module docstring.
+
+    Args:
+        grid: ``(h, w)`` of the image tokens, if they are not a square grid.
+        num_prefix: protected tokens before the image tokens (a class token...), never merged.
+        timestep_arg: where the model's forward takes the diffusion timestep: a keyword name or
+            a positional index; None when the model has none.
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+        >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
+        ...                           include=["1"], min_tokens=1,
+        ...                           adapter_options={"grid": (4, 8)})
+        >>> model(torch.randn(2, 32, 8)).shape, handle.stats()["1"].tokens_out
+        (torch.Size([2, 32, 8]), 16)
+        >>> handle.remove()
+    """
+
+    name = "generic"
+
+    def __init__(
+        self,
+        grid: Sequence[int] | None = None,
+        num_prefix: int = 0,
+        timestep_arg: str | int | None = None,
+    ) -> None:
+        if grid is not None:
+            if len(grid) != 2 or any(int(g) < 1 for g in grid):
+                raise ConfigError(f"grid must be (height, width) of positive ints; got {grid!r}")
+            grid = (int(grid[0]), int(grid[1]))
+        if num_prefix < 0:
+            raise ConfigError(f"num_prefix must be 0 or more; got {num_prefix}")
+        self.grid = grid
+        self.num_prefix = num_prefix
+        self.timestep_arg = timestep_arg
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        return isinstance(model, nn.Module)
+
+    def candidates(self, root: nn.Module) -> list[SiteCandidate]:
+        return [
+            SiteCandidate(Site(name), {"attn": module})
+            for name, module in root.named_modules()
+            if name
+        ]
+
+    def default_sites(
+        self, candidates: list[SiteCandidate], config: MergeConfig
+    ) -> list[SiteCandidate]:
+        if not config.include:
+            raise NoSitesError(
+                "the generic adapter merges around the modules you name: pass include=[globs of "
+                "module names], e.g. include=['blocks.*.attn']; module names in this model: "
+                + ", ".join(c.site.name for c in candidates[:12])
+                + (" ..." if len(candidates) > 12 else "")
+            )
+        return candidates
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout:
+        if hidden_states.dim() != 3:
+            raise ValueError(
+                f"site {site.name!r}: the generic adapter needs (batch, tokens, channels) "
+                f"hidden states; got shape {tuple(hidden_states.shape)}"
+            )
+        n = hidden_states.shape[1] - self.num_prefix
+        if self.grid is not None:
+            if self.grid[0] * self.grid[1] != n:
+                raise ValueError(
+                    f"site {site.name!r}: grid {self.grid} holds {self.grid[0] * self.grid[1]} "
+                    f"tokens but the module received {n} image tokens (after {self.num_prefix} "
+                    "prefix tokens); fix adapter_options['grid'] or ['num_prefix']"
+                )
+            return TokenLayout(self.grid, self.num_prefix)
+        side = math.isqrt(n)
+        grid = (side, side) if side * side == n else (1, n)
+        return TokenLayout(grid, self.num_prefix)
+
+    def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        where = self.timestep_arg
+        if where is None:
+            return None
+        if isinstance(where, int):
+            return args[where] if len(args) > where else None
+        return kwargs.get(where)

@@ -1,0 +1,15 @@
+"""Built-in strategies (tome, retom, random), registered as a plugin of tokenmerge itself."""
+
+from __future__ import annotations
+
+from tokenmerge.hookspecs import hookimpl
+
+
+@hookimpl
+def tokenmerge_register_strategies(register):
+    from tokenmerge.strategies.random import RandomStrategy
+    from tokenmerge.strategies.retom import ReToMStrategy
+    from tokenmerge.strategies.tome import ToMeStrategy
+
+    for strategy in (ToMeStrategy, ReToMStrategy, RandomStrategy):
+        register(strategy)

@@ -1,0 +1,82 @@
+"""Random: the content-blind baseline, the cheapest plan and the floor for quality.
+
+One destination per ``sy x sx`` cell (cells cut by the grid's edge are smaller), chosen at random;
+``r`` of the other tokens chosen uniformly at random, each merged into its own cell's destination.
+The plan ignores the features, so one plan serves the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from tokenmerge.config import MergeConfig
+from tokenmerge.plan import Plan
+from tokenmerge.site import Site, TokenLayout
+from tokenmerge.strategy import Strategy, pick_top
+from tokenmerge.windows import num_windows, window_partition
+
+__all__ = ["RandomConfig", "RandomStrategy"]
+
+
+class RandomConfig(MergeConfig):
+    """Configuration of ``random``.
+
+    Example:
+        >>> import tokenmerge
+        >>> tokenmerge.load_config("random", ratio=0.5).sx
+        2
+    """
+
+    strategy: Literal["random"] = Field(default="random", description="Always 'random'.")
+    sx: int = Field(default=2, ge=1, description="Cell width in tokens. Default 2, as tomesd.")
+    sy: int = Field(default=2, ge=1, description="Cell height in tokens. Default 2, as tomesd.")
+
+    def ratio_limit(self) -> float:
+        return 1.0 - 1.0 / (self.sx * self.sy)
+
+    def ratio_limit_reason(self) -> str:
+        if self.sx * self.sy < 2:
+            return "a 1 x 1 cell has no token to merge: sx * sy must be at least 2"
+        return f"one destination per {self.sy} x {self.sx} cell stays"
+
+
+class RandomStrategy(Strategy):
+    """Content-blind random merging; see the module docstring."""
+
+    name = "random"
+    config_class = RandomConfig
+    uses_features = False
+
+    def _cell(self) -> tuple[int, int]:
+        return self.config.sy, self.config.sx
+
+    def capacity(self, layout: TokenLayout, site: Site) -> int:
+        return layout.num_image_tokens - num_windows(layout.grid, self._cell())
+
+    def make_plan(
+        self,
+        features: Tensor,
+        layout: TokenLayout,
+        site: Site,
+        num_merge: int,
+        generator: torch.Generator,
+    ) -> Plan:
+        n = layout.num_image_tokens
+        device = features.device
+        if num_merge == 0:
+            return Plan.identity(n, device)
+        cells = window_partition(layout.grid, self._cell(), device)
+        valid = cells >= 0
+        blocked = torch.tensor(float("-inf"), device=device)
+        draw = torch.rand(cells.shape, device=device, generator=generator)
+        dst_slot = torch.where(valid, draw, blocked).argmax(dim=1, keepdim=True)
+        is_dst = torch.zeros_like(valid).scatter(1, dst_slot, True)
+        draw = torch.rand(cells.shape, device=device, generator=generator)
+        chosen = pick_top(torch.where(valid & ~is_dst, draw, blocked).flatten(), num_merge)
+        src = cells.flatten()[chosen]
+        dst = cells.gather(1, dst_slot).squeeze(1)[chosen // cells.shape[1]]
+        return Plan.from_assignment(src.unsqueeze(0), dst.unsqueeze(0), n)

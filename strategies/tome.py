@@ -1,0 +1,141 @@
+"""ToMe: bipartite soft matching (Bolya et al., 2023), with tomesd's 2-D cells for grids.
+
+Tokens split into destinations (B) and sources (A). Every A token finds its most similar B token
+(cosine similarity of the features); the ``r`` A tokens with the best matches merge into them.
+
+- ``cells`` (tomesd's partition, local mode): one destination per ``sy x sx`` cell, at a random
+  place in the cell (a private generator, shared over the batch) or at its top-left; rows and
+  columns left over where the grid does not divide are sources only.
+- ``alternate`` (ToMe's partition for sequences): even tokens are A, odd tokens are B.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from tokenmerge.config import MergeConfig
+from tokenmerge.plan import Plan
+from tokenmerge.site import Site, TokenLayout
+from tokenmerge.strategy import Strategy, pick_top
+from tokenmerge.windows import clamp_window
+
+__all__ = ["ToMeConfig", "ToMeStrategy"]
+
+
+class ToMeConfig(MergeConfig):
+    """Configuration of ``tome``.
+
+    Example:
+        >>> import tokenmerge
+        >>> tokenmerge.load_config("tome", ratio=0.5, sx=2, sy=2).random_destinations
+        True
+    """
+
+    strategy: Literal["tome"] = Field(default="tome", description="Always 'tome'.")
+    sx: int = Field(
+        default=2, ge=1, description="Cell width in tokens (cells partition). Default 2, as tomesd."
+    )
+    sy: int = Field(
+        default=2,
+        ge=1,
+        description="Cell height in tokens (cells partition). Default 2, as tomesd.",
+    )
+    random_destinations: bool = Field(
+        default=True,
+        description=(
+            "Pick each cell's destination at random (from the site's private generator, shared "
+            "over the batch) rather than the top-left token. Default on, as tomesd's use_rand."
+        ),
+    )
+    partition: Literal["auto", "cells", "alternate"] = Field(
+        default="auto",
+        description=(
+            "How tokens split into sources and destinations: 'cells' (tomesd's 2-D cells), "
+            "'alternate' (ToMe's even / odd split of the sequence, at most half the tokens "
+            "merge), or 'auto': cells at local-mode sites, alternate at progressive ones."
+        ),
+    )
+
+    def ratio_limit(self) -> float:
+        cell = self.sx * self.sy
+        if cell < 2 and self.partition != "alternate":
+            return 0.0
+        return 0.5 if self.partition == "alternate" else 1.0 - 1.0 / cell
+
+    def ratio_limit_reason(self) -> str:
+        if self.partition == "alternate":
+            return "the alternating partition merges at most half the tokens"
+        if self.sx * self.sy < 2:
+            return "a 1 x 1 cell has no token to merge: sx * sy must be at least 2"
+        return f"one destination per {self.sy} x {self.sx} cell stays"
+
+
+class ToMeStrategy(Strategy):
+    """Bipartite soft matching; see the module docstring."""
+
+    name = "tome"
+    config_class = ToMeConfig
+
+    def _uses_cells(self, site: Site) -> bool:
+        if self.config.partition == "auto":
+            return site.mode == "local"
+        return self.config.partition == "cells"
+
+    def _cells(self, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+        sy, sx = clamp_window(grid, (self.config.sy, self.config.sx))
+        return sy, sx, grid[0] // sy, grid[1] // sx
+
+    def capacity(self, layout: TokenLayout, site: Site) -> int:
+        n = layout.num_image_tokens
+        if not self._uses_cells(site):
+            return (n + 1) // 2
+        sy, sx, rows, cols = self._cells(layout.grid)
+        return n - rows * cols if sy * sx > 1 else 0
+
+    def _cell_partition(
+        self, grid: tuple[int, int], device: torch.device, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Token indices of the destinations (one per whole cell) and of the sources."""
+        h, w = grid
+        sy, sx, rows, cols = self._cells(grid)
+        if self.config.random_destinations:
+            offset = torch.randint(sy * sx, (rows, cols), device=device, generator=generator)
+        else:
+            offset = torch.zeros(rows, cols, dtype=torch.long, device=device)
+        row = torch.arange(rows, device=device).view(-1, 1) * sy + offset // sx
+        col = torch.arange(cols, device=device).view(1, -1) * sx + offset % sx
+        dst = (row * w + col).flatten()
+        is_dst = torch.zeros(h * w, dtype=torch.bool, device=device)
+        is_dst[dst] = True
+        # A stable sort lists the sources in order without a data-dependent (syncing) mask.
+        order = torch.argsort(is_dst.to(torch.int8), stable=True)
+        return dst, order[: h * w - dst.numel()]
+
+    def make_plan(
+        self,
+        features: Tensor,
+        layout: TokenLayout,
+        site: Site,
+        num_merge: int,
+        generator: torch.Generator,
+    ) -> Plan:
+        n = layout.num_image_tokens
+        device = features.device
+        if self._uses_cells(site):
+            dst_idx, src_idx = self._cell_partition(layout.grid, device, generator)
+        else:
+            src_idx = torch.arange(0, n, 2, device=device)
+            dst_idx = torch.arange(1, n, 2, device=device)
+        rows = features.shape[0]
+        if num_merge == 0 or dst_idx.numel() == 0:
+            return Plan.identity(n, device)
+        similarity = features[:, src_idx] @ features[:, dst_idx].transpose(1, 2)
+        best, match = similarity.max(dim=-1)
+        chosen = pick_top(best, num_merge)
+        src = src_idx.expand(rows, -1).gather(1, chosen)
+        dst = dst_idx[match.gather(1, chosen)]
+        return Plan.from_assignment(src, dst, n)

@@ -1,0 +1,89 @@
+"""The adapter interface: what tokenmerge needs to know about a model family.
+
+An adapter finds the candidate sites of a model (with their stage, level and the sub-modules
+that can be merged around), says how tokens are laid out at a call (grid, prefix tokens), reads the
+timestep at the root, and installs removable native hooks. Everything architecture-specific lives
+in the adapter; strategies stay pure tensor code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import MergeConfig
+from .patch import SitePatch
+from .site import Site, TokenLayout
+
+__all__ = ["Adapter", "SiteCandidate", "TARGET_KINDS"]
+
+#: the kinds of sub-module a site can merge around (MergeConfig.merge_attn / _cross_attn / _mlp)
+TARGET_KINDS = ("attn", "cross_attn", "mlp")
+
+
+@dataclass
+class SiteCandidate:
+    """A place where merging could happen, before the config's selection.
+
+    Attributes:
+        site: its description (name, stage, level, block index, mode).
+        modules: the sub-modules merged around, by kind (``"attn"``, ``"cross_attn"``,
+            ``"mlp"``); the site merges around those the config turns on.
+    """
+
+    site: Site
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+class Adapter(ABC):
+    """Base class of model adapters.
+
+    Subclasses set ``name`` and implement ``supports``, ``candidates`` and ``layout``; the other
+    methods have defaults that fit models whose sites merge in local mode around modules taking
+    ``hidden_states`` first. Options passed as ``apply(..., adapter_options={...})`` arrive as
+    keyword arguments of ``__init__``.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, model: Any) -> bool:
+        """True when this adapter knows how to patch ``model``."""
+
+    def root(self, model: Any) -> nn.Module:
+        """The module that is patched (a pipeline's denoiser, for instance)."""
+        return model
+
+    @abstractmethod
+    def candidates(self, root: nn.Module) -> list[SiteCandidate]:
+        """Every site of the model that could merge, in model order."""
+
+    def default_sites(
+        self, candidates: list[SiteCandidate], config: MergeConfig
+    ) -> list[SiteCandidate]:
+        """The sites used when the config selects no level explicitly (default: all)."""
+        return candidates
+
+    @abstractmethod
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout:
+        """How the tokens reaching ``site`` in this call are laid out."""
+
+    def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """The timestep of a root forward call, or None (each call is then a new generation)."""
+        return None
+
+    def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
+        """Install the hooks of one site: local merging around each chosen sub-module."""
+        handles: list[RemovableHandle] = []
+        for module in modules.values():
+            handles += patch.attach_local(module)
+        return handles
+
+    def detach(self, root: nn.Module) -> None:  # noqa: B027 - optional override
+        """Undo anything beyond the hooks ``attach`` returned (default: nothing)."""

@@ -1,0 +1,323 @@
+"""``apply`` / ``remove`` and the ``Handle`` they work with."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .adapter import Adapter, SiteCandidate
+from .config import MergeConfig, load_config
+from .errors import (
+    AlreadyAppliedError,
+    ConfigError,
+    NoSitesError,
+    UnsupportedModelError,
+    close_matches,
+)
+from .patch import SitePatch
+from .registry import AdapterSpec, registry
+from .site import Site, SiteStats
+from .state import StepState, timestep_value
+from .strategy import Strategy
+
+__all__ = ["Handle", "apply", "get_strategy", "remove"]
+
+HANDLE_ATTR = "_tokenmerge_handle"
+
+
+class _RootHook:
+    """Native pre-hook on the patched root: one call of the model = one ``begin_call``."""
+
+    def __init__(self, state: StepState, adapter: Adapter) -> None:
+        self.state = state
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.state.begin_call(timestep_value(self.adapter.timestep(args, kwargs)))
+
+
+class Handle:
+    """A patch applied to a model: remove it, use it as a context manager, read its statistics.
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> with tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
+        ...                       include=["0"], min_tokens=1) as handle:
+        ...     y = model(torch.randn(2, 64, 8))
+        ...     handle.stats()["0"].tokens_out
+        32
+        >>> hasattr(model, "_tokenmerge_handle")
+        False
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        config: MergeConfig,
+        adapter: Adapter,
+        state: StepState,
+        patches: list[SitePatch],
+        removables: list[RemovableHandle],
+    ) -> None:
+        self.model = root
+        self.config = config
+        self.adapter = adapter
+        self.state = state
+        self.patches = patches
+        self._removables = removables
+        self.removed = False
+
+    @property
+    def sites(self) -> list[Site]:
+        """The sites this patch touched, in model order."""
+        return [patch.site for patch in self.patches]
+
+    def stats(self) -> dict[str, SiteStats]:
+        """Per-site statistics (copies): tokens in / out, plans computed / reused, shortfall."""
+        return {p.site.name: SiteStats(**vars(p.stats)) for p in self.patches}
+
+    def new_generation(self) -> None:
+        """Drop every cached plan at its next use (call between unrelated inputs)."""
+        self.state.new_generation()
+
+    def remove(self) -> None:
+        """Remove every hook and attribute the patch added; calling it again does nothing."""
+        if self.removed:
+            return
+        for removable in reversed(self._removables):
+            removable.remove()
+        self.adapter.detach(self.model)
+        if self.model.__dict__.get(HANDLE_ATTR) is self:
+            del self.model.__dict__[HANDLE_ATTR]
+        self.removed = True
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        status = "removed" if self.removed else f"{len(self.patches)} sites"
+        return f"<tokenmerge.Handle {self.config.strategy} via {self.adapter.name}: {status}>"
+
+
+def get_strategy(config: str | dict | MergeConfig = "retom", **overrides: Any) -> Strategy:
+    """A strategy instance, for planning on tensors directly.
+
+    Example:
+        >>> import tokenmerge
+        >>> tokenmerge.get_strategy("tome", ratio=0.25).config.ratio
+        0.25
+    """
+    config = load_config(config, **overrides)
+    return registry.strategy(config.strategy)(config)
+
+
+def _make_adapter(spec: AdapterSpec, options: dict[str, Any]) -> Adapter:
+    cls = spec.load()
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError:
+        accepted = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
+        raise ConfigError(
+            f"adapter {spec.name!r} does not take the options {sorted(options)}; it accepts: "
+            f"{', '.join(accepted) or 'no options'}"
+        ) from None
+    return cls(**options)
+
+
+def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Adapter:
+    if name is not None:
+        spec = registry.adapter(name)
+        adapter = _make_adapter(spec, options)
+        if not adapter.supports(model):
+            raise UnsupportedModelError(
+                f"adapter {name!r} does not support {type(model).__name__}; "
+                f"{spec.description or 'see its documentation'}"
+            )
+        return adapter
+    specs = registry.adapter_specs()
+    for spec in specs:
+        if spec.claims and spec.claims_model(model):
+            reason = spec.unavailable_reason()
+            if reason is not None:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} needs the {spec.name!r} adapter, which is "
+                    f"unavailable: {reason}"
+                )
+            adapter = _make_adapter(spec, options)
+            if adapter.supports(model):
+                return adapter
+    raise UnsupportedModelError(
+        f"no adapter supports {type(model).__module__}.{type(model).__name__}; registered "
+        f"adapters: {', '.join(s.name for s in specs)}. For your own model, pass "
+        "adapter='generic' with include=[module-name globs of the attention modules] "
+        "(see the generic adapter's documentation)."
+    )
+
+
+def _select(
+    adapter: Adapter, candidates: list[SiteCandidate], config: MergeConfig
+) -> list[SiteCandidate]:
+    kinds = config.targets()
+    if not kinds:
+        raise ConfigError(
+            "merge_attn, merge_cross_attn and merge_mlp are all off: nothing would merge; "
+            "turn at least one on"
+        )
+    pool = candidates if config.levels is not None else adapter.default_sites(candidates, config)
+    num_blocks = max((c.site.block_index or 0 for c in candidates), default=-1) + 1
+    chosen = []
+    for candidate in pool:
+        if not config.selects(candidate.site, num_blocks):
+            continue
+        modules = {kind: m for kind, m in candidate.modules.items() if kind in kinds}
+        if modules:
+            site = replace(candidate.site, targets=tuple(modules))
+            chosen.append(SiteCandidate(site, modules))
+    if not chosen:
+        raise NoSitesError(_no_sites_message(adapter, candidates, config, kinds))
+    _check_not_nested(chosen)
+    return chosen
+
+
+def _check_not_nested(chosen: list[SiteCandidate]) -> None:
+    """Merging inside a module that already merges would unmerge in the wrong order."""
+    names = sorted(c.site.name for c in chosen)
+    for outer, inner in zip(names, names[1:], strict=False):
+        if inner.startswith(outer + "."):
+            raise ConfigError(
+                f"sites {outer!r} and {inner!r} nest (one contains the other); narrow the "
+                "include globs ('*' stays within one name part, '**' crosses dots) or add an "
+                "exclude"
+            )
+
+
+def _no_sites_message(
+    adapter: Adapter, candidates: list[SiteCandidate], config: MergeConfig, kinds: Sequence[str]
+) -> str:
+    names = [c.site.name for c in candidates]
+    filters = {
+        "levels": config.levels,
+        "stages": config.stages,
+        "blocks": config.blocks,
+        "include": config.include or None,
+        "exclude": config.exclude or None,
+    }
+    given = ", ".join(f"{k}={v!r}" for k, v in filters.items() if v is not None) or "defaults"
+    lines = [
+        f"the config selects no site in this model (adapter {adapter.name!r}, {given}, "
+        f"merging around {', '.join(kinds)})."
+    ]
+    if not candidates:
+        lines.append("The adapter found no candidate site at all in the model.")
+    else:
+        levels = sorted({c.site.level for c in candidates if c.site.level is not None})
+        stages = sorted({c.site.stage for c in candidates if c.site.stage is not None})
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        lines.append(f"Candidate sites: {shown}.")
+        if levels:
+            lines.append(f"Levels present: {levels}.")
+        if stages:
+            lines.append(f"Stages present: {stages}.")
+        for pattern in config.include:
+            matches = close_matches(pattern, names)
+            if matches:
+                lines.append(f"include {pattern!r} matches nothing; close names: {matches}.")
+    lines.append("Fix the filters (include / exclude globs match full module names).")
+    return " ".join(lines)
+
+
+def apply(
+    model: Any,
+    config: str | dict | MergeConfig = "retom",
+    *,
+    adapter: str | None = None,
+    adapter_options: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Handle:
+    """Patch ``model`` to merge tokens, and return the handle that undoes it.
+
+    Args:
+        model: the model (or a pipeline holding it) to patch.
+        config: a strategy name, a config dict / JSON text, or a ``MergeConfig``.
+        adapter: an adapter name; default: the registered adapter that supports the model.
+        adapter_options: keyword options for the adapter (see its documentation).
+        **overrides: config fields set on top of ``config`` (``ratio=0.5``...).
+
+    Raises:
+        ConfigError: an invalid config or adapter option.
+        UnsupportedModelError: no adapter supports the model, or its library is missing.
+        NoSitesError: the config selects no site (the message lists the candidates).
+        AlreadyAppliedError: the model is patched already (``tokenmerge.remove`` it first).
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+        >>> handle = tokenmerge.apply(model, "retom", ratio=0.5, adapter="generic",
+        ...                           include=["0"], min_tokens=1)
+        >>> model(torch.randn(1, 16, 4)).shape
+        torch.Size([1, 16, 4])
+        >>> [site.name for site in handle.sites]
+        ['0']
+        >>> handle.remove()
+    """
+    config = load_config(config, **overrides)
+    chosen_adapter = _choose_adapter(model, adapter, dict(adapter_options or {}))
+    root = chosen_adapter.root(model)
+    existing = root.__dict__.get(HANDLE_ATTR)
+    if existing is not None:
+        raise AlreadyAppliedError(
+            f"{type(root).__name__} is already patched ({existing!r}); call handle.remove() or "
+            "tokenmerge.remove(model) before applying again"
+        )
+    strategy = registry.strategy(config.strategy)(config)
+    selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)
+    state = StepState()
+    removables = [
+        root.register_forward_pre_hook(_RootHook(state, chosen_adapter), with_kwargs=True)
+    ]
+    patches = []
+    try:
+        for candidate in selected:
+            patch = SitePatch(candidate.site, strategy, config, state, chosen_adapter.layout)
+            removables += chosen_adapter.attach(patch, candidate.modules)
+            patches.append(patch)
+    except BaseException:
+        for removable in reversed(removables):
+            removable.remove()
+        raise
+    handle = Handle(root, config, chosen_adapter, state, patches, removables)
+    root.__dict__[HANDLE_ATTR] = handle
+    return handle
+
+
+def remove(model: Any) -> bool:
+    """Remove the tokenmerge patch from ``model`` (or from the modules a pipeline holds).
+
+    Returns True when a patch was removed, False when there was none.
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = tokenmerge.apply(model, "tome", adapter="generic", include=["0"])
+        >>> tokenmerge.remove(model), tokenmerge.remove(model)
+        (True, False)
+    """
+    found = False
+    holders = [model] + [
+        v for v in getattr(model, "__dict__", {}).values() if isinstance(v, nn.Module)
+    ]
+    for holder in holders:
+        handle = getattr(holder, "__dict__", {}).get(HANDLE_ATTR)
+        if handle is not None:
+            handle.remove()
+            found = True
+    return found

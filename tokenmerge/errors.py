@@ -1,0 +1,81 @@
+"""One hierarchy for every error and warning tokenmerge raises.
+
+Every message says what was wrong, what is allowed and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TokenMergeError(Exception):
+    """Base class of every tokenmerge error."""
+
+
+class TokenMergeWarning(UserWarning):
+    """Base class of every tokenmerge warning."""
+
+
+class ConfigError(TokenMergeError, ValueError):
+    """A merge configuration was rejected (bad value, unknown field, impossible ratio...)."""
+
+
+class UnknownNameError(TokenMergeError, KeyError):
+    """A strategy, adapter or plugin name is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownStrategyError(UnknownNameError, ConfigError):
+    """No strategy of that name is registered."""
+
+
+class UnknownAdapterError(UnknownNameError):
+    """No adapter of that name is registered."""
+
+
+class DuplicateNameError(TokenMergeError, ValueError):
+    """A strategy or adapter name is registered twice without ``replace=True``."""
+
+
+class UnsupportedModelError(TokenMergeError, TypeError):
+    """No available adapter supports the model (or its adapter's library is missing)."""
+
+
+class NoSitesError(TokenMergeError, ValueError):
+    """The configuration selected no merge site in the model."""
+
+
+class AlreadyAppliedError(TokenMergeError, RuntimeError):
+    """``apply`` was called on a model that is already patched."""
+
+
+class PluginError(TokenMergeError):
+    """A plugin could not be registered."""
+
+
+class ShortfallWarning(TokenMergeWarning):
+    """A site could merge fewer tokens than the ratio asked for."""
+
+
+class PluginWarning(TokenMergeWarning):
+    """A third-party plugin failed to load and was skipped."""
+
+
+def close_matches(name: str, known: Iterable[str], n: int = 3) -> list[str]:
+    """Names in ``known`` that look like ``name`` (for "did you mean" hints)."""
+    return difflib.get_close_matches(name, list(known), n=n, cutoff=0.5)
+
+
+def unknown_name_message(kind: str, name: str, known: Iterable[str], hint: str = "") -> str:
+    """``unknown <kind> 'name'; known: a, b; did you mean: ...`` with an optional fix hint."""
+    known = sorted(known)
+    message = f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}"
+    matches = close_matches(name, known)
+    if matches:
+        message += f"; did you mean {' or '.join(repr(m) for m in matches)}?"
+    if hint:
+        message += f" {hint}"
+    return message

@@ -1,0 +1,238 @@
+"""The run-time side of one site: planning, the plan cache, statistics and the local-mode hooks.
+
+Data path at a site in local mode: the pre-hook of a target sub-module receives
+``hidden_states (B, N, C)`` -> the adapter gives the token layout -> the plan (cached, or made by
+the strategy) -> ``plan.merge(x)`` -> the sub-module's own forward on ``N - r`` tokens ->
+``plan.unmerge(y)`` in the forward hook -> back into the residual stream.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import MergeConfig
+from .errors import ShortfallWarning
+from .plan import Plan
+from .site import Site, SiteStats, TokenLayout
+from .state import StepState
+from .strategy import Strategy
+
+__all__ = ["SitePatch"]
+
+LayoutFn = Callable[[Site, Tensor], TokenLayout]
+
+
+@dataclass
+class _CachedPlan:
+    key: tuple
+    plan: Plan
+    step: int
+    call: int
+
+
+class SitePatch:
+    """Planning and hooks for one site. Adapters create one per selected site.
+
+    Args:
+        site: the site's description.
+        strategy: the strategy instance (shared by all sites of one patch).
+        config: the merge config.
+        state: the model's step state.
+        layout: callable ``(site, hidden_states) -> TokenLayout``, the adapter's knowledge of
+            how tokens are laid out at this call. Must be a bound method or another object that
+            ``copy.deepcopy`` copies along with the model (not a closure over the model).
+    """
+
+    def __init__(
+        self,
+        site: Site,
+        strategy: Strategy,
+        config: MergeConfig,
+        state: StepState,
+        layout: LayoutFn,
+    ) -> None:
+        self.site = site
+        self.strategy = strategy
+        self.config = config
+        self.state = state
+        self.layout = layout
+        self.ratio = config.ratio_for(site)
+        self.stats = SiteStats(name=site.name, ratio=self.ratio)
+        self._seed = (config.seed * 1_000_003 + zlib.crc32(site.name.encode())) % (2**63)
+        self._cache: _CachedPlan | None = None
+        self._generators: dict[tuple[str, int], torch.Generator] = {}
+        self._pending: list[Plan] = []
+        self._warned_shortfall = False
+
+    # copy.deepcopy / pickling: plans and generators are caches, rebuilt on first use
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_cache=None, _generators={}, _pending=[])
+        return state
+
+    # ------------------------------------------------------------------ planning
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The site's private generator on ``device``, reseeded at every generation."""
+        key = (str(device), self.state.generation)
+        generator = self._generators.get(key)
+        if generator is None:
+            self._generators = {}  # older generations are never used again
+            generator = torch.Generator(device=device).manual_seed(self._seed)
+            self._generators[key] = generator
+        return generator
+
+    def _features(self, image_tokens: Tensor) -> tuple[Tensor, int]:
+        """Features the strategy plans on, and how many times the plan repeats over the batch."""
+        batch, n, _ = image_tokens.shape
+        if not self.strategy.uses_features:
+            return image_tokens.new_empty(1, n, 0, dtype=torch.float32), 1
+        with torch.no_grad():
+            features = F.normalize(image_tokens.detach().float(), dim=-1)
+            if self.site.shared_plan:
+                return F.normalize(features.mean(0, keepdim=True), dim=-1), 1
+            if self.config.share_cfg_plan and batch % 2 == 0:
+                return features[batch // 2 :], 2
+        return features, 1
+
+    def plan_for(self, x: Tensor) -> Plan:
+        """The plan for ``x (B, N, C)`` at this call: cached if still valid, else a new one."""
+        state = self.state
+        key = (state.generation, x.shape[0], x.shape[1], x.device, x.dtype)
+        cached = self._cache
+        if cached is not None and cached.key == key:
+            if cached.call == state.call:
+                return cached.plan  # another target of the same site at the same call
+            if state.step - cached.step < self.config.cache_interval:
+                cached.call = state.call
+                self._count_call(cached.plan, x.shape[1], reused=True)
+                return cached.plan
+        plan = self._new_plan(x)
+        self._cache = _CachedPlan(key, plan, state.step, state.call)
+        return plan
+
+    def _new_plan(self, x: Tensor) -> Plan:
+        layout = self.layout(self.site, x)
+        prefix = layout.num_prefix
+        n = layout.num_image_tokens
+        if prefix + n != x.shape[1]:
+            raise ValueError(
+                f"site {self.site.name!r}: the layout says {prefix} prefix + {n} image tokens "
+                f"(grid {layout.grid}), but hidden_states has {x.shape[1]} tokens"
+            )
+        if n < self.config.min_tokens or self.ratio == 0.0:
+            reason = (
+                f"{n} image tokens < min_tokens {self.config.min_tokens}"
+                if n < self.config.min_tokens
+                else None
+            )
+            plan = Plan.identity(x.shape[1], x.device)
+            self._count_call(plan, x.shape[1], reused=False, skipped=reason)
+            return plan
+        wanted = int(self.ratio * n)
+        num_merge = min(wanted, self.strategy.capacity(layout, self.site))
+        features, repeats = self._features(x[:, prefix:])
+        with torch.no_grad():
+            plan = self.strategy.make_plan(
+                features, layout, self.site, num_merge, self._generator(x.device)
+            )
+        plan = plan.with_prefix(prefix)
+        if plan.batch not in (1, x.shape[0]):
+            plan = plan.repeat(repeats)
+        self._count_call(plan, x.shape[1], reused=False)
+        self.stats.shortfall = wanted - num_merge
+        if num_merge < wanted and not self._warned_shortfall:
+            self._warned_shortfall = True
+            warnings.warn(
+                f"site {self.site.name!r}: {self.strategy.name} can merge only {num_merge} of "
+                f"the {wanted} tokens that ratio {self.ratio} asks for on a {layout.grid[0]} x "
+                f"{layout.grid[1]} grid (its windows or cells ran out), and merged what it could; "
+                "stats() shows the shortfall per site. Lower the ratio or use smaller windows.",
+                ShortfallWarning,
+                stacklevel=2,
+            )
+        return plan
+
+    def _count_call(
+        self, plan: Plan, tokens: int, *, reused: bool, skipped: str | None = None
+    ) -> None:
+        stats = self.stats
+        stats.calls += 1
+        stats.tokens_in = tokens
+        stats.tokens_out = plan.num_out
+        if reused:
+            stats.plans_reused += 1
+        else:
+            stats.plans_computed += 1
+            stats.skipped = skipped
+            stats.shortfall = 0
+
+    # ------------------------------------------------------------------ local-mode hooks
+    def attach_local(
+        self, module: nn.Module, arg_name: str = "hidden_states"
+    ) -> list[RemovableHandle]:
+        """Merge ``module``'s hidden states before its forward and unmerge its output after.
+
+        The hidden states are the first positional argument or the keyword ``arg_name``; the
+        output is a tensor or a tuple / list whose first element is the tensor to unmerge.
+        """
+        hook = _LocalHook(self, arg_name)
+        return [
+            module.register_forward_pre_hook(hook.before, with_kwargs=True),
+            module.register_forward_hook(hook.after, with_kwargs=True, always_call=True),
+        ]
+
+
+class _LocalHook:
+    """The pair of hooks of one target sub-module (a class, so ``copy.deepcopy`` copies it)."""
+
+    def __init__(self, patch: SitePatch, arg_name: str) -> None:
+        self.patch = patch
+        self.arg_name = arg_name
+        self.plans: list[Plan] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "plans": []}
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            x = args[0]
+        elif self.arg_name in kwargs:
+            x = kwargs[self.arg_name]
+        else:
+            raise TypeError(
+                f"site {self.patch.site.name!r}: {type(module).__name__} was called without "
+                f"hidden states (no positional argument and no {self.arg_name!r} keyword)"
+            )
+        plan = self.patch.plan_for(x)
+        self.plans.append(plan)
+        if plan.is_identity:
+            return None
+        merged = plan.merge(x)
+        if args:
+            return (merged, *args[1:]), kwargs
+        return args, {**kwargs, self.arg_name: merged}
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.plans:  # the pre-hook raised before planning
+            return None
+        plan = self.plans.pop()
+        if plan.is_identity or output is None:  # None: the forward raised (always_call)
+            return None
+        if isinstance(output, Tensor):
+            return plan.unmerge(output)
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return type(output)([plan.unmerge(output[0]), *output[1:]])
+        raise TypeError(
+            f"site {self.patch.site.name!r}: cannot unmerge the output of "
+            f"{type(module).__name__} ({type(output).__name__}); expected a tensor or a tuple "
+            "whose first element is the hidden states"
+        )

@@ -1,0 +1,261 @@
+"""Merge plans: the index tensors that define one merge, and the merge / unmerge primitives.
+
+A plan maps ``N`` tokens onto ``M = N - r`` slots. Each slot keeps one real token (its
+*destination*: a ToMe destination or a ReToM representative); each of the ``r`` merged-away
+*sources* is averaged into the slot of its destination. Everything here is pure tensor code: no
+module is touched, no value is read back to the host, and the same plan can be applied to any
+tensor of the same ``(batch, tokens)`` layout (that is what makes caching possible).
+
+Shapes: ``kept (P, M)``, ``src (P, r)``, ``dst (P, r)``, ``origin (P, N)``, where ``P`` is the
+batch size of a per-sample plan or 1 for a plan shared by the whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Plan"]
+
+
+def _expand_index(index: Tensor, batch: int, channels: int) -> Tensor:
+    """``(P, K)`` token index -> ``(batch, K, channels)`` for ``gather`` / ``scatter_add``."""
+    return index.unsqueeze(-1).expand(batch, -1, channels)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """One merge of ``num_tokens`` tokens into ``num_tokens - num_merged`` slots.
+
+    Attributes:
+        kept: ``(P, M)`` index of the token each slot keeps, ascending (token order is kept).
+        src: ``(P, r)`` index of each merged-away source token.
+        dst: ``(P, r)`` slot (``0 .. M-1``) each source merges into.
+        origin: ``(P, N)`` slot of every token (its own for kept tokens, its destination's for
+            sources): unmerge is a single gather along it.
+        src_weight: ``(P, r)`` float32 ``1 / tokens in the destination slot``: the share of each
+            source in its slot's mean when every token has size 1 (local mode).
+        num_tokens: ``N``.
+
+    Example:
+        >>> import torch
+        >>> plan = Plan.from_assignment(torch.tensor([[1, 3]]), torch.tensor([[0, 2]]), 4)
+        >>> x = torch.tensor([[[1.0], [3.0], [5.0], [7.0]]])
+        >>> plan.merge(x).flatten().tolist()
+        [2.0, 6.0]
+        >>> plan.unmerge(plan.merge(x)).flatten().tolist()
+        [2.0, 2.0, 6.0, 6.0]
+    """
+
+    kept: Tensor
+    src: Tensor
+    dst: Tensor
+    origin: Tensor
+    src_weight: Tensor
+    num_tokens: int
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def identity(cls, num_tokens: int, device: torch.device | str | None = None) -> Plan:
+        """The plan that merges nothing: ``merge`` and ``unmerge`` return their input object."""
+        arange = torch.arange(num_tokens, device=device).unsqueeze(0)
+        empty = torch.empty(1, 0, dtype=torch.long, device=device)
+        return cls(
+            kept=arange,
+            src=empty,
+            dst=empty,
+            origin=arange,
+            src_weight=torch.empty(1, 0, device=device),
+            num_tokens=num_tokens,
+        )
+
+    @classmethod
+    def from_assignment(cls, src: Tensor, dst_token: Tensor, num_tokens: int) -> Plan:
+        """Build a plan from source tokens and the token each one merges into.
+
+        Args:
+            src: ``(P, r)`` distinct token indices to merge away (per row).
+            dst_token: ``(P, r)`` token index of each source's destination. Destinations must
+                not themselves be sources (a merge never chains).
+            num_tokens: ``N``, the sequence length the plan applies to.
+
+        Returns:
+            The plan; it keeps the tokens that are not sources, in their original order.
+        """
+        if src.shape != dst_token.shape or src.dim() != 2:
+            raise ValueError(
+                f"src and dst_token must both be (P, r); got {tuple(src.shape)} and "
+                f"{tuple(dst_token.shape)}"
+            )
+        rows, num_merged = src.shape
+        if num_merged == 0:
+            return cls.identity(num_tokens, src.device)
+        num_out = num_tokens - num_merged
+        device = src.device
+        is_src = torch.zeros(rows, num_tokens, dtype=torch.bool, device=device)
+        is_src.scatter_(1, src, True)
+        # Slot of every kept token: how many kept tokens precede it.
+        slot = torch.cumsum((~is_src).long(), dim=1) - 1
+        # Write each kept token's index into its slot; sources go to a spare column dropped below.
+        tokens = torch.arange(num_tokens, device=device).expand(rows, -1)
+        target = torch.where(is_src, torch.full_like(slot, num_out), slot)
+        kept = torch.empty(rows, num_out + 1, dtype=torch.long, device=device)
+        kept = kept.scatter(1, target, tokens)[:, :num_out].contiguous()
+        dst = slot.gather(1, dst_token)
+        origin = slot.scatter(1, src, dst)
+        counts = torch.ones(rows, num_out, device=device).scatter_add(
+            1, dst, torch.ones(rows, num_merged, device=device)
+        )
+        return cls(
+            kept=kept,
+            src=src,
+            dst=dst,
+            origin=origin,
+            src_weight=counts.gather(1, dst).reciprocal(),
+            num_tokens=num_tokens,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_merged(self) -> int:
+        """``r``: how many tokens merge away."""
+        return self.src.shape[1]
+
+    @property
+    def num_out(self) -> int:
+        """``M = N - r``: tokens after the merge."""
+        return self.kept.shape[1]
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the plan merges nothing."""
+        return self.num_merged == 0
+
+    @property
+    def batch(self) -> int:
+        """Rows of the plan: the batch size, or 1 for a plan shared by the whole batch."""
+        return self.kept.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kept.device
+
+    @property
+    def counts(self) -> Tensor:
+        """``(P, M)`` how many original tokens each slot stands for (local mode)."""
+        ones = torch.ones(self.origin.shape, device=self.device)
+        return torch.zeros(self.kept.shape, device=self.device).scatter_add(1, self.origin, ones)
+
+    # ------------------------------------------------------------------ transforms
+    def with_prefix(self, num_prefix: int) -> Plan:
+        """The same plan behind ``num_prefix`` protected tokens that always stay, unmerged."""
+        if num_prefix == 0:
+            return self
+        rows = self.batch
+        prefix = torch.arange(num_prefix, device=self.device).expand(rows, -1)
+        return Plan(
+            kept=torch.cat([prefix, self.kept + num_prefix], dim=1),
+            src=self.src + num_prefix,
+            dst=self.dst + num_prefix,
+            origin=torch.cat([prefix, self.origin + num_prefix], dim=1),
+            src_weight=self.src_weight,
+            num_tokens=self.num_tokens + num_prefix,
+        )
+
+    def repeat(self, times: int) -> Plan:
+        """Stack the plan ``times`` times along the batch (e.g. both classifier-free halves)."""
+        if times == 1:
+            return self
+        return Plan(
+            kept=self.kept.repeat(times, 1),
+            src=self.src.repeat(times, 1),
+            dst=self.dst.repeat(times, 1),
+            origin=self.origin.repeat(times, 1),
+            src_weight=self.src_weight.repeat(times, 1),
+            num_tokens=self.num_tokens,
+        )
+
+    def to(self, device: torch.device | str) -> Plan:
+        """The plan with its index tensors on ``device``."""
+        return Plan(
+            kept=self.kept.to(device),
+            src=self.src.to(device),
+            dst=self.dst.to(device),
+            origin=self.origin.to(device),
+            src_weight=self.src_weight.to(device),
+            num_tokens=self.num_tokens,
+        )
+
+    # ------------------------------------------------------------------ application
+    def _check(self, x: Tensor, tokens: int) -> int:
+        if x.dim() != 3 or x.shape[1] != tokens:
+            raise ValueError(
+                f"the plan expects (batch, {tokens}, channels) tokens; got {tuple(x.shape)}"
+            )
+        if self.batch not in (1, x.shape[0]):
+            raise ValueError(
+                f"the plan was made for batch {self.batch}; got batch {x.shape[0]} "
+                "(use a batch-shared plan or Plan.repeat)"
+            )
+        return x.shape[0]
+
+    def merge(self, x: Tensor, sizes: Tensor | None = None) -> Tensor:
+        """Average every source into its destination slot: ``(B, N, C) -> (B, M, C)``.
+
+        The mean is size-weighted: with ``sizes`` (``(B, N)``, how many patches each token
+        already stands for, progressive mode) a token of size 3 weighs three times as much.
+        The slot value is computed as ``x_dst + sum_s w_s (x_s - x_dst)`` so identical tokens
+        merge back to exactly themselves.
+
+        Example:
+            >>> import torch
+            >>> plan = Plan.from_assignment(torch.tensor([[1]]), torch.tensor([[0]]), 3)
+            >>> plan.merge(torch.tensor([[[0.0], [4.0], [9.0]]]),
+            ...            sizes=torch.tensor([[3.0, 1.0, 1.0]])).flatten().tolist()
+            [1.0, 9.0]
+        """
+        if self.is_identity:
+            self._check(x, self.num_tokens)
+            return x
+        batch = self._check(x, self.num_tokens)
+        channels = x.shape[-1]
+        x_kept = x.gather(1, _expand_index(self.kept, batch, channels))
+        x_src = x.gather(1, _expand_index(self.src, batch, channels))
+        dst = _expand_index(self.dst, batch, channels)
+        if sizes is None:
+            weight = self.src_weight.expand(batch, -1)
+        else:
+            src_size = sizes.gather(1, self.src.expand(batch, -1))
+            slot_size = self.merge_sizes(sizes)
+            weight = src_size / slot_size.gather(1, self.dst.expand(batch, -1))
+        delta = (x_src - x_kept.gather(1, dst)) * weight.unsqueeze(-1).to(x.dtype)
+        return x_kept.scatter_add(1, dst, delta)
+
+    def merge_sizes(self, sizes: Tensor) -> Tensor:
+        """Sizes after the merge: ``(B, N) -> (B, M)``; a slot's size is the sum of its tokens'."""
+        batch = sizes.shape[0]
+        if self.is_identity:
+            return sizes
+        slot = torch.zeros(batch, self.num_out, dtype=sizes.dtype, device=sizes.device)
+        return slot.scatter_add(1, self.origin.expand(batch, -1), sizes)
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """Copy each slot's value back to every token merged into it: ``(B, M, C) -> (B, N, C)``."""
+        if self.is_identity:
+            self._check(y, self.num_tokens)
+            return y
+        batch = self._check(y, self.num_out)
+        return y.gather(1, _expand_index(self.origin, batch, y.shape[-1]))
+
+    def gather_kept(self, values: Tensor) -> Tensor:
+        """Rows of a per-token tensor ``(B or 1, N, ...)`` that the slots keep (e.g. positions)."""
+        if self.is_identity:
+            return values
+        index = self.kept
+        if values.shape[0] != index.shape[0]:
+            index = index.expand(values.shape[0], -1)
+        extra = values.shape[2:]
+        index = index.reshape(*index.shape, *([1] * len(extra))).expand(*index.shape, *extra)
+        return values.gather(1, index)

@@ -1,0 +1,131 @@
+"""Sites (the places in a model where merging happens) and their per-site statistics."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+__all__ = ["Site", "SiteStats", "TokenLayout", "module_glob"]
+
+
+@lru_cache(maxsize=1024)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    parts = []
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+            continue
+        if char == "*":
+            parts.append("[^.]*")
+        elif char == "?":
+            parts.append("[^.]")
+        elif char == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                parts.append(re.escape(char))
+            else:
+                body = pattern[i + 1 : end]
+                parts.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+                i = end
+        else:
+            parts.append(re.escape(char))
+        i += 1
+    return re.compile("".join(parts) + r"\Z")
+
+
+def module_glob(name: str, pattern: str) -> bool:
+    """Glob match on a dotted module name: ``*`` and ``?`` stay within one name part, ``**``
+    crosses dots, ``[...]`` is a character class.
+
+    Example:
+        >>> module_glob("blocks.3.attn", "blocks.*.attn")
+        True
+        >>> module_glob("blocks.3.attn.qkv", "blocks.*")
+        False
+        >>> module_glob("down_blocks.1.attentions.0", "down_blocks.**")
+        True
+    """
+    return _glob_regex(pattern).match(name) is not None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in a model where tokens merge: a block, with the sub-modules merged around.
+
+    Adapters describe each site once, when they attach; the strategy sees it on every plan.
+
+    Attributes:
+        name: the dotted module name of the block in the model (what include / exclude globs and
+            ratio mappings match).
+        targets: names (relative to the block) of the sub-modules merged around, e.g.
+            ``("attn1",)`` or ``("attn1", "ff")``.
+        stage: ``"down"``, ``"mid"`` or ``"up"`` in a UNet; None where the model has no stages.
+        level: the downsample factor of the site's grid relative to the model input (1, 2, 4...);
+            None where every site shares one grid.
+        block_index: position of the block among the model's merge-capable blocks.
+        mode: ``"local"`` (merge, run, unmerge) or ``"progressive"`` (tokens stay merged).
+        shared_plan: one plan for the whole batch (required where a positional table is shared
+            by the batch, as with rotary embeddings).
+    """
+
+    name: str
+    targets: tuple[str, ...] = ()
+    stage: str | None = None
+    level: int | None = None
+    block_index: int | None = None
+    mode: str = "local"
+    shared_plan: bool = False
+
+    def matches(self, pattern: str) -> bool:
+        """True when the glob ``pattern`` matches the site's name (see ``module_glob``)."""
+        return module_glob(self.name, pattern)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the tokens reaching a site are laid out at one call.
+
+    Attributes:
+        grid: ``(h, w)`` of the image tokens, row-major; ``h * w`` equals the image token count.
+        num_prefix: protected tokens before the image tokens (class, distillation, registers),
+            never merged.
+    """
+
+    grid: tuple[int, int]
+    num_prefix: int = 0
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class SiteStats:
+    """What happened at one site since the patch was applied.
+
+    Attributes:
+        name: the site's module name.
+        calls: forward calls seen at the site.
+        tokens_in: tokens that reached the site at its last call.
+        tokens_out: tokens after the merge at its last call (equal to ``tokens_in`` when skipped).
+        plans_computed: plans computed from scratch.
+        plans_reused: calls served by a cached plan.
+        shortfall: at the last call, how many tokens fewer merged than the ratio asked for
+            (windows or cells ran out).
+        skipped: why the last call did not merge (e.g. below ``min_tokens``), or None.
+        ratio: the ratio configured for this site.
+    """
+
+    name: str
+    ratio: float = 0.0
+    calls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    plans_computed: int = 0
+    plans_reused: int = 0
+    shortfall: int = 0
+    skipped: str | None = None

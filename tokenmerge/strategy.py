@@ -1,0 +1,107 @@
+"""The strategy interface: pure tensor code that turns token features into a ``Plan``."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .config import MergeConfig
+from .errors import ConfigError, PluginError
+from .plan import Plan
+from .site import Site, TokenLayout
+
+__all__ = ["Strategy", "pick_top"]
+
+
+def pick_top(score: Tensor, count: int) -> Tensor:
+    """Indices of the ``count`` highest scores along the last dim (``-inf`` marks the ineligible).
+
+    ``count`` never exceeds the eligible entries when callers cap it by the strategy's capacity.
+    """
+    return score.topk(count, dim=-1, sorted=False).indices
+
+
+class Strategy(ABC):
+    """Base class of every merge strategy.
+
+    A strategy never touches modules: given the image-token features at a site it returns a
+    ``Plan``. The framework around it selects the image tokens, normalises the features (float32,
+    unit length), shares plans over the batch where asked, caches plans and applies them.
+
+    Subclasses set ``name`` and ``config_class`` and implement ``capacity`` and ``make_plan``.
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> from tokenmerge.site import Site, TokenLayout
+        >>> strategy = tokenmerge.get_strategy("retom")
+        >>> features = torch.nn.functional.normalize(torch.randn(2, 16, 8), dim=-1)
+        >>> plan = strategy.make_plan(features, TokenLayout((4, 4)), Site("blk", stage="down"), 8,
+        ...                           torch.Generator().manual_seed(0))
+        >>> plan.num_out
+        8
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MergeConfig]]
+    #: False for content-blind strategies: they are handed features of shape (1, n, 0).
+    uses_features: ClassVar[bool] = True
+
+    def __init__(self, config: MergeConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"strategy {self.name!r} takes a {self.config_class.__name__}, got "
+                f"{type(config).__name__}; build it with tokenmerge.load_config({self.name!r}, ...)"
+            )
+        self.config = config
+
+    @classmethod
+    def validate_class(cls) -> None:
+        """Check the class is a well-formed strategy (run when it is registered)."""
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_\-]*", name):
+            raise PluginError(
+                f"{cls.__qualname__}.name must be a lower-case name such as 'my_strategy'; "
+                f"got {name!r}"
+            )
+        config_class = getattr(cls, "config_class", None)
+        if not (isinstance(config_class, type) and issubclass(config_class, MergeConfig)):
+            raise PluginError(
+                f"strategy {name!r}: config_class must subclass tokenmerge.MergeConfig"
+            )
+        default = config_class.model_fields["strategy"].default
+        if default != name:
+            raise PluginError(
+                f"strategy {name!r}: {config_class.__name__}.strategy must be "
+                f"Literal[{name!r}] with default {name!r}; got default {default!r}"
+            )
+
+    @abstractmethod
+    def capacity(self, layout: TokenLayout, site: Site) -> int:
+        """The most image tokens this strategy can merge at one call with this layout."""
+
+    @abstractmethod
+    def make_plan(
+        self,
+        features: Tensor,
+        layout: TokenLayout,
+        site: Site,
+        num_merge: int,
+        generator: torch.Generator,
+    ) -> Plan:
+        """Plan the merge of ``num_merge`` image tokens.
+
+        Args:
+            features: ``(P, n, C)`` float32 unit-length features of the ``n`` image tokens
+                (``P`` is the batch, or 1 for a plan shared by the batch).
+            layout: the grid of the image tokens.
+            site: where the plan is used (stage, level, name: for per-site settings).
+            num_merge: tokens to merge, already capped at ``capacity``.
+            generator: the site's private random generator, on the features' device.
+
+        Returns:
+            A plan over the ``n`` image tokens (the framework adds protected prefix tokens).
+        """
