@@ -8,7 +8,8 @@ serialises exactly like a built-in one.
 Per-site values (``ratio``, ReToM's ``window_size``) are a single value or a mapping whose keys
 select sites, most specific first:
 
-1. a module-name glob (``"up_blocks.1.*"``), the first matching key in the mapping's order;
+1. a module-name glob (``"up_blocks.1.**"``; ``*`` stays within one name part, ``**`` crosses
+   dots), the first matching key in the mapping's order;
 2. a stage: ``"down"``, ``"mid"`` or ``"up"``;
 3. a level, the downsample factor as digits: ``"1"``, ``"2"``, ``"4"``...;
 4. ``"*"``, the default for every other site.
@@ -64,7 +65,7 @@ def resolve_per_site(value: Any, site: Site) -> Any:
         >>> site = Site("up_blocks.1.attentions.0.transformer_blocks.0", stage="up", level=2)
         >>> resolve_per_site({"down": 2, "up": 3, "*": 4}, site)
         3
-        >>> resolve_per_site({"2": 0.3, "up_blocks.1.*": 0.6}, site)
+        >>> resolve_per_site({"2": 0.3, "up_blocks.1.**": 0.6}, site)
         0.6
     """
     if not isinstance(value, dict):

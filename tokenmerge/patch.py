@@ -115,11 +115,12 @@ class SitePatch:
                 cached.call = state.call
                 self._count_call(cached.plan, x.shape[1], reused=True)
                 return cached.plan
-        plan = self._new_plan(x)
+        plan = self.make_plan(x)
         self._cache = _CachedPlan(key, plan, state.step, state.call)
         return plan
 
-    def _new_plan(self, x: Tensor) -> Plan:
+    def make_plan(self, x: Tensor) -> Plan:
+        """A fresh plan for ``x (B, N, C)``, bypassing the cache (counted in the stats)."""
         layout = self.layout(self.site, x)
         prefix = layout.num_prefix
         n = layout.num_image_tokens

@@ -1,0 +1,32 @@
+# The README's two commands: `make bench` (the main job) and `make test`.
+# Each creates the virtual environment on first use (torch pinned to the build this
+# machine's mirror serves; pyproject.toml itself only asks for torch>=2.2).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv bench test lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+bench: $(STAMP)
+	$(PY) -m tokenmerge.microbench $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .venv-wheel build dist *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,53 @@
+"""The bundled photograph, as an image and as patch tokens, for benchmarks and fidelity checks.
+
+``astronaut_256.pt`` is scikit-image's ``astronaut`` (Eileen Collins, a NASA photograph in the
+public domain) resized to 256 x 256, stored as a ``uint8`` tensor ``(3, 256, 256)`` so the core
+needs no image library to read it.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import torch
+from torch import Tensor
+
+__all__ = ["load_photo", "patch_tokens", "tokens_to_image"]
+
+
+def load_photo() -> Tensor:
+    """The bundled photograph: ``uint8 (3, 256, 256)``.
+
+    Example:
+        >>> load_photo().shape
+        torch.Size([3, 256, 256])
+    """
+    with resources.files("tokenmerge").joinpath("data/astronaut_256.pt").open("rb") as handle:
+        return torch.load(handle, weights_only=True)
+
+
+def patch_tokens(image: Tensor, patch: int) -> tuple[Tensor, tuple[int, int]]:
+    """Cut an image ``(3, H, W)`` into ``patch x patch`` pixel patches: tokens ``(1, N, 3 p^2)``
+    in row-major grid order, values in [0, 1], and the grid ``(H / p, W / p)``.
+
+    Example:
+        >>> tokens, grid = patch_tokens(load_photo(), 8)
+        >>> tokens.shape, grid
+        (torch.Size([1, 1024, 192]), (32, 32))
+    """
+    channels, height, width = image.shape
+    if height % patch or width % patch:
+        raise ValueError(f"image {height} x {width} does not divide into {patch}-pixel patches")
+    grid = (height // patch, width // patch)
+    pixels = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    tokens = pixels.reshape(channels, grid[0], patch, grid[1], patch)
+    tokens = tokens.permute(1, 3, 0, 2, 4).reshape(1, grid[0] * grid[1], channels * patch * patch)
+    return tokens, grid
+
+
+def tokens_to_image(tokens: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
+    """Inverse of ``patch_tokens`` for one sample: ``(1, N, 3 p^2) -> (3, H, W)``."""
+    rows, cols = grid
+    channels = tokens.shape[-1] // (patch * patch)
+    image = tokens.reshape(rows, cols, channels, patch, patch).permute(2, 0, 3, 1, 4)
+    return image.reshape(channels, rows * patch, cols * patch)
