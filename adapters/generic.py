@@ -56,10 +56,16 @@ class GenericAdapter(Adapter):
         timestep_arg: str | int | None = None,
     ) -> None:
         if grid is not None:
-            if len(grid) != 2 or any(int(g) < 1 for g in grid):
-                raise ConfigError(f"grid must be (height, width) of positive ints; got {grid!r}")
-            grid = (int(grid[0]), int(grid[1]))
-        if num_prefix < 0:
+            if (
+                isinstance(grid, (str, bytes))
+                or len(grid) != 2
+                or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+            ):
+                raise ConfigError(
+                    f"grid must be (height, width), two positive integers; got {grid!r}"
+                )
+            grid = (grid[0], grid[1])
+        if not isinstance(num_prefix, int) or isinstance(num_prefix, bool) or num_prefix < 0:
             raise ConfigError(f"num_prefix must be 0 or more; got {num_prefix}")
         self.grid = grid
         self.num_prefix = num_prefix

@@ -190,14 +190,17 @@ def _select(
 
 def _check_not_nested(chosen: list[SiteCandidate]) -> None:
     """Merging inside a module that already merges would unmerge in the wrong order."""
-    names = sorted(c.site.name for c in chosen)
-    for outer, inner in zip(names, names[1:], strict=False):
-        if inner.startswith(outer + "."):
-            raise ConfigError(
-                f"sites {outer!r} and {inner!r} nest (one contains the other); narrow the "
-                "include globs ('*' stays within one name part, '**' crosses dots) or add an "
-                "exclude"
-            )
+    names = {c.site.name for c in chosen}
+    for inner in sorted(names):
+        parts = inner.split(".")
+        for depth in range(1, len(parts)):
+            outer = ".".join(parts[:depth])
+            if outer in names:
+                raise ConfigError(
+                    f"sites {outer!r} and {inner!r} nest (one contains the other); narrow the "
+                    "include globs ('*' stays within one name part, '**' crosses dots) or add "
+                    "an exclude"
+                )
 
 
 def _no_sites_message(

@@ -69,15 +69,10 @@ class SitePatch:
         self.stats = SiteStats(name=site.name, ratio=self.ratio)
         self._seed = (config.seed * 1_000_003 + zlib.crc32(site.name.encode())) % (2**63)
         self._cache: _CachedPlan | None = None
+        # copy.deepcopy copies the cache and the generators too, so a copy taken mid-generation
+        # goes on exactly as the original would
         self._generators: dict[tuple[str, int], torch.Generator] = {}
-        self._pending: list[Plan] = []
         self._warned_shortfall = False
-
-    # copy.deepcopy / pickling: plans and generators are caches, rebuilt on first use
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_cache=None, _generators={}, _pending=[])
-        return state
 
     # ------------------------------------------------------------------ planning
     def _generator(self, device: torch.device) -> torch.Generator:
