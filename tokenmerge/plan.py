@@ -20,9 +20,21 @@ from torch import Tensor
 __all__ = ["Plan"]
 
 
-def _expand_index(index: Tensor, batch: int, channels: int) -> Tensor:
-    """``(P, K)`` token index -> ``(batch, K, channels)`` for ``gather`` / ``scatter_add``."""
-    return index.unsqueeze(-1).expand(batch, -1, channels)
+def _flat_index(index: Tensor, batch: int, tokens: int) -> Tensor:
+    """``(P, K)`` token index -> ``(batch * K,)`` row index into ``x.reshape(batch * tokens, C)``.
+
+    Whole-row ``index_select`` / ``index_add`` are an order of magnitude faster on the CPU than
+    ``gather`` / ``scatter_add`` with an index expanded over the channels.
+    """
+    offsets = torch.arange(batch, device=index.device).unsqueeze(1) * tokens
+    return (index.expand(batch, -1) + offsets).flatten()
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x (B, N, C)``, ``index (P, K)`` -> ``(B, K, C)``: the indexed tokens of every sample."""
+    batch, tokens, channels = x.shape
+    flat = _flat_index(index, batch, tokens)
+    return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, -1, channels)
 
 
 @dataclass(frozen=True, eq=False)
@@ -221,17 +233,22 @@ class Plan:
             return x
         batch = self._check(x, self.num_tokens)
         channels = x.shape[-1]
-        x_kept = x.gather(1, _expand_index(self.kept, batch, channels))
-        x_src = x.gather(1, _expand_index(self.src, batch, channels))
-        dst = _expand_index(self.dst, batch, channels)
+        x_kept = _rows(x, self.kept)
         if sizes is None:
-            weight = self.src_weight.expand(batch, -1)
+            weight = self.src_weight
         else:
+            if sizes.shape != x.shape[:2]:
+                raise ValueError(
+                    f"sizes must be (batch, tokens) = {tuple(x.shape[:2])}, "
+                    f"got {tuple(sizes.shape)}"
+                )
             src_size = sizes.gather(1, self.src.expand(batch, -1))
             slot_size = self.merge_sizes(sizes)
             weight = src_size / slot_size.gather(1, self.dst.expand(batch, -1))
-        delta = (x_src - x_kept.gather(1, dst)) * weight.unsqueeze(-1).to(x.dtype)
-        return x_kept.scatter_add(1, dst, delta)
+        delta = (_rows(x, self.src) - _rows(x_kept, self.dst)) * weight.unsqueeze(-1).to(x.dtype)
+        slots = _flat_index(self.dst, batch, self.num_out)
+        merged = x_kept.reshape(-1, channels).index_add(0, slots, delta.reshape(-1, channels))
+        return merged.view(batch, self.num_out, channels)
 
     def merge_sizes(self, sizes: Tensor) -> Tensor:
         """Sizes after the merge: ``(B, N) -> (B, M)``; a slot's size is the sum of its tokens'."""
@@ -246,8 +263,8 @@ class Plan:
         if self.is_identity:
             self._check(y, self.num_tokens)
             return y
-        batch = self._check(y, self.num_out)
-        return y.gather(1, _expand_index(self.origin, batch, y.shape[-1]))
+        self._check(y, self.num_out)
+        return _rows(y, self.origin)
 
     def gather_kept(self, values: Tensor) -> Tensor:
         """Rows of a per-token tensor ``(B or 1, N, ...)`` that the slots keep (e.g. positions)."""
