@@ -92,7 +92,7 @@ class ToMeStrategy(Strategy):
     def capacity(self, layout: TokenLayout, site: Site) -> int:
         n = layout.num_image_tokens
         if not self._uses_cells(site):
-            return (n + 1) // 2
+            return n // 2  # ToMe's cap: at most half the tokens, and none of a single token
         sy, sx, rows, cols = self._cells(layout.grid)
         return n - rows * cols if sy * sx > 1 else 0
 

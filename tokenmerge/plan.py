@@ -237,11 +237,7 @@ class Plan:
         if sizes is None:
             weight = self.src_weight
         else:
-            if sizes.shape != x.shape[:2]:
-                raise ValueError(
-                    f"sizes must be (batch, tokens) = {tuple(x.shape[:2])}, "
-                    f"got {tuple(sizes.shape)}"
-                )
+            self._check_sizes(sizes, batch)
             src_size = sizes.gather(1, self.src.expand(batch, -1))
             slot_size = self.merge_sizes(sizes)
             weight = src_size / slot_size.gather(1, self.dst.expand(batch, -1))
@@ -250,8 +246,18 @@ class Plan:
         merged = x_kept.reshape(-1, channels).index_add(0, slots, delta.reshape(-1, channels))
         return merged.view(batch, self.num_out, channels)
 
+    def _check_sizes(self, sizes: Tensor, batch: int | None = None) -> None:
+        expected = (batch if batch is not None else sizes.shape[0], self.num_tokens)
+        if sizes.dim() != 2 or tuple(sizes.shape) != expected or self.batch not in (1, expected[0]):
+            raise ValueError(
+                f"sizes must be (batch, {self.num_tokens}) for this plan"
+                + (f" with batch {batch}" if batch is not None else "")
+                + f" (plan batch {self.batch}); got {tuple(sizes.shape)}"
+            )
+
     def merge_sizes(self, sizes: Tensor) -> Tensor:
         """Sizes after the merge: ``(B, N) -> (B, M)``; a slot's size is the sum of its tokens'."""
+        self._check_sizes(sizes)
         batch = sizes.shape[0]
         if self.is_identity:
             return sizes
