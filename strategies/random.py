@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tokenmerge.config import MergeConfig
+from tokenmerge.config import MAX_CELL, MergeConfig
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, pick_top
@@ -32,8 +32,12 @@ class RandomConfig(MergeConfig):
     """
 
     strategy: Literal["random"] = Field(default="random", description="Always 'random'.")
-    sx: int = Field(default=2, ge=1, description="Cell width in tokens. Default 2, as tomesd.")
-    sy: int = Field(default=2, ge=1, description="Cell height in tokens. Default 2, as tomesd.")
+    sx: int = Field(
+        default=2, ge=1, le=MAX_CELL, description="Cell width in tokens. Default 2, as tomesd."
+    )
+    sy: int = Field(
+        default=2, ge=1, le=MAX_CELL, description="Cell height in tokens. Default 2, as tomesd."
+    )
 
     def ratio_limit(self) -> float:
         return 1.0 - 1.0 / (self.sx * self.sy)

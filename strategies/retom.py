@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from tokenmerge.config import MergeConfig, resolve_per_site, selector_keys
+from tokenmerge.config import MAX_CELL, MergeConfig, resolve_per_site, selector_keys
 from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
@@ -78,13 +78,17 @@ class ReToMConfig(MergeConfig):
     @field_validator("window_size")
     @classmethod
     def _window_at_least_two(cls, value: int | dict[str, int]) -> int | dict[str, int]:
+        if isinstance(value, dict) and not value:
+            raise ValueError("a window_size mapping needs at least one key ('*' for the default)")
         sizes = value.values() if isinstance(value, dict) else [value]
         for size in sizes:
             if size < 2:
                 raise ValueError(
-                    f"window_size {size} is too small: a window needs at least 2 x 2 tokens "
-                    "(2 or more) so something can merge into its representative"
+                    f"window_size {size} is too small: a window side must be at least 2 "
+                    "tokens so something can merge into its representative"
                 )
+            if size > MAX_CELL:
+                raise ValueError(f"window_size {size} is too large: at most {MAX_CELL} tokens")
         return value
 
     def smallest_window(self) -> int:

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tokenmerge.config import MergeConfig
+from tokenmerge.config import MAX_CELL, MergeConfig
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, pick_top
@@ -37,11 +37,15 @@ class ToMeConfig(MergeConfig):
 
     strategy: Literal["tome"] = Field(default="tome", description="Always 'tome'.")
     sx: int = Field(
-        default=2, ge=1, description="Cell width in tokens (cells partition). Default 2, as tomesd."
+        default=2,
+        ge=1,
+        le=MAX_CELL,
+        description="Cell width in tokens (cells partition). Default 2, as tomesd.",
     )
     sy: int = Field(
         default=2,
         ge=1,
+        le=MAX_CELL,
         description="Cell height in tokens (cells partition). Default 2, as tomesd.",
     )
     random_destinations: bool = Field(
@@ -56,7 +60,8 @@ class ToMeConfig(MergeConfig):
         description=(
             "How tokens split into sources and destinations: 'cells' (tomesd's 2-D cells), "
             "'alternate' (ToMe's even / odd split of the sequence, at most half the tokens "
-            "merge), or 'auto': cells at local-mode sites, alternate at progressive ones."
+            "merge), or 'auto': cells at local-mode sites, alternate at progressive ones. "
+            "Default 'auto'."
         ),
     )
 

@@ -37,12 +37,15 @@ from .site import Site
 
 __all__ = [
     "MergeConfig",
+    "MAX_CELL",
     "STAGES",
     "load_config",
     "resolve_per_site",
 ]
 
 STAGES = ("down", "mid", "up")
+#: largest window / cell side accepted: far beyond any grid, and keeps the ratio limits finite
+MAX_CELL = 1024
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
 
@@ -52,7 +55,7 @@ def _selector_kind(key: str) -> str:
         return "default"
     if key in STAGES:
         return "stage"
-    if key.isdigit():
+    if key.isascii() and key.isdigit():
         return "level"
     return "glob"
 
@@ -91,15 +94,20 @@ def selector_keys(value: Any, field: str) -> Any:
     """Validate the keys of a per-site mapping (integer keys are levels); other values pass."""
     if not isinstance(value, dict):
         return value
+    allowed = (
+        f"{field} keys select sites: a module-name glob, a stage ({', '.join(STAGES)}), a level "
+        "as a positive integer or digits ('1', '2', '4'...) or '*'"
+    )
     checked = {}
     for key, item in value.items():
+        original = key
         if isinstance(key, int) and not isinstance(key, bool) and key >= 1:
             key = str(key)
-        if not isinstance(key, str) or not key or key != key.strip():
-            raise ValueError(
-                f"{field} keys select sites: a module-name glob, a stage ({', '.join(STAGES)}), "
-                f"a level as a positive integer or digits ('1', '2', '4'...) or '*'; got {key!r}"
-            )
+        bad_level = isinstance(key, str) and _selector_kind(key) == "level" and int(key) < 1
+        if not isinstance(key, str) or not key or key != key.strip() or bad_level:
+            raise ValueError(f"{allowed}; got {original!r}")
+        if key in checked:
+            raise ValueError(f"{field} keys {key!r} and {original!r} select the same sites")
         checked[key] = item
     return checked
 
@@ -129,7 +137,7 @@ class MergeConfig(BaseModel):
     )
     merge_attn: bool = Field(
         default=True,
-        description="Merge around self-attention (the largest cost at high resolution). On.",
+        description="Merge around self-attention, the largest cost at high resolution. Default on.",
     )
     merge_cross_attn: bool = Field(
         default=False,
@@ -256,7 +264,7 @@ class MergeConfig(BaseModel):
         if self.blocks is not None:
             if site.block_index is None:
                 return False
-            wanted = {b % num_blocks if (num_blocks and b < 0) else b for b in self.blocks}
+            wanted = {b + num_blocks if (num_blocks and b < 0) else b for b in self.blocks}
             if site.block_index not in wanted:
                 return False
         if self.include and not any(site.matches(p) for p in self.include):

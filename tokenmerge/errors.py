@@ -72,7 +72,8 @@ def close_matches(name: str, known: Iterable[str], n: int = 3) -> list[str]:
 def unknown_name_message(kind: str, name: str, known: Iterable[str], hint: str = "") -> str:
     """``unknown <kind> 'name'; known: a, b; did you mean: ...`` with an optional fix hint."""
     known = sorted(known)
-    message = f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}"
+    plural = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+    message = f"unknown {kind} {name!r}; known {plural}: {', '.join(known) or '(none)'}"
     matches = close_matches(name, known)
     if matches:
         message += f"; did you mean {' or '.join(repr(m) for m in matches)}?"

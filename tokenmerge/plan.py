@@ -47,8 +47,9 @@ class Plan:
         dst: ``(P, r)`` slot (``0 .. M-1``) each source merges into.
         origin: ``(P, N)`` slot of every token (its own for kept tokens, its destination's for
             sources): unmerge is a single gather along it.
-        src_weight: ``(P, r)`` float32 ``1 / tokens in the destination slot``: the share of each
-            source in its slot's mean when every token has size 1 (local mode).
+        dst_count: ``(P, r)`` float32 count of the tokens in each source's slot; ``1 / count`` is
+            the source's share of the slot's mean when every token has size 1 (local mode), taken
+            in the input's dtype at merge time.
         num_tokens: ``N``.
 
     Example:
@@ -65,7 +66,7 @@ class Plan:
     src: Tensor
     dst: Tensor
     origin: Tensor
-    src_weight: Tensor
+    dst_count: Tensor
     num_tokens: int
 
     # ------------------------------------------------------------------ construction
@@ -79,7 +80,7 @@ class Plan:
             src=empty,
             dst=empty,
             origin=arange,
-            src_weight=torch.empty(1, 0, device=device),
+            dst_count=torch.empty(1, 0, device=device),
             num_tokens=num_tokens,
         )
 
@@ -125,7 +126,7 @@ class Plan:
             src=src,
             dst=dst,
             origin=origin,
-            src_weight=counts.gather(1, dst).reciprocal(),
+            dst_count=counts.gather(1, dst),
             num_tokens=num_tokens,
         )
 
@@ -155,6 +156,11 @@ class Plan:
         return self.kept.device
 
     @property
+    def src_weight(self) -> Tensor:
+        """``(P, r)`` float32 share of each source in its slot's mean (local mode)."""
+        return self.dst_count.reciprocal()
+
+    @property
     def counts(self) -> Tensor:
         """``(P, M)`` how many original tokens each slot stands for (local mode)."""
         ones = torch.ones(self.origin.shape, device=self.device)
@@ -172,7 +178,7 @@ class Plan:
             src=self.src + num_prefix,
             dst=self.dst + num_prefix,
             origin=torch.cat([prefix, self.origin + num_prefix], dim=1),
-            src_weight=self.src_weight,
+            dst_count=self.dst_count,
             num_tokens=self.num_tokens + num_prefix,
         )
 
@@ -185,7 +191,7 @@ class Plan:
             src=self.src.repeat(times, 1),
             dst=self.dst.repeat(times, 1),
             origin=self.origin.repeat(times, 1),
-            src_weight=self.src_weight.repeat(times, 1),
+            dst_count=self.dst_count.repeat(times, 1),
             num_tokens=self.num_tokens,
         )
 
@@ -196,7 +202,7 @@ class Plan:
             src=self.src.to(device),
             dst=self.dst.to(device),
             origin=self.origin.to(device),
-            src_weight=self.src_weight.to(device),
+            dst_count=self.dst_count.to(device),
             num_tokens=self.num_tokens,
         )
 
@@ -235,7 +241,7 @@ class Plan:
         channels = x.shape[-1]
         x_kept = _rows(x, self.kept)
         if sizes is None:
-            weight = self.src_weight
+            weight = self.dst_count.to(x.dtype).reciprocal()
         else:
             self._check_sizes(sizes, batch)
             src_size = sizes.gather(1, self.src.expand(batch, -1))

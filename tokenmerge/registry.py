@@ -7,7 +7,8 @@ with a ``PluginWarning`` naming it; ``TOKENMERGE_DISABLE_PLUGIN_AUTOLOAD=1`` tur
 loading off (built-ins still load).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: doctests inherit a module's future flags, and
+# the plugin example below must define its config class with evaluated annotations.
 
 import fnmatch
 import importlib
@@ -123,7 +124,7 @@ class AdapterSpec:
         modules = [cls.__module__ for cls in type(model).__mro__]
         return any(m == p.rstrip(".") or m.startswith(p) for m in modules for p in self.claims)
 
-    def load(self) -> type[Adapter]:
+    def load(self) -> "type[Adapter]":
         """Import and return the adapter class (raises with the install hint if unavailable)."""
         from .errors import UnsupportedModelError
 
@@ -160,7 +161,7 @@ class _Batch:
         self.strategies: dict[str, tuple[type[Strategy], bool]] = {}
         self.adapters: dict[str, tuple[AdapterSpec, bool]] = {}
 
-    def strategy(self, cls: type[Strategy], replace: bool = False) -> None:
+    def strategy(self, cls: "type[Strategy]", replace: bool = False) -> None:
         from .strategy import Strategy
 
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
@@ -180,6 +181,45 @@ class _Batch:
         self.adapters[spec.name] = (spec, replace)
 
 
+class _Table:
+    """Registered names of one kind. Each name keeps a stack of (owner, item): the last one is in
+    force, and unregistering a plugin that replaced a name brings the previous item back."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._stacks: dict[str, list[tuple[str, Any]]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stacks
+
+    def names(self) -> list[str]:
+        return sorted(self._stacks)
+
+    def get(self, name: str) -> Any:
+        return self._stacks[name][-1][1]
+
+    def check(self, items: dict[str, tuple[Any, bool]], owner: str) -> None:
+        for name, (_, replace) in items.items():
+            if name in self._stacks and not replace:
+                raise DuplicateNameError(
+                    f"{self.kind} {name!r} from plugin {owner!r} is already registered by plugin "
+                    f"{self._stacks[name][-1][0]!r}; pick another name or register it with "
+                    "replace=True to take over"
+                )
+
+    def push(self, items: dict[str, tuple[Any, bool]], owner: str) -> None:
+        for name, (item, _) in items.items():
+            self._stacks.setdefault(name, []).append((owner, item))
+
+    def drop(self, owner: str) -> None:
+        for name in list(self._stacks):
+            stack = [entry for entry in self._stacks[name] if entry[0] != owner]
+            if stack:
+                self._stacks[name] = stack
+            else:
+                del self._stacks[name]
+
+
 class Registry:
     """Strategies, adapters and the plugins that provided them (use the module's ``registry``)."""
 
@@ -191,10 +231,8 @@ class Registry:
         self._loaded = False
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
-        self._strategies: dict[str, type[Strategy]] = {}
-        self._strategy_owner: dict[str, str] = {}
-        self._adapters: dict[str, AdapterSpec] = {}
-        self._adapter_owner: dict[str, str] = {}
+        self._strategies = _Table("strategy")
+        self._adapters = _Table("adapter")
         self._plugins: dict[str, PluginInfo] = {}
 
     def reset(self) -> None:
@@ -261,24 +299,10 @@ class Registry:
         self._plugins[name] = info
 
     def _commit(self, batch: _Batch) -> None:
-        for kind, items, table, owners in (
-            ("strategy", batch.strategies, self._strategies, self._strategy_owner),
-            ("adapter", batch.adapters, self._adapters, self._adapter_owner),
-        ):
-            for item_name, (_, replace) in items.items():
-                if item_name in table and not replace:
-                    raise DuplicateNameError(
-                        f"{kind} {item_name!r} from plugin {batch.owner!r} is already registered "
-                        f"by plugin {owners[item_name]!r}; pick another name or register it "
-                        "with replace=True to take over"
-                    )
-        for items, table, owners in (
-            (batch.strategies, self._strategies, self._strategy_owner),
-            (batch.adapters, self._adapters, self._adapter_owner),
-        ):
-            for item_name, (item, _) in items.items():
-                table[item_name] = item
-                owners[item_name] = batch.owner
+        self._strategies.check(batch.strategies, batch.owner)
+        self._adapters.check(batch.adapters, batch.owner)
+        self._strategies.push(batch.strategies, batch.owner)
+        self._adapters.push(batch.adapters, batch.owner)
 
     # ------------------------------------------------------------------ run-time plugins
     def register_plugin(self, plugin: Any, name: str | None = None) -> str:
@@ -297,6 +321,11 @@ class Registry:
                     f"a plugin named {name!r} is already registered; pass another name= or "
                     "unregister_plugin it first"
                 )
+            if self._pm.is_registered(plugin):
+                raise PluginError(
+                    f"this plugin object is already registered as "
+                    f"{self._pm.get_name(plugin)!r}; register it once"
+                )
             self._add_plugin(plugin, name, PluginInfo(name))
             return name
 
@@ -308,46 +337,37 @@ class Registry:
                 raise UnknownNameError(unknown_name_message("plugin", name, self._plugins))
             self._pm.unregister(name=name)
             del self._plugins[name]
-            for table, owners in (
-                (self._strategies, self._strategy_owner),
-                (self._adapters, self._adapter_owner),
-            ):
-                for item_name in [n for n, owner in owners.items() if owner == name]:
-                    del table[item_name]
-                    del owners[item_name]
+            self._strategies.drop(name)
+            self._adapters.drop(name)
 
     # ------------------------------------------------------------------ look-ups
-    def strategy(self, name: str) -> type[Strategy]:
+    def strategy(self, name: str) -> "type[Strategy]":
         """The strategy class registered as ``name``."""
         self._ensure_loaded()
-        try:
-            return self._strategies[name]
-        except KeyError:
+        if name not in self._strategies:
             raise UnknownStrategyError(
-                unknown_name_message("strategy", name, self._strategies)
-            ) from None
+                unknown_name_message("strategy", name, self._strategies.names())
+            )
+        return self._strategies.get(name)
 
     def adapter(self, name: str) -> AdapterSpec:
         """The adapter spec registered as ``name``."""
         self._ensure_loaded()
-        try:
-            return self._adapters[name]
-        except KeyError:
-            raise UnknownAdapterError(
-                unknown_name_message("adapter", name, self._adapters)
-            ) from None
+        if name not in self._adapters:
+            raise UnknownAdapterError(unknown_name_message("adapter", name, self._adapters.names()))
+        return self._adapters.get(name)
 
     def strategy_names(self) -> list[str]:
         self._ensure_loaded()
-        return sorted(self._strategies)
+        return self._strategies.names()
 
     def adapter_specs(self) -> list[AdapterSpec]:
         self._ensure_loaded()
-        return [self._adapters[name] for name in sorted(self._adapters)]
+        return [self._adapters.get(name) for name in self._adapters.names()]
 
-    def config_classes(self) -> list[type[MergeConfig]]:
+    def config_classes(self) -> "list[type[MergeConfig]]":
         self._ensure_loaded()
-        return [self._strategies[name].config_class for name in sorted(self._strategies)]
+        return [self._strategies.get(name).config_class for name in self._strategies.names()]
 
     def plugins(self) -> list[PluginInfo]:
         self._ensure_loaded()
@@ -453,13 +473,25 @@ def unregister_plugin(name: str) -> None:
     registry.unregister_plugin(name)
 
 
-def register_strategy(cls: type[Strategy], *, replace: bool = False) -> None:
-    """Register one strategy class at run time (a one-strategy plugin named after it)."""
-    _register_single("strategy", cls.name, cls, replace)
+def register_strategy(cls: "type[Strategy]", *, replace: bool = False) -> None:
+    """Register one strategy class at run time (a one-strategy plugin named after it).
+
+    With ``replace=True`` it takes the name over from whoever registered it before.
+    """
+    from .strategy import Strategy
+
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise PluginError(f"register_strategy takes a tokenmerge.Strategy subclass; got {cls!r}")
+    _register_single("strategy", cls.validate_class(), cls, replace)
 
 
 def register_adapter(spec: AdapterSpec, *, replace: bool = False) -> None:
-    """Register one adapter spec at run time (a one-adapter plugin named after it)."""
+    """Register one adapter spec at run time (a one-adapter plugin named after it).
+
+    With ``replace=True`` it takes the name over from whoever registered it before.
+    """
+    if not isinstance(spec, AdapterSpec):
+        raise PluginError(f"register_adapter takes a tokenmerge.AdapterSpec; got {spec!r}")
     _register_single("adapter", spec.name, spec, replace)
 
 
@@ -471,4 +503,8 @@ def _register_single(kind: str, name: str, item: Any, replace: bool) -> None:
         "tokenmerge_register_strategies" if kind == "strategy" else "tokenmerge_register_adapters"
     )
     plugin = SimpleNamespace(**{hook: hookspecs.hookimpl(register_one)})
-    registry.register_plugin(plugin, name=f"{kind}:{name}")
+    plugin_name = f"{kind}:{name}"
+    with registry._lock:
+        if replace and plugin_name in {p.name for p in registry.plugins()}:
+            registry.unregister_plugin(plugin_name)  # an earlier single registration of ours
+        registry.register_plugin(plugin, name=plugin_name)

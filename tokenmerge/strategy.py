@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -59,8 +59,8 @@ class Strategy(ABC):
         self.config = config
 
     @classmethod
-    def validate_class(cls) -> None:
-        """Check the class is a well-formed strategy (run when it is registered)."""
+    def validate_class(cls) -> str:
+        """Check the class is a well-formed strategy (run when it is registered); its name."""
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_\-]*", name):
             raise PluginError(
@@ -72,12 +72,14 @@ class Strategy(ABC):
             raise PluginError(
                 f"strategy {name!r}: config_class must subclass tokenmerge.MergeConfig"
             )
-        default = config_class.model_fields["strategy"].default
-        if default != name:
+        field = config_class.model_fields["strategy"]
+        if field.default != name or field.annotation != Literal[name]:
             raise PluginError(
-                f"strategy {name!r}: {config_class.__name__}.strategy must be "
-                f"Literal[{name!r}] with default {name!r}; got default {default!r}"
+                f"strategy {name!r}: declare {config_class.__name__}.strategy as "
+                f"Literal[{name!r}] with default {name!r} (it discriminates the config union); "
+                f"got {field.annotation} with default {field.default!r}"
             )
+        return name
 
     @abstractmethod
     def capacity(self, layout: TokenLayout, site: Site) -> int:

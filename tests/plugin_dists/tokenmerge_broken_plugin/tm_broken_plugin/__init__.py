@@ -1,0 +1,1 @@
+"""Broken tokenmerge plugins (see pyproject.toml)."""
