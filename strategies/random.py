@@ -13,16 +13,16 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tokenmerge.config import MAX_CELL, MergeConfig
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
+from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
 from tokenmerge.windows import num_windows, window_partition
 
 __all__ = ["RandomConfig", "RandomStrategy"]
 
 
-class RandomConfig(MergeConfig):
+class RandomConfig(CellConfig):
     """Configuration of ``random``.
 
     Example:
@@ -32,20 +32,6 @@ class RandomConfig(MergeConfig):
     """
 
     strategy: Literal["random"] = Field(default="random", description="Always 'random'.")
-    sx: int = Field(
-        default=2, ge=1, le=MAX_CELL, description="Cell width in tokens. Default 2, as tomesd."
-    )
-    sy: int = Field(
-        default=2, ge=1, le=MAX_CELL, description="Cell height in tokens. Default 2, as tomesd."
-    )
-
-    def ratio_limit(self) -> float:
-        return 1.0 - 1.0 / (self.sx * self.sy)
-
-    def ratio_limit_reason(self) -> str:
-        if self.sx * self.sy < 2:
-            return "a 1 x 1 cell has no token to merge: sx * sy must be at least 2"
-        return f"one destination per {self.sy} x {self.sx} cell stays"
 
 
 class RandomStrategy(Strategy):

@@ -17,16 +17,16 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tokenmerge.config import MAX_CELL, MergeConfig
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
+from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
 from tokenmerge.windows import clamp_window
 
 __all__ = ["ToMeConfig", "ToMeStrategy"]
 
 
-class ToMeConfig(MergeConfig):
+class ToMeConfig(CellConfig):
     """Configuration of ``tome``.
 
     Example:
@@ -36,18 +36,6 @@ class ToMeConfig(MergeConfig):
     """
 
     strategy: Literal["tome"] = Field(default="tome", description="Always 'tome'.")
-    sx: int = Field(
-        default=2,
-        ge=1,
-        le=MAX_CELL,
-        description="Cell width in tokens (cells partition). Default 2, as tomesd.",
-    )
-    sy: int = Field(
-        default=2,
-        ge=1,
-        le=MAX_CELL,
-        description="Cell height in tokens (cells partition). Default 2, as tomesd.",
-    )
     random_destinations: bool = Field(
         default=True,
         description=(
@@ -66,17 +54,12 @@ class ToMeConfig(MergeConfig):
     )
 
     def ratio_limit(self) -> float:
-        cell = self.sx * self.sy
-        if cell < 2 and self.partition != "alternate":
-            return 0.0
-        return 0.5 if self.partition == "alternate" else 1.0 - 1.0 / cell
+        return 0.5 if self.partition == "alternate" else super().ratio_limit()
 
     def ratio_limit_reason(self) -> str:
         if self.partition == "alternate":
             return "the alternating partition merges at most half the tokens"
-        if self.sx * self.sy < 2:
-            return "a 1 x 1 cell has no token to merge: sx * sy must be at least 2"
-        return f"one destination per {self.sy} x {self.sx} cell stays"
+        return super().ratio_limit_reason()
 
 
 class ToMeStrategy(Strategy):
