@@ -29,4 +29,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .venv-wheel build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-wheel .venv-min build dist *.egg-info .pytest_cache .hypothesis
