@@ -71,8 +71,9 @@ class Adapter(ABC):
         return candidates
 
     @abstractmethod
-    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout:
-        """How the tokens reaching ``site`` in this call are laid out."""
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        """How the tokens reaching ``site`` in this call are laid out (None: unknown, and the
+        call passes through unmerged)."""
 
     def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         """The timestep of a root forward call, or None (each call is then a new generation)."""

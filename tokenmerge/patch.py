@@ -28,7 +28,9 @@ from .strategy import Strategy
 
 __all__ = ["SitePatch"]
 
-LayoutFn = Callable[[Site, Tensor], TokenLayout]
+LayoutFn = Callable[[Site, Tensor], "TokenLayout | None"]
+#: ``(args, kwargs) -> reason`` a target call must be passed through untouched, or None
+Guard = Callable[[tuple, dict], "str | None"]
 
 
 @dataclass
@@ -47,9 +49,10 @@ class SitePatch:
         strategy: the strategy instance (shared by all sites of one patch).
         config: the merge config.
         state: the model's step state.
-        layout: callable ``(site, hidden_states) -> TokenLayout``, the adapter's knowledge of
-            how tokens are laid out at this call. Must be a bound method or another object that
-            ``copy.deepcopy`` copies along with the model (not a closure over the model).
+        layout: callable ``(site, hidden_states) -> TokenLayout | None``, the adapter's
+            knowledge of how tokens are laid out at this call (None: unknown, the call passes
+            through unmerged). Must be a bound method or another object that ``copy.deepcopy``
+            copies along with the model (not a closure over the model).
     """
 
     def __init__(
@@ -73,6 +76,9 @@ class SitePatch:
         # goes on exactly as the original would
         self._generators: dict[tuple[str, int], torch.Generator] = {}
         self._warned_shortfall = False
+        #: what the plan is made from when set (e.g. the block input, as tomesd does); adapters
+        #: set it in a pre-hook of the block and clear it after (see ``watch_block_input``)
+        self.metric: Tensor | None = None
 
     # ------------------------------------------------------------------ planning
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -98,8 +104,9 @@ class SitePatch:
                 return features[batch // 2 :], 2
         return features, 1
 
-    def plan_for(self, x: Tensor) -> Plan:
-        """The plan for ``x (B, N, C)`` at this call: cached if still valid, else a new one."""
+    def plan_for(self, x: Tensor) -> Plan | None:
+        """The plan for ``x (B, N, C)`` at this call: cached if still valid, else a new one;
+        None when the adapter knows no layout for it (the call then passes through)."""
         state = self.state
         key = (state.generation, x.shape[0], x.shape[1], x.device, x.dtype)
         cached = self._cache
@@ -111,12 +118,16 @@ class SitePatch:
                 self._count_call(cached.plan, x.shape[1], reused=True)
                 return cached.plan
         plan = self.make_plan(x)
-        self._cache = _CachedPlan(key, plan, state.step, state.call)
+        if plan is not None:
+            self._cache = _CachedPlan(key, plan, state.step, state.call)
         return plan
 
-    def make_plan(self, x: Tensor) -> Plan:
-        """A fresh plan for ``x (B, N, C)``, bypassing the cache (counted in the stats)."""
+    def make_plan(self, x: Tensor) -> Plan | None:
+        """A fresh plan for ``x (B, N, C)``, bypassing the cache (counted in the stats); None
+        when the adapter knows no layout for it."""
         layout = self.layout(self.site, x)
+        if layout is None:
+            return None
         prefix = layout.num_prefix
         n = layout.num_image_tokens
         if prefix + n != x.shape[1]:
@@ -135,7 +146,8 @@ class SitePatch:
             return plan
         wanted = int(self.ratio * n)
         num_merge = min(wanted, self.strategy.capacity(layout, self.site))
-        features, repeats = self._features(x[:, prefix:])
+        metric = self.metric if self._metric_fits(x) else x
+        features, repeats = self._features(metric[:, prefix:])
         with torch.no_grad():
             plan = self.strategy.make_plan(
                 features, layout, self.site, num_merge, self._generator(x.device)
@@ -157,6 +169,14 @@ class SitePatch:
             )
         return plan
 
+    def _metric_fits(self, x: Tensor) -> bool:
+        return self.metric is not None and self.metric.shape[:2] == x.shape[:2]
+
+    def count_pass_through(self, reason: str) -> None:
+        """Record a call left unmerged because the plan cannot handle it."""
+        self.stats.passed_through += 1
+        self.stats.pass_reason = reason
+
     def _count_call(
         self, plan: Plan, tokens: int, *, reused: bool, skipped: str | None = None
     ) -> None:
@@ -171,29 +191,55 @@ class SitePatch:
             stats.skipped = skipped
             stats.shortfall = 0
 
-    # ------------------------------------------------------------------ local-mode hooks
+    # ------------------------------------------------------------------ hooks
+    def watch_block_input(self, block: nn.Module) -> list[RemovableHandle]:
+        """Plan on ``block``'s input (its first argument) instead of each target's own input."""
+        watcher = _BlockInput(self)
+        return [
+            block.register_forward_pre_hook(watcher.before, with_kwargs=True),
+            block.register_forward_hook(watcher.after, with_kwargs=True, always_call=True),
+        ]
+
     def attach_local(
-        self, module: nn.Module, arg_name: str = "hidden_states"
+        self, module: nn.Module, arg_name: str = "hidden_states", guard: Guard | None = None
     ) -> list[RemovableHandle]:
         """Merge ``module``'s hidden states before its forward and unmerge its output after.
 
         The hidden states are the first positional argument or the keyword ``arg_name``; the
         output is a tensor or a tuple / list whose first element is the tensor to unmerge.
+        Calls that ``guard`` rejects, or whose hidden states are not ``(B, N, C)``, pass through
+        untouched and are counted in ``stats().passed_through``. ``guard`` must be a
+        module-level function or a bound method (``copy.deepcopy`` copies the hooks).
         """
-        hook = _LocalHook(self, arg_name)
+        hook = _LocalHook(self, arg_name, guard)
         return [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after, with_kwargs=True, always_call=True),
         ]
 
 
+class _BlockInput:
+    """Hands a block's input to its site's planner for the duration of the block's forward."""
+
+    def __init__(self, patch: SitePatch) -> None:
+        self.patch = patch
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        self.patch.metric = x if isinstance(x, Tensor) and x.dim() == 3 else None
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.patch.metric = None  # never keep an activation alive between calls
+
+
 class _LocalHook:
     """The pair of hooks of one target sub-module (a class, so ``copy.deepcopy`` copies it)."""
 
-    def __init__(self, patch: SitePatch, arg_name: str) -> None:
+    def __init__(self, patch: SitePatch, arg_name: str, guard: Guard | None) -> None:
         self.patch = patch
         self.arg_name = arg_name
-        self.plans: list[Plan] = []
+        self.guard = guard
+        self.plans: list[Plan | None] = []
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "plans": []}
@@ -208,9 +254,17 @@ class _LocalHook:
                 f"site {self.patch.site.name!r}: {type(module).__name__} was called without "
                 f"hidden states (no positional argument and no {self.arg_name!r} keyword)"
             )
-        plan = self.patch.plan_for(x)
+        reason = self.guard(args, kwargs) if self.guard is not None else None
+        if reason is None and (not isinstance(x, Tensor) or x.dim() != 3):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            reason = f"hidden states of shape {shape}, not (batch, tokens, channels)"
+        plan = self.patch.plan_for(x) if reason is None else None
+        if plan is None:
+            self.patch.count_pass_through(
+                reason or f"no token grid known for {x.shape[1]} tokens at this call"
+            )
         self.plans.append(plan)
-        if plan.is_identity:
+        if plan is None or plan.is_identity:
             return None
         merged = plan.merge(x)
         if args:
@@ -221,7 +275,7 @@ class _LocalHook:
         if not self.plans:  # the pre-hook raised before planning
             return None
         plan = self.plans.pop()
-        if plan.is_identity or output is None:  # None: the forward raised (always_call)
+        if plan is None or plan.is_identity or output is None:  # None output: forward raised
             return None
         if isinstance(output, Tensor):
             return plan.unmerge(output)

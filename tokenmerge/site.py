@@ -118,6 +118,9 @@ class SiteStats:
             (windows or cells ran out).
         skipped: why the last call did not merge (e.g. below ``min_tokens``), or None.
         ratio: the ratio configured for this site.
+        passed_through: calls of a target left untouched because the plan could not handle
+            them (an attention mask over the merged tokens, 4-D hidden states, chunked MLP...).
+        pass_reason: why the last such call was passed through.
     """
 
     name: str
@@ -129,3 +132,5 @@ class SiteStats:
     plans_reused: int = 0
     shortfall: int = 0
     skipped: str | None = None
+    passed_through: int = 0
+    pass_reason: str | None = None
