@@ -19,3 +19,13 @@ def tokenmerge_register_adapters(register):
             description="any torch model: local merging around the modules include= names",
         )
     )
+    register(
+        AdapterSpec(
+            name="diffusers_unet",
+            target="tokenmerge.adapters.diffusers_unet:DiffusersUNetAdapter",
+            requires={"diffusers": "0.30"},
+            extra="diffusers",
+            claims=("diffusers.",),
+            description="diffusers UNet2DConditionModel (SD 1.x / 2.x / XL) and its pipelines",
+        )
+    )

@@ -1,0 +1,232 @@
+"""The diffusers UNet adapter: SD 1.x, SD 2.x, SDXL and any ``UNet2DConditionModel`` pipeline.
+
+Sites are the ``BasicTransformerBlock``s of the spatial ``Transformer2DModel``s in
+``down_blocks``, ``mid_block`` and ``up_blocks`` (temporal transformers of video UNets are never
+sites). Each site merges around its self-attention (``attn1``) and, when the config asks, its
+cross-attention (``attn2``, queries only) and MLP (``ff``), with native torch hooks on those
+modules: no class is swapped and no attention processor replaced, so LoRA, IP-Adapter, fused QKV,
+offloading hooks and attention back-ends keep working.
+
+- Grid: read from each ``Transformer2DModel``'s input ``(B, C, H, W)`` by a pre-hook.
+- Stage and level: ``down`` / ``mid`` / ``up``, and the downsample factor of the site's grid
+  relative to the latent (1, 2, 4...), counted from the UNet's down- and upsamplers. The default
+  sites are those of the finest level that has attention: level 1 in SD 1.x / 2.x, level 2 in SDXL
+  (whose full-resolution blocks have no attention, where tomesd's default merges nothing).
+- Metric: every plan is made from the block's input before ``norm1``, as tomesd does, so one plan
+  serves all of a block's targets and ``tome`` configured like tomesd reproduces its outputs.
+- Timestep: a native pre-hook on the UNet reads ``timestep`` (its second argument), which drives
+  the step state and so the plan cache across denoising steps.
+
+Calls the plan cannot handle pass through untouched and are counted in ``stats()``: a
+self-attention call with an attention mask (its keys are the merged tokens), a cross-attention mask
+with a row per query, non-3-D hidden states, an MLP run in token chunks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.config import MergeConfig
+from tokenmerge.errors import UnsupportedModelError
+from tokenmerge.patch import SitePatch
+from tokenmerge.site import Site, TokenLayout
+
+__all__ = ["DiffusersUNetAdapter"]
+
+_STAGES = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+
+
+def _diffusers():
+    import diffusers
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    return diffusers, BasicTransformerBlock, Attention, Transformer2DModel, UNet2DConditionModel
+
+
+def _check_signatures() -> None:
+    """Fail loudly when a diffusers release changed a call this adapter relies on."""
+    diffusers, block, attention, transformer, unet = _diffusers()
+    expected = {
+        unet.forward: ("sample", "timestep"),
+        transformer.forward: ("hidden_states",),
+        block.forward: ("hidden_states",),
+        attention.forward: ("hidden_states", "encoder_hidden_states", "attention_mask"),
+    }
+    for function, names in expected.items():
+        params = [p for p in inspect.signature(function).parameters if p != "self"]
+        if tuple(params[: len(names)]) != names:
+            raise UnsupportedModelError(
+                f"diffusers {diffusers.__version__} changed {function.__qualname__}: its "
+                f"arguments start with {params[: len(names)]}, tokenmerge's UNet adapter expects "
+                f"{list(names)}. Install a diffusers version tokenmerge supports "
+                "(pip install 'tokenmerge[diffusers]') or report this."
+            )
+
+
+def _self_attention_guard(args: tuple, kwargs: dict) -> str | None:
+    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+    if mask is not None:
+        return "self-attention with an attention mask over the merged tokens"
+    return None
+
+
+def _cross_attention_guard(args: tuple, kwargs: dict) -> str | None:
+    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+    if isinstance(mask, Tensor) and mask.dim() >= 3 and mask.shape[-2] != 1:
+        return "cross-attention mask with a row per query"
+    return None
+
+
+class _ChunkedMlpGuard:
+    """Pass the MLP through when its block feeds it in token chunks (forward chunking)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, args: tuple, kwargs: dict) -> str | None:
+        if getattr(self.block, "_chunk_size", None) is not None:
+            return "MLP run in token chunks (forward chunking)"
+        return None
+
+
+class _GridReader:
+    """Pre-hook of a ``Transformer2DModel``: remembers the grid of its input for its sites."""
+
+    def __init__(self) -> None:
+        self.grid: tuple[int, int] | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        self.grid = tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
+
+
+class DiffusersUNetAdapter(Adapter):
+    """Merging in diffusers ``UNet2DConditionModel``s and the pipelines that hold one.
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> from diffusers import UNet2DConditionModel
+        >>> unet = UNet2DConditionModel(
+        ...     block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ...     attention_head_dim=8, norm_num_groups=8, sample_size=16)
+        >>> handle = tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1)
+        >>> [(site.name, site.stage, site.level) for site in handle.sites][:2]
+        [('down_blocks.0.attentions.0.transformer_blocks.0', 'down', 1),
+         ('up_blocks.1.attentions.0.transformer_blocks.0', 'up', 1)]
+        >>> out = unet(torch.randn(2, 4, 16, 16), 999, torch.randn(2, 7, 32)).sample
+        >>> handle.stats()["down_blocks.0.attentions.0.transformer_blocks.0"].tokens_out
+        128
+        >>> handle.remove()
+    """
+
+    name = "diffusers_unet"
+
+    def __init__(self) -> None:
+        _check_signatures()
+        self._grids: dict[str, _GridReader] = {}  # Transformer2DModel name -> its grid reader
+        self._owner: dict[str, str] = {}  # site name -> Transformer2DModel name
+        self._transformers: dict[str, nn.Module] = {}
+        self._blocks: dict[str, nn.Module] = {}
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        unet = _diffusers()[4]
+        return isinstance(model, unet) or isinstance(getattr(model, "unet", None), unet)
+
+    def root(self, model: Any) -> nn.Module:
+        unet = _diffusers()[4]
+        return model if isinstance(model, unet) else model.unet
+
+    def candidates(self, root: nn.Module) -> list[SiteCandidate]:
+        _, block_cls, _, transformer_cls, _ = _diffusers()
+        levels = self._levels(root)
+        found = []
+        for name, module in root.named_modules():
+            top = name.split(".")[0]
+            if not isinstance(module, transformer_cls) or top not in _STAGES:
+                continue
+            prefix = ".".join(name.split(".")[:2]) if top != "mid_block" else "mid_block"
+            for index, block in enumerate(module.transformer_blocks):
+                if not isinstance(block, block_cls):
+                    continue
+                site_name = f"{name}.transformer_blocks.{index}"
+                modules = {"attn": block.attn1, "mlp": block.ff}
+                if block.attn2 is not None:
+                    modules["cross_attn"] = block.attn2
+                site = Site(
+                    site_name,
+                    stage=_STAGES[top],
+                    level=levels[prefix],
+                    block_index=len(found),
+                )
+                self._owner[site_name] = name
+                self._blocks[site_name] = block
+                self._transformers[name] = module
+                found.append(SiteCandidate(site, modules))
+        return found
+
+    @staticmethod
+    def _levels(root: nn.Module) -> dict[str, int]:
+        """Downsample factor of every down / up block and of the mid block."""
+        levels, factor = {}, 1
+        for index, block in enumerate(root.down_blocks):
+            levels[f"down_blocks.{index}"] = factor
+            if getattr(block, "downsamplers", None) is not None:
+                factor *= 2
+        levels["mid_block"] = factor
+        for index, block in enumerate(root.up_blocks):
+            levels[f"up_blocks.{index}"] = factor
+            if getattr(block, "upsamplers", None) is not None:
+                factor //= 2
+        return levels
+
+    def default_sites(
+        self, candidates: list[SiteCandidate], config: MergeConfig
+    ) -> list[SiteCandidate]:
+        if not candidates:
+            return candidates
+        finest = min(c.site.level for c in candidates)
+        return [c for c in candidates if c.site.level == finest]
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        grid = self._grids[self._owner[site.name]].grid
+        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
+            return None
+        return TokenLayout(grid)
+
+    def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        return args[1] if len(args) > 1 else None
+
+    def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
+        handles = []
+        owner = self._owner[patch.site.name]
+        if owner not in self._grids:  # one grid reader per Transformer2DModel
+            reader = self._grids[owner] = _GridReader()
+            transformer = self._transformers[owner]
+            handles.append(transformer.register_forward_pre_hook(reader, with_kwargs=True))
+        block = self._blocks[patch.site.name]
+        handles += patch.watch_block_input(block)
+        guards = {
+            "attn": _self_attention_guard,
+            "cross_attn": _cross_attention_guard,
+            "mlp": _ChunkedMlpGuard(block),
+        }
+        for kind, module in modules.items():
+            handles += patch.attach_local(module, guard=guards[kind])
+        return handles
+
+    def detach(self, root: nn.Module) -> None:
+        self._grids.clear()
