@@ -13,8 +13,16 @@ import pytest
 import tokenmerge
 
 ROOT = Path(__file__).resolve().parents[1]
+# The editable install maps tokenmerge.strategies / .adapters to other folders, which walking
+# tokenmerge.__path__ alone would miss: walk each package.
+PACKAGES = ["tokenmerge", "tokenmerge.strategies", "tokenmerge.adapters"]
 MODULES = sorted(
-    ["tokenmerge"] + [m.name for m in pkgutil.walk_packages(tokenmerge.__path__, "tokenmerge.")]
+    set(PACKAGES)
+    | {
+        m.name
+        for package in PACKAGES
+        for m in pkgutil.walk_packages(importlib.import_module(package).__path__, package + ".")
+    }
 )
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -54,6 +62,12 @@ def test_markdown_python_blocks_run(path):
     for index, block in enumerate(blocks):
         namespace: dict = {"__name__": f"doc_{path.stem}_{index}"}
         exec(compile(block, f"{path.name}[python block {index}]", "exec"), namespace)
+
+
+def test_every_module_is_collected():
+    # guards the parametrisation above against silently missing the mapped packages
+    for name in ("tokenmerge.strategies.retom", "tokenmerge.adapters.generic", "tokenmerge.plan"):
+        assert name in MODULES
 
 
 def test_markdown_has_examples_where_expected():
