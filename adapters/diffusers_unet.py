@@ -19,7 +19,9 @@ offloading hooks and attention back-ends keep working.
 
 Calls the plan cannot handle pass through untouched and are counted in ``stats()``: a
 self-attention call with an attention mask (its keys are the merged tokens), a cross-attention mask
-with a row per query, non-3-D hidden states, an MLP run in token chunks.
+with a row per query, non-3-D hidden states, an MLP run in token chunks, and any target module
+that carries a diffusers hook (pyramid attention broadcast and the other caches replay outputs
+made at earlier steps, with earlier plans).
 """
 
 from __future__ import annotations
@@ -72,34 +74,38 @@ def _check_signatures() -> None:
             )
 
 
-def _self_attention_guard(args: tuple, kwargs: dict) -> str | None:
-    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-    if mask is not None:
-        return "self-attention with an attention mask over the merged tokens"
-    return None
+class _TargetGuard:
+    """Decides, per call of one target module, whether merging around it is safe."""
 
-
-def _cross_attention_guard(args: tuple, kwargs: dict) -> str | None:
-    mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-    if isinstance(mask, Tensor) and mask.dim() >= 3 and mask.shape[-2] != 1:
-        return "cross-attention mask with a row per query"
-    return None
-
-
-class _ChunkedMlpGuard:
-    """Pass the MLP through when its block feeds it in token chunks (forward chunking)."""
-
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, module: nn.Module, kind: str, block: nn.Module) -> None:
+        self.module = module
+        self.kind = kind
         self.block = block
 
     def __call__(self, args: tuple, kwargs: dict) -> str | None:
-        if getattr(self.block, "_chunk_size", None) is not None:
-            return "MLP run in token chunks (forward chunking)"
+        # A diffusers hook on the module itself (pyramid attention broadcast, FasterCache...)
+        # may hand back an output it stored at an earlier step, made with an earlier plan:
+        # unmerging it with this call's plan would mix tokens up, silently.
+        registry = self.module.__dict__.get("_diffusers_hook")
+        if registry is not None and getattr(registry, "hooks", None):
+            return "a diffusers hook on the module may replay outputs of earlier steps"
+        if self.kind == "mlp":
+            if getattr(self.block, "_chunk_size", None) is not None:
+                return "MLP run in token chunks (forward chunking)"
+            return None
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if mask is None:
+            return None
+        if self.kind == "attn":
+            return "self-attention with an attention mask over the merged tokens"
+        if isinstance(mask, Tensor) and mask.dim() >= 3 and mask.shape[-2] != 1:
+            return "cross-attention mask with a row per query"
         return None
 
 
 class _GridReader:
-    """Pre-hook of a ``Transformer2DModel``: remembers the grid of its input for its sites."""
+    """Pre-hook of a ``Transformer2DModel``: remembers the grid of its input for its sites, and
+    serves as their layout (one object per transformer, so no look-up by name in the hot path)."""
 
     def __init__(self) -> None:
         self.grid: tuple[int, int] | None = None
@@ -107,6 +113,12 @@ class _GridReader:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states")
         self.grid = tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        grid = self.grid
+        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
+            return None
+        return TokenLayout(grid)
 
 
 class DiffusersUNetAdapter(Adapter):
@@ -200,10 +212,8 @@ class DiffusersUNetAdapter(Adapter):
         return [c for c in candidates if c.site.level == finest]
 
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
-        grid = self._grids[self._owner[site.name]].grid
-        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
-            return None
-        return TokenLayout(grid)
+        reader = self._grids.get(self._owner[site.name])
+        return reader.layout(site, hidden_states) if reader is not None else None
 
     def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         if "timestep" in kwargs:
@@ -217,15 +227,11 @@ class DiffusersUNetAdapter(Adapter):
             reader = self._grids[owner] = _GridReader()
             transformer = self._transformers[owner]
             handles.append(transformer.register_forward_pre_hook(reader, with_kwargs=True))
+        patch.layout = self._grids[owner].layout
         block = self._blocks[patch.site.name]
         handles += patch.watch_block_input(block)
-        guards = {
-            "attn": _self_attention_guard,
-            "cross_attn": _cross_attention_guard,
-            "mlp": _ChunkedMlpGuard(block),
-        }
         for kind, module in modules.items():
-            handles += patch.attach_local(module, guard=guards[kind])
+            handles += patch.attach_local(module, guard=_TargetGuard(module, kind, block))
         return handles
 
     def detach(self, root: nn.Module) -> None:

@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import Tensor
 
 from tokenmerge.plan import Plan
+from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
@@ -53,7 +54,7 @@ class RandomStrategy(Strategy):
         layout: TokenLayout,
         site: Site,
         num_merge: int,
-        generator: torch.Generator,
+        rng: SiteRandom,
     ) -> Plan:
         n = layout.num_image_tokens
         device = features.device
@@ -62,10 +63,10 @@ class RandomStrategy(Strategy):
         cells = window_partition(layout.grid, self._cell(), device)
         valid = cells >= 0
         blocked = torch.tensor(float("-inf"), device=device)
-        draw = torch.rand(cells.shape, device=device, generator=generator)
+        draw = rng.uniform(cells.shape, device)
         dst_slot = torch.where(valid, draw, blocked).argmax(dim=1, keepdim=True)
         is_dst = torch.zeros_like(valid).scatter(1, dst_slot, True)
-        draw = torch.rand(cells.shape, device=device, generator=generator)
+        draw = rng.uniform(cells.shape, device)
         chosen = pick_top(torch.where(valid & ~is_dst, draw, blocked).flatten(), num_merge)
         src = cells.flatten()[chosen]
         dst = cells.gather(1, dst_slot).squeeze(1)[chosen // cells.shape[1]]

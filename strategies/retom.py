@@ -23,6 +23,7 @@ from torch import Tensor
 from tokenmerge.config import MAX_CELL, MergeConfig, resolve_per_site, selector_keys
 from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
+from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, pick_top
 from tokenmerge.windows import num_windows, window_partition
@@ -104,6 +105,10 @@ class ReToMConfig(MergeConfig):
         s = self.smallest_window()
         return f"one representative per {s} x {s} window stays"
 
+    def for_site(self, site: Site) -> ReToMConfig:
+        view = super().for_site(site)
+        return view.model_copy(update={"window_size": self.window_for(site)})
+
     def window_for(self, site: Site) -> int:
         """The window side at ``site``."""
         size = resolve_per_site(self.window_size, site)
@@ -161,7 +166,7 @@ class ReToMStrategy(Strategy):
         layout: TokenLayout,
         site: Site,
         num_merge: int,
-        generator: torch.Generator,
+        rng: SiteRandom,
     ) -> Plan:
         n = layout.num_image_tokens
         if num_merge == 0:

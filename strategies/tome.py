@@ -4,8 +4,8 @@ Tokens split into destinations (B) and sources (A). Every A token finds its most
 (cosine similarity of the features); the ``r`` A tokens with the best matches merge into them.
 
 - ``cells`` (tomesd's partition, local mode): one destination per ``sy x sx`` cell, at a random
-  place in the cell (a private generator, shared over the batch) or at its top-left; rows and
-  columns left over where the grid does not divide are sources only.
+  place in the cell (the site's private random stream, shared over the batch) or at its
+  top-left; rows and columns left over where the grid does not divide are sources only.
 - ``alternate`` (ToMe's partition for sequences): even tokens are A, odd tokens are B.
 """
 
@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import Tensor
 
 from tokenmerge.plan import Plan
+from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
@@ -39,7 +40,7 @@ class ToMeConfig(CellConfig):
     random_destinations: bool = Field(
         default=True,
         description=(
-            "Pick each cell's destination at random (from the site's private generator, shared "
+            "Pick each cell's destination at random (from the site's private random stream, shared "
             "over the batch) rather than the top-left token. Default on, as tomesd's use_rand."
         ),
     )
@@ -85,13 +86,13 @@ class ToMeStrategy(Strategy):
         return n - rows * cols if sy * sx > 1 else 0
 
     def _cell_partition(
-        self, grid: tuple[int, int], device: torch.device, generator: torch.Generator
+        self, grid: tuple[int, int], device: torch.device, rng: SiteRandom
     ) -> tuple[Tensor, Tensor]:
         """Token indices of the destinations (one per whole cell) and of the sources."""
         h, w = grid
         sy, sx, rows, cols = self._cells(grid)
         if self.config.random_destinations:
-            offset = torch.randint(sy * sx, (rows, cols), device=device, generator=generator)
+            offset = rng.integers(sy * sx, (rows, cols), device)
         else:
             offset = torch.zeros(rows, cols, dtype=torch.long, device=device)
         row = torch.arange(rows, device=device).view(-1, 1) * sy + offset // sx
@@ -109,12 +110,12 @@ class ToMeStrategy(Strategy):
         layout: TokenLayout,
         site: Site,
         num_merge: int,
-        generator: torch.Generator,
+        rng: SiteRandom,
     ) -> Plan:
         n = layout.num_image_tokens
         device = features.device
         if self._uses_cells(site):
-            dst_idx, src_idx = self._cell_partition(layout.grid, device, generator)
+            dst_idx, src_idx = self._cell_partition(layout.grid, device, rng)
         else:
             src_idx = torch.arange(0, n, 2, device=device)
             dst_idx = torch.arange(1, n, 2, device=device)

@@ -41,6 +41,8 @@ from tokenmerge.strategies.retom import ReToMConfig, ReToMStrategy
 from tokenmerge.strategies.tome import ToMeConfig
 
 PLUGIN_DISTS = Path(__file__).parent / "plugin_dists"
+# the built-in adapters (diffusers is installed in the test environment)
+BUILTIN_ADAPTERS = ["diffusers_unet", "generic"]
 BUILTIN_PLUGINS = ["tokenmerge.adapters", "tokenmerge.strategies"]
 
 
@@ -145,13 +147,15 @@ def test_list_strategies_wildcards(pattern, expected):
 
 
 def test_list_adapters_builtin():
-    assert tokenmerge.list_adapters() == ["generic"]
+    # the test environment installs diffusers, so its adapter is available here
+    assert tokenmerge.list_adapters() == BUILTIN_ADAPTERS
     assert tokenmerge.list_adapters("gen*") == ["generic"]
     assert tokenmerge.list_adapters(["x*", "*ic"]) == ["generic"]
     assert tokenmerge.list_adapters("timm") == []
-    assert tokenmerge.list_adapters(available=True) == ["generic"]
+    assert tokenmerge.list_adapters(available=True) == BUILTIN_ADAPTERS
     assert tokenmerge.list_adapters(available=False) == []
     assert tokenmerge.adapter_status("generic") == "available"
+    assert tokenmerge.adapter_status("diffusers_unet") == "available"
 
 
 def test_list_plugins_builtin_info_and_filtering():
@@ -164,7 +168,7 @@ def test_list_plugins_builtin_info_and_filtering():
     by_name = {p.name: p for p in plugins}
     assert by_name["tokenmerge.strategies"].strategies == ["random", "retom", "tome"]
     assert by_name["tokenmerge.strategies"].adapters == []
-    assert by_name["tokenmerge.adapters"].adapters == ["generic"]
+    assert by_name["tokenmerge.adapters"].adapters == BUILTIN_ADAPTERS
     assert [p.name for p in tokenmerge.list_plugins("*strategies")] == ["tokenmerge.strategies"]
     assert [p.name for p in tokenmerge.list_plugins(["*adapters", "nope"])] == [
         "tokenmerge.adapters"
@@ -200,7 +204,7 @@ def test_unknown_adapter_lists_known_and_close_matches():
         registry.adapter("generc")
     message = str(info.value)
     assert "unknown adapter 'generc'" in message
-    assert "known adapters: generic" in message
+    assert "known adapters: " + ", ".join(BUILTIN_ADAPTERS) in message
     assert "did you mean 'generic'" in message
     model = tiny_model()
     with pytest.raises(UnknownAdapterError, match="did you mean 'generic'"):
@@ -272,11 +276,11 @@ def test_unregister_plugin_removes_everything_it_registered():
     tokenmerge.register_plugin(PairsPlugin(), name="pairs-plugin")
     spec = AdapterSpec(name="extra", target="tokenmerge.adapters.generic:GenericAdapter")
     tokenmerge.register_plugin(plugin_with(adapters=[spec]), name="adapter-plugin")
-    assert tokenmerge.list_adapters() == ["extra", "generic"]
+    assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "extra"])
     tokenmerge.unregister_plugin("pairs-plugin")
     tokenmerge.unregister_plugin("adapter-plugin")
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
-    assert tokenmerge.list_adapters() == ["generic"]
+    assert tokenmerge.list_adapters() == BUILTIN_ADAPTERS
     assert [p.name for p in tokenmerge.list_plugins()] == BUILTIN_PLUGINS
     with pytest.raises(UnknownStrategyError):
         tokenmerge.load_config("pairs")
@@ -346,7 +350,7 @@ def test_register_strategy_again_with_replace_takes_over():
 def test_register_adapter_convenience():
     spec = AdapterSpec(name="generic2", target="tokenmerge.adapters.generic:GenericAdapter")
     tokenmerge.register_adapter(spec)
-    assert tokenmerge.list_adapters() == ["generic", "generic2"]
+    assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "generic2"])
     model = tiny_model()
     with tokenmerge.apply(model, "tome", adapter="generic2", include=["0"], min_tokens=1) as h:
         assert h.adapter.name == "generic"  # the class the spec names
@@ -468,7 +472,7 @@ def test_plugin_whose_adapter_hook_fails_registers_no_strategy_either():
             name="h",
         )
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
-    assert tokenmerge.list_adapters() == ["generic"]
+    assert tokenmerge.list_adapters() == BUILTIN_ADAPTERS
     assert tokenmerge.list_plugins("h") == []
 
 
@@ -588,9 +592,9 @@ def test_adapter_with_missing_library_is_listed_as_unavailable():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tokenmerge.register_adapter(fake_spec())
-        assert tokenmerge.list_adapters() == ["fake", "generic"]
+        assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "fake"])
         assert tokenmerge.list_adapters(available=False) == ["fake"]
-        assert tokenmerge.list_adapters(available=True) == ["generic"]
+        assert tokenmerge.list_adapters(available=True) == BUILTIN_ADAPTERS
         assert tokenmerge.list_adapters("f*", available=False) == ["fake"]
         status = tokenmerge.adapter_status("fake")
     assert caught == []
@@ -639,7 +643,7 @@ def test_adapter_with_installed_library_is_available():
         AdapterSpec(name="ok", target="x:Y", requires={"torch": "2.0", "pydantic": "2"})
     )
     assert tokenmerge.adapter_status("ok") == "available"
-    assert tokenmerge.list_adapters(available=True) == ["generic", "ok"]
+    assert tokenmerge.list_adapters(available=True) == sorted([*BUILTIN_ADAPTERS, "ok"])
 
 
 def test_model_no_adapter_claims_suggests_generic():
@@ -756,7 +760,7 @@ def test_entry_point_plugin_is_loaded_listed_and_usable(autoload_results):
     assert result["used"] == ["DemoPairsConfig", 8, True]
     # the built-ins are still there
     assert set(BUILTIN_PLUGINS) <= set(result["plugins"])
-    assert result["adapters"] == ["generic"]
+    assert result["adapters"] == BUILTIN_ADAPTERS
 
 
 def test_broken_entry_point_plugins_warn_and_are_skipped(autoload_results):

@@ -251,17 +251,25 @@ def test_reused_plan_is_applied_to_new_features() -> None:
     fresh.remove()
 
 
-def test_same_timestep_reuses_plan_even_with_interval_one() -> None:
+def test_same_timestep_plans_when_its_step_plans() -> None:
+    """A repeated timestep (e.g. the CFG halves as two calls) follows its step's decision: with
+    interval 1 each call plans on its own input (as tomesd); on a reuse step it reuses."""
     model = make_model()
     handle = patch(model, cache_interval=1)
     with torch.no_grad():
         model(make_input(seed=1), timestep=999.0)
         first = plans(handle)
         model(make_input(seed=2), timestep=999.0)  # e.g. the other guidance half
-        assert plans(handle) == first
-        model(make_input(seed=3), timestep=900.0)
         assert all(a is not b for a, b in zip(plans(handle), first, strict=True))
-    assert counts(handle) == [(2, 1)] * 2
+    assert counts(handle) == [(2, 0)] * 2
+    handle.remove()
+    handle = patch(model, cache_interval=2)
+    with torch.no_grad():
+        model(make_input(seed=1), timestep=999.0)
+        model(make_input(seed=2), timestep=999.0)  # step 0 plans: a new plan again
+        model(make_input(seed=3), timestep=900.0)  # step 1: reuse
+        model(make_input(seed=4), timestep=900.0)  # still step 1: reuse
+    assert counts(handle) == [(2, 2)] * 2
     handle.remove()
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import tokenmerge
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
+from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.state import StepState
 from tokenmerge.strategies.retom import representatives
@@ -35,8 +36,8 @@ def features_for(batch: int, n: int, seed: int, channels: int = 4) -> torch.Tens
     return F.normalize(torch.randn(batch, n, channels, generator=gen), dim=-1)
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def gen(seed: int = 0) -> SiteRandom:
+    return SiteRandom(seed)
 
 
 def plan_features(strategy, features: torch.Tensor) -> torch.Tensor:

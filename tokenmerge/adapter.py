@@ -67,7 +67,8 @@ class Adapter(ABC):
     def default_sites(
         self, candidates: list[SiteCandidate], config: MergeConfig
     ) -> list[SiteCandidate]:
-        """The sites used when the config selects no level explicitly (default: all)."""
+        """The sites used when the config selects none itself (no levels, stages, blocks or
+        include); default: all."""
         return candidates
 
     @abstractmethod

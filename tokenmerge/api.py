@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -31,14 +32,25 @@ HANDLE_ATTR = "_tokenmerge_handle"
 
 
 class _RootHook:
-    """Native pre-hook on the patched root: one call of the model = one ``begin_call``."""
+    """Native pre-hook on the patched root: one call of the model = one ``begin_call``.
 
-    def __init__(self, state: StepState, adapter: Adapter) -> None:
+    It never runs inside a compiled graph (it reads the timestep's value and keeps Python
+    counters): a whole-model ``torch.compile`` breaks the graph here, once, and nowhere else.
+    """
+
+    def __init__(self, state: StepState, adapter: Adapter, patches: list[SitePatch]) -> None:
         self.state = state
         self.adapter = adapter
+        self.patches = patches
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.state.begin_call(timestep_value(self.adapter.timestep(args, kwargs)))
+        self._begin(args, kwargs)
+
+    @torch.compiler.disable
+    def _begin(self, args: tuple, kwargs: dict) -> None:
+        new_generation = self.state.begin_call(timestep_value(self.adapter.timestep(args, kwargs)))
+        for patch in self.patches:
+            patch.begin_call(new_generation)
 
 
 class Handle:
@@ -80,11 +92,13 @@ class Handle:
 
     def stats(self) -> dict[str, SiteStats]:
         """Per-site statistics (copies): tokens in / out, plans computed / reused, shortfall."""
-        return {p.site.name: SiteStats(**vars(p.stats)) for p in self.patches}
+        return {p.site.name: p.stats for p in self.patches}
 
     def new_generation(self) -> None:
-        """Drop every cached plan at its next use (call between unrelated inputs)."""
+        """Drop every cached plan (call between unrelated inputs)."""
         self.state.new_generation()
+        for patch in self.patches:
+            patch.begin_call(new_generation=True)
 
     def remove(self) -> None:
         """Remove every hook and attribute the patch added; calling it again does nothing."""
@@ -172,7 +186,14 @@ def _select(
             "merge_attn, merge_cross_attn and merge_mlp are all off: nothing would merge; "
             "turn at least one on"
         )
-    pool = candidates if config.levels is not None else adapter.default_sites(candidates, config)
+    # the adapter's default applies only when the config selects no sites itself
+    explicit = (
+        config.levels is not None
+        or config.stages is not None
+        or config.blocks is not None
+        or bool(config.include)
+    )
+    pool = candidates if explicit else adapter.default_sites(candidates, config)
     num_blocks = max((c.site.block_index or 0 for c in candidates), default=-1) + 1
     chosen = []
     for candidate in pool:
@@ -281,16 +302,18 @@ def apply(
             f"{type(root).__name__} is already patched ({existing!r}); call handle.remove() or "
             "tokenmerge.remove(model) before applying again"
         )
-    strategy = registry.strategy(config.strategy)(config)
+    strategy_class = registry.strategy(config.strategy)
     selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)
-    state = StepState()
+    state = StepState(cache_interval=config.cache_interval)
+    patches: list[SitePatch] = []
     removables = [
-        root.register_forward_pre_hook(_RootHook(state, chosen_adapter), with_kwargs=True)
+        root.register_forward_pre_hook(_RootHook(state, chosen_adapter, patches), with_kwargs=True)
     ]
-    patches = []
     try:
         for candidate in selected:
-            patch = SitePatch(candidate.site, strategy, config, state, chosen_adapter.layout)
+            site_config = config.for_site(candidate.site)
+            strategy = strategy_class(site_config)
+            patch = SitePatch(candidate.site, strategy, site_config, state, chosen_adapter.layout)
             removables += chosen_adapter.attach(patch, candidate.modules)
             patches.append(patch)
     except BaseException:

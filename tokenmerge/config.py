@@ -250,6 +250,14 @@ class MergeConfig(BaseModel):
         """Why ``ratio_limit`` is what it is, for error messages."""
         return "a ratio must stay below 1"
 
+    def for_site(self, site: Site) -> MergeConfig:
+        """This config with its per-site settings resolved to plain values for ``site``.
+
+        Each site plans with such a view, so the hot path never resolves a mapping (and under
+        ``torch.compile`` sites that resolve to the same values share one graph).
+        """
+        return self.model_copy(update={"ratio": self.ratio_for(site)})
+
     def ratio_for(self, site: Site) -> float:
         """The ratio at ``site`` (0.0 where a ratio mapping selects nothing)."""
         value = resolve_per_site(self.ratio, site)

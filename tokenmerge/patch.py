@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,11 +22,15 @@ from torch.utils.hooks import RemovableHandle
 from .config import MergeConfig
 from .errors import ShortfallWarning
 from .plan import Plan
+from .rng import SiteRandom
 from .site import Site, SiteStats, TokenLayout
 from .state import StepState
 from .strategy import Strategy
 
 __all__ = ["SitePatch"]
+
+#: the SiteStats fields counted in the hot path
+_COUNTERS = ("calls", "plans_computed", "plans_reused", "passed_through")
 
 LayoutFn = Callable[[Site, Tensor], "TokenLayout | None"]
 #: ``(args, kwargs) -> reason`` a target call must be passed through untouched, or None
@@ -35,10 +39,8 @@ Guard = Callable[[tuple, dict], "str | None"]
 
 @dataclass
 class _CachedPlan:
-    key: tuple
+    key: tuple  # (batch, tokens, device, dtype) the plan was made for
     plan: Plan
-    step: int
-    call: int
 
 
 class SitePatch:
@@ -69,27 +71,33 @@ class SitePatch:
         self.state = state
         self.layout = layout
         self.ratio = config.ratio_for(site)
-        self.stats = SiteStats(name=site.name, ratio=self.ratio)
-        self._seed = (config.seed * 1_000_003 + zlib.crc32(site.name.encode())) % (2**63)
+        # values written by the hot path; the counters below are tensors so that under
+        # torch.compile counting is a traced in-place add, not a Python int guard per value
+        self._info = SiteStats(name=site.name, ratio=self.ratio)
+        self._counters = torch.zeros(len(_COUNTERS), dtype=torch.int64)
+        self.seen_this_call = False
+        # one private stream per site, restarted at every generation; copy.deepcopy copies it and
+        # the plan cache, so a copy taken mid-generation goes on exactly as the original would
+        self._random = SiteRandom(config.seed * 1_000_003 + zlib.crc32(site.name.encode()))
         self._cache: _CachedPlan | None = None
-        # copy.deepcopy copies the cache and the generators too, so a copy taken mid-generation
-        # goes on exactly as the original would
-        self._generators: dict[tuple[str, int], torch.Generator] = {}
         self._warned_shortfall = False
         #: what the plan is made from when set (e.g. the block input, as tomesd does); adapters
         #: set it in a pre-hook of the block and clear it after (see ``watch_block_input``)
         self.metric: Tensor | None = None
 
     # ------------------------------------------------------------------ planning
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """The site's private generator on ``device``, reseeded at every generation."""
-        key = (str(device), self.state.generation)
-        generator = self._generators.get(key)
-        if generator is None:
-            self._generators = {}  # older generations are never used again
-            generator = torch.Generator(device=device).manual_seed(self._seed)
-            self._generators[key] = generator
-        return generator
+    @property
+    def stats(self) -> SiteStats:
+        """What happened at this site so far (a snapshot)."""
+        counters = dict(zip(_COUNTERS, self._counters.tolist(), strict=True))
+        return replace(self._info, **counters)
+
+    def begin_call(self, new_generation: bool) -> None:
+        """Called by the root hook, outside compiled code, at the start of every model call."""
+        self.seen_this_call = False
+        if new_generation:
+            self._cache = None
+            self._random.reset()
 
     def _features(self, image_tokens: Tensor) -> tuple[Tensor, int]:
         """Features the strategy plans on, and how many times the plan repeats over the batch."""
@@ -106,20 +114,22 @@ class SitePatch:
 
     def plan_for(self, x: Tensor) -> Plan | None:
         """The plan for ``x (B, N, C)`` at this call: cached if still valid, else a new one;
-        None when the adapter knows no layout for it (the call then passes through)."""
-        state = self.state
-        key = (state.generation, x.shape[0], x.shape[1], x.device, x.dtype)
+        None when the adapter knows no layout for it (the call then passes through).
+
+        The first target of a site at a call decides; later targets of the same call share its
+        plan. Only booleans set by the root hook and the shapes of ``x`` are read here.
+        """
+        first = not self.seen_this_call
+        self.seen_this_call = True
+        key = (x.shape[0], x.shape[1], x.device, x.dtype)
         cached = self._cache
-        if cached is not None and cached.key == key:
-            if cached.call == state.call:
-                return cached.plan  # another target of the same site at the same call
-            if state.step - cached.step < self.config.cache_interval:
-                cached.call = state.call
-                self._count_call(cached.plan, x.shape[1], reused=True)
-                return cached.plan
+        if cached is not None and cached.key == key and not (first and self.state.replan):
+            if first:
+                self._count(cached.plan, x.shape[1], "plans_reused")
+            return cached.plan
         plan = self.make_plan(x)
         if plan is not None:
-            self._cache = _CachedPlan(key, plan, state.step, state.call)
+            self._cache = _CachedPlan(key, plan)
         return plan
 
     def make_plan(self, x: Tensor) -> Plan | None:
@@ -142,21 +152,19 @@ class SitePatch:
                 else None
             )
             plan = Plan.identity(x.shape[1], x.device)
-            self._count_call(plan, x.shape[1], reused=False, skipped=reason)
+            self._count(plan, x.shape[1], "plans_computed", skipped=reason)
             return plan
         wanted = int(self.ratio * n)
         num_merge = min(wanted, self.strategy.capacity(layout, self.site))
         metric = self.metric if self._metric_fits(x) else x
         features, repeats = self._features(metric[:, prefix:])
         with torch.no_grad():
-            plan = self.strategy.make_plan(
-                features, layout, self.site, num_merge, self._generator(x.device)
-            )
+            plan = self.strategy.make_plan(features, layout, self.site, num_merge, self._random)
         plan = plan.with_prefix(prefix)
         if plan.batch not in (1, x.shape[0]):
             plan = plan.repeat(repeats)
-        self._count_call(plan, x.shape[1], reused=False)
-        self.stats.shortfall = wanted - num_merge
+        self._count(plan, x.shape[1], "plans_computed")
+        self._info.shortfall = wanted - num_merge
         if num_merge < wanted and not self._warned_shortfall:
             self._warned_shortfall = True
             warnings.warn(
@@ -174,22 +182,17 @@ class SitePatch:
 
     def count_pass_through(self, reason: str) -> None:
         """Record a call left unmerged because the plan cannot handle it."""
-        self.stats.passed_through += 1
-        self.stats.pass_reason = reason
+        self._counters[_COUNTERS.index("passed_through")] += 1
+        self._info.pass_reason = reason
 
-    def _count_call(
-        self, plan: Plan, tokens: int, *, reused: bool, skipped: str | None = None
-    ) -> None:
-        stats = self.stats
-        stats.calls += 1
-        stats.tokens_in = tokens
-        stats.tokens_out = plan.num_out
-        if reused:
-            stats.plans_reused += 1
-        else:
-            stats.plans_computed += 1
-            stats.skipped = skipped
-            stats.shortfall = 0
+    def _count(self, plan: Plan, tokens: int, counter: str, skipped: str | None = None) -> None:
+        self._counters[_COUNTERS.index("calls")] += 1
+        self._counters[_COUNTERS.index(counter)] += 1
+        self._info.tokens_in = tokens
+        self._info.tokens_out = plan.num_out
+        if counter == "plans_computed":
+            self._info.skipped = skipped
+            self._info.shortfall = 0
 
     # ------------------------------------------------------------------ hooks
     def watch_block_input(self, block: nn.Module) -> list[RemovableHandle]:
@@ -197,7 +200,7 @@ class SitePatch:
         watcher = _BlockInput(self)
         return [
             block.register_forward_pre_hook(watcher.before, with_kwargs=True),
-            block.register_forward_hook(watcher.after, with_kwargs=True, always_call=True),
+            block.register_forward_hook(watcher.after, with_kwargs=True),
         ]
 
     def attach_local(
@@ -214,7 +217,7 @@ class SitePatch:
         hook = _LocalHook(self, arg_name, guard)
         return [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
-            module.register_forward_hook(hook.after, with_kwargs=True, always_call=True),
+            module.register_forward_hook(hook.after, with_kwargs=True),
         ]
 
 
@@ -263,6 +266,8 @@ class _LocalHook:
             self.patch.count_pass_through(
                 reason or f"no token grid known for {x.shape[1]} tokens at this call"
             )
+        # one slot: a forward that raised left its plan here, and this call replaces it
+        self.plans.clear()
         self.plans.append(plan)
         if plan is None or plan.is_identity:
             return None
@@ -275,7 +280,7 @@ class _LocalHook:
         if not self.plans:  # the pre-hook raised before planning
             return None
         plan = self.plans.pop()
-        if plan is None or plan.is_identity or output is None:  # None output: forward raised
+        if plan is None or plan.is_identity:
             return None
         if isinstance(output, Tensor):
             return plan.unmerge(output)

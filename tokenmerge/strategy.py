@@ -6,12 +6,12 @@ import re
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
-import torch
 from torch import Tensor
 
 from .config import MergeConfig
 from .errors import ConfigError, PluginError
 from .plan import Plan
+from .rng import SiteRandom
 from .site import Site, TokenLayout
 
 __all__ = ["Strategy", "pick_top"]
@@ -36,11 +36,12 @@ class Strategy(ABC):
 
     Example:
         >>> import torch, tokenmerge
+        >>> from tokenmerge.rng import SiteRandom
         >>> from tokenmerge.site import Site, TokenLayout
         >>> strategy = tokenmerge.get_strategy("retom")
         >>> features = torch.nn.functional.normalize(torch.randn(2, 16, 8), dim=-1)
         >>> plan = strategy.make_plan(features, TokenLayout((4, 4)), Site("blk", stage="down"), 8,
-        ...                           torch.Generator().manual_seed(0))
+        ...                           SiteRandom(seed=0))
         >>> plan.num_out
         8
     """
@@ -92,7 +93,7 @@ class Strategy(ABC):
         layout: TokenLayout,
         site: Site,
         num_merge: int,
-        generator: torch.Generator,
+        rng: SiteRandom,
     ) -> Plan:
         """Plan the merge of ``num_merge`` image tokens.
 
@@ -102,7 +103,7 @@ class Strategy(ABC):
             layout: the grid of the image tokens.
             site: where the plan is used (stage, level, name: for per-site settings).
             num_merge: tokens to merge, already capped at ``capacity``.
-            generator: the site's private random generator, on the features' device.
+            rng: the site's private random stream (never the global RNG).
 
         Returns:
             A plan over the ``n`` image tokens (the framework adds protected prefix tokens).
