@@ -95,6 +95,7 @@ class SitePatch:
     def begin_call(self, new_generation: bool) -> None:
         """Called by the root hook, outside compiled code, at the start of every model call."""
         self.seen_this_call = False
+        self.metric = None  # a forward that raised mid-block left its input here
         if new_generation:
             self._cache = None
             self._random.reset()
@@ -196,7 +197,12 @@ class SitePatch:
 
     # ------------------------------------------------------------------ hooks
     def watch_block_input(self, block: nn.Module) -> list[RemovableHandle]:
-        """Plan on ``block``'s input (its first argument) instead of each target's own input."""
+        """Plan on ``block``'s input (its first argument) instead of each target's own input.
+
+        The reference is dropped when the block returns; if its forward raises, at the patch's
+        next call or ``new_generation()`` (no ``always_call`` hook: under ``torch.compile`` it
+        would give every block its own graph).
+        """
         watcher = _BlockInput(self)
         return [
             block.register_forward_pre_hook(watcher.before, with_kwargs=True),

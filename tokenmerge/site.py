@@ -61,8 +61,8 @@ class Site:
     Attributes:
         name: the dotted module name of the block in the model (what include / exclude globs and
             ratio mappings match).
-        targets: names (relative to the block) of the sub-modules merged around, e.g.
-            ``("attn1",)`` or ``("attn1", "ff")``.
+        targets: the kinds of sub-module merged around (``"attn"``, ``"cross_attn"``,
+            ``"mlp"``), as the adapter lists them, once the config's choice is applied.
         stage: ``"down"``, ``"mid"`` or ``"up"`` in a UNet; None where the model has no stages.
         level: the downsample factor of the site's grid relative to the model input (1, 2, 4...);
             None where every site shares one grid.
