@@ -58,16 +58,16 @@ def _check_signatures() -> None:
     """Fail loudly when a diffusers release changed a call this adapter relies on."""
     diffusers, block, attention, transformer, unet = _diffusers()
     expected = {
-        unet.forward: ("sample", "timestep"),
-        transformer.forward: ("hidden_states",),
-        block.forward: ("hidden_states",),
-        attention.forward: ("hidden_states", "encoder_hidden_states", "attention_mask"),
+        unet: ("sample", "timestep"),
+        transformer: ("hidden_states",),
+        block: ("hidden_states",),
+        attention: ("hidden_states", "encoder_hidden_states", "attention_mask"),
     }
-    for function, names in expected.items():
-        params = [p for p in inspect.signature(function).parameters if p != "self"]
+    for cls, names in expected.items():
+        params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
         if tuple(params[: len(names)]) != names:
             raise UnsupportedModelError(
-                f"diffusers {diffusers.__version__} changed {function.__qualname__}: its "
+                f"diffusers {diffusers.__version__} changed {cls.__name__}.forward: its "
                 f"arguments start with {params[: len(names)]}, tokenmerge's UNet adapter expects "
                 f"{list(names)}. Install a diffusers version tokenmerge supports "
                 "(pip install 'tokenmerge[diffusers]') or report this."

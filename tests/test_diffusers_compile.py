@@ -14,12 +14,10 @@ import copy
 import pytest
 import torch
 import torch._dynamo as dynamo
+from diffusers import UNet2DConditionModel  # noqa: E402
 from torch._dynamo.testing import CompileCounter
 
 import tokenmerge
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import UNet2DConditionModel  # noqa: E402
 
 STRATEGIES = ["tome", "retom", "random"]
 TIMESTEPS = torch.linspace(999, 0, 10).round()

@@ -15,16 +15,14 @@ import math
 import warnings
 from collections import defaultdict
 
+import diffusers  # noqa: E402  (a test dependency: fail, never skip, when missing)
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-pytest.importorskip("diffusers")
-
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
+from torch import nn
 
 import tokenmerge  # noqa: E402
 from tokenmerge import AlreadyAppliedError, NoSitesError, ShortfallWarning  # noqa: E402
@@ -582,7 +580,8 @@ def test_apply_twice_is_an_error() -> None:
 def test_tome_configured_like_tomesd_reproduces_tomesd(
     latent: tuple[int, int], seeds: tuple[int, ...], ratios: tuple[float, ...]
 ) -> None:
-    tomesd = pytest.importorskip("tomesd")
+    import tomesd
+
     unet = make_unet()  # attention at level 1 and in the mid block (level 2): level 1 merges
     theirs = copy.deepcopy(unet)
     n = latent[0] * latent[1]
@@ -611,7 +610,8 @@ def test_tomesd_parity_for_cfg_halves_run_as_separate_calls() -> None:
     """Pipelines that run the two CFG halves as two UNet calls at one timestep: tomesd plans
     each call on its own input, and so must ``tome`` configured like it (``cache_interval`` 1,
     ``share_cfg_plan`` off: "every sample plans on itself")."""
-    tomesd = pytest.importorskip("tomesd")
+    import tomesd
+
     unet = flat_unet()
     theirs = copy.deepcopy(unet)
     tomesd.apply_patch(theirs, ratio=0.5, max_downsample=1, sx=2, sy=2, use_rand=False)
@@ -1070,7 +1070,7 @@ def test_apply_remove_cycles_and_forwards_leave_memory_flat() -> None:
 def make_pipeline():
     """A StableDiffusionPipeline from tiny random components. No tokenizer files can be
     downloaded: the prompts are given as embeddings and the tokenizer is None."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(0)
@@ -1162,3 +1162,92 @@ def test_pipeline_level_apply_patches_only_the_unet() -> None:
     assert tokenmerge.remove(pipe) is False
     assert_restored(pipe.unet, before)
     assert torch.equal(generate(), expected)
+
+
+def test_sdxl_pipeline_merges_at_level_2_and_reuses_plans_across_steps() -> None:
+    """A StableDiffusionXLPipeline from a tiny random SDXL-layout UNet. No tokenizer or text
+    encoder files can be downloaded: prompts, pooled and negative embeddings are passed in."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    unet = sdxl_unet(sample_size=32)
+    pipe = StableDiffusionXLPipeline(
+        vae=None,
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+    )
+    generator = torch.Generator().manual_seed(0)
+
+    def embeds(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    arguments = dict(
+        prompt_embeds=embeds(1, TEXT_TOKENS, CROSS_DIM),
+        pooled_prompt_embeds=embeds(1, TEXT_EMBED_DIM),
+        negative_prompt_embeds=embeds(1, TEXT_TOKENS, CROSS_DIM),
+        negative_pooled_prompt_embeds=embeds(1, TEXT_EMBED_DIM),
+        latents=embeds(1, 4, 32, 32),
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        output_type="latent",
+    )
+
+    def generate() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(**arguments).images
+
+    expected = generate()
+    before = snapshot(unet)
+    handle = tokenmerge.apply(pipe, "retom", ratio=0.5, cache_interval=2, min_tokens=1)
+    assert handle.model is unet
+    assert {site.level for site in handle.sites} == {2}  # SDXL: no attention at level 1
+    assert {site.name.split(".attentions")[0] for site in handle.sites} == {
+        "down_blocks.1",
+        "up_blocks.1",
+    }
+    with TokenCounter(unet) as counter:
+        images = generate()
+    assert images.shape == expected.shape and not torch.equal(images, expected)
+    for name, stats in handle.stats().items():
+        assert (stats.tokens_in, stats.tokens_out) == (256, 128)  # 16 x 16 grid at level 2
+        assert (stats.plans_computed, stats.plans_reused) == (2, 2)  # steps 0 and 2 plan
+        assert counter.seen[f"{name}.attn1"] == [128] * 4
+    assert tokenmerge.remove(pipe) is True
+    assert_restored(unet, before)
+    assert torch.equal(generate(), expected)
+
+
+def test_changed_diffusers_signature_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forward(self, x, mask=None):  # not (hidden_states, ...) any more
+        return x
+
+    monkeypatch.setattr(BasicTransformerBlock, "forward", forward)
+    with pytest.raises(tokenmerge.UnsupportedModelError) as error:
+        tokenmerge.apply(flat_unet(), "retom")
+    message = str(error.value)
+    assert f"diffusers {diffusers.__version__}" in message and "BasicTransformerBlock" in message
+
+
+def test_video_unet_is_not_taken_for_an_image_unet() -> None:
+    """Temporal attention is never treated as a spatial grid: a video UNet is refused clearly
+    rather than merged along time."""
+    from diffusers import UNet3DConditionModel
+
+    video = UNet3DConditionModel(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    with pytest.raises(tokenmerge.UnsupportedModelError, match="no adapter supports"):
+        tokenmerge.apply(video, "retom")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in video.modules())
