@@ -23,7 +23,7 @@ def tokenmerge_register_adapters(register):
         AdapterSpec(
             name="diffusers_unet",
             target="tokenmerge.adapters.diffusers_unet:DiffusersUNetAdapter",
-            requires={"diffusers": "0.30"},
+            requires={"diffusers": "0.42"},
             extra="diffusers",
             claims=("diffusers.",),
             description="diffusers UNet2DConditionModel (SD 1.x / 2.x / XL) and its pipelines",
