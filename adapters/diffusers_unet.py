@@ -27,7 +27,7 @@ made at earlier steps, with earlier plans).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -107,8 +107,10 @@ class _GridReader:
     """Pre-hook of a ``Transformer2DModel``: remembers the grid of its input for its sites, and
     serves as their layout (one object per transformer, so no look-up by name in the hot path)."""
 
-    def __init__(self) -> None:
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
         self.grid: tuple[int, int] | None = None
+        self.attached = False  # its pre-hook is installed (once, by the transformer's first site)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states")
@@ -146,10 +148,8 @@ class DiffusersUNetAdapter(Adapter):
 
     def __init__(self) -> None:
         _check_signatures()
-        self._grids: dict[str, _GridReader] = {}  # Transformer2DModel name -> its grid reader
-        self._owner: dict[str, str] = {}  # site name -> Transformer2DModel name
-        self._transformers: dict[str, nn.Module] = {}
-        self._blocks: dict[str, nn.Module] = {}
+        self._readers: dict[str, _GridReader] = {}  # site name -> its transformer's grid reader
+        self._blocks: dict[str, nn.Module] = {}  # site name -> its BasicTransformerBlock
 
     @classmethod
     def supports(cls, model: Any) -> bool:
@@ -169,6 +169,7 @@ class DiffusersUNetAdapter(Adapter):
             if not isinstance(module, transformer_cls) or top not in _STAGES:
                 continue
             prefix = ".".join(name.split(".")[:2]) if top != "mid_block" else "mid_block"
+            reader = _GridReader(module)
             for index, block in enumerate(module.transformer_blocks):
                 if not isinstance(block, block_cls):
                     continue
@@ -182,9 +183,8 @@ class DiffusersUNetAdapter(Adapter):
                     level=levels[prefix],
                     block_index=len(found),
                 )
-                self._owner[site_name] = name
+                self._readers[site_name] = reader
                 self._blocks[site_name] = block
-                self._transformers[name] = module
                 found.append(SiteCandidate(site, modules))
         return found
 
@@ -212,8 +212,10 @@ class DiffusersUNetAdapter(Adapter):
         return [c for c in candidates if c.site.level == finest]
 
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
-        reader = self._grids.get(self._owner[site.name])
-        return reader.layout(site, hidden_states) if reader is not None else None
+        return self._readers[site.name].layout(site, hidden_states)
+
+    def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
+        return self._readers[site.name].layout
 
     def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         if "timestep" in kwargs:
@@ -222,12 +224,10 @@ class DiffusersUNetAdapter(Adapter):
 
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         handles = []
-        owner = self._owner[patch.site.name]
-        if owner not in self._grids:  # one grid reader per Transformer2DModel
-            reader = self._grids[owner] = _GridReader()
-            transformer = self._transformers[owner]
-            handles.append(transformer.register_forward_pre_hook(reader, with_kwargs=True))
-        patch.layout = self._grids[owner].layout
+        reader = self._readers[patch.site.name]
+        if not reader.attached:
+            reader.attached = True
+            handles.append(reader.transformer.register_forward_pre_hook(reader, with_kwargs=True))
         block = self._blocks[patch.site.name]
         handles += patch.watch_block_input(block)
         for kind, module in modules.items():
@@ -235,4 +235,6 @@ class DiffusersUNetAdapter(Adapter):
         return handles
 
     def detach(self, root: nn.Module) -> None:
-        self._grids.clear()
+        for reader in self._readers.values():
+            reader.attached = False
+            reader.grid = None

@@ -9,7 +9,7 @@ in the adapter; strategies stay pure tensor code.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -75,6 +75,11 @@ class Adapter(ABC):
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
         """How the tokens reaching ``site`` in this call are laid out (None: unknown, and the
         call passes through unmerged)."""
+
+    def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
+        """The layout callable ``site`` calls on every plan (default: ``layout``). Override it
+        to hand each site an object of its own, so the hot path does no look-up by site name."""
+        return self.layout
 
     def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         """The timestep of a root forward call, or None (each call is then a new generation)."""

@@ -313,7 +313,8 @@ def apply(
         for candidate in selected:
             site_config = config.for_site(candidate.site)
             strategy = strategy_class(site_config)
-            patch = SitePatch(candidate.site, strategy, site_config, state, chosen_adapter.layout)
+            layout = chosen_adapter.layout_for(candidate.site)
+            patch = SitePatch(candidate.site, strategy, site_config, state, layout)
             removables += chosen_adapter.attach(patch, candidate.modules)
             patches.append(patch)
     except BaseException:

@@ -29,8 +29,9 @@ from .strategy import Strategy
 
 __all__ = ["SitePatch"]
 
-#: the SiteStats fields counted in the hot path
+#: the SiteStats fields counted in the hot path, and their places in ``SitePatch._counters``
 _COUNTERS = ("calls", "plans_computed", "plans_reused", "passed_through")
+_CALLS, _COMPUTED, _REUSED, _PASSED = range(len(_COUNTERS))
 
 LayoutFn = Callable[[Site, Tensor], "TokenLayout | None"]
 #: ``(args, kwargs) -> reason`` a target call must be passed through untouched, or None
@@ -126,7 +127,7 @@ class SitePatch:
         cached = self._cache
         if cached is not None and cached.key == key and not (first and self.state.replan):
             if first:
-                self._count(cached.plan, x.shape[1], "plans_reused")
+                self._count(cached.plan, x.shape[1], _REUSED)
             return cached.plan
         plan = self.make_plan(x)
         if plan is not None:
@@ -153,7 +154,7 @@ class SitePatch:
                 else None
             )
             plan = Plan.identity(x.shape[1], x.device)
-            self._count(plan, x.shape[1], "plans_computed", skipped=reason)
+            self._count(plan, x.shape[1], _COMPUTED, skipped=reason)
             return plan
         wanted = int(self.ratio * n)
         num_merge = min(wanted, self.strategy.capacity(layout, self.site))
@@ -164,7 +165,7 @@ class SitePatch:
         plan = plan.with_prefix(prefix)
         if plan.batch not in (1, x.shape[0]):
             plan = plan.repeat(repeats)
-        self._count(plan, x.shape[1], "plans_computed")
+        self._count(plan, x.shape[1], _COMPUTED)
         self._info.shortfall = wanted - num_merge
         if num_merge < wanted and not self._warned_shortfall:
             self._warned_shortfall = True
@@ -183,15 +184,15 @@ class SitePatch:
 
     def count_pass_through(self, reason: str) -> None:
         """Record a call left unmerged because the plan cannot handle it."""
-        self._counters[_COUNTERS.index("passed_through")] += 1
+        self._counters[_PASSED] += 1
         self._info.pass_reason = reason
 
-    def _count(self, plan: Plan, tokens: int, counter: str, skipped: str | None = None) -> None:
-        self._counters[_COUNTERS.index("calls")] += 1
-        self._counters[_COUNTERS.index(counter)] += 1
+    def _count(self, plan: Plan, tokens: int, counter: int, skipped: str | None = None) -> None:
+        self._counters[_CALLS] += 1
+        self._counters[counter] += 1
         self._info.tokens_in = tokens
         self._info.tokens_out = plan.num_out
-        if counter == "plans_computed":
+        if counter == _COMPUTED:
             self._info.skipped = skipped
             self._info.shortfall = 0
 
