@@ -14,8 +14,8 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from toy_models import Attention
 
 import tokenmerge
 from tokenmerge import (
@@ -38,20 +38,6 @@ N = GRID[0] * GRID[1]
 
 
 # ---------------------------------------------------------------------------- the test model
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -140,6 +126,13 @@ def patch(
     )
 
 
+def baseline(model: nn.Module, x: torch.Tensor) -> tuple[dict, list[str], torch.Tensor]:
+    """What a removal must restore: the modules' snapshot, the state_dict keys, the output."""
+    before = snapshot(model)
+    with torch.no_grad():
+        return before, list(model.state_dict()), model(x)
+
+
 def snapshot(model: nn.Module) -> dict[str, tuple]:
     """Class, attribute names and the content of every hook dict, of every module."""
     result = {}
@@ -209,10 +202,7 @@ def test_output_shape_unchanged_and_tokens_merged(strategy: str) -> None:
 def test_remove_restores_exactly_and_is_idempotent(strategy: str) -> None:
     model = make_model()
     x = make_input()
-    before = snapshot(model)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(x)
+    before, keys, expected = baseline(model, x)
     handle = patch(model, strategy, ratio=0.5)
     assert hook_count(model) > 0
     assert vars(model)["_tokenmerge_handle"] is handle
@@ -231,10 +221,7 @@ def test_remove_restores_exactly_and_is_idempotent(strategy: str) -> None:
 def test_module_level_remove_returns_true_then_false(strategy: str) -> None:
     model = make_model()
     x = make_input()
-    before = snapshot(model)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(x)
+    before, keys, expected = baseline(model, x)
     handle = patch(model, strategy)
     with torch.no_grad():
         model(x)
@@ -250,10 +237,7 @@ def test_module_level_remove_returns_true_then_false(strategy: str) -> None:
 def test_context_manager_removes_on_exit(strategy: str) -> None:
     model = make_model()
     x = make_input()
-    before = snapshot(model)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(x)
+    before, keys, expected = baseline(model, x)
     with patch(model, strategy) as handle:
         assert isinstance(handle, tokenmerge.Handle)
         with torch.no_grad():
@@ -266,10 +250,7 @@ def test_context_manager_removes_on_exit(strategy: str) -> None:
 def test_context_manager_removes_when_body_raises(strategy: str) -> None:
     model = make_model()
     x = make_input()
-    before = snapshot(model)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(x)
+    before, keys, expected = baseline(model, x)
     with pytest.raises(RuntimeError, match="boom"):
         with patch(model, strategy):
             with torch.no_grad():
@@ -447,10 +428,7 @@ def test_second_apply_raises_and_works_after_remove(strategy: str) -> None:
 def test_deepcopy_gives_independent_patch(strategy: str) -> None:
     model = make_model()
     x = make_input()
-    before = snapshot(model)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(x)
+    before, keys, expected = baseline(model, x)
     handle = patch(model, strategy)
     with torch.no_grad():
         y = model(x)
@@ -482,10 +460,7 @@ def test_deepcopy_gives_independent_patch(strategy: str) -> None:
 def test_removing_original_leaves_deepcopy_patched(strategy: str) -> None:
     model = make_model()
     x = make_input()
-    before = snapshot(model)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(x)
+    before, keys, expected = baseline(model, x)
     handle = patch(model, strategy)
     with torch.no_grad():
         y = model(x)
