@@ -18,15 +18,24 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# the README's main job: SD 1.5 at 512 px, no merging vs retom / tome / random (and tomesd)
+BENCH_OUT ?= bench-results
 bench: $(STAMP)
-	$(PY) -m tokenmerge.microbench $(ARGS)
+	mkdir -p $(BENCH_OUT)
+	$(VENV)/bin/tokenmerge bench --json $(BENCH_OUT)/results.json \
+		--plot $(BENCH_OUT)/speedup_vs_block_error.png $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
+
+.PHONY: hotpaths
+# pytest-benchmark timings of planning, merge, unmerge and one attention site (benchmarks/)
+hotpaths: $(STAMP)
+	$(VENV)/bin/pytest benchmarks --benchmark-enable $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .venv-wheel .venv-min build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) bench-results .venv-wheel .venv-min build dist *.egg-info .pytest_cache .hypothesis

@@ -36,7 +36,10 @@ class RandomConfig(CellConfig):
 
 
 class RandomStrategy(Strategy):
-    """Content-blind random merging; see the module docstring."""
+    """Random: content-blind merging, the cheapest plan and the floor for quality.
+
+    Details in the module docstring.
+    """
 
     name = "random"
     config_class = RandomConfig

@@ -148,7 +148,10 @@ def representatives(features: Tensor, windows: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class ReToMStrategy(Strategy):
-    """Local representative token guided merging; see the module docstring."""
+    """ReToM: windows merge into their most representative token; plans cached across steps.
+
+    Details in the module docstring.
+    """
 
     name = "retom"
     config_class = ReToMConfig

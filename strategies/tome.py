@@ -64,7 +64,10 @@ class ToMeConfig(CellConfig):
 
 
 class ToMeStrategy(Strategy):
-    """Bipartite soft matching; see the module docstring."""
+    """ToMe: bipartite soft matching, on tomesd's 2-D cells or ToMe's alternating partition.
+
+    Details in the module docstring.
+    """
 
     name = "tome"
     config_class = ToMeConfig

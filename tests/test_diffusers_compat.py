@@ -77,13 +77,7 @@ CLIP_DIM = 24  # the image encoder's embedding size the IP-Adapter projection ex
 # ---------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny tensors: one thread is as fast, and far faster when other work shares the CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_unet(dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:

@@ -37,14 +37,7 @@ CROSS = "CrossAttnDownBlock2D"
 CROSS_UP = "CrossAttnUpBlock2D"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine thread
-    pools of two processes spinning against each other made every op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------- tiny models

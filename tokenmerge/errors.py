@@ -56,6 +56,14 @@ class PluginError(TokenMergeError):
     """A plugin could not be registered."""
 
 
+class ModelLoadError(TokenMergeError, ValueError):
+    """A local checkpoint folder could not be loaded (missing, unrecognised, corrupt...)."""
+
+
+class OutputPathError(TokenMergeError, ValueError):
+    """A file the command was asked to write cannot be written there."""
+
+
 class ShortfallWarning(TokenMergeWarning):
     """A site could merge fewer tokens than the ratio asked for."""
 

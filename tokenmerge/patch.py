@@ -93,6 +93,12 @@ class SitePatch:
         counters = dict(zip(_COUNTERS, self._counters.tolist(), strict=True))
         return replace(self._info, **counters)
 
+    @property
+    def last_plan(self) -> Plan | None:
+        """The plan this site used at its latest merged call (None before one, and after
+        ``new_generation``): what ``tokenmerge visualize`` draws."""
+        return None if self._cache is None else self._cache.plan
+
     def begin_call(self, new_generation: bool) -> None:
         """Called by the root hook, outside compiled code, at the start of every model call."""
         self.seen_this_call = False

@@ -1,8 +1,9 @@
-"""The bundled photograph, as an image and as patch tokens, for benchmarks and fidelity checks.
+"""The bundled photographs, as images and as patch tokens, for benchmarks and fidelity checks.
 
-``astronaut_256.pt`` is scikit-image's ``astronaut`` (Eileen Collins, a NASA photograph in the
-public domain) resized to 256 x 256, stored as a ``uint8`` tensor ``(3, 256, 256)`` so the core
-needs no image library to read it.
+Three of scikit-image's sample photographs, centre-cropped to squares and resized to 256 x 256,
+stored as ``uint8`` tensors ``(3, 256, 256)`` so the core needs no image library to read them:
+``astronaut`` (Eileen Collins, a NASA photograph in the public domain), ``coffee`` (CC0, Rachel
+Michetti) and ``chelsea`` (a cat; CC0, Stefan van der Walt).
 """
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ from importlib import resources
 import torch
 from torch import Tensor
 
-__all__ = ["load_photo", "patch_tokens", "tokens_to_image"]
+__all__ = ["PHOTOS", "load_photo", "patch_tokens", "tokens_to_image"]
+
+#: names of the bundled photographs, in the order benchmarks use them
+PHOTOS = ("astronaut", "coffee", "chelsea")
 
 
-def load_photo() -> Tensor:
-    """The bundled photograph: ``uint8 (3, 256, 256)``.
+def load_photo(name: str = "astronaut") -> Tensor:
+    """A bundled photograph (one of ``PHOTOS``): ``uint8 (3, 256, 256)``.
 
     Example:
-        >>> load_photo().shape
-        torch.Size([3, 256, 256])
+        >>> load_photo().shape, load_photo("coffee").dtype
+        (torch.Size([3, 256, 256]), torch.uint8)
     """
-    with resources.files("tokenmerge").joinpath("data/astronaut_256.pt").open("rb") as handle:
+    if name not in PHOTOS:
+        raise ValueError(f"unknown photograph {name!r}; the bundled ones are {', '.join(PHOTOS)}")
+    with resources.files("tokenmerge").joinpath(f"data/{name}_256.pt").open("rb") as handle:
         return torch.load(handle, weights_only=True)
 
 

@@ -1,0 +1,224 @@
+"""The ``tokenmerge`` command end to end on tiny presets: exit codes, outputs, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenmerge.cli import main
+
+TINY = ["--model", "tiny-unet", "--rounds", "1", "--timesteps", "500", "--trajectory-steps", "2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _error_line(capsys, library_progress: bool = False) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    if library_progress:  # transformers draws its own loading bars on stderr
+        lines = [line for line in lines if "it/s]" not in line]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("tokenmerge: error: ")
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------- help, list
+@pytest.mark.parametrize("command", [[], ["list"], ["bench"], ["visualize"]])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: tokenmerge" in capsys.readouterr().out
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_list_names_strategies_adapters_plugins_and_presets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("strategies:", "retom", "tome", "random", "adapters:", "diffusers_unet",
+                     "[extra: diffusers]", "plugins:", "tokenmerge.strategies", "from tokenmerge",
+                     "presets", "sd15", "sdxl", "tiny-unet"):  # fmt: skip
+        assert expected in out
+
+
+def test_list_json(capsys):
+    assert main(["list", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {s["name"] for s in listing["strategies"]} >= {"retom", "tome", "random"}
+    unet = next(a for a in listing["adapters"] if a["name"] == "diffusers_unet")
+    assert unet == {**unet, "available": True, "extra": "diffusers", "status": "available"}
+    plugin = next(p for p in listing["plugins"] if p["name"] == "tokenmerge.strategies")
+    assert plugin["distribution"] == "tokenmerge" and plugin["version"]
+    assert "retom" in plugin["strategies"]
+    assert [p["name"] for p in listing["presets"]] == ["sd15", "sd21", "sdxl", "tiny-unet"]
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("tokenmerge")
+    assert script.exists(), "pip install -e . should have created the tokenmerge command"
+    done = subprocess.run([str(script), "list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "retom" in done.stdout
+
+
+# ---------------------------------------------------------------------------------- bench
+ROW_FIELDS = {
+    "label": str,
+    "kind": str,
+    "strategy": str,
+    "ratio": float,
+    "seconds": float,
+    "speedup": float,
+    "seconds_samples": list,
+    "overhead_ms": (dict, type(None)),
+    "overhead_percent": (float, type(None)),
+    "peak_memory_mb": (float, type(None)),
+    "block_error": (float, type(None)),
+    "output_error": (float, type(None)),
+    "trajectory_error": (float, type(None)),
+    "merged_blocks": int,
+    "tokens": str,
+}
+
+
+def _check_schema(data: dict) -> None:
+    assert set(data) == {
+        "tokenmerge_version", "model", "machine", "settings", "rows", "run_seconds",
+    }  # fmt: skip
+    assert {"name", "description", "source", "notes", "attention", "class", "input"} <= set(
+        data["model"]
+    )
+    assert {"device", "torch", "threads", "platform"} <= set(data["machine"])
+    assert data["run_seconds"] > 0
+    for row in data["rows"]:
+        assert set(row) == set(ROW_FIELDS), row
+        for name, kind in ROW_FIELDS.items():
+            assert isinstance(row[name], kind), (name, row[name])
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main(
+        ["bench", *TINY, "--strategies", "retom", "tome", "--ratios", "0", "0.5",
+         "--peer", "tomesd", "--json", str(out / "r.json"), "--plot", str(out / "p.png"),
+         "--no-progress"]
+    )  # fmt: skip
+    return code, out
+
+
+def test_bench_writes_table_json_and_plot(bench_run, capsys):
+    code, out = bench_run
+    assert code == 0
+    data = json.loads((out / "r.json").read_text())
+    _check_schema(data)
+    assert [row["label"] for row in data["rows"]] == [
+        "none", "retom 0", "retom 0.5", "tome 0", "tome 0.5", "tomesd 0", "tomesd 0.5",
+    ]  # fmt: skip
+    assert (out / "p.png").read_bytes()[:8] == PNG_MAGIC
+    assert "similarity-based" in data["model"]["attention"]
+
+
+def test_bench_figures_are_consistent(bench_run):
+    _, out = bench_run
+    rows = {row["label"]: row for row in json.loads((out / "r.json").read_text())["rows"]}
+    assert rows["none"]["speedup"] == 1.0 and rows["none"]["block_error"] is None
+    for label in ("retom 0", "tome 0", "tomesd 0"):  # ratio 0 is exact: errors are zero
+        assert rows[label]["output_error"] == 0.0
+        assert rows[label]["trajectory_error"] == 0.0
+        assert rows[label]["block_error"] is None  # no block merged
+        assert rows[label]["merged_blocks"] == 0
+    for label in ("retom 0.5", "tome 0.5", "tomesd 0.5"):
+        row = rows[label]
+        assert row["block_error"] > 0 and row["output_error"] > 0
+        assert row["trajectory_error"] > 0
+        assert row["merged_blocks"] == 3  # tiny-unet's full-resolution blocks
+        assert row["tokens"] == "256->128"
+        assert row["overhead_ms"]["plan"] > 0 and row["overhead_ms"]["merge"] > 0
+        assert len(row["seconds_samples"]) == 1
+    assert rows["retom 0.5"]["peak_memory_mb"] > 0
+
+
+def test_bench_prints_the_table_and_what_weights_were_used(tmp_path, capsys):
+    code = main(["bench", *TINY, "--strategies", "random", "--peer", "none", "--no-plot",
+                 "--no-progress", "--attention", "as-loaded"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "random 0.5" in out and "speedup" in out and "run time:" in out
+    assert "attention weights: the model's own weights" in out
+    assert "tomesd" not in out
+
+
+def test_bench_config_overrides(capsys):
+    code = main(["bench", *TINY, "--strategies", "retom", "--peer", "none", "--no-plot",
+                 "--no-progress", "--set", "cache_interval=1",
+                 "--set", "window_size=4"])  # fmt: skip
+    assert code == 0
+
+
+def test_bench_a_saved_checkpoint(tmp_path, capsys):
+    from tokenmerge.bench.presets import get_preset
+
+    get_preset("tiny-unet").build().save_pretrained(tmp_path / "unet")
+    code = main(["bench", *TINY[2:], "--model", str(tmp_path / "unet"), "--strategies", "retom",
+                 "--peer", "none", "--no-plot", "--no-progress"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "local checkpoint" in out and "the model's own weights" in out
+
+
+# ---------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--strategies", "retomm"], "unknown strategy 'retomm'"),
+        (["--ratios", "1.5"], "out of range"),
+        (["--ratios", "half"], "not a number"),
+        (["--model", "sd16"], "unknown preset 'sd16'"),
+        (["--model", "/no/such/folder"], "no such file or folder"),
+        (["--set", "cache_intervall=2"], "did you mean 'cache_interval'"),
+        (["--set", "novalue"], "is not KEY=VALUE"),
+        (["--rounds", "0"], "must be at least 1"),
+        (["--json", "/no-such-dir/r.json"], "does not exist"),
+        (["--photos", "moon"], "invalid choice"),
+        (["--peer", "tomesdd"], "invalid choice"),
+    ],
+)
+def test_bench_bad_arguments_give_one_line(arguments, expected, capsys):
+    assert main(["bench", *TINY, "--no-progress", *arguments]) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_bench_folder_without_a_model(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", "--model", str(tmp_path / "empty"), "--no-progress"]) == 2
+    line = _error_line(capsys)
+    assert "holds no loadable model" in line and str(tmp_path / "empty") in line
+
+
+def test_bench_model_the_bench_cannot_feed_yet(tmp_path, capsys):
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(
+        tmp_path / "vit"
+    )  # fmt: skip
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tmp_path / "vit"), "--no-progress", "--no-plot"]) == 2
+    assert "cannot run a ViTModel yet" in _error_line(capsys, library_progress=True)
+
+
+def test_bench_unwritable_plot_fails_before_running(tmp_path, capsys):
+    assert main(["bench", *TINY, "--plot", str(tmp_path)]) == 2
+    assert "it is a folder" in _error_line(capsys)

@@ -1,0 +1,1 @@
+"""The tokenmerge bench command's machinery: presets, loading, timing, fidelity, reports."""

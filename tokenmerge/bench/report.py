@@ -1,0 +1,177 @@
+"""The bench's outputs: a terminal table, JSON, and a plot of speedup against block error."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tokenmerge.errors import OutputPathError, TokenMergeError
+
+from .runner import BenchResult, BenchRow
+
+__all__ = ["format_report", "write_json", "write_plot"]
+
+
+def _number(value: float | None, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, fmt)
+
+
+def _memory(row: BenchRow) -> str:
+    if row.peak_memory_mb is None:
+        return "n/a"
+    return f"{row.peak_memory_mb:.1f}" if row.peak_memory_mb < 10 else f"{row.peak_memory_mb:.0f}"
+
+
+def _overhead(row: BenchRow) -> str:
+    if row.overhead_ms is None:
+        return "-"
+    parts = row.overhead_ms
+    return f"{parts['plan']:.1f}/{parts['merge']:.1f}/{parts['unmerge']:.1f}"
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """The rows as an aligned text table."""
+    header = (
+        "config", "tokens", "s/forward", "speedup", "plan/merge/unmerge ms", "overhead %",
+        "peak MiB", "block err", "output err", "trajectory err",
+    )  # fmt: skip
+    body = [
+        (
+            row.label,
+            row.tokens,
+            f"{row.seconds:.3f}",
+            f"x{row.speedup:.3f}",
+            _overhead(row),
+            _number(row.overhead_percent, ".2f"),
+            _memory(row),
+            _number(row.block_error, ".4f"),
+            _number(row.output_error, ".4f"),
+            _number(row.trajectory_error, ".4f"),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+        for line in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_report(result: BenchResult) -> str:
+    """The header (model, weights, machine), the table and how to read it."""
+    model, machine, settings = result.model, result.machine, result.settings
+    memory = (
+        "peak MiB: torch.cuda.max_memory_allocated (weights included)"
+        if machine["device"].startswith("cuda")
+        else "peak MiB: what one forward allocates, from the profiler's memory accounting "
+        "(activations, not weights)"
+    )
+    lines = [
+        f"tokenmerge {result.tokenmerge_version} bench: {model['description']} "
+        f"[{model['class']}], {model['input']}",
+        f"  model: {model['source']}" + (f"; {model['notes']}" if model["notes"] else ""),
+        f"  attention weights: {model['attention']}",
+        f"  machine: {machine['device']} {settings['dtype']}, torch {machine['torch']}, "
+        f"{machine['threads']} threads, {machine['processor']}",
+        f"  speed: medians of {settings['rounds']} alternating rounds (one denoising step each, "
+        f"after a warm-up round); fidelity: photographs {', '.join(settings['photos'])} at "
+        f"timesteps {', '.join(str(t) for t in settings['timesteps'])}; trajectory: "
+        f"{settings['trajectory_steps']} DDIM steps",
+        "",
+        format_table(result.rows),
+        "",
+        "speedup: forward time without merging / with, same run. overhead: planning, merge and "
+        "unmerge per forward, from a separate instrumented trajectory run (share of the median "
+        "forward).",
+        f"{memory}. block err: ||y_merged - y_exact|| / ||y_exact - x|| per merged block, mean. "
+        "output / trajectory err: relative to the unmerged model's output / final latent.",
+        f"run time: {result.run_seconds:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _writable(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"cannot write {path}: it is a folder; give a file name")
+    if not path.parent.exists():
+        raise OutputPathError(
+            f"cannot write {path}: the folder {path.parent} does not exist; create it first"
+        )
+    return path
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before a long run, not after it, when ``path`` cannot be written."""
+    path = _writable(path)
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    if not existed:
+        path.unlink()
+
+
+def write_json(result: BenchResult, path: str | Path) -> None:
+    """The whole result as JSON (settings, machine, model, one object per configuration)."""
+    data: dict[str, Any] = result.to_json()
+    _writable(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_plot(result: BenchResult, path: str | Path) -> None:
+    """A PNG: speedup over no merging against block error, one point per configuration."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise TokenMergeError(
+            'the plot needs matplotlib: pip install "tokenmerge[bench]", or pass --no-plot'
+        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    groups: dict[str, list[BenchRow]] = {}
+    for row in result.rows:
+        if row.kind != "baseline" and row.block_error is not None:
+            groups.setdefault(row.strategy, []).append(row)
+    for strategy, rows in groups.items():
+        rows.sort(key=lambda row: row.ratio)
+        marker = "s" if rows[0].kind == "peer" else "o"
+        axes.plot(
+            [row.block_error for row in rows],
+            [row.speedup for row in rows],
+            marker=marker,
+            label=strategy,
+        )
+        for row in rows:
+            axes.annotate(
+                f"{row.ratio:g}",
+                (row.block_error, row.speedup),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--", label="no merging")
+    axes.set_xlabel("block error (mean over merged blocks)")
+    axes.set_ylabel("speedup over no merging")
+    model, machine = result.model, result.machine
+    axes.set_title(
+        f"{model['name']}, {model['input']}\n{machine['device']} {result.settings['dtype']}, "
+        "labels: ratio",
+        fontsize=9,
+    )
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(_writable(path), format="png")
+    plt.close(figure)

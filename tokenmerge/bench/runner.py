@@ -1,0 +1,429 @@
+"""``tokenmerge bench``: speed, merge overhead, memory and fidelity of strategies in one run.
+
+Every configuration (no merging, each strategy at each ratio, each peer) gets its own copy of
+the model's modules sharing one set of weights, so they run side by side in one process:
+
+1. **Timed rounds**: each round is one denoising step (consecutive timesteps of a 50-step run, so
+   plan caches work as in a generation); configurations alternate, in a rotating order, and the
+   first round only warms up. Speedup = median seconds without merging / median with.
+2. **Fidelity** on noised latents of photographs, plans made afresh for every input: the block
+   error (every merged transformer block against the exact block run on the same input,
+   ``||y_merged - y_exact|| / ||y_exact - x||``) and the model output's error against the
+   unmerged model's.
+3. **Instrumented run**: a short DDIM trajectory from one seed with timers around planning, merge
+   and unmerge (never inside the timed rounds), judging plan caching over steps: its final
+   latent is compared with the unmerged trajectory's. Peak memory is taken on one more call.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tokenmerge import __version__
+from tokenmerge.api import Handle, apply
+from tokenmerge.config import load_config
+
+from .fidelity import BlockErrorProbe, relative_error, tie_self_attention
+from .peers import PEERS, TomesdPeer, peer_available
+from .presets import PRESETS, get_preset
+from .timing import PARTS, OverheadTimers, peak_memory_mb, synchronizer, timed
+from .workload import VAE_SCALE, UNetWorkload, make_workload
+
+__all__ = ["BenchResult", "BenchRow", "BenchSettings", "run_bench", "sharing_weights"]
+
+Attention = Literal["similarity", "as-loaded"]
+
+
+@dataclass
+class BenchSettings:
+    """What one ``tokenmerge bench`` run measures (the command's options).
+
+    Example:
+        >>> settings = BenchSettings(model="tiny-unet", strategies=["retom"], rounds=1,
+        ...                          timesteps=[500], trajectory_steps=2, peers=[])
+        >>> result = run_bench(settings, progress=False)
+        >>> [row.label for row in result.rows]
+        ['none', 'retom 0.5']
+        >>> result.rows[1].block_error > 0, result.rows[1].speedup > 0
+        (True, True)
+    """
+
+    model: str = "sd15"
+    strategies: list[str] = field(default_factory=lambda: ["retom", "tome", "random"])
+    ratios: list[float] = field(default_factory=lambda: [0.5])
+    peers: list[str] | None = None  # None: every installed peer that supports the model
+    size: int | None = None  # None: the preset's size
+    batch: int = 1
+    rounds: int = 3
+    photos: list[str] = field(default_factory=lambda: ["astronaut"])
+    timesteps: list[int] = field(default_factory=lambda: [900, 500, 100])
+    trajectory_steps: int = 4
+    attention: Attention | None = None  # None: similarity for presets, as loaded for a path
+    similarity_scale: float = 3.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchRow:
+    """One configuration's figures (``None``: not measured / not applicable)."""
+
+    label: str
+    kind: Literal["baseline", "tokenmerge", "peer"]
+    strategy: str
+    ratio: float
+    seconds: float  # median seconds per forward over the timed rounds
+    speedup: float  # baseline median / this median
+    seconds_samples: list[float]
+    overhead_ms: dict[str, float] | None  # per forward, from the instrumented run
+    overhead_percent: float | None  # plan + merge + unmerge, share of the median forward
+    peak_memory_mb: float | None
+    block_error: float | None  # mean over merged blocks and fidelity inputs
+    output_error: float | None  # mean over fidelity inputs
+    trajectory_error: float | None  # final latent of the trajectory
+    merged_blocks: int  # blocks that merged at a fidelity call
+    tokens: str  # tokens in -> out at the first merged site
+
+
+@dataclass
+class BenchResult:
+    """Everything one run measured, with what it ran on (``asdict`` gives the JSON)."""
+
+    tokenmerge_version: str
+    model: dict[str, Any]
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    rows: list[BenchRow]
+    run_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sharing_weights(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers (no new memory):
+    each configuration gets its own hooks on its own modules, all of them the same weights."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+@dataclass
+class _Entry:
+    label: str
+    kind: Literal["baseline", "tokenmerge", "peer"]
+    strategy: str
+    ratio: float
+    model: nn.Module
+    handle: Handle | None = None
+    peer: TomesdPeer | None = None
+
+    def new_generation(self) -> None:
+        if self.handle is not None:
+            self.handle.new_generation()
+
+    def probed_blocks(self, workload: UNetWorkload) -> list[str]:
+        if self.handle is not None:
+            return [site.name for site in self.handle.sites]
+        return workload.block_names(self.model)
+
+    def merged(self, name: str, tokens: int, workload: UNetWorkload) -> bool:
+        """Whether the block merged at the call just made."""
+        if self.handle is not None:
+            stats = self.handle.stats()[name]
+            return stats.tokens_out < stats.tokens_in
+        return self.peer is not None and self.peer.merged(tokens, workload.latent_size**2)
+
+    def instrumented(self, timers: OverheadTimers) -> Any:
+        if self.kind == "tokenmerge":
+            return timers
+        if self.peer is not None:
+            return self.peer.instrumented(timers.add, timers.sync)
+        return nullcontext()
+
+
+class _Progress:
+    """A tqdm bar over model calls (a no-op when disabled or tqdm is missing)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, unit="call", desc="bench", leave=False)
+
+    def phase(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(name)
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def load_bench_model(settings: BenchSettings, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The model, its description and the attention weights used."""
+    if settings.model in PRESETS:
+        preset = get_preset(settings.model)
+        model = preset.build(device, dtype, seed=settings.seed)
+        info = {
+            "name": preset.name,
+            "description": preset.description,
+            "source": "preset: the published configuration with random weights",
+            "notes": preset.notes,
+        }
+        default_attention, size = "similarity", preset.default_size
+    else:
+        from .loading import load_model
+
+        loaded = load_model(settings.model, dtype=dtype)
+        model = loaded.model.to(device).eval()
+        info = {
+            "name": settings.model,
+            "description": loaded.description,
+            "source": "local checkpoint: its own weights",
+            "notes": "",
+        }
+        default_attention = "as-loaded"
+        sample_size = getattr(getattr(model, "config", None), "sample_size", None)
+        size = sample_size * VAE_SCALE if isinstance(sample_size, int) else 512
+    attention = settings.attention or default_attention
+    if attention == "similarity":
+        tied = tie_self_attention(model, settings.similarity_scale)
+        info["attention"] = (
+            f"similarity-based self-attention: the key projection tied to the query projection, "
+            f"both scaled by {settings.similarity_scale:g} ({tied} self-attention modules)"
+        )
+    else:
+        info["attention"] = "the model's own weights"
+    info["class"] = type(model).__name__
+    return model, info, settings.size or size
+
+
+def _entries(model: nn.Module, settings: BenchSettings, peers: list[str]) -> list[_Entry]:
+    entries = [_Entry("none", "baseline", "none", 0.0, model)]
+    for strategy, ratio in itertools.product(settings.strategies, settings.ratios):
+        clone = sharing_weights(model)
+        config = load_config(strategy, ratio=ratio, **settings.overrides)
+        handle = apply(clone, config)
+        label = f"{strategy} {ratio:g}"
+        entries.append(_Entry(label, "tokenmerge", strategy, ratio, clone, handle))
+    for name, ratio in itertools.product(peers, settings.ratios):
+        peer = PEERS[name](ratio)
+        clone = sharing_weights(model)
+        peer.apply(clone)
+        entries.append(_Entry(f"{name} {ratio:g}", "peer", name, ratio, clone, peer=peer))
+    return entries
+
+
+def _peers(settings: BenchSettings, model: nn.Module) -> list[str]:
+    if settings.peers is not None:
+        return list(settings.peers)
+    is_unet = type(model).__name__ == "UNet2DConditionModel"
+    return [name for name in PEERS if is_unet and peer_available(name)]
+
+
+def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
+    """Run the benchmark ``settings`` describe; see the module docstring for what it measures."""
+    started = time.perf_counter()
+    device = torch.device(settings.device)
+    dtype = getattr(torch, settings.dtype)
+    model, model_info, size = load_bench_model(settings, device, dtype)
+    workload = make_workload(model, size, settings.batch, device, dtype, settings.seed)
+    model_info["input"] = workload.describe()
+    entries = _entries(model, settings, _peers(settings, model))
+    baseline = entries[0]
+    sync = synchronizer(device)
+    calls_per_entry = (
+        settings.rounds
+        + 1
+        + len(settings.photos) * len(settings.timesteps)
+        + settings.trajectory_steps
+        + 1
+    )
+    bar = _Progress(calls_per_entry * len(entries), progress)
+    try:
+        with torch.no_grad():
+            seconds = _timed_rounds(entries, workload, settings, sync, bar)
+            fidelity = _fidelity(entries, workload, settings, bar)
+            instrumented = _instrumented(entries, workload, settings, device, bar)
+    finally:
+        bar.close()
+    base = statistics.median(seconds[baseline.label])
+    rows = []
+    for entry in entries:
+        median = statistics.median(seconds[entry.label])
+        overhead, memory, trajectory = instrumented[entry.label]
+        merged_fidelity = fidelity.get(entry.label, {})
+        rows.append(
+            BenchRow(
+                label=entry.label,
+                kind=entry.kind,
+                strategy=entry.strategy,
+                ratio=entry.ratio,
+                seconds=median,
+                speedup=base / median,
+                seconds_samples=seconds[entry.label],
+                overhead_ms=overhead,
+                overhead_percent=(
+                    None if overhead is None else 100.0 * sum(overhead.values()) / 1000 / median
+                ),
+                peak_memory_mb=memory,
+                block_error=merged_fidelity.get("block_error"),
+                output_error=merged_fidelity.get("output_error"),
+                trajectory_error=trajectory,
+                merged_blocks=merged_fidelity.get("merged_blocks", 0),
+                tokens=merged_fidelity.get("tokens", "-"),
+            )
+        )
+    settings_info = asdict(settings)
+    settings_info.update(size=size, peers=[e.strategy for e in entries if e.kind == "peer"])
+    return BenchResult(
+        tokenmerge_version=__version__,
+        model=model_info,
+        machine=_machine(device),
+        settings=settings_info,
+        rows=rows,
+        run_seconds=time.perf_counter() - started,
+    )
+
+
+def _timed_rounds(
+    entries: list[_Entry],
+    workload: UNetWorkload,
+    settings: BenchSettings,
+    sync: Callable[[], None],
+    bar: _Progress,
+) -> dict[str, list[float]]:
+    bar.phase("timing")
+    seconds: dict[str, list[float]] = {entry.label: [] for entry in entries}
+    timesteps = workload.timing_timesteps(settings.rounds + 1)
+    for entry in entries:
+        entry.new_generation()
+    for index, timestep in enumerate(timesteps):  # round 0 warms up
+        sample = workload.noisy_photo(settings.photos[0], timestep)
+        shift = index % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            call = functools.partial(workload, entry.model, sample, timestep)
+            elapsed, _ = timed(call, sync)
+            if index:
+                seconds[entry.label].append(elapsed)
+            bar.tick()
+    return seconds
+
+
+def _fidelity(
+    entries: list[_Entry], workload: UNetWorkload, settings: BenchSettings, bar: _Progress
+) -> dict[str, dict[str, Any]]:
+    bar.phase("fidelity")
+    baseline, merged_entries = entries[0], entries[1:]
+    results: dict[str, dict[str, Any]] = {}
+    inputs = list(itertools.product(settings.photos, settings.timesteps))
+    references = []
+    for photo, timestep in inputs:
+        sample = workload.noisy_photo(photo, timestep)
+        references.append((sample, timestep, workload(baseline.model, sample, timestep)))
+        bar.tick()
+    for entry in merged_entries:
+        block_errors, output_errors, merged_names, tokens = [], [], set(), "-"
+        for sample, timestep, reference in references:
+            entry.new_generation()  # fidelity of one call; caching is judged by the trajectory
+            names = entry.probed_blocks(workload)
+            with BlockErrorProbe(entry.model, baseline.model, names) as probe:
+                output = workload(entry.model, sample, timestep)
+            output_errors.append(relative_error(output, reference))
+            for name, record in probe.records.items():
+                for error, count in zip(record.errors, record.tokens, strict=True):
+                    if entry.merged(name, count, workload):
+                        block_errors.append(error)
+                        merged_names.add(name)
+            if entry.handle is not None and tokens == "-":
+                tokens = _tokens(entry.handle)
+            bar.tick()
+        results[entry.label] = {
+            "block_error": statistics.fmean(block_errors) if block_errors else None,
+            "output_error": statistics.fmean(output_errors),
+            "merged_blocks": len(merged_names),
+            "tokens": tokens if entry.handle is not None else _peer_tokens(entry, workload),
+        }
+    return results
+
+
+def _tokens(handle: Handle) -> str:
+    for stats in handle.stats().values():
+        if stats.tokens_out < stats.tokens_in:
+            return f"{stats.tokens_in}->{stats.tokens_out}"
+    return "-"
+
+
+def _peer_tokens(entry: _Entry, workload: UNetWorkload) -> str:
+    tokens = workload.latent_size**2
+    return f"{tokens}->{tokens - int(tokens * entry.ratio)}"
+
+
+def _instrumented(
+    entries: list[_Entry],
+    workload: UNetWorkload,
+    settings: BenchSettings,
+    device: torch.device,
+    bar: _Progress,
+) -> dict[str, tuple[dict[str, float] | None, float | None, float | None]]:
+    bar.phase("trajectory")
+    sample = workload.noisy_photo(settings.photos[0], settings.timesteps[0])
+    results = {}
+    reference = None
+    for entry in entries:
+        entry.new_generation()
+        memory = peak_memory_mb(
+            lambda e=entry: workload(e.model, sample, settings.timesteps[0]), device
+        )
+        bar.tick()
+        entry.new_generation()
+        timers = OverheadTimers(device)
+        with entry.instrumented(timers):
+            final = workload.trajectory(
+                entry.model, settings.trajectory_steps, before_step=lambda index: bar.tick()
+            )
+        steps = max(settings.trajectory_steps, 1)
+        overhead = None
+        if entry.kind != "baseline":
+            overhead = {part: timers.ms.get(part, 0.0) / steps for part in PARTS}
+        if reference is None:  # the baseline comes first
+            reference, trajectory_error = final, None
+        else:
+            trajectory_error = relative_error(final, reference)
+        results[entry.label] = (overhead, memory, trajectory_error)
+    return results
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

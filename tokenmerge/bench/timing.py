@@ -1,0 +1,147 @@
+"""Timers for the bench: whole forwards, the merge overhead of an instrumented run, peak memory.
+
+The overhead timers wrap ``SitePatch.make_plan``, ``Plan.merge`` and ``Plan.unmerge`` for the
+duration of an instrumented run only (synchronising the device around each call, which slows
+it), so they never sit inside the timed runs that speedups come from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from tokenmerge.patch import SitePatch
+from tokenmerge.plan import Plan
+
+__all__ = ["OverheadTimers", "peak_memory_mb", "synchronizer", "timed"]
+
+PARTS = ("plan", "merge", "unmerge")
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
+    """Seconds ``fn()`` took (device work included) and its result."""
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - start, result
+
+
+class OverheadTimers:
+    """Milliseconds spent planning, merging and unmerging while the context is open.
+
+    Example:
+        >>> import tokenmerge
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
+        ...                           include=["0"], min_tokens=1)
+        >>> timers = OverheadTimers(torch.device("cpu"))
+        >>> with timers:
+        ...     _ = model(torch.randn(2, 64, 8))
+        >>> sorted(timers.calls.items())
+        [('merge', 1), ('plan', 1), ('unmerge', 1)]
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = synchronizer(device)
+        self.ms: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._originals: list[tuple[type, str, Any]] = []
+        self._depth = 0
+
+    def add(self, part: str, ms: float) -> None:
+        self.ms[part] += ms
+        self.calls[part] += 1
+
+    def _wrap(self, fn: Callable, part: str) -> Callable:
+        timers = self
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if timers._depth:  # a timed call inside another (never double-count)
+                return fn(*args, **kwargs)
+            timers._depth += 1
+            try:
+                elapsed, out = timed(lambda: fn(*args, **kwargs), timers.sync)
+            finally:
+                timers._depth -= 1
+            timers.add(part, elapsed * 1000.0)
+            return out
+
+        return run
+
+    def __enter__(self) -> OverheadTimers:
+        for owner, attribute, part in (
+            (SitePatch, "make_plan", "plan"),
+            (Plan, "merge", "merge"),
+            (Plan, "unmerge", "unmerge"),
+        ):
+            original = owner.__dict__[attribute]
+            self._originals.append((owner, attribute, original))
+            setattr(owner, attribute, self._wrap(original, part))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, attribute, original in reversed(self._originals):
+            setattr(owner, attribute, original)
+        self._originals.clear()
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's C++ start / stop lines (written straight to file descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory of one call of ``fn``, in MiB, or None where it cannot be measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset (weights included). CPU: the peak of
+    the allocations the profiler records during the call (what the call itself allocates:
+    activations and workspaces, not the weights that were already there). Never process RSS.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        profiler.__enter__()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            profiler.__exit__(None, None, None)
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20

@@ -1,0 +1,413 @@
+"""The ``tokenmerge`` command: ``list``, ``bench`` and ``visualize``.
+
+Bad input gets one error line (what was wrong, what is allowed, how to fix it) and exit status
+2; a failure while running gets one line and status 1. Never a traceback for a user's mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tokenmerge.errors import TokenMergeError
+
+__all__ = ["main"]
+
+PROG = "tokenmerge"
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio {text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"ratio {value:g} is out of range: a ratio is the fraction of tokens merged, "
+            "0 <= ratio < 1 (e.g. 0.5)"
+        )
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r} is not KEY=VALUE (e.g. --set cache_interval=1)"
+        )
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word is a string
+    return key, value
+
+
+def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
+    from tokenmerge.bench.presets import PRESETS
+
+    parser.add_argument(
+        "--model",
+        default="sd15",
+        help=f"a preset ({', '.join(PRESETS)}; default sd15) or the path of a local diffusers "
+        "checkpoint (a pipeline or model folder saved with save_pretrained)",
+    )
+    parser.add_argument("--size", type=_positive, help="image size in px (default: the model's)")
+    parser.add_argument(
+        "--attention",
+        choices=["similarity", "as-loaded"],
+        help="self-attention weights: 'similarity' ties each key projection to its query "
+        "projection (random weights attend almost uniformly, hiding what merging loses); "
+        "default: similarity for presets, as-loaded for checkpoints",
+    )
+    parser.add_argument(
+        "--similarity-scale",
+        type=float,
+        default=3.0,
+        help="scale of the tied projections (default 3: about 2.5 nats of attention entropy "
+        "on SD 1.5)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+        help="model dtype (default float32)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--strategies", nargs="+", default=None, metavar="NAME",
+        help="strategies (default: every registered one)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=_non_negative, default=0, help="seed (default 0)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a merge-config field for every strategy, e.g. --set cache_interval=1 "
+        "--set 'levels=[1,2]' (values are JSON; repeatable)",
+    )
+
+
+def _build_parser() -> _Parser:
+    from tokenmerge.photos import PHOTOS
+
+    parser = _Parser(
+        prog=PROG,
+        description="Training-free token merging: list what is installed, benchmark strategies "
+        "against each other and against peers, and draw what they merge.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    listing = commands.add_parser(
+        "list",
+        help="strategies, adapters, plugins and model presets",
+        description="List the registered strategies, the adapters (available or not, with the "
+        "extra that installs them), the loaded plugins with their distributions, and the bench "
+        "presets.",
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    bench = commands.add_parser(
+        "bench",
+        help="speed, overhead, memory and fidelity of strategies on a model",
+        description="Time a model without merging and with each strategy at each ratio (and "
+        "each peer) in one run, alternating configurations; report speedups, merge overhead, "
+        "peak memory and fidelity (block error, output error, a short denoising trajectory) "
+        "on noised latents of photographs.",
+    )
+    _add_common_model_options(bench)
+    bench.add_argument(
+        "--ratios", nargs="+", type=_ratio, default=[0.5], metavar="R",
+        help="ratios, 0 <= r < 1 (default 0.5)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--peer",
+        choices=["auto", "tomesd", "none"],
+        default="auto",
+        help="peers run side by side: 'auto' (default) adds tomesd when it is installed and "
+        "the model is a UNet; 'tomesd' requires it; 'none' runs tokenmerge only",
+    )
+    bench.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
+    bench.add_argument(
+        "--rounds", type=_positive, default=3, help="timed rounds per configuration (default 3)"
+    )
+    bench.add_argument(
+        "--photos", nargs="+", choices=PHOTOS, default=[PHOTOS[0]], metavar="NAME",
+        help=f"photographs the fidelity inputs are made from ({', '.join(PHOTOS)}; "
+        f"default {PHOTOS[0]})",
+    )  # fmt: skip
+    bench.add_argument(
+        "--timesteps", nargs="+", type=_non_negative, default=[900, 500, 100], metavar="T",
+        help="diffusion timesteps the photographs are noised to (default 900 500 100)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--trajectory-steps", type=_positive, default=4,
+        help="DDIM steps of the trajectory (default 4)",
+    )  # fmt: skip
+    bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    bench.add_argument(
+        "--plot",
+        metavar="PATH",
+        default="tokenmerge-bench.png",
+        help="where the speedup-vs-block-error PNG goes (default tokenmerge-bench.png)",
+    )
+    bench.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    visualize = commands.add_parser(
+        "visualize",
+        help="draw which tokens each strategy merges, on a photograph",
+        description="Run the model on a noised photograph with each strategy, take the plan a "
+        "site made, and draw it over the photograph (destinations, and ReToM's windows) next to "
+        "the photograph merged and unmerged with that plan, with its PSNR.",
+    )
+    _add_common_model_options(visualize)
+    visualize.add_argument("--ratio", type=_ratio, default=0.5, help="ratio (default 0.5)")
+    visualize.add_argument(
+        "--photo", choices=PHOTOS, default=PHOTOS[0], help=f"photograph (default {PHOTOS[0]})"
+    )
+    visualize.add_argument(
+        "--site", help="the site to draw (default: the first site the adapter selects)"
+    )
+    visualize.add_argument(
+        "--timestep", type=_non_negative, default=500, help="noise timestep (default 500)"
+    )
+    visualize.add_argument("--output", "-o", default="tokenmerge-merges.png", help="PNG to write")
+    return parser
+
+
+def _check_strategies(names: Sequence[str] | None) -> list[str]:
+    from tokenmerge.registry import list_strategies, registry
+
+    if names is None:  # the built-ins in the order the report reads best, then plugins
+        known = list_strategies()
+        first = [name for name in ("retom", "tome", "random") if name in known]
+        return first + [name for name in known if name not in first]
+    for name in names:
+        registry.strategy(name)  # unknown names raise, listing the known ones
+    return list(names)
+
+
+def _check_configs(strategies: list[str], ratios: list[float], overrides: dict) -> None:
+    """Every (strategy, ratio) validates before anything long starts."""
+    from tokenmerge.config import load_config
+
+    for strategy in strategies:
+        for ratio in ratios:
+            load_config(strategy, ratio=ratio, **overrides)
+
+
+def _check_model(model: str) -> None:
+    from tokenmerge.bench.presets import PRESETS, get_preset
+
+    if model in PRESETS or Path(model).exists():
+        return
+    if "/" in model or "\\" in model or model.startswith("."):
+        raise UsageError(
+            f"--model {model}: no such file or folder; give a preset "
+            f"({', '.join(PRESETS)}) or the folder of a local checkpoint"
+        )
+    get_preset(model)  # raises, listing the presets and close matches
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from tokenmerge.bench.presets import PRESETS
+    from tokenmerge.registry import list_adapters, list_plugins, list_strategies, registry
+
+    strategies = [
+        {"name": name, "description": _first_line(registry.strategy(name).__doc__)}
+        for name in list_strategies()
+    ]
+    adapters = []
+    for name in list_adapters():
+        spec = registry.adapter(name)
+        reason = spec.unavailable_reason()
+        adapters.append(
+            {
+                "name": name,
+                "available": reason is None,
+                "extra": spec.extra,
+                "status": reason or "available",
+                "description": spec.description,
+            }
+        )
+    plugins = [
+        {
+            "name": info.name,
+            "distribution": info.distribution,
+            "version": info.version,
+            "builtin": info.builtin,
+            "strategies": info.strategies,
+            "adapters": info.adapters,
+        }
+        for info in list_plugins()
+    ]
+    presets = [
+        {"name": p.name, "description": p.description, "notes": p.notes} for p in PRESETS.values()
+    ]
+    if args.json:
+        listing = {
+            "strategies": strategies,
+            "adapters": adapters,
+            "plugins": plugins,
+            "presets": presets,
+        }
+        print(json.dumps(listing, indent=2))
+        return 0
+    print("strategies:")
+    for item in strategies:
+        print(f"  {item['name']:<14} {item['description']}")
+    print("adapters:")
+    for item in adapters:
+        extra = f" [extra: {item['extra']}]" if item["extra"] else ""
+        print(f"  {item['name']:<14} {item['status']}{extra} - {item['description']}")
+    print("plugins:")
+    for item in plugins:
+        origin = f"{item['distribution'] or 'run time'} {item['version'] or ''}".strip()
+        registered = ", ".join(item["strategies"] + item["adapters"]) or "nothing"
+        print(f"  {item['name']:<24} from {origin}: {registered}")
+    print("bench presets (random weights from the published configs):")
+    for item in presets:
+        print(f"  {item['name']:<14} {item['description']}")
+    return 0
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if text and text.strip() else ""
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from tokenmerge.bench import report
+    from tokenmerge.bench.peers import peer_available
+    from tokenmerge.bench.runner import BenchSettings, run_bench
+
+    strategies = _check_strategies(args.strategies)
+    overrides = dict(args.overrides)
+    _check_configs(strategies, args.ratios, overrides)
+    _check_model(args.model)
+    if args.peer == "tomesd" and not peer_available("tomesd"):
+        raise UsageError("--peer tomesd: tomesd is not installed; pip install tomesd==0.1.3")
+    for path in [args.json, None if args.no_plot else args.plot]:
+        if path:
+            report.check_writable(path)
+    settings = BenchSettings(
+        model=args.model,
+        strategies=strategies,
+        ratios=list(args.ratios),
+        peers={"auto": None, "none": [], "tomesd": ["tomesd"]}[args.peer],
+        size=args.size,
+        batch=args.batch,
+        rounds=args.rounds,
+        photos=list(args.photos),
+        timesteps=list(args.timesteps),
+        trajectory_steps=args.trajectory_steps,
+        attention=args.attention,
+        similarity_scale=args.similarity_scale,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        overrides=overrides,
+    )
+    result = run_bench(settings, progress=not args.no_progress)
+    print(report.format_report(result))
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if not args.no_plot:
+        report.write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from tokenmerge.bench.report import check_writable
+    from tokenmerge.visualize import visualize
+
+    strategies = _check_strategies(args.strategies)
+    overrides = dict(args.overrides)
+    _check_configs(strategies, [args.ratio], overrides)
+    _check_model(args.model)
+    check_writable(args.output)
+    summary = visualize(
+        model=args.model,
+        strategies=strategies,
+        ratio=args.ratio,
+        photo=args.photo,
+        site=args.site,
+        timestep=args.timestep,
+        output=args.output,
+        size=args.size,
+        attention=args.attention,
+        similarity_scale=args.similarity_scale,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        overrides=overrides,
+    )
+    print(summary)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        runner = {"list": _run_list, "bench": _run_bench, "visualize": _run_visualize}
+        return runner[args.command](args)
+    except UsageError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except TokenMergeError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, (ValueError, KeyError, TypeError)) else 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
