@@ -165,9 +165,10 @@ def write_plot(result: BenchResult, path: str | Path) -> None:
     axes.set_xlabel("block error (mean over merged blocks)")
     axes.set_ylabel("speedup over no merging")
     model, machine = result.model, result.machine
+    weights = "similarity attention" if "similarity" in model["attention"] else "own weights"
     axes.set_title(
         f"{model['name']}, {model['input']}\n{machine['device']} {result.settings['dtype']}, "
-        "labels: ratio",
+        f"{weights}; labels: ratio",
         fontsize=9,
     )
     axes.legend(fontsize=8)
