@@ -9,11 +9,12 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv bench test lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile examples/tokenmerge-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet -e ".[test,bench,docs]"
+	$(PY) -m pip install --quiet -e examples/tokenmerge-plugin-example
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -32,6 +33,11 @@ test: $(STAMP)
 # pytest-benchmark timings of planning, merge, unmerge and one attention site (benchmarks/)
 hotpaths: $(STAMP)
 	$(VENV)/bin/pytest benchmarks --benchmark-enable $(ARGS)
+
+.PHONY: docs
+# the documentation site, as CI builds it (strict: any warning fails); open site/index.html
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict -d site
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,3 +16,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Hermetic tests: the suite sees the built-ins only, not whatever plugin distributions the
+# environment has installed (the dev venv installs examples/tokenmerge-plugin-example, whose
+# grid_pool would join every listing, doctest and conformance run). The registry reads this
+# variable when it first loads (and after each reset), not at import, so setting it here, before
+# any test runs, is enough. Tests about entry points opt back in: monkeypatch.delenv(...) plus
+# tokenmerge.registry.registry.reset() (tests/test_example_plugin.py), or a subprocess whose
+# environment leaves the variable out (tests/test_registry.py).
+os.environ["TOKENMERGE_DISABLE_PLUGIN_AUTOLOAD"] = "1"

@@ -11,12 +11,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import tokenmerge
-from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
-from tokenmerge.state import StepState
 from tokenmerge.strategies.retom import representatives
+from tokenmerge.testing import STRATEGY_CHECKS, check_plan
 from tokenmerge.windows import window_partition
 
 FAST = settings(max_examples=60, deadline=None)
@@ -93,21 +92,6 @@ def assert_is_representative(row_means: dict[int, float], ids: list[int], token:
     assert row_means[token] >= best - TOL, (token, row_means[token], best)
 
 
-def check_common(plan: Plan, n: int, rows: int, expected_out: int) -> None:
-    assert plan.num_tokens == n
-    assert plan.num_out == expected_out
-    assert plan.batch in (1, rows)
-    for p in range(plan.batch):
-        kept, src = plan.kept[p].tolist(), plan.src[p].tolist()
-        assert all(0 <= t < n for t in kept + src)
-        assert len(set(src)) == len(src), "sources must be distinct"
-        assert kept == sorted(set(kept))
-        assert set(kept) | set(src) == set(range(n))
-        assert all(0 <= d < plan.num_out for d in plan.dst[p].tolist())
-        assert all(0 <= o < plan.num_out for o in plan.origin[p].tolist())
-        assert set(dst_tokens(plan)[p].tolist()).isdisjoint(src), "a destination is a source"
-
-
 @st.composite
 def configs(draw, names=("tome", "retom", "random")):
     """``(name, options, site)`` for a valid strategy config (ratio not included)."""
@@ -157,85 +141,35 @@ def test_plan_size_and_indices(config, grid, batch, seed, data):
     num_merge = min(math.floor(ratio * n), capacity)
     features = features_for(batch, n, seed)
     plan = strategy.make_plan(plan_features(strategy, features), layout, site, num_merge, gen(seed))
-    check_common(plan, n, batch, n - num_merge)
+    check_plan(plan, n, batch, n - num_merge)
     x = torch.randn(batch, n, 3)
     merged = plan.merge(x)
     assert merged.shape == (batch, n - num_merge, 3)
     assert plan.unmerge(merged).shape == x.shape
 
 
+# The conformance kit's checks (ratio 0 is the identity, plans well-formed, capacity honoured,
+# determinism, no global RNG, batch / CFG rows...) on non-default options; tests/test_conformance.py
+# runs them on every strategy's defaults.
+OPTION_VARIANTS = [
+    ("tome", {"random_destinations": False}),
+    ("tome", {"partition": "alternate"}),
+    ("tome", {"partition": "cells", "sx": 3, "sy": 1}),
+    ("retom", {"scope": "global"}),
+    ("retom", {"window_size": 3}),
+    ("random", {"sx": 1, "sy": 3}),
+]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("check", STRATEGY_CHECKS)
 @pytest.mark.parametrize(
     "name, options",
-    [
-        ("tome", {}),
-        ("tome", {"partition": "alternate"}),
-        ("retom", {}),
-        ("retom", {"scope": "global"}),
-        ("random", {}),
-    ],
+    OPTION_VARIANTS,
+    ids=[f"{name}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for name, o in OPTION_VARIANTS],
 )
-@pytest.mark.parametrize("grid", [(4, 4), (7, 5), (1, 6)])
-def test_ratio_zero_is_the_identity(name, options, grid):
-    strategy = tokenmerge.get_strategy(name, ratio=0.0, **options)
-    layout = TokenLayout(grid)
-    n = layout.num_image_tokens
-    num_merge = min(math.floor(strategy.config.ratio * n), strategy.capacity(layout, SITE))
-    assert num_merge == 0
-    features = plan_features(strategy, features_for(2, n, 0))
-    plan = strategy.make_plan(features, layout, SITE, num_merge, gen())
-    assert plan.is_identity and plan.num_out == n
-    x = torch.randn(2, n, 3)
-    assert plan.merge(x) is x and plan.unmerge(x) is x
-    # and through a site's runtime (the framework's path), with protected prefix tokens
-    config = tokenmerge.load_config(name, ratio=0.0, min_tokens=1, **options)
-    patch = SitePatch(SITE, strategy, config, StepState(), lambda site, x: TokenLayout(grid, 1))
-    x = torch.randn(2, n + 1, 3)
-    plan = patch.plan_for(x)
-    assert plan.is_identity and plan.merge(x) is x
-
-
-@pytest.mark.parametrize(
-    "name, options",
-    [
-        ("tome", {}),
-        ("tome", {"random_destinations": False}),
-        ("tome", {"partition": "alternate"}),
-        ("retom", {}),
-        ("retom", {"scope": "global"}),
-        ("random", {}),
-    ],
-)
-def test_no_global_rng_state_is_consumed(name, options):
-    strategy = tokenmerge.get_strategy(name, ratio=0.5, **options)
-    layout = TokenLayout((7, 6))
-    features = plan_features(strategy, features_for(2, 42, 1))
-    torch.manual_seed(1234)
-    state, initial = torch.get_rng_state(), torch.random.initial_seed()
-    plan = strategy.make_plan(features, layout, SITE, 20, gen(5))
-    assert plan.num_out == 42 - 20
-    assert torch.equal(torch.get_rng_state(), state)
-    assert torch.random.initial_seed() == initial
-
-
-@pytest.mark.parametrize(
-    "name, options",
-    [
-        ("tome", {}),
-        ("tome", {"random_destinations": False}),
-        ("tome", {"partition": "alternate"}),
-        ("retom", {}),
-        ("retom", {"scope": "global"}),
-        ("random", {}),
-    ],
-)
-def test_same_seed_same_plan(name, options):
-    strategy = tokenmerge.get_strategy(name, ratio=0.5, **options)
-    layout = TokenLayout((9, 7))
-    features = plan_features(strategy, features_for(3, 63, 2))
-    first = strategy.make_plan(features, layout, SITE, 30, gen(11))
-    second = strategy.make_plan(features.clone(), layout, SITE, 30, gen(11))
-    for field in ("kept", "src", "dst", "origin", "src_weight"):
-        assert torch.equal(getattr(first, field), getattr(second, field)), field
+def test_conformance_with_options(name, options, check):
+    STRATEGY_CHECKS[check](tokenmerge.registry.registry.strategy(name), options)
 
 
 @pytest.mark.parametrize("name, options", [("tome", {}), ("random", {})])
@@ -324,7 +258,7 @@ def test_capacity_by_hand_and_merging_it_exactly_works(config, grid, seed):
         assert capacity == (n - (h // sy) * (w // sx) if sy * sx > 1 else 0)
     features = plan_features(strategy, features_for(2, n, seed))
     plan = strategy.make_plan(features, layout, site, capacity, gen(seed))
-    check_common(plan, n, 2, n - capacity)
+    check_plan(plan, n, 2, n - capacity)
 
 
 def test_retom_window_size_follows_the_stage():
@@ -376,7 +310,7 @@ def test_retom_window_scope_merges_into_own_representative(grid, size, batch, se
     num_merge = data.draw(st.integers(0, capacity), label="num_merge")
     features = features_for(batch, n, seed, 3)
     plan = strategy.make_plan(features, layout, SITE, num_merge, gen(seed))
-    check_common(plan, n, batch, n - num_merge)
+    check_plan(plan, n, batch, n - num_merge)
     if num_merge == 0:
         return
     ids = window_id(grid, (size, size))
@@ -415,7 +349,7 @@ def test_retom_global_scope_merges_into_most_similar_representative(grid, size, 
     num_merge = data.draw(st.integers(0, capacity), label="num_merge")
     features = features_for(batch, n, seed, 3)
     plan = strategy.make_plan(features, layout, SITE, num_merge, gen(seed))
-    check_common(plan, n, batch, n - num_merge)
+    check_plan(plan, n, batch, n - num_merge)
     if num_merge == 0:
         return
     ids = window_id(grid, (size, size))
@@ -467,7 +401,7 @@ def test_tome_cells(grid, cell, random_destinations, batch, seed, data):
     num_cells = len({i for i in ids if i is not None})
     # merging everything leaves exactly the destinations: one per whole cell, none elsewhere
     full = strategy.make_plan(features, layout, SITE, capacity, gen(seed))
-    check_common(full, n, batch, n - capacity)
+    check_plan(full, n, batch, n - capacity)
     cy, cx = min(sy, h), min(sx, w)
     for p in range(full.batch):
         destinations = full.kept[p].tolist()
@@ -480,7 +414,7 @@ def test_tome_cells(grid, cell, random_destinations, batch, seed, data):
     # a partial merge with the same generator uses the same cells' destinations, best pairs first
     num_merge = data.draw(st.integers(0, capacity), label="num_merge")
     plan = strategy.make_plan(features, layout, SITE, num_merge, gen(seed))
-    check_common(plan, n, batch, n - num_merge)
+    check_plan(plan, n, batch, n - num_merge)
     if num_merge == 0:
         return
     f64 = features.double()
@@ -525,7 +459,7 @@ def test_tome_alternate_partition(n, batch, seed, auto, data):
     num_merge = data.draw(st.integers(0, min(capacity, n // 2)), label="num_merge")
     features = features_for(batch, n, seed, 3)
     plan = strategy.make_plan(features, layout, site, num_merge, gen(seed))
-    check_common(plan, n, batch, n - num_merge)
+    check_plan(plan, n, batch, n - num_merge)
     if num_merge == 0:
         return
     assert bool((plan.src % 2 == 0).all()), "a source at an odd index"
@@ -578,12 +512,12 @@ def test_random_one_destination_per_cell(grid, cell, seed, batch, data):
     assert capacity == n - num_cells
     blind = plan_features(strategy, features_for(1, n, seed))
     full = strategy.make_plan(blind, layout, SITE, capacity, gen(seed))
-    check_common(full, n, 1, num_cells)
+    check_plan(full, n, 1, num_cells)
     assert full.batch == 1
     assert sorted(ids[t] for t in full.kept[0].tolist()) == list(range(num_cells))
     num_merge = data.draw(st.integers(0, capacity), label="num_merge")
     plan = strategy.make_plan(blind, layout, SITE, num_merge, gen(seed))
-    check_common(plan, n, 1, n - num_merge)
+    check_plan(plan, n, 1, n - num_merge)
     by_cell: dict[int, set[int]] = {}
     for s, d in zip(plan.src[0].tolist(), dst_tokens(plan)[0].tolist(), strict=True):
         assert ids[s] == ids[d], "a source left its cell"

@@ -1,0 +1,449 @@
+"""The conformance matrix, built from the registries: the plugin authoring kit on everything.
+
+Every registered strategy x every check of ``tokenmerge.testing.STRATEGY_CHECKS``, and every
+available registered adapter x its tiny models x every strategy x every check of
+``ADAPTER_CHECKS`` - the same code a plugin runs from its own tests. A newly registered adapter
+fails ``test_every_adapter_has_tiny_models`` until it gets tiny models in ``TINY_MODELS``.
+
+The second half checks the kit itself: deliberately broken strategies and adapters must fail
+the check that is about them, with a message naming the check, the plugin and what was wrong.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pytest
+import torch
+from pydantic import ConfigDict, Field
+from torch import nn
+from toy_models import Attention
+
+import tokenmerge
+from tokenmerge import AdapterSpec, Plan
+from tokenmerge.adapters.generic import GenericAdapter
+from tokenmerge.bench.presets import get_preset
+from tokenmerge.registry import registry
+from tokenmerge.strategies.random import RandomConfig, RandomStrategy
+from tokenmerge.strategies.tome import ToMeConfig, ToMeStrategy
+from tokenmerge.testing import (
+    ADAPTER_CHECKS,
+    STRATEGY_CHECKS,
+    check_adapter,
+    check_plan,
+    check_strategy,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STRATEGIES = tokenmerge.list_strategies()
+ADAPTERS = tokenmerge.list_adapters()
+
+
+# ---------------------------------------------------------------------------- tiny models
+
+DIM = 16
+
+
+class ToyStack(nn.Module):
+    """A class token, then two residual blocks of the toy attention module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, DIM))
+        self.blocks = nn.ModuleList(Attention(DIM) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def toy_stack() -> ToyStack:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ToyStack().eval()
+
+
+TOY_INPUT = torch.randn(2, 15, DIM, generator=torch.Generator().manual_seed(1))
+
+
+def run_toy(model: nn.Module) -> torch.Tensor:
+    return model(TOY_INPUT)
+
+
+def tiny_unet() -> nn.Module:
+    return get_preset("tiny-unet").build()
+
+
+_UNET_GEN = torch.Generator().manual_seed(1)
+UNET_SAMPLE = torch.randn(2, 4, 16, 16, generator=_UNET_GEN)
+UNET_TEXT = torch.randn(2, 7, 32, generator=_UNET_GEN)
+
+
+def run_unet(model: nn.Module) -> Any:
+    return model(UNET_SAMPLE, 999, encoder_hidden_states=UNET_TEXT)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A model an adapter is checked on: how to build it, run it and patch it."""
+
+    name: str
+    factory: Callable[[], nn.Module]
+    run: Callable[[nn.Module], Any]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+#: every registered adapter needs at least one entry here
+TINY_MODELS: dict[str, list[TinyModel]] = {
+    "generic": [
+        TinyModel(
+            "toy-attention-cls-3x5",
+            toy_stack,
+            run_toy,
+            {
+                "include": ["blocks.*"],
+                "min_tokens": 1,
+                "adapter_options": {"grid": (3, 5), "num_prefix": 1},
+            },
+        )
+    ],
+    "diffusers_unet": [TinyModel("tiny-unet", tiny_unet, run_unet, {"min_tokens": 1})],
+}
+
+
+# ---------------------------------------------------------------------------- the matrix
+
+
+@pytest.mark.parametrize(
+    "strategy, check",
+    [pytest.param(s, c, id=f"{s}-{c}") for s in STRATEGIES for c in STRATEGY_CHECKS],
+)
+def test_strategy_conformance(strategy: str, check: str) -> None:
+    STRATEGY_CHECKS[check](registry.strategy(strategy), None)
+
+
+def _adapter_cases() -> list:
+    return [
+        pytest.param(
+            adapter, model, strategy, check, id=f"{adapter}-{model.name}-{strategy}-{check}"
+        )
+        for adapter in tokenmerge.list_adapters(available=True)
+        for model in TINY_MODELS.get(adapter, [])
+        for strategy in STRATEGIES
+        for check in ADAPTER_CHECKS
+    ]
+
+
+@pytest.mark.parametrize("adapter, model, strategy, check", _adapter_cases())
+def test_adapter_conformance(adapter: str, model: TinyModel, strategy: str, check: str) -> None:
+    ADAPTER_CHECKS[check](model.factory, model.run, strategy, adapter, model.overrides)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_every_adapter_has_tiny_models(adapter: str) -> None:
+    assert TINY_MODELS.get(adapter), (
+        f"add tiny models for adapter {adapter!r} to the conformance matrix (TINY_MODELS in "
+        "tests/test_conformance.py): the matrix runs every adapter on its tiny models"
+    )
+
+
+def test_tiny_models_belong_to_registered_adapters() -> None:
+    stale = sorted(set(TINY_MODELS) - set(ADAPTERS))
+    assert not stale, f"tiny models for adapters nobody registers: {stale}"
+
+
+def test_the_matrix_covers_every_strategy_and_adapter() -> None:
+    """Guards the parametrisation above against silently running nothing."""
+    assert {"tome", "retom", "random"} <= set(STRATEGIES)
+    assert {"generic", "diffusers_unet"} <= set(tokenmerge.list_adapters(available=True))
+    cases = _adapter_cases()
+    assert {case.values[0] for case in cases} == set(tokenmerge.list_adapters(available=True))
+    assert len(cases) == sum(
+        len(TINY_MODELS[a]) for a in tokenmerge.list_adapters(available=True)
+    ) * len(STRATEGIES) * len(ADAPTER_CHECKS)
+
+
+def test_the_kit_needs_torch_only() -> None:
+    code = (
+        "import sys, tokenmerge.testing\n"
+        "heavy = {'pytest', 'hypothesis', 'diffusers', 'timm', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------- the kit catches
+# Broken strategies are checked as classes, never registered; each is "broken" with a config
+# whose literal says so.
+
+
+class BrokenConfig(RandomConfig):
+    strategy: Literal["broken"] = Field(default="broken", description="Always 'broken'.")
+
+
+class BrokenToMeConfig(ToMeConfig):
+    strategy: Literal["broken"] = Field(default="broken", description="Always 'broken'.")
+
+
+class BlindBase(RandomStrategy):
+    name = "broken"
+    config_class = BrokenConfig
+
+
+class SeeingBase(ToMeStrategy):
+    name = "broken"
+    config_class = BrokenToMeConfig
+
+
+class GlobalRng(BlindBase):
+    """Draws its destinations from the global RNG."""
+
+    def make_plan(self, features, layout, site, num_merge, rng):
+        n = layout.num_image_tokens
+        if num_merge == 0:
+            return Plan.identity(n)
+        order = torch.randperm(n)
+        return Plan.from_assignment(
+            order[1 : num_merge + 1][None], order[:1].expand(1, num_merge), n
+        )
+
+
+class OneShort(SeeingBase):
+    def make_plan(self, features, layout, site, num_merge, rng):
+        return super().make_plan(features, layout, site, max(num_merge - 1, 0), rng)
+
+
+class ClaimsTooMuch(BlindBase):
+    def capacity(self, layout, site):
+        return layout.num_image_tokens
+
+
+class Unsorted(BlindBase):
+    def make_plan(self, features, layout, site, num_merge, rng):
+        plan = super().make_plan(features, layout, site, num_merge, rng)
+        fields = {**vars(plan), "kept": plan.kept.flip(1)}
+        return Plan(**fields)
+
+
+class MutatesFeatures(SeeingBase):
+    def make_plan(self, features, layout, site, num_merge, rng):
+        features.mul_(-1.0)
+        return super().make_plan(features, layout, site, num_merge, rng)
+
+
+class Stateful(BlindBase):
+    """Remembers its calls: the second plan differs from the first."""
+
+    def make_plan(self, features, layout, site, num_merge, rng):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > 1:
+            rng.uniform((1,), features.device)  # one draw off the stream
+        return super().make_plan(features, layout, site, num_merge, rng)
+
+
+class RowsPerFeatureBatchOfTwo(SeeingBase):
+    def make_plan(self, features, layout, site, num_merge, rng):
+        plan = super().make_plan(features, layout, site, num_merge, rng)
+        return plan.repeat(2) if plan.batch == 1 and not plan.is_identity else plan
+
+
+class NotBlind(BlindBase):
+    """Says it is content-blind, yet wants features with channels."""
+
+    def make_plan(self, features, layout, site, num_merge, rng):
+        assert features.shape[-1] > 0, "no channels"
+        return super().make_plan(features, layout, site, num_merge, rng)
+
+
+class MutableConfig(BrokenConfig):
+    model_config = ConfigDict(frozen=False, extra="forbid")
+
+
+class MutableConfigStrategy(BlindBase):
+    config_class = MutableConfig
+
+
+class UndescribedConfig(BrokenConfig):
+    flavour: int = 1
+
+
+class UndescribedStrategy(BlindBase):
+    config_class = UndescribedConfig
+
+
+@pytest.mark.parametrize(
+    "strategy_class, check, what",
+    [
+        (GlobalRng, "no_global_rng_state_consumed", "global RNG state"),
+        (GlobalRng, "same_seed_same_plan", "plan."),
+        (OneShort, "merges_num_merge_up_to_capacity", "merged"),
+        (ClaimsTooMuch, "merges_num_merge_up_to_capacity", "capacity() is"),
+        (Unsorted, "plans_are_well_formed", "kept is not strictly ascending"),
+        (MutatesFeatures, "plans_are_well_formed", "changed its features in place"),
+        (Stateful, "same_seed_same_plan", "a site after a new generation"),
+        (RowsPerFeatureBatchOfTwo, "plan_batch_is_one_or_the_batch", "rows"),
+        (NotBlind, "content_blind_gets_empty_features", "no channels"),
+        (MutableConfigStrategy, "config_class_validates", "not frozen"),
+        (UndescribedStrategy, "config_class_validates", "['flavour']"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else v,
+)
+def test_kit_catches_a_broken_strategy(strategy_class, check: str, what: str) -> None:
+    with pytest.raises(AssertionError) as info:
+        STRATEGY_CHECKS[check](strategy_class, None)
+    message = str(info.value)
+    assert message.startswith(f"{check}: strategy 'broken'"), message
+    assert what in message, message
+    assert "grid" in message or check == "config_class_validates", message  # names the case
+
+
+def test_check_strategy_lists_every_failed_check() -> None:
+    with pytest.raises(AssertionError) as info:
+        check_strategy(GlobalRng)
+    message = str(info.value)
+    assert message.startswith("4 checks failed for strategy 'broken':"), message
+    failed = [line.split(":")[0] for line in message.splitlines()[1:]]
+    assert failed == [
+        "- same_seed_same_plan",
+        "- no_global_rng_state_consumed",
+        "- plan_batch_is_one_or_the_batch",  # its CFG halves differ
+        "- content_blind_gets_empty_features",  # its plans differ for different tokens
+    ]
+
+
+def test_check_strategy_takes_a_class_and_options() -> None:
+    check_strategy(registry.strategy("tome"), {"sx": 3, "sy": 1, "random_destinations": False})
+
+
+def test_check_plan_names_what_is_wrong() -> None:
+    plan = Plan.from_assignment(torch.tensor([[1, 3]]), torch.tensor([[0, 2]]), 4)
+    check_plan(plan, 4, 3, 2)
+    with pytest.raises(AssertionError, match="2 rows for a batch of 3"):
+        check_plan(plan.repeat(2), 4, 3)
+    with pytest.raises(AssertionError, match="over 4 tokens, expected 5"):
+        check_plan(plan, 5, 1)
+    chained = Plan(plan.kept, plan.src, plan.dst, plan.origin.clone().fill_(0), plan.dst_count, 4)
+    with pytest.raises(AssertionError, match="origin does not map"):
+        check_plan(chained, 4, 1)
+    twice = Plan(plan.kept, torch.tensor([[1, 1]]), plan.dst, plan.origin, plan.dst_count, 4)
+    with pytest.raises(AssertionError, match="token 1 is kept or merged 2 times"):
+        check_plan(twice, 4, 1)
+
+
+class LeakyAdapter(GenericAdapter):
+    """Leaves a hook behind on every site."""
+
+    name = "leaky"
+
+    def attach(self, patch, modules):
+        for module in modules.values():
+            module.register_forward_hook(_no_op)
+        return super().attach(patch, modules)
+
+
+class LitteringAdapter(GenericAdapter):
+    """Leaves an attribute behind on every site."""
+
+    name = "littering"
+
+    def attach(self, patch, modules):
+        for module in modules.values():
+            module.litter = True
+        return super().attach(patch, modules)
+
+
+class PassThroughAdapter(GenericAdapter):
+    """Knows no layout: every call passes through unmerged."""
+
+    name = "pass-through"
+
+    def layout(self, site, hidden_states):
+        return None
+
+
+def _no_op(*args: object) -> None:
+    return None
+
+
+BROKEN_ADAPTERS = {
+    "leaky": LeakyAdapter,
+    "littering": LitteringAdapter,
+    "pass-through": PassThroughAdapter,
+}
+
+
+@pytest.fixture
+def broken_adapters(monkeypatch: pytest.MonkeyPatch):
+    module = types.ModuleType("_tokenmerge_test_broken_adapters")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    for name, cls in BROKEN_ADAPTERS.items():
+        setattr(module, cls.__name__, cls)
+        tokenmerge.register_adapter(
+            AdapterSpec(name=name, target=f"{module.__name__}:{cls.__name__}")
+        )
+    yield
+    for name in BROKEN_ADAPTERS:
+        tokenmerge.unregister_plugin(f"adapter:{name}")
+
+
+TOY_OVERRIDES = TINY_MODELS["generic"][0].overrides
+
+
+@pytest.mark.parametrize(
+    "adapter, check, what",
+    [
+        ("leaky", "remove_restores_exactly", "blocks.0._forward_hooks holds"),
+        ("leaky", "context_manager_restores_exactly", "blocks.0._forward_hooks holds"),
+        ("littering", "remove_restores_exactly", "vars() of blocks.0: added ['litter']"),
+        ("pass-through", "tokens_merge", "no site merged a token: blocks.0 passed 1 calls"),
+        ("pass-through", "works_under_torch_compile", "no site merged a token"),
+    ],
+)
+def test_kit_catches_a_broken_adapter(broken_adapters, adapter: str, check: str, what: str):
+    with pytest.raises(AssertionError) as info:
+        ADAPTER_CHECKS[check](toy_stack, run_toy, "tome", adapter, TOY_OVERRIDES)
+    message = str(info.value)
+    assert message.startswith(f"{check}: adapter {adapter!r}, strategy 'tome', model ToyStack")
+    assert what in message, message
+
+
+def test_check_adapter_lists_failures_of_every_strategy(broken_adapters) -> None:
+    with pytest.raises(AssertionError) as info:
+        check_adapter(toy_stack, run_toy, adapter="leaky", overrides=TOY_OVERRIDES)
+    message = str(info.value)
+    assert message.startswith("6 checks failed for adapter 'leaky':"), message
+    for strategy in ("tome", "retom", "random"):
+        assert f"- remove_restores_exactly: adapter 'leaky', strategy {strategy!r}" in message
+
+
+def test_kit_catches_an_output_that_changes_at_ratio_zero() -> None:
+    calls = []
+
+    def run_counting(model: nn.Module) -> torch.Tensor:  # a model whose output drifts
+        calls.append(1)
+        return model(TOY_INPUT) + len(calls)
+
+    with pytest.raises(AssertionError, match="first call at ratio 0: output differs"):
+        ADAPTER_CHECKS["ratio_zero_is_bit_identical"](
+            toy_stack, run_counting, "tome", "generic", TOY_OVERRIDES
+        )
+
+
+def test_run_may_return_any_structure_of_tensors() -> None:
+    def run_structured(model: nn.Module) -> dict:
+        y = model(TOY_INPUT)
+        return {"out": (y, [y[:, 0]]), "note": "ignored"}
+
+    check_adapter(
+        toy_stack, run_structured, adapter="generic", strategies=["retom"], overrides=TOY_OVERRIDES
+    )
+    with pytest.raises(AssertionError, match="returned no tensor"):
+        ADAPTER_CHECKS["tokens_merge"](toy_stack, lambda m: None, "tome", "generic", TOY_OVERRIDES)
