@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import accelerate
@@ -167,6 +167,24 @@ def snapshot(model: nn.Module, *, ids: bool = True) -> dict[str, tuple]:
 
 def assert_plain(merged: Tensor, reference: Tensor) -> None:
     torch.testing.assert_close(merged, reference, rtol=0, atol=1e-6)
+
+
+def changed_twin(change: Callable[[UNet2DConditionModel], Any]) -> tuple[Tensor, dict]:
+    """Outputs and snapshot of a fresh UNet given ``change``: what removing a patch applied
+    *before* the change must leave behind."""
+    twin = make_unet()
+    change(twin)
+    return forward(twin), snapshot(twin, ids=False)
+
+
+def check_removed(
+    unet: UNet2DConditionModel, handle: Any, when: str, plain: Tensor, before: dict
+) -> None:
+    """Removal restores the outputs and the module state exactly (the same objects as well
+    when the change came before the patch)."""
+    handle.remove()
+    assert torch.equal(forward(unet), plain)
+    assert snapshot(unet, ids=when == "before") == before
 
 
 def check_merged(
@@ -361,13 +379,8 @@ def test_fused_qkv(strategy: str, when: str) -> None:
     assert isinstance(attn.processor, FusedAttnProcessor2_0)
 
     if when == "after":
-        twin = make_unet()
-        twin.fuse_qkv_projections()
-        plain = forward(twin)
-        before = snapshot(twin, ids=False)
-    handle.remove()
-    assert torch.equal(forward(unet), plain)
-    assert snapshot(unet, ids=when == "before") == before
+        plain, before = changed_twin(UNet2DConditionModel.fuse_qkv_projections)
+    check_removed(unet, handle, when, plain, before)
 
 
 # ---------------------------------------------------------------------------- 4. accelerate
@@ -394,13 +407,8 @@ def test_accelerate_cpu_offload(strategy: str, when: str) -> None:
     check_merged(unet, reference)
 
     if when == "after":
-        twin = make_unet()
-        offload(twin)
-        plain = forward(twin)
-        before = snapshot(twin, ids=False)
-    handle.remove()
-    assert torch.equal(forward(unet), plain)
-    assert snapshot(unet, ids=when == "before") == before
+        plain, before = changed_twin(offload)
+    check_removed(unet, handle, when, plain, before)
     remove_hook_from_module(unet, recurse=True)
 
 
@@ -438,13 +446,8 @@ def test_group_offloading(strategy: str, offload_type: str, when: str) -> None:
     check_merged(unet, reference)
 
     if when == "after":
-        twin = make_unet()
-        _group_offload(twin, offload_type)
-        plain = forward(twin)
-        before = snapshot(twin, ids=False)
-    handle.remove()
-    assert torch.equal(forward(unet), plain)
-    assert snapshot(unet, ids=when == "before") == before
+        plain, before = changed_twin(lambda model: _group_offload(model, offload_type))
+    check_removed(unet, handle, when, plain, before)
 
 
 # ---------------------------------------------------------------------------- 6. layerwise casting
@@ -485,13 +488,8 @@ def test_layerwise_casting(strategy: str, storage: torch.dtype, when: str) -> No
     check_merged(unet, reference)
 
     if when == "after":
-        twin = make_unet()
-        cast(twin)
-        plain = forward(twin)
-        before = snapshot(twin, ids=False)
-    handle.remove()
-    assert torch.equal(forward(unet), plain)
-    assert snapshot(unet, ids=when == "before") == before
+        plain, before = changed_twin(cast)
+    check_removed(unet, handle, when, plain, before)
 
 
 # ---------------------------------------------------------------------------- 7. processors

@@ -300,11 +300,11 @@ def test_retom_representatives_are_the_brute_force_argmax(grid, size, batch, see
                     assert value == pytest.approx(expected, abs=TOL)
 
 
-@FAST
-@given(grid=grids, size=st.integers(2, 4), batch=batches, seed=seeds, data=st.data())
-def test_retom_window_scope_merges_into_own_representative(grid, size, batch, seed, data):
+def _retom_case(scope, grid, size, batch, seed, data):
+    """A retom plan at a drawn ``num_merge`` and the brute-force facts to check it against
+    (None when nothing merged)."""
     n = grid[0] * grid[1]
-    strategy = tokenmerge.get_strategy("retom", ratio=0.0, window_size=size, scope="window")
+    strategy = tokenmerge.get_strategy("retom", ratio=0.0, window_size=size, scope=scope)
     layout = TokenLayout(grid)
     capacity = strategy.capacity(layout, SITE)
     num_merge = data.draw(st.integers(0, capacity), label="num_merge")
@@ -312,12 +312,21 @@ def test_retom_window_scope_merges_into_own_representative(grid, size, batch, se
     plan = strategy.make_plan(features, layout, SITE, num_merge, gen(seed))
     check_plan(plan, n, batch, n - num_merge)
     if num_merge == 0:
-        return
+        return None
     ids = window_id(grid, (size, size))
     means = brute_mean_similarity(features, ids)
     windows = window_partition(grid, (size, size))
     rep_slot, _ = representatives(features, windows)
-    f64 = features.double()
+    return n, plan, num_merge, capacity, ids, means, windows, rep_slot, features.double()
+
+
+@FAST
+@given(grid=grids, size=st.integers(2, 4), batch=batches, seed=seeds, data=st.data())
+def test_retom_window_scope_merges_into_own_representative(grid, size, batch, seed, data):
+    case = _retom_case("window", grid, size, batch, seed, data)
+    if case is None:
+        return
+    n, plan, num_merge, capacity, ids, means, windows, rep_slot, f64 = case
     for p in range(batch):
         rep_of = {w: windows[w, rep_slot[p, w]].item() for w in range(windows.shape[0])}
         sources = plan.src[p].tolist()
@@ -342,21 +351,10 @@ def test_retom_window_scope_merges_into_own_representative(grid, size, batch, se
 @FAST
 @given(grid=grids, size=st.integers(2, 4), batch=batches, seed=seeds, data=st.data())
 def test_retom_global_scope_merges_into_most_similar_representative(grid, size, batch, seed, data):
-    n = grid[0] * grid[1]
-    strategy = tokenmerge.get_strategy("retom", ratio=0.0, window_size=size, scope="global")
-    layout = TokenLayout(grid)
-    capacity = strategy.capacity(layout, SITE)
-    num_merge = data.draw(st.integers(0, capacity), label="num_merge")
-    features = features_for(batch, n, seed, 3)
-    plan = strategy.make_plan(features, layout, SITE, num_merge, gen(seed))
-    check_plan(plan, n, batch, n - num_merge)
-    if num_merge == 0:
+    case = _retom_case("global", grid, size, batch, seed, data)
+    if case is None:
         return
-    ids = window_id(grid, (size, size))
-    means = brute_mean_similarity(features, ids)
-    windows = window_partition(grid, (size, size))
-    rep_slot, _ = representatives(features, windows)
-    f64 = features.double()
+    n, plan, num_merge, capacity, ids, means, windows, rep_slot, f64 = case
     for p in range(batch):
         reps = [windows[w, rep_slot[p, w]].item() for w in range(windows.shape[0])]
         for r in reps:

@@ -42,6 +42,7 @@ Guard = Callable[[tuple, dict], "str | None"]
 class _CachedPlan:
     key: tuple  # (batch, tokens, device, dtype) the plan was made for
     plan: Plan
+    layout: TokenLayout  # the token layout it was made on
 
 
 class SitePatch:
@@ -81,6 +82,7 @@ class SitePatch:
         # the plan cache, so a copy taken mid-generation goes on exactly as the original would
         self._random = SiteRandom(config.seed * 1_000_003 + zlib.crc32(site.name.encode()))
         self._cache: _CachedPlan | None = None
+        self._planned_layout: TokenLayout | None = None  # make_plan's, for the cache entry
         self._warned_shortfall = False
         #: what the plan is made from when set (e.g. the block input, as tomesd does); adapters
         #: set it in a pre-hook of the block and clear it after (see ``watch_block_input``)
@@ -98,6 +100,11 @@ class SitePatch:
         """The plan this site used at its latest merged call (None before one, and after
         ``new_generation``): what ``tokenmerge visualize`` draws."""
         return None if self._cache is None else self._cache.plan
+
+    @property
+    def last_layout(self) -> TokenLayout | None:
+        """The token layout ``last_plan`` was made on (None when there is no such plan)."""
+        return None if self._cache is None else self._cache.layout
 
     def begin_call(self, new_generation: bool) -> None:
         """Called by the root hook, outside compiled code, at the start of every model call."""
@@ -137,7 +144,7 @@ class SitePatch:
             return cached.plan
         plan = self.make_plan(x)
         if plan is not None:
-            self._cache = _CachedPlan(key, plan)
+            self._cache = _CachedPlan(key, plan, self._planned_layout)
         return plan
 
     def make_plan(self, x: Tensor) -> Plan | None:
@@ -146,6 +153,7 @@ class SitePatch:
         layout = self.layout(self.site, x)
         if layout is None:
             return None
+        self._planned_layout = layout
         prefix = layout.num_prefix
         n = layout.num_image_tokens
         if prefix + n != x.shape[1]:

@@ -334,12 +334,7 @@ def _view(strategy: str, patch: SitePatch, image: Tensor) -> StrategyView:
             "site with --site"
         )
     plan = plan.to("cpu")
-    layout = patch.layout(patch.site, torch.empty(1, plan.num_tokens, 1))
-    if layout is None:
-        raise TokenMergeError(
-            f"site {name!r}: the adapter no longer knows the token grid of its {plan.num_tokens} "
-            "tokens, so the plan cannot be drawn"
-        )
+    layout = patch.last_layout
     grid, prefix = layout.grid, layout.num_prefix
     image_plan = _image_plan(plan, prefix)
     side = max(1, _PHOTO_SIDE // max(grid))

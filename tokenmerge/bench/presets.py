@@ -10,6 +10,7 @@ for tests and smoke runs.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,17 +72,23 @@ class Preset:
             return self._model_class()(**self.config).eval()
 
     def _model_class(self) -> type[nn.Module]:
-        if self.library != "diffusers":  # the only family with a landed adapter so far
-            raise NotImplementedError(f"preset library {self.library!r}")
         try:
-            import diffusers
+            library = importlib.import_module(self.library)
         except ImportError as exc:
             raise UnknownNameError(
-                f"preset {self.name!r} needs diffusers, which is not installed; install it with "
-                'pip install "tokenmerge[diffusers]"'
+                f"preset {self.name!r} needs {self.library}, which is not installed; install it "
+                f'with pip install "tokenmerge[{self.library}]"'
             ) from exc
-        return getattr(diffusers, self.model_class)
+        return getattr(library, self.model_class)
 
+
+#: the UNet layout SD 1.x and 2.x share (they differ in cross-attention width and head sizes)
+_SD_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    layers_per_block=2,
+)
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset
@@ -93,10 +100,7 @@ PRESETS: dict[str, Preset] = {
             model_class="UNet2DConditionModel",
             config=dict(
                 sample_size=64,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                layers_per_block=2,
+                **_SD_UNET,
                 cross_attention_dim=768,
                 attention_head_dim=8,
             ),
@@ -109,10 +113,7 @@ PRESETS: dict[str, Preset] = {
             model_class="UNet2DConditionModel",
             config=dict(
                 sample_size=96,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                layers_per_block=2,
+                **_SD_UNET,
                 cross_attention_dim=1024,
                 attention_head_dim=(5, 10, 20, 20),
                 use_linear_projection=True,
