@@ -29,3 +29,23 @@ def tokenmerge_register_adapters(register):
             description="diffusers UNet2DConditionModel (SD 1.x / 2.x / XL) and its pipelines",
         )
     )
+    register(
+        AdapterSpec(
+            name="diffusers_dit",
+            target="tokenmerge.adapters.diffusers_dit:DiffusersDiTAdapter",
+            requires={"diffusers": "0.42"},
+            extra="diffusers",
+            claims=("diffusers.",),
+            description=("diffusers DiT, PixArt and SD3 / SD 3.5 transformers and their pipelines"),
+        )
+    )
+    register(
+        AdapterSpec(
+            name="diffusers_flux",
+            target="tokenmerge.adapters.diffusers_flux:DiffusersFluxAdapter",
+            requires={"diffusers": "0.42"},
+            extra="diffusers",
+            claims=("diffusers.",),
+            description="diffusers Flux transformers (FluxTransformer2DModel) and their pipelines",
+        )
+    )

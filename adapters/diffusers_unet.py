@@ -26,7 +26,6 @@ made at earlier steps, with earlier plans).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,8 +33,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.adapters._diffusers import TargetGuard, check_signatures
 from tokenmerge.config import MergeConfig
-from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site, TokenLayout
 
@@ -55,52 +54,14 @@ def _diffusers():
 
 
 def _check_signatures() -> None:
-    """Fail loudly when a diffusers release changed a call this adapter relies on."""
-    diffusers, block, attention, transformer, unet = _diffusers()
+    _, block, attention, transformer, unet = _diffusers()
     expected = {
         unet: ("sample", "timestep"),
         transformer: ("hidden_states",),
         block: ("hidden_states",),
         attention: ("hidden_states", "encoder_hidden_states", "attention_mask"),
     }
-    for cls, names in expected.items():
-        params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
-        if tuple(params[: len(names)]) != names:
-            raise UnsupportedModelError(
-                f"diffusers {diffusers.__version__} changed {cls.__name__}.forward: its "
-                f"arguments start with {params[: len(names)]}, tokenmerge's UNet adapter expects "
-                f"{list(names)}. Install a diffusers version tokenmerge supports "
-                "(pip install 'tokenmerge[diffusers]') or report this."
-            )
-
-
-class _TargetGuard:
-    """Decides, per call of one target module, whether merging around it is safe."""
-
-    def __init__(self, module: nn.Module, kind: str, block: nn.Module) -> None:
-        self.module = module
-        self.kind = kind
-        self.block = block
-
-    def __call__(self, args: tuple, kwargs: dict) -> str | None:
-        # A diffusers hook on the module itself (pyramid attention broadcast, FasterCache...)
-        # may hand back an output it stored at an earlier step, made with an earlier plan:
-        # unmerging it with this call's plan would mix tokens up, silently.
-        registry = self.module.__dict__.get("_diffusers_hook")
-        if registry is not None and getattr(registry, "hooks", None):
-            return "a diffusers hook on the module may replay outputs of earlier steps"
-        if self.kind == "mlp":
-            if getattr(self.block, "_chunk_size", None) is not None:
-                return "MLP run in token chunks (forward chunking)"
-            return None
-        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        if mask is None:
-            return None
-        if self.kind == "attn":
-            return "self-attention with an attention mask over the merged tokens"
-        if isinstance(mask, Tensor) and mask.dim() >= 3 and mask.shape[-2] != 1:
-            return "cross-attention mask with a row per query"
-        return None
+    check_signatures(expected, "UNet")
 
 
 class _GridReader:
@@ -231,7 +192,7 @@ class DiffusersUNetAdapter(Adapter):
         block = self._blocks[patch.site.name]
         handles += patch.watch_block_input(block)
         for kind, module in modules.items():
-            handles += patch.attach_local(module, guard=_TargetGuard(module, kind, block))
+            handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
         return handles
 
     def detach(self, root: nn.Module) -> None:

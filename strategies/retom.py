@@ -20,7 +20,14 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from tokenmerge.config import MAX_CELL, MergeConfig, resolve_per_site, selector_keys
+from tokenmerge.config import (
+    MAX_CELL,
+    MergeConfig,
+    not_empty,
+    per_site_values,
+    resolve_per_site,
+    selector_keys,
+)
 from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
@@ -42,13 +49,15 @@ class ReToMConfig(MergeConfig):
     """
 
     strategy: Literal["retom"] = Field(default="retom", description="Always 'retom'.")
-    window_size: int | dict[str, int] = Field(
+    window_size: int | dict[str, int] | tuple[int, ...] = Field(
         default={"down": 2, "mid": 4, "up": 2, "*": 2},
         description=(
-            "Side of the square windows, at least 2: one number, or a mapping from site selector "
-            "(module-name glob, stage 'down' / 'mid' / 'up', level digits, '*') to a size. "
-            "Default {'down': 2, 'mid': 4, 'up': 2, '*': 2}: the paper's smaller windows in the "
-            "down / up stages and larger ones in the bottleneck. The ratio may not exceed "
+            "Side of the square windows, at least 2: one number, one per block (a list indexed "
+            "by block: a depth schedule for DiT-style transformers), or a mapping from site "
+            "selector (module-name glob, stage 'down' / 'mid' / 'up' or 'first' / 'middle' / "
+            "'last', level digits, '*') to a size. Default {'down': 2, 'mid': 4, 'up': 2, "
+            "'*': 2}: the paper's smaller windows in a UNet's down / up stages and larger ones "
+            "in its bottleneck; 2 everywhere in a transformer. The ratio may not exceed "
             "1 - 1 / s**2 for the smallest s (one representative per window stays)."
         ),
     )
@@ -78,11 +87,9 @@ class ReToMConfig(MergeConfig):
 
     @field_validator("window_size")
     @classmethod
-    def _window_at_least_two(cls, value: int | dict[str, int]) -> int | dict[str, int]:
-        if isinstance(value, dict) and not value:
-            raise ValueError("a window_size mapping needs at least one key ('*' for the default)")
-        sizes = value.values() if isinstance(value, dict) else [value]
-        for size in sizes:
+    def _window_at_least_two(cls, value: int | dict[str, int] | tuple[int, ...]) -> object:
+        not_empty(value, "window_size")
+        for size in per_site_values(value):
             if size < 2:
                 raise ValueError(
                     f"window_size {size} is too small: a window side must be at least 2 "
@@ -93,10 +100,7 @@ class ReToMConfig(MergeConfig):
         return value
 
     def smallest_window(self) -> int:
-        sizes = (
-            self.window_size.values() if isinstance(self.window_size, dict) else [self.window_size]
-        )
-        return min(sizes)
+        return min(per_site_values(self.window_size))
 
     def ratio_limit(self) -> float:
         return 1.0 - 1.0 / self.smallest_window() ** 2

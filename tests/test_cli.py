@@ -48,7 +48,8 @@ def test_list_names_strategies_adapters_plugins_and_presets(capsys):
     out = capsys.readouterr().out
     for expected in ("strategies:", "retom", "tome", "random", "adapters:", "diffusers_unet",
                      "[extra: diffusers]", "plugins:", "tokenmerge.strategies", "from tokenmerge",
-                     "presets", "sd15", "sdxl", "tiny-unet"):  # fmt: skip
+                     "presets", "sd15", "sdxl", "tiny-unet", "dit-xl-2", "pixart-alpha-512",
+                     "sd3-medium", "flux-dev-cut", "tiny-flux"):  # fmt: skip
         assert expected in out
 
 
@@ -61,7 +62,12 @@ def test_list_json(capsys):
     plugin = next(p for p in listing["plugins"] if p["name"] == "tokenmerge.strategies")
     assert plugin["distribution"] == "tokenmerge" and plugin["version"]
     assert "retom" in plugin["strategies"]
-    assert [p["name"] for p in listing["presets"]] == ["sd15", "sd21", "sdxl", "tiny-unet"]
+    assert [p["name"] for p in listing["presets"]] == [
+        "sd15", "sd21", "sdxl", "dit-xl-2", "pixart-alpha-512", "sd3-medium", "flux-dev-cut",
+        "tiny-unet", "tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux",
+    ]  # fmt: skip
+    cut = next(p for p in listing["presets"] if p["name"] == "flux-dev-cut")
+    assert "depth cut" in cut["notes"]
 
 
 def test_console_script_is_installed():
@@ -77,7 +83,9 @@ ROW_FIELDS = {
     "label": str,
     "kind": str,
     "strategy": str,
+    "variant": str,
     "ratio": float,
+    "config": (dict, type(None)),
     "seconds": float,
     "speedup": float,
     "seconds_samples": list,
@@ -178,6 +186,54 @@ def test_bench_a_saved_checkpoint(tmp_path, capsys):
     assert "local checkpoint" in out and "the model's own weights" in out
 
 
+def test_bench_strategy_variants_on_a_transformer(tmp_path, capsys):
+    code = main(["bench", *TINY[2:], "--model", "tiny-dit", "--strategies", "tome", "retom",
+                 "retom:merge_mlp=true", "--no-plot", "--no-progress",
+                 "--json", str(tmp_path / "r.json")])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "retom+merge_mlp 0.5" in out and "tomesd" not in out  # auto: no tomesd on a DiT
+    assert "256 image tokens" in out and "DDIM steps" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    _check_schema(data)
+    rows = {row["label"]: row for row in data["rows"]}
+    assert list(rows) == ["none", "tome 0.5", "retom 0.5", "retom+merge_mlp 0.5"]
+    assert rows["retom+merge_mlp 0.5"]["config"]["merge_mlp"] is True
+    assert rows["retom+merge_mlp 0.5"]["variant"] == "retom+merge_mlp"
+    assert data["settings"]["strategies"] == ["tome", "retom", "retom:merge_mlp=true"]
+    assert data["model"]["sampler"] == "DDIM"
+
+
+def test_bench_a_cut_preset_says_so_in_the_header(capsys):
+    from tokenmerge.bench.presets import get_preset
+    from tokenmerge.bench.report import format_report
+    from tokenmerge.bench.runner import BenchResult
+
+    preset = get_preset("flux-dev-cut")
+    model = {"name": preset.name, "description": preset.description, "class": "Flux",
+             "source": "preset", "notes": preset.notes, "attention": "x", "input": "512 px",
+             "sampler": "Euler (flow matching)"}  # fmt: skip
+    machine = {"device": "cpu", "torch": "2", "threads": 1, "processor": "x86_64"}
+    settings = {"dtype": "float32", "rounds": 1, "photos": ["astronaut"], "timesteps": [500],
+                "trajectory_steps": 2}  # fmt: skip
+    header = format_report(BenchResult("0", model, machine, settings, [], 1.0))
+    assert "depth cut: 2 of FLUX.1-dev's 19 double-stream blocks" in header
+    assert "2 Euler (flow matching) steps" in header
+
+
+def test_bench_a_saved_transformer_checkpoint(tmp_path, capsys):
+    from tokenmerge.bench.presets import get_preset
+
+    get_preset("tiny-sd3").build().save_pretrained(tmp_path / "sd3")
+    code = main(["bench", *TINY[2:], "--model", str(tmp_path / "sd3"), "--strategies", "tome",
+                 "--no-plot", "--no-progress"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    # its size comes from its config (sample_size 32: 256 px), its sampler from its family
+    assert "256 px (32 x 32 latent, patch 2" in out and "Euler (flow matching)" in out
+    assert "tome 0.5" in out and "tomesd" not in out
+
+
 # ---------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("arguments", "expected"),
@@ -190,9 +246,16 @@ def test_bench_a_saved_checkpoint(tmp_path, capsys):
         (["--set", "cache_intervall=2"], "did you mean 'cache_interval'"),
         (["--set", "novalue"], "is not KEY=VALUE"),
         (["--rounds", "0"], "must be at least 1"),
+        (["--timesteps", "1000"], "trained on timesteps 0..999"),
         (["--json", "/no-such-dir/r.json"], "does not exist"),
         (["--photos", "moon"], "invalid choice"),
         (["--peer", "tomesdd"], "invalid choice"),
+        (["--strategies", "retom:merge_mlpp=true"], "did you mean 'merge_mlp'"),
+        (["--strategies", "retom:merge_mlp"], "'merge_mlp' is not KEY=VALUE"),
+        (["--strategies", "tomee:merge_mlp=true"], "unknown strategy 'tomee'"),
+        (["--strategies", "retom:ratio=0.2"], "give ratios with --ratios"),
+        (["--strategies", "retom", "retom:merge_mlp=false"], "configure the same merging"),
+        (["--model", "tiny-flux", "--peer", "tomesd"], "tomesd patches only diffusers UNet"),
     ],
 )
 def test_bench_bad_arguments_give_one_line(arguments, expected, capsys):

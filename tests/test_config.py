@@ -242,7 +242,8 @@ def test_invalid_json_text_rejected():
     ("strategy", "field", "value", "allowed"),
     [
         ("retom", "ratio", "abc", "valid number"),
-        ("retom", "ratio", [0.5], "valid number"),
+        ("retom", "ratio", ["half"], "valid number"),
+        ("retom", "ratio", [1.5], "less than 1"),
         ("retom", "merge_attn", "maybe", "valid boolean"),
         ("retom", "merge_mlp", 2, "valid boolean"),
         ("retom", "min_tokens", "x", "valid integer"),
@@ -250,13 +251,14 @@ def test_invalid_json_text_rejected():
         ("retom", "seed", "x", "valid integer"),
         ("retom", "levels", "down", "valid tuple"),
         ("retom", "levels", [0], "greater than or equal to 1"),
-        ("retom", "stages", ["side"], "'down', 'mid' or 'up'"),
+        ("retom", "stages", ["side"], "'first', 'middle' or 'last'"),
         ("retom", "blocks", [1.5], "valid integer"),
         ("retom", "include", "blocks.*", "valid tuple"),
         ("retom", "include", [" "], "must not be empty"),
         ("retom", "exclude", [""], "must not be empty"),
         ("retom", "window_size", "big", "valid integer"),
         ("retom", "window_size", 2.5, "valid integer"),
+        ("retom", "window_size", [2, 1], "at least 2"),
         ("retom", "scope", "everywhere", "'window' or 'global'"),
         ("tome", "partition", "zigzag", "'auto', 'cells' or 'alternate'"),
         ("tome", "random_destinations", "sometimes", "valid boolean"),
@@ -276,7 +278,12 @@ def test_bad_per_site_mapping_keys_rejected(field, key):
     value = 0.25 if field == "ratio" else 2
     message = rejected("retom", **{field: {key: value}})
     assert f"{field} keys select sites" in message
-    for allowed in ("module-name glob", "stage (down, mid, up)", "level", "'*'"):
+    for allowed in (
+        "module-name glob",
+        "stage (down, mid, up, first, middle, last)",
+        "level",
+        "'*'",
+    ):
         assert allowed in message
 
 

@@ -23,6 +23,7 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 from toy_models import Attention
+from transformer_models import FAMILIES, inputs
 
 import tokenmerge
 from tokenmerge import AdapterSpec, Plan
@@ -91,6 +92,11 @@ def run_unet(model: nn.Module) -> Any:
     return model(UNET_SAMPLE, 999, encoder_hidden_states=UNET_TEXT)
 
 
+def run_transformer(family: str) -> Callable[[nn.Module], Any]:
+    kwargs = inputs(family)
+    return lambda model: model(**kwargs)
+
+
 @dataclass(frozen=True)
 class TinyModel:
     """A model an adapter is checked on: how to build it, run it and patch it."""
@@ -116,6 +122,13 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
         )
     ],
     "diffusers_unet": [TinyModel("tiny-unet", tiny_unet, run_unet, {"min_tokens": 1})],
+    "diffusers_dit": [
+        TinyModel(f"tiny-{family}", FAMILIES[family], run_transformer(family), {"min_tokens": 1})
+        for family in ("dit", "pixart", "sd3")
+    ],
+    "diffusers_flux": [
+        TinyModel("tiny-flux", FAMILIES["flux"], run_transformer("flux"), {"min_tokens": 1})
+    ],
 }
 
 
@@ -163,7 +176,9 @@ def test_tiny_models_belong_to_registered_adapters() -> None:
 def test_the_matrix_covers_every_strategy_and_adapter() -> None:
     """Guards the parametrisation above against silently running nothing."""
     assert {"tome", "retom", "random"} <= set(STRATEGIES)
-    assert {"generic", "diffusers_unet"} <= set(tokenmerge.list_adapters(available=True))
+    assert {"generic", "diffusers_unet", "diffusers_dit", "diffusers_flux"} <= set(
+        tokenmerge.list_adapters(available=True)
+    )
     cases = _adapter_cases()
     assert {case.values[0] for case in cases} == set(tokenmerge.list_adapters(available=True))
     assert len(cases) == sum(

@@ -310,11 +310,12 @@ def test_describe_type():
     fields = MergeConfig.model_fields
     describe = docs_hooks.describe_type
     assert describe(fields["ratio"].annotation) == (
-        "`float` in [0, 1), or mapping `str` -> (`float` in [0, 1))"
+        "`float` in [0, 1), or mapping `str` -> (`float` in [0, 1)), "
+        "or tuple of (`float` in [0, 1))"
     )
     assert describe(fields["min_tokens"].annotation, fields["min_tokens"].metadata) == "`int` >= 1"
     assert describe(fields["stages"].annotation) == (
-        "tuple of (one of `'down'`, `'mid'`, `'up'`), or `None`"
+        "tuple of (one of `'down'`, `'mid'`, `'up'`, `'first'`, `'middle'`, `'last'`), or `None`"
     )
     assert describe(bool) == "`True` or `False`"
 

@@ -63,6 +63,15 @@ _positive = _whole_number(1)
 _non_negative = _whole_number(0)
 
 
+def _timestep(text: str) -> int:
+    value = _non_negative(text)
+    if value >= 1000:
+        raise argparse.ArgumentTypeError(
+            f"timestep {value} is out of range: the models are trained on timesteps 0..999"
+        )
+    return value
+
+
 def _setting(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -105,10 +114,6 @@ def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
         help="model dtype (default float32)",
     )  # fmt: skip
-    parser.add_argument(
-        "--strategies", nargs="+", default=None, metavar="NAME",
-        help="strategies (default: every registered one)",
-    )  # fmt: skip
     parser.add_argument("--seed", type=_non_negative, default=0, help="seed (default 0)")
     parser.add_argument(
         "--set",
@@ -150,6 +155,12 @@ def _build_parser() -> _Parser:
     )
     _add_common_model_options(bench)
     bench.add_argument(
+        "--strategies", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
+        help="strategies, each optionally with config fields of its own, one row per variant "
+        "and ratio: e.g. tome retom retom:merge_mlp=true (values are JSON, applied on top of "
+        "--set; default: every registered strategy)",
+    )  # fmt: skip
+    bench.add_argument(
         "--ratios", nargs="+", type=_ratio, default=[0.5], metavar="R",
         help="ratios, 0 <= r < 1 (default 0.5)",
     )  # fmt: skip
@@ -158,7 +169,7 @@ def _build_parser() -> _Parser:
         choices=["auto", "tomesd", "none"],
         default="auto",
         help="peers run side by side: 'auto' (default) adds tomesd when it is installed and "
-        "the model is a UNet; 'tomesd' requires it; 'none' runs tokenmerge only",
+        "the model is a UNet; 'tomesd' requires it (and a UNet); 'none' runs tokenmerge only",
     )
     bench.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
     bench.add_argument(
@@ -170,12 +181,14 @@ def _build_parser() -> _Parser:
         f"default {PHOTOS[0]})",
     )  # fmt: skip
     bench.add_argument(
-        "--timesteps", nargs="+", type=_non_negative, default=[900, 500, 100], metavar="T",
-        help="diffusion timesteps the photographs are noised to (default 900 500 100)",
+        "--timesteps", nargs="+", type=_timestep, default=[900, 500, 100], metavar="T",
+        help="diffusion timesteps the photographs are noised to, 0..999 (for the "
+        "flow-matching SD3 and FLUX.1: noise level t / 1000; default 900 500 100)",
     )  # fmt: skip
     bench.add_argument(
         "--trajectory-steps", type=_positive, default=4,
-        help="DDIM steps of the trajectory (default 4)",
+        help="steps of the sampling trajectory (DDIM, or Euler for flow-matching models; "
+        "default 4)",
     )  # fmt: skip
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     bench.add_argument(
@@ -195,6 +208,10 @@ def _build_parser() -> _Parser:
         "the photograph merged and unmerged with that plan, with its PSNR.",
     )
     _add_common_model_options(visualize)
+    visualize.add_argument(
+        "--strategies", nargs="+", default=None, metavar="NAME",
+        help="strategies (default: every registered one)",
+    )  # fmt: skip
     visualize.add_argument("--ratio", type=_ratio, default=0.5, help="ratio (default 0.5)")
     visualize.add_argument(
         "--photo", choices=PHOTOS, default=PHOTOS[0], help=f"photograph (default {PHOTOS[0]})"
@@ -228,6 +245,25 @@ def _check_configs(strategies: list[str], ratios: list[float], overrides: dict) 
     for strategy in strategies:
         for ratio in ratios:
             load_config(strategy, ratio=ratio, **overrides)
+
+
+def _check_peer(peer: str, model: str) -> None:
+    """``--peer tomesd`` needs tomesd installed and, for a preset, a UNet (a checkpoint's class
+    is checked once it is loaded)."""
+    from tokenmerge.bench.peers import PEERS, peer_available
+    from tokenmerge.bench.presets import PRESETS
+
+    if peer not in PEERS:
+        return
+    if not peer_available(peer):
+        raise UsageError(f"--peer {peer}: {peer} is not installed; pip install tomesd==0.1.3")
+    preset = PRESETS.get(model)
+    if preset is not None and preset.model_class != "UNet2DConditionModel":
+        raise UsageError(
+            f"--peer {peer}: {PEERS[peer].scope}, and preset {model!r} is a "
+            f"{preset.model_class}; use --peer none (or auto, which adds peers only where they "
+            "apply)"
+        )
 
 
 def _check_model(model: str) -> None:
@@ -300,8 +336,9 @@ def _run_list(args: argparse.Namespace) -> int:
         registered = ", ".join(item["strategies"] + item["adapters"]) or "nothing"
         print(f"  {item['name']:<24} from {origin}: {registered}")
     print("bench presets (random weights from the published configs):")
+    width = max((len(item["name"]) for item in presets), default=0)
     for item in presets:
-        print(f"  {item['name']:<14} {item['description']}")
+        print(f"  {item['name']:<{width}}  {item['description']}")
     return 0
 
 
@@ -311,15 +348,18 @@ def _first_line(text: str | None) -> str:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from tokenmerge.bench import report
-    from tokenmerge.bench.peers import peer_available
     from tokenmerge.bench.runner import BenchSettings, run_bench
+    from tokenmerge.bench.variants import parse_variants
 
-    strategies = _check_strategies(args.strategies)
     overrides = dict(args.overrides)
-    _check_configs(strategies, args.ratios, overrides)
+    if args.strategies is None:
+        strategies = _check_strategies(None)
+        _check_configs(strategies, args.ratios, overrides)
+    else:
+        strategies = list(args.strategies)
+        parse_variants(strategies, args.ratios, overrides)  # raises on a bad spec, one line
     _check_model(args.model)
-    if args.peer == "tomesd" and not peer_available("tomesd"):
-        raise UsageError("--peer tomesd: tomesd is not installed; pip install tomesd==0.1.3")
+    _check_peer(args.peer, args.model)
     for path in [args.json, None if args.no_plot else args.plot]:
         if path:
             report.check_writable(path)

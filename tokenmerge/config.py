@@ -5,12 +5,14 @@ sub-modules); each strategy subclasses it with its own fields and a ``strategy``
 discriminates the union. The union is built from the registry, so a plugin's config validates and
 serialises exactly like a built-in one.
 
-Per-site values (``ratio``, ReToM's ``window_size``) are a single value or a mapping whose keys
-select sites, most specific first:
+Per-site values (``ratio``, ReToM's ``window_size``) are a single value, a list with one value
+per block (a depth schedule, indexed by the site's block index), or a mapping whose keys select
+sites, most specific first:
 
 1. a module-name glob (``"up_blocks.1.**"``; ``*`` stays within one name part, ``**`` crosses
    dots), the first matching key in the mapping's order;
-2. a stage: ``"down"``, ``"mid"`` or ``"up"``;
+2. a stage: ``"down"``, ``"mid"`` or ``"up"`` in a UNet, ``"first"``, ``"middle"`` or ``"last"``
+   (the thirds of the blocks) in a DiT-style transformer;
 3. a level, the downsample factor as digits: ``"1"``, ``"2"``, ``"4"``...;
 4. ``"*"``, the default for every other site.
 """
@@ -43,7 +45,9 @@ __all__ = [
     "resolve_per_site",
 ]
 
-STAGES = ("down", "mid", "up")
+#: UNet stages, then the thirds of a transformer's depth (DiT, PixArt, SD3, Flux: no down / up)
+STAGES = ("down", "mid", "up", "first", "middle", "last")
+Stage = Literal["down", "mid", "up", "first", "middle", "last"]
 #: largest window / cell side accepted: far beyond any grid, and keeps the ratio limits finite
 MAX_CELL = 1024
 
@@ -63,6 +67,9 @@ def _selector_kind(key: str) -> str:
 def resolve_per_site(value: Any, site: Site) -> Any:
     """The value of a per-site setting at ``site``, or None when no key of the mapping selects it.
 
+    Raises:
+        ConfigError: a per-block list has no entry for the site's block.
+
     Example:
         >>> from tokenmerge.site import Site
         >>> site = Site("up_blocks.1.attentions.0.transformer_blocks.0", stage="up", level=2)
@@ -70,7 +77,18 @@ def resolve_per_site(value: Any, site: Site) -> Any:
         3
         >>> resolve_per_site({"2": 0.3, "up_blocks.1.**": 0.6}, site)
         0.6
+        >>> resolve_per_site([2, 2, 4], Site("transformer_blocks.2", block_index=2))
+        4
     """
+    if isinstance(value, (list, tuple)):
+        index = site.block_index
+        if index is None or not 0 <= index < len(value):
+            raise ConfigError(
+                f"a per-block list of {len(value)} values has no entry for site {site.name!r} "
+                f"(block index {index}); give one value per block of the model, or use a "
+                "mapping of site selectors ('first' / 'middle' / 'last', globs, '*')"
+            )
+        return value[index]
     if not isinstance(value, dict):
         return value
     by_kind: dict[str, list[tuple[str, Any]]] = {}
@@ -88,6 +106,25 @@ def resolve_per_site(value: Any, site: Site) -> Any:
     for _, item in by_kind.get("default", []):
         return item
     return None
+
+
+def per_site_values(value: Any) -> list[Any]:
+    """Every value a per-site setting can take (a mapping's values, a list's items, or itself)."""
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def not_empty(value: Any, field: str) -> Any:
+    """Reject an empty per-site mapping or list (it would select nothing, silently)."""
+    if isinstance(value, (dict, list, tuple)) and not value:
+        raise ValueError(
+            f"an empty {type(value).__name__} of {field} values selects no site; give one value, "
+            "one per block, or a mapping with a '*' default"
+        )
+    return value
 
 
 def selector_keys(value: Any, field: str) -> Any:
@@ -124,13 +161,15 @@ class MergeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     strategy: str = Field(description="Name of the registered strategy this config is for.")
-    ratio: Ratio | dict[str, Ratio] = Field(
+    ratio: Ratio | dict[str, Ratio] | tuple[Ratio, ...] = Field(
         default=0.5,
         description=(
             "Fraction of a site's image tokens merged away, in [0, 1): 0 merges nothing (the "
             "model is bit-identical), 0.5 halves the tokens. Either one number for every "
-            "site or a mapping from site selector to ratio, most specific first: module-name glob, "
-            "stage ('down', 'mid', 'up'), level as digits ('1', '2'...), '*'; sites no key "
+            "site, one per block (a list indexed by block, for a depth schedule), or a mapping "
+            "from site selector to ratio, most specific first: module-name glob, "
+            "stage ('down', 'mid', 'up' in a UNet; 'first', 'middle', 'last' third of a "
+            "transformer's blocks), level as digits ('1', '2'...), '*'; sites no key "
             "selects are left alone. Default 0.5, tomesd's default, where it measured "
             "x1.87 at equal FID on SD 1.5."
         ),
@@ -161,9 +200,12 @@ class MergeConfig(BaseModel):
             "Default None: the adapter's choice, the finest level that has attention."
         ),
     )
-    stages: tuple[Literal["down", "mid", "up"], ...] | None = Field(
+    stages: tuple[Stage, ...] | None = Field(
         default=None,
-        description="Only sites in these stages ('down', 'mid', 'up'). Default None: every stage.",
+        description=(
+            "Only sites in these stages: 'down', 'mid', 'up' in a UNet; 'first', 'middle', "
+            "'last' (thirds of the blocks) in a DiT-style transformer. Default None: every stage."
+        ),
     )
     blocks: tuple[int, ...] | None = Field(
         default=None,
@@ -221,6 +263,11 @@ class MergeConfig(BaseModel):
     def _ratio_keys(cls, value: Any) -> Any:
         return selector_keys(value, "ratio")
 
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_not_empty(cls, value: Any) -> Any:
+        return not_empty(value, "ratio")
+
     @field_validator("include", "exclude")
     @classmethod
     def _globs_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -232,8 +279,7 @@ class MergeConfig(BaseModel):
     @model_validator(mode="after")
     def _ratio_within_capacity(self) -> MergeConfig:
         limit = self.ratio_limit()
-        values = self.ratio.values() if isinstance(self.ratio, dict) else [self.ratio]
-        for value in values:
+        for value in per_site_values(self.ratio):
             if value > limit + 1e-12:
                 raise ValueError(
                     f"ratio {value} is more than this {self.strategy!r} config can merge: at most "

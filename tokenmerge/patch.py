@@ -36,6 +36,8 @@ _CALLS, _COMPUTED, _REUSED, _PASSED = range(len(_COUNTERS))
 LayoutFn = Callable[[Site, Tensor], "TokenLayout | None"]
 #: ``(args, kwargs) -> reason`` a target call must be passed through untouched, or None
 Guard = Callable[[tuple, dict], "str | None"]
+#: ``(plan, kwargs) -> kwargs`` of a merged call (positional tables reduced to the kept rows...)
+Adjust = Callable[[Plan, dict], dict]
 
 
 @dataclass
@@ -97,8 +99,9 @@ class SitePatch:
 
     @property
     def last_plan(self) -> Plan | None:
-        """The plan this site used at its latest merged call (None before one, and after
-        ``new_generation``): what ``tokenmerge visualize`` draws."""
+        """The plan this site used at its latest merged call: what ``tokenmerge visualize``
+        draws (None before one, and from the start of a call that plans afresh until it
+        plans)."""
         return None if self._cache is None else self._cache.plan
 
     @property
@@ -111,8 +114,11 @@ class SitePatch:
         self.seen_this_call = False
         self.metric = None  # a forward that raised mid-block left its input here
         if new_generation:
-            self._cache = None
             self._random.reset()
+        # decided here, outside compiled code, so the hot path only asks whether a plan is
+        # cached: one graph variant that plans and one that reuses, whatever the step
+        if new_generation or self.state.replan:
+            self._cache = None
 
     def _features(self, image_tokens: Tensor) -> tuple[Tensor, int]:
         """Features the strategy plans on, and how many times the plan repeats over the batch."""
@@ -138,7 +144,7 @@ class SitePatch:
         self.seen_this_call = True
         key = (x.shape[0], x.shape[1], x.device, x.dtype)
         cached = self._cache
-        if cached is not None and cached.key == key and not (first and self.state.replan):
+        if cached is not None and cached.key == key:
             if first:
                 self._count(cached.plan, x.shape[1], _REUSED)
             return cached.plan
@@ -172,8 +178,7 @@ class SitePatch:
             return plan
         wanted = int(self.ratio * n)
         num_merge = min(wanted, self.strategy.capacity(layout, self.site))
-        metric = self.metric if self._metric_fits(x) else x
-        features, repeats = self._features(metric[:, prefix:])
+        features, repeats = self._features(self._metric_image_tokens(x, prefix, n))
         with torch.no_grad():
             plan = self.strategy.make_plan(features, layout, self.site, num_merge, self._random)
         plan = plan.with_prefix(prefix)
@@ -193,8 +198,16 @@ class SitePatch:
             )
         return plan
 
-    def _metric_fits(self, x: Tensor) -> bool:
-        return self.metric is not None and self.metric.shape[:2] == x.shape[:2]
+    def _metric_image_tokens(self, x: Tensor, prefix: int, n: int) -> Tensor:
+        """The image tokens the plan is made from: those of ``metric`` when it fits this call
+        (all of ``x``'s tokens, or its ``n`` image tokens alone), else ``x``'s own."""
+        metric = self.metric
+        if metric is not None and metric.shape[0] == x.shape[0]:
+            if metric.shape[1] == x.shape[1]:
+                return metric[:, prefix:]
+            if metric.shape[1] == n:
+                return metric
+        return x[:, prefix:]
 
     def count_pass_through(self, reason: str) -> None:
         """Record a call left unmerged because the plan cannot handle it."""
@@ -225,17 +238,23 @@ class SitePatch:
         ]
 
     def attach_local(
-        self, module: nn.Module, arg_name: str = "hidden_states", guard: Guard | None = None
+        self,
+        module: nn.Module,
+        arg_name: str = "hidden_states",
+        guard: Guard | None = None,
+        adjust: Adjust | None = None,
     ) -> list[RemovableHandle]:
         """Merge ``module``'s hidden states before its forward and unmerge its output after.
 
         The hidden states are the first positional argument or the keyword ``arg_name``; the
         output is a tensor or a tuple / list whose first element is the tensor to unmerge.
         Calls that ``guard`` rejects, or whose hidden states are not ``(B, N, C)``, pass through
-        untouched and are counted in ``stats().passed_through``. ``guard`` must be a
-        module-level function or a bound method (``copy.deepcopy`` copies the hooks).
+        untouched and are counted in ``stats().passed_through``. ``adjust(plan, kwargs)``, when
+        given, returns the keyword arguments of a merged call (e.g. a rotary table reduced to
+        the kept tokens' rows). ``guard`` and ``adjust`` must be module-level functions or bound
+        methods (``copy.deepcopy`` copies the hooks).
         """
-        hook = _LocalHook(self, arg_name, guard)
+        hook = _LocalHook(self, arg_name, guard, adjust)
         return [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after, with_kwargs=True),
@@ -259,10 +278,13 @@ class _BlockInput:
 class _LocalHook:
     """The pair of hooks of one target sub-module (a class, so ``copy.deepcopy`` copies it)."""
 
-    def __init__(self, patch: SitePatch, arg_name: str, guard: Guard | None) -> None:
+    def __init__(
+        self, patch: SitePatch, arg_name: str, guard: Guard | None, adjust: Adjust | None
+    ) -> None:
         self.patch = patch
         self.arg_name = arg_name
         self.guard = guard
+        self.adjust = adjust
         self.plans: list[Plan | None] = []
 
     def __getstate__(self) -> dict[str, Any]:
@@ -293,6 +315,8 @@ class _LocalHook:
         if plan is None or plan.is_identity:
             return None
         merged = plan.merge(x)
+        if self.adjust is not None:
+            kwargs = self.adjust(plan, kwargs)
         if args:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, self.arg_name: merged}

@@ -59,8 +59,12 @@ def tie_self_attention(model: nn.Module, scale: float) -> int:
     """Make every self-attention attend by similarity: ``to_k = to_q = scale * to_q``.
 
     A self-attention is a module with ``to_q`` / ``to_k`` linear layers of the same shape that
-    is not marked ``is_cross_attention`` (diffusers' ``Attention``). The weights change in place,
-    so models that share them (``sharing_weights``) change too. Returns how many were tied.
+    is not marked ``is_cross_attention`` (diffusers' ``Attention``, SD3's joint attention on its
+    image stream, ``FluxAttention``). Where queries and keys are normalised per head
+    (``norm_q`` / ``norm_k``: FLUX.1, SD 3.5), normalisation would undo a scaled projection, so
+    the key norm is tied to the query norm and *its* weight carries the scale: either way the
+    attention logits grow by ``scale ** 2``. The weights change in place, so models that share
+    them (``sharing_weights``) change too. Returns how many were tied.
 
     Example:
         >>> from tokenmerge.bench.presets import get_preset
@@ -77,13 +81,28 @@ def tie_self_attention(model: nn.Module, scale: float) -> int:
                 continue
             if query.weight.shape != key.weight.shape:
                 continue
-            query.weight.mul_(scale)
-            key.weight.copy_(query.weight)
-            if query.bias is not None and key.bias is not None:
-                query.bias.mul_(scale)
-                key.bias.copy_(query.bias)
+            query_norm, key_norm = _norm_weight(module, "norm_q"), _norm_weight(module, "norm_k")
+            normalised = query_norm is not None and key_norm is not None
+            _tie(query, key, 1.0 if normalised else scale)
+            if normalised:
+                query_norm.mul_(scale)
+                key_norm.copy_(query_norm)
             tied += 1
     return tied
+
+
+def _norm_weight(module: nn.Module, name: str) -> Tensor | None:
+    norm = getattr(module, name, None)
+    weight = getattr(norm, "weight", None)
+    return weight if isinstance(weight, Tensor) else None
+
+
+def _tie(query: nn.Linear, key: nn.Linear, scale: float) -> None:
+    query.weight.mul_(scale)
+    key.weight.copy_(query.weight)
+    if query.bias is not None and key.bias is not None:
+        query.bias.mul_(scale)
+        key.bias.copy_(query.bias)
 
 
 @dataclass
@@ -103,6 +122,10 @@ class BlockErrorProbe:
     a context manager around the merged model's calls; ``errors`` then maps block name to its
     record.
 
+    Blocks that carry two streams (SD3's ``JointTransformerBlock``, FLUX.1's double- and
+    single-stream blocks) return ``(text, image)``; the error is that of the image stream, the
+    output with the shape of the block's ``hidden_states`` input ``x``.
+
     Args:
         merged_root: the model with merging applied.
         exact_root: the same model (same weights) without merging.
@@ -118,9 +141,15 @@ class BlockErrorProbe:
 
     def __enter__(self) -> BlockErrorProbe:
         for name in self.names:
-            hook = _ExactRerun(self.exact_root.get_submodule(name), self.records[name])
+            rerun = _ExactRerun(self.exact_root.get_submodule(name), self.records[name])
             module = self.merged_root.get_submodule(name)
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            # the input is taken before any other pre-hook (an adapter merging at the block
+            # boundary would otherwise hand us merged tokens), the output after every forward
+            # hook (after the unmerge)
+            self._handles.append(
+                module.register_forward_pre_hook(rerun.capture, with_kwargs=True, prepend=True)
+            )
+            self._handles.append(module.register_forward_hook(rerun, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -133,20 +162,41 @@ class _ExactRerun:
     def __init__(self, exact: nn.Module, record: BlockRecord) -> None:
         self.exact = exact
         self.record = record
+        self._inputs: tuple[tuple, dict] | None = None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._inputs = (tuple(args), dict(kwargs))
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._inputs is not None:
+            args, kwargs = self._inputs
+            self._inputs = None
         x = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            exact = _first_tensor(self.exact(*args, **kwargs))
-        merged = _first_tensor(output)
+            exact = _image_stream(self.exact(*args, **kwargs), x)
+        merged = _image_stream(output, x)
         change = (exact.double() - x.double()).norm().clamp_min(1e-30)
         self.record.errors.append(float((merged.double() - exact.double()).norm() / change))
         self.record.tokens.append(x.shape[1])
 
 
-def _first_tensor(output: Any) -> Tensor:
+def _image_stream(output: Any, x: Tensor) -> Tensor:
+    """The image hidden states in a block's output: the output itself, or the element of an
+    output tuple with the shape of the block's image input ``x`` (the last such one: diffusers'
+    two-stream blocks return ``(text, image)``, and the text may happen to have that shape too).
+    """
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot read the hidden states from a block output of {type(output)}")
+    if isinstance(output, (tuple, list)):
+        matching = [t for t in output if isinstance(t, Tensor) and t.shape == x.shape]
+        if matching:
+            return matching[-1]
+    shapes = (
+        [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in output]
+        if isinstance(output, (tuple, list))
+        else type(output).__name__
+    )
+    raise TypeError(
+        f"cannot find the image hidden states (shape {tuple(x.shape)}, as the block's input) "
+        f"in a block output of {shapes}"
+    )

@@ -29,9 +29,18 @@ class TomesdPeer:
     the self-attention of the full-resolution level, 2 x 2 cells, random destinations)."""
 
     name = "tomesd"
+    #: what it can patch, in words (for the error on any other model)
+    scope = "tomesd patches only diffusers UNet2DConditionModel denoisers (SD 1.x / 2.x / XL)"
 
     def __init__(self, ratio: float) -> None:
         self.ratio = ratio
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """True for a diffusers UNet. tomesd looks for the UNet's attention blocks and judges a
+        block's resolution against the latent: on DiT-style transformers it merges nothing (it
+        takes the patch size for a downsample) or fails (PixArt)."""
+        return any(cls.__name__ == "UNet2DConditionModel" for cls in type(model).__mro__)
 
     def apply(self, model: nn.Module) -> None:
         import tomesd

@@ -3,9 +3,10 @@ random weights (nothing is downloaded).
 
 A preset keeps its model's published configuration: the widths, block types and token counts
 that decide what merging costs and saves. Only the weights are random, so speed figures carry
-over to the real model and fidelity figures do not (see ``fidelity.tie_self_attention``). A preset
-exists for every model family whose adapter has landed; ``tiny-unet`` is a seconds-fast stand-in
-for tests and smoke runs.
+over to the real model and fidelity figures do not (see ``fidelity.tie_self_attention``). A
+preset that departs from the real model in anything but its weights says so in its ``notes``
+(``flux-dev-cut`` keeps FLUX.1-dev's width but not its depth), and every report repeats them.
+The ``tiny-*`` presets are seconds-fast stand-ins for tests and smoke runs, one per family.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Preset:
         library: the library the model class comes from (``"diffusers"``).
         model_class: the class name, built from ``config``.
         config: the published configuration (random weights are drawn from it).
-        default_size: the image size in pixels the model was trained at.
+        default_size: the image size in pixels the bench runs it at: the size it was trained at,
+            unless the description says otherwise.
         notes: what differs from the real model, said in every report (empty: nothing but the
             weights).
     """
@@ -90,6 +92,59 @@ _SD_UNET = dict(
     layers_per_block=2,
 )
 
+#: DiT-XL/2's transformer, which PixArt-alpha keeps (28 blocks of 16 heads x 72 on 2 x 2 patches
+#: of a 4-channel latent; 8 output channels: the noise and a learned variance)
+_DIT_XL_2 = dict(
+    num_layers=28,
+    num_attention_heads=16,
+    attention_head_dim=72,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,
+    num_embeds_ada_norm=1000,
+)
+
+#: stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
+_SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    num_attention_heads=24,
+    attention_head_dim=64,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+
+#: black-forest-labs/FLUX.1-dev, transformer/config.json
+_FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+#: the tiny DiT-style stand-ins: 2 blocks of 2 heads x 16 on a 32 x 32 latent (16 x 16 tokens,
+#: as many as tiny-unet's full-resolution level)
+_TINY_DIT = dict(
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    patch_size=2,
+    in_channels=4,
+    sample_size=32,
+    num_embeds_ada_norm=1000,
+)
+
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in [
@@ -142,6 +197,55 @@ PRESETS: dict[str, Preset] = {
             default_size=1024,
         ),
         Preset(
+            name="dit-xl-2",
+            description="DiT-XL/2 class-conditional transformer (675M parameters), 512 px",
+            library="diffusers",
+            model_class="DiTTransformer2DModel",
+            config=dict(**_DIT_XL_2, sample_size=64, norm_type="ada_norm_zero"),
+            default_size=512,
+        ),
+        Preset(
+            name="pixart-alpha-512",
+            description="PixArt-alpha XL/2 text-to-image transformer (611M parameters), 512 px",
+            library="diffusers",
+            model_class="PixArtTransformer2DModel",
+            config=dict(
+                **_DIT_XL_2,
+                sample_size=64,
+                norm_type="ada_norm_single",
+                norm_eps=1e-6,
+                cross_attention_dim=1152,
+                caption_channels=4096,
+                # the 512 px model: no resolution / aspect-ratio conditioning, position table
+                # at scale 1 (the 1024 px multi-aspect model has sample_size 128 and both on)
+                interpolation_scale=1,
+                use_additional_conditions=False,
+            ),
+            default_size=512,
+        ),
+        Preset(
+            name="sd3-medium",
+            description="Stable Diffusion 3 Medium MMDiT (2.0B parameters), 512 px (trained at "
+            "up to 1024)",
+            library="diffusers",
+            model_class="SD3Transformer2DModel",
+            config=_SD3_MEDIUM,
+            default_size=512,
+        ),
+        Preset(
+            name="flux-dev-cut",
+            description="FLUX.1-dev transformer, full width, depth cut to 2 + 4 of 19 + 38 "
+            "blocks (1.3B of 11.9B), 512 px",
+            library="diffusers",
+            model_class="FluxTransformer2DModel",
+            config=dict(_FLUX_DEV, num_layers=2, num_single_layers=4),
+            default_size=512,
+            notes="depth cut: 2 of FLUX.1-dev's 19 double-stream blocks and 4 of its 38 "
+            "single-stream blocks (1.3B of 11.9B parameters), so it fits in memory; widths, "
+            "heads, embedders and token counts are FLUX.1-dev's, so per-block figures carry "
+            "over and whole-model times are about a tenth of the real model's",
+        ),
+        Preset(
             name="tiny-unet",
             description="a tiny SD-shaped UNet (2 levels, 32 / 64 channels) for tests, 128 px",
             library="diffusers",
@@ -157,6 +261,75 @@ PRESETS: dict[str, Preset] = {
                 norm_num_groups=8,
             ),
             default_size=128,
+            notes="not a real model: a tiny configuration for tests and smoke runs",
+        ),
+        Preset(
+            name="tiny-dit",
+            description="a tiny DiT (2 blocks, 2 x 16 heads) for tests, 256 px",
+            library="diffusers",
+            model_class="DiTTransformer2DModel",
+            config=dict(**_TINY_DIT, out_channels=8, norm_type="ada_norm_zero"),
+            default_size=256,
+            notes="not a real model: a tiny configuration for tests and smoke runs",
+        ),
+        Preset(
+            name="tiny-pixart",
+            description="a tiny PixArt-alpha (2 blocks, 2 x 16 heads) for tests, 256 px",
+            library="diffusers",
+            model_class="PixArtTransformer2DModel",
+            config=dict(
+                **_TINY_DIT,
+                out_channels=8,
+                norm_type="ada_norm_single",
+                cross_attention_dim=32,  # PixArt's caption projection outputs the block width
+                caption_channels=48,
+            ),
+            default_size=256,
+            notes="not a real model: a tiny configuration for tests and smoke runs",
+        ),
+        Preset(
+            name="tiny-sd3",
+            description="a tiny SD 3.5-style MMDiT (2 blocks, one with an image-only attn2) for "
+            "tests, 256 px",
+            library="diffusers",
+            model_class="SD3Transformer2DModel",
+            config=dict(
+                sample_size=32,
+                patch_size=2,
+                in_channels=16,
+                out_channels=16,
+                num_layers=2,
+                num_attention_heads=2,
+                attention_head_dim=16,
+                joint_attention_dim=32,
+                caption_projection_dim=32,  # the text stream runs at the block width
+                pooled_projection_dim=32,
+                pos_embed_max_size=32,
+                dual_attention_layers=(0,),
+                qk_norm="rms_norm",
+            ),
+            default_size=256,
+            notes="not a real model: a tiny configuration for tests and smoke runs",
+        ),
+        Preset(
+            name="tiny-flux",
+            description="a tiny FLUX.1 (2 double- + 2 single-stream blocks, 2 x 16 heads) for "
+            "tests, 256 px",
+            library="diffusers",
+            model_class="FluxTransformer2DModel",
+            config=dict(
+                patch_size=1,
+                in_channels=64,
+                num_layers=2,
+                num_single_layers=2,
+                num_attention_heads=2,
+                attention_head_dim=16,
+                joint_attention_dim=32,
+                pooled_projection_dim=32,
+                guidance_embeds=True,
+                axes_dims_rope=(4, 6, 6),  # rotary axes (even sizes) sum to the head width
+            ),
+            default_size=256,
             notes="not a real model: a tiny configuration for tests and smoke runs",
         ),
     ]

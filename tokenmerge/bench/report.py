@@ -84,7 +84,7 @@ def format_report(result: BenchResult) -> str:
         f"  speed: medians of {settings['rounds']} alternating rounds (one denoising step each, "
         f"after a warm-up round); fidelity: photographs {', '.join(settings['photos'])} at "
         f"timesteps {', '.join(str(t) for t in settings['timesteps'])}; trajectory: "
-        f"{settings['trajectory_steps']} DDIM steps",
+        f"{settings['trajectory_steps']} {model.get('sampler', 'DDIM')} steps",
         "",
         format_table(result.rows),
         "",
@@ -143,15 +143,15 @@ def write_plot(result: BenchResult, path: str | Path) -> None:
     groups: dict[str, list[BenchRow]] = {}
     for row in result.rows:
         if row.kind != "baseline" and row.block_error is not None:
-            groups.setdefault(row.strategy, []).append(row)
-    for strategy, rows in groups.items():
+            groups.setdefault(row.variant, []).append(row)
+    for variant, rows in groups.items():
         rows.sort(key=lambda row: row.ratio)
         marker = "s" if rows[0].kind == "peer" else "o"
         axes.plot(
             [row.block_error for row in rows],
             [row.speedup for row in rows],
             marker=marker,
-            label=strategy,
+            label=variant,
         )
         for row in rows:
             axes.annotate(

@@ -1,18 +1,20 @@
 """``tokenmerge bench``: speed, merge overhead, memory and fidelity of strategies in one run.
 
-Every configuration (no merging, each strategy at each ratio, each peer) gets its own copy of
-the model's modules sharing one set of weights, so they run side by side in one process:
+Every configuration (no merging, each strategy variant at each ratio, each peer) gets its own
+copy of the model's modules sharing one set of weights, so they run side by side in one process:
 
-1. **Timed rounds**: each round is one denoising step (consecutive timesteps of a 50-step run, so
-   plan caches work as in a generation); configurations alternate, in a rotating order, and the
-   first round only warms up. Speedup = median seconds without merging / median with.
+1. **Timed rounds**: each round is one denoising step (consecutive timesteps of the family's
+   sampling run - 50 steps for UNets, DiT and PixArt, 28 for SD3 and FLUX.1 - so plan caches
+   work as in a generation); configurations alternate, in a rotating order, and the first round
+   only warms up. Speedup = median seconds without merging / median with.
 2. **Fidelity** on noised latents of photographs, plans made afresh for every input: the block
    error (every merged transformer block against the exact block run on the same input,
    ``||y_merged - y_exact|| / ||y_exact - x||``) and the model output's error against the
    unmerged model's.
-3. **Instrumented run**: a short DDIM trajectory from one seed with timers around planning, merge
-   and unmerge (never inside the timed rounds), judging plan caching over steps: its final
-   latent is compared with the unmerged trajectory's. Peak memory is taken on one more call.
+3. **Instrumented run**: a short sampling trajectory (DDIM, or Euler for flow matching) from one
+   seed with timers around planning, merge and unmerge (never inside the timed rounds), judging
+   plan caching over steps: its final latent is compared with the unmerged trajectory's. Peak
+   memory is taken on one more call.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from torch import nn
 
 from tokenmerge import __version__
 from tokenmerge.api import Handle, apply
-from tokenmerge.config import load_config
+from tokenmerge.errors import UnsupportedModelError
 
 from .fidelity import BlockErrorProbe, relative_error, tie_self_attention
 from .peers import PEERS, TomesdPeer, peer_available
 from .presets import PRESETS, get_preset
 from .timing import PARTS, OverheadTimers, peak_memory_mb, synchronizer, timed
-from .workload import VAE_SCALE, UNetWorkload, make_workload
+from .variants import parse_variants
+from .workload import Workload, default_size, make_workload
 
 __all__ = ["BenchResult", "BenchRow", "BenchSettings", "run_bench", "sharing_weights"]
 
@@ -61,6 +64,7 @@ class BenchSettings:
     """
 
     model: str = "sd15"
+    # strategy variants, NAME[:KEY=VALUE[,KEY=VALUE...]] (see tokenmerge.bench.variants)
     strategies: list[str] = field(default_factory=lambda: ["retom", "tome", "random"])
     ratios: list[float] = field(default_factory=lambda: [0.5])
     peers: list[str] | None = None  # None: every installed peer that supports the model
@@ -85,7 +89,9 @@ class BenchRow:
     label: str
     kind: Literal["baseline", "tokenmerge", "peer"]
     strategy: str
+    variant: str  # the strategy with its variant's fields, e.g. "retom+merge_mlp"
     ratio: float
+    config: dict[str, Any] | None  # the whole merge config (tokenmerge rows only)
     seconds: float  # median seconds per forward over the timed rounds
     speedup: float  # baseline median / this median
     seconds_samples: list[float]
@@ -126,6 +132,7 @@ class _Entry:
     label: str
     kind: Literal["baseline", "tokenmerge", "peer"]
     strategy: str
+    variant: str
     ratio: float
     model: nn.Module
     handle: Handle | None = None
@@ -135,17 +142,17 @@ class _Entry:
         if self.handle is not None:
             self.handle.new_generation()
 
-    def probed_blocks(self, workload: UNetWorkload) -> list[str]:
+    def probed_blocks(self, workload: Workload) -> list[str]:
         if self.handle is not None:
             return [site.name for site in self.handle.sites]
         return workload.block_names(self.model)
 
-    def merged(self, name: str, tokens: int, workload: UNetWorkload) -> bool:
+    def merged(self, name: str, tokens: int, workload: Workload) -> bool:
         """Whether the block merged at the call just made."""
         if self.handle is not None:
             stats = self.handle.stats()[name]
             return stats.tokens_out < stats.tokens_in
-        return self.peer is not None and self.peer.merged(tokens, workload.latent_size**2)
+        return self.peer is not None and self.peer.merged(tokens, workload.tokens)
 
     def instrumented(self, timers: OverheadTimers) -> Any:
         if self.kind == "tokenmerge":
@@ -204,8 +211,7 @@ def load_bench_model(settings: BenchSettings, device: torch.device, dtype: torch
             "notes": "",
         }
         default_attention = "as-loaded"
-        sample_size = getattr(getattr(model, "config", None), "sample_size", None)
-        size = sample_size * VAE_SCALE if isinstance(sample_size, int) else 512
+        size = default_size(model)
     attention = settings.attention or default_attention
     if attention == "similarity":
         tied = tie_self_attention(model, settings.similarity_scale)
@@ -220,26 +226,43 @@ def load_bench_model(settings: BenchSettings, device: torch.device, dtype: torch
 
 
 def _entries(model: nn.Module, settings: BenchSettings, peers: list[str]) -> list[_Entry]:
-    entries = [_Entry("none", "baseline", "none", 0.0, model)]
-    for strategy, ratio in itertools.product(settings.strategies, settings.ratios):
+    entries = [_Entry("none", "baseline", "none", "none", 0.0, model)]
+    variants = parse_variants(settings.strategies, settings.ratios, settings.overrides)
+    for variant, ratio in itertools.product(variants, settings.ratios):
         clone = sharing_weights(model)
-        config = load_config(strategy, ratio=ratio, **settings.overrides)
-        handle = apply(clone, config)
-        label = f"{strategy} {ratio:g}"
-        entries.append(_Entry(label, "tokenmerge", strategy, ratio, clone, handle))
+        handle = apply(clone, variant.config(ratio, settings.overrides))
+        entries.append(
+            _Entry(
+                variant.label(ratio),
+                "tokenmerge",
+                variant.strategy,
+                variant.name,
+                ratio,
+                clone,
+                handle,
+            )
+        )
     for name, ratio in itertools.product(peers, settings.ratios):
         peer = PEERS[name](ratio)
         clone = sharing_weights(model)
         peer.apply(clone)
-        entries.append(_Entry(f"{name} {ratio:g}", "peer", name, ratio, clone, peer=peer))
+        entries.append(_Entry(f"{name} {ratio:g}", "peer", name, name, ratio, clone, peer=peer))
     return entries
 
 
 def _peers(settings: BenchSettings, model: nn.Module) -> list[str]:
-    if settings.peers is not None:
-        return list(settings.peers)
-    is_unet = type(model).__name__ == "UNet2DConditionModel"
-    return [name for name in PEERS if is_unet and peer_available(name)]
+    """The peers to run: those asked for (each must support the model), or with None every
+    installed peer that supports it."""
+    if settings.peers is None:
+        return [name for name in PEERS if PEERS[name].supports(model) and peer_available(name)]
+    for name in settings.peers:
+        if not PEERS[name].supports(model):
+            raise UnsupportedModelError(
+                f"the {name} peer cannot run on a {type(model).__name__}: {PEERS[name].scope}; "
+                "leave it out (--peer none, or --peer auto, which adds peers only where they "
+                "apply)"
+            )
+    return list(settings.peers)
 
 
 def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
@@ -250,6 +273,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
     model, model_info, size = load_bench_model(settings, device, dtype)
     workload = make_workload(model, size, settings.batch, device, dtype, settings.seed)
     model_info["input"] = workload.describe()
+    model_info["sampler"] = workload.sampler
     entries = _entries(model, settings, _peers(settings, model))
     baseline = entries[0]
     sync = synchronizer(device)
@@ -279,7 +303,11 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
                 label=entry.label,
                 kind=entry.kind,
                 strategy=entry.strategy,
+                variant=entry.variant,
                 ratio=entry.ratio,
+                config=(
+                    None if entry.handle is None else entry.handle.config.model_dump(mode="json")
+                ),
                 seconds=median,
                 speedup=base / median,
                 seconds_samples=seconds[entry.label],
@@ -309,7 +337,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
 
 def _timed_rounds(
     entries: list[_Entry],
-    workload: UNetWorkload,
+    workload: Workload,
     settings: BenchSettings,
     sync: Callable[[], None],
     bar: _Progress,
@@ -332,7 +360,7 @@ def _timed_rounds(
 
 
 def _fidelity(
-    entries: list[_Entry], workload: UNetWorkload, settings: BenchSettings, bar: _Progress
+    entries: list[_Entry], workload: Workload, settings: BenchSettings, bar: _Progress
 ) -> dict[str, dict[str, Any]]:
     bar.phase("fidelity")
     baseline, merged_entries = entries[0], entries[1:]
@@ -375,14 +403,14 @@ def _tokens(handle: Handle) -> str:
     return "-"
 
 
-def _peer_tokens(entry: _Entry, workload: UNetWorkload) -> str:
-    tokens = workload.latent_size**2
+def _peer_tokens(entry: _Entry, workload: Workload) -> str:
+    tokens = workload.tokens
     return f"{tokens}->{tokens - int(tokens * entry.ratio)}"
 
 
 def _instrumented(
     entries: list[_Entry],
-    workload: UNetWorkload,
+    workload: Workload,
     settings: BenchSettings,
     device: torch.device,
     bar: _Progress,

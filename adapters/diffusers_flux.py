@@ -1,0 +1,329 @@
+"""The diffusers Flux adapter: ``FluxTransformer2DModel`` (Flux.1 dev / schnell) and its pipelines.
+
+Flux runs image tokens through rotary position embeddings, and its rotary table is one
+unbatched ``(text + image tokens, dim)`` pair of cos / sin tables shared by the whole batch. So
+every Flux site plans **once for the whole batch** (on the batch-mean features), and each merged
+attention call gets the table's rows of the tokens it keeps: every kept token is a real token
+(a ToMe destination, a ReToM representative), so its position stays exact.
+
+Sites, in model order:
+
+- **Double-stream blocks** (``transformer_blocks``): image and text have their own weights and
+  meet in a joint attention. The image tokens (``hidden_states``) merge around the attention
+  and, with ``merge_mlp``, around the image MLP (``ff``); text tokens are never merged.
+- **Single-stream blocks** (``single_transformer_blocks``): the block concatenates text and
+  image tokens itself, and runs its MLP in parallel with attention on the same normalised
+  tokens. With ``merge_attn`` alone, the image part merges around the attention; with
+  ``merge_mlp`` alone, around the MLP's input projection; with both, around the whole block
+  body: the normalised tokens merge once, attention and the MLP (input and output projections)
+  run on the merged tokens, and the body's output is unmerged before the residual add.
+
+Grid: from ``img_ids`` (``[0, row, col]`` per image token, row-major), read by a pre-hook on the
+model; when the ids are not one row-major grid (e.g. Kontext's reference-image tokens), the calls
+pass through unmerged, counted in ``stats()``. Stages: ``"first"`` / ``"middle"`` / ``"last"``
+third of all blocks (double, then single). Calls with IP-Adapter image tokens or an attention
+mask pass through unmerged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.adapters._diffusers import (
+    TargetGuard,
+    check_signatures,
+    depth_stage,
+    parameter_index,
+)
+from tokenmerge.patch import SitePatch
+from tokenmerge.plan import Plan
+from tokenmerge.site import Site, TokenLayout
+
+__all__ = ["DiffusersFluxAdapter"]
+
+
+def _classes() -> tuple[type, type, type, type]:
+    from diffusers.models.transformers.transformer_flux import (
+        FluxAttention,
+        FluxSingleTransformerBlock,
+        FluxTransformer2DModel,
+        FluxTransformerBlock,
+    )
+
+    return FluxTransformer2DModel, FluxTransformerBlock, FluxSingleTransformerBlock, FluxAttention
+
+
+def _check_signatures() -> None:
+    from diffusers.models.attention import FeedForward
+
+    model, double, single, attention = _classes()
+    check_signatures(
+        {
+            model: (
+                "hidden_states",
+                "encoder_hidden_states",
+                "pooled_projections",
+                "timestep",
+                "img_ids",
+            ),
+            double: ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb"),
+            single: ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb"),
+            attention: ("hidden_states", "encoder_hidden_states", "attention_mask"),
+            FeedForward: ("hidden_states",),
+        },
+        "Flux",
+    )
+
+
+class IdsGrid:
+    """Pre-hook of the Flux model: the image-token grid of this call, from ``img_ids``.
+
+    Reading the ids' values synchronises with the device, so the grid is cached for as long as
+    the same ids tensor comes back (a pipeline passes one for the whole generation). Serves as
+    every site's layout: the tokens beyond the grid are the text tokens, which come first.
+    """
+
+    def __init__(self, index: int | None) -> None:
+        self.index = index  # position of img_ids when passed positionally
+        self.grid: tuple[int, int] | None = None
+        self._key: tuple | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("img_ids")
+        if ids is None and self.index is not None and len(args) > self.index:
+            ids = args[self.index]
+        self._read(ids)
+
+    @torch.compiler.disable
+    def _read(self, ids: Any) -> None:
+        if not isinstance(ids, Tensor):
+            self.grid, self._key = None, None
+            return
+        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
+        if key != self._key:
+            self._key = key
+            self.grid = _grid_of(ids)
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        grid = self.grid
+        if grid is None or hidden_states.shape[1] < grid[0] * grid[1]:
+            return None
+        return TokenLayout(grid, hidden_states.shape[1] - grid[0] * grid[1])
+
+
+def _grid_of(ids: Tensor) -> tuple[int, int] | None:
+    """``(h, w)`` when ``ids`` (``(N, 3)``, or batched) enumerate one grid row by row."""
+    if ids.dim() == 3:
+        ids = ids[0]
+    if ids.dim() != 2 or ids.shape[1] != 3 or ids.shape[0] == 0:
+        return None
+    n = ids.shape[0]
+    ids = ids.long()
+    height, width = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
+    if height * width != n:
+        return None
+    token = torch.arange(n, device=ids.device)
+    expected = torch.stack([torch.zeros_like(token), token // width, token % width], dim=1)
+    return (height, width) if bool(torch.equal(ids, expected)) else None
+
+
+def gather_rotary(plan: Plan, kwargs: dict) -> dict:
+    """The call's keyword arguments with the rotary table reduced to the rows of the tokens the
+    batch-shared ``plan`` keeps (text rows, which come first and never merge, all kept)."""
+    table = kwargs.get("image_rotary_emb")
+    if table is None:
+        return kwargs
+    first = table[0] if isinstance(table, (tuple, list)) else table
+    extra = first.shape[0] - plan.num_tokens  # text tokens not in the merged tensor
+    rows = plan.kept[0]
+    if extra:
+        rows = torch.cat([torch.arange(extra, device=rows.device), rows + extra])
+    rows = rows.to(first.device)
+    if isinstance(table, (tuple, list)):
+        table = type(table)(part.index_select(0, rows) for part in table)
+    else:
+        table = table.index_select(0, rows)
+    return {**kwargs, "image_rotary_emb": table}
+
+
+class RotaryGuard(TargetGuard):
+    """A ``TargetGuard`` that also passes through what the rotary gathering cannot handle."""
+
+    def __call__(self, args: tuple, kwargs: dict) -> str | None:
+        reason = super().__call__(args, kwargs)
+        if reason is not None:
+            return reason
+        if kwargs.get("ip_hidden_states") is not None:
+            return "IP-Adapter image tokens (their output is per image token, not unmerged)"
+        table = kwargs.get("image_rotary_emb")
+        parts = table if isinstance(table, (tuple, list)) else [table]
+        if table is not None and not all(isinstance(t, Tensor) and t.dim() == 2 for t in parts):
+            return "a rotary table that is not one unbatched (tokens, dim) table"
+        return None
+
+
+_SINGLE_BLOCK_ARGS = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "temb",
+    "image_rotary_emb",
+    "joint_attention_kwargs",
+)
+
+
+class SingleBlockBody:
+    """Merges a single-stream block's body: the normalised tokens merge at the norm's output,
+    attention (with its rotary rows gathered) and the parallel MLP run merged, and the output
+    projection's result is unmerged before the block's residual add."""
+
+    def __init__(self, patch: SitePatch, block: nn.Module) -> None:
+        self.patch = patch
+        self.guard = RotaryGuard(block.attn, "attn", block, watched=(block.norm, block.proj_out))
+        self.plan: Plan | None = None  # the plan of the call under way
+        self.reason: str | None = None  # why the call under way passes through, if it does
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "plan": None}
+
+    def attach(self, block: nn.Module) -> list[RemovableHandle]:
+        return [
+            block.register_forward_pre_hook(self.begin, with_kwargs=True),
+            block.norm.register_forward_hook(self.merge),
+            block.attn.register_forward_pre_hook(self.rotary, with_kwargs=True),
+            block.proj_out.register_forward_hook(self.unmerge),
+        ]
+
+    def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # the guard reads the attention's arguments, which only the block sees before the merge
+        given = {**dict(zip(_SINGLE_BLOCK_ARGS, args, strict=False)), **kwargs}
+        self.reason = self.guard((), {**(given.get("joint_attention_kwargs") or {}), **given})
+
+    def merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        self.plan = None
+        x = output[0]
+        if self.reason is not None:
+            self.patch.count_pass_through(self.reason)
+            return None
+        plan = self.patch.plan_for(x)
+        if plan is None:
+            self.patch.count_pass_through(f"no token grid known for {x.shape[1]} tokens")
+            return None
+        if plan.is_identity:
+            return None
+        self.plan = plan
+        return (plan.merge(x), *output[1:])
+
+    def rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.plan is None:
+            return None
+        return args, gather_rotary(self.plan, kwargs)
+
+    def unmerge(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        plan, self.plan = self.plan, None
+        return None if plan is None else plan.unmerge(output)
+
+
+class DiffusersFluxAdapter(Adapter):
+    """Merging in diffusers ``FluxTransformer2DModel``s and the pipelines that hold one.
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> from diffusers import FluxTransformer2DModel
+        >>> flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1,
+        ...     num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        ...     joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+        >>> handle = tokenmerge.apply(flux, "tome", ratio=0.5, merge_mlp=True, min_tokens=1)
+        >>> [site.name for site in handle.sites]
+        ['transformer_blocks.0', 'single_transformer_blocks.0']
+        >>> rows, cols = torch.meshgrid(torch.arange(8), torch.arange(6), indexing="ij")
+        >>> img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+        >>> out = flux(torch.randn(1, 48, 4), encoder_hidden_states=torch.randn(1, 5, 16),
+        ...            pooled_projections=torch.randn(1, 8), timestep=torch.tensor([1.0]),
+        ...            img_ids=img_ids, txt_ids=torch.zeros(5, 3)).sample
+        >>> out.shape, handle.stats()["single_transformer_blocks.0"].tokens_out
+        (torch.Size([1, 48, 4]), 29)
+        >>> handle.remove()
+    """
+
+    name = "diffusers_flux"
+
+    def __init__(self) -> None:
+        _check_signatures()
+        self._root: nn.Module | None = None
+        self._grid: IdsGrid | None = None
+        self._grid_attached = False
+        self._blocks: dict[str, nn.Module] = {}
+        self._timestep_index: int | None = None
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        flux = _classes()[0]
+        return isinstance(model, flux) or isinstance(getattr(model, "transformer", None), flux)
+
+    def root(self, model: Any) -> nn.Module:
+        return model if isinstance(model, _classes()[0]) else model.transformer
+
+    def candidates(self, root: nn.Module) -> list[SiteCandidate]:
+        _, double, single, _ = _classes()
+        self._root = root
+        self._grid = IdsGrid(parameter_index(type(root), "img_ids"))
+        self._timestep_index = parameter_index(type(root), "timestep")
+        named = [(f"transformer_blocks.{i}", b) for i, b in enumerate(root.transformer_blocks)]
+        named += [
+            (f"single_transformer_blocks.{i}", b)
+            for i, b in enumerate(root.single_transformer_blocks)
+        ]
+        found = []
+        for index, (name, block) in enumerate(named):
+            if isinstance(block, double):
+                modules = {"attn": block.attn, "mlp": block.ff}
+            elif isinstance(block, single):
+                modules = {"attn": block.attn, "mlp": block.proj_mlp}
+            else:
+                continue
+            stage = depth_stage(index, len(named))
+            site = Site(name, stage=stage, block_index=index, shared_plan=True)
+            self._blocks[name] = block
+            found.append(SiteCandidate(site, modules))
+        return found
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        return self._grid.layout(site, hidden_states) if self._grid is not None else None
+
+    def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
+        return self._grid.layout
+
+    def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        index = self._timestep_index
+        return args[index] if index is not None and len(args) > index else None
+
+    def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
+        handles = []
+        block = self._blocks[patch.site.name]
+        if not self._grid_attached:
+            self._grid_attached = True
+            handles.append(self._root.register_forward_pre_hook(self._grid, with_kwargs=True))
+        handles += patch.watch_block_input(block)
+        single = isinstance(block, _classes()[2])
+        if single and set(modules) == {"attn", "mlp"}:
+            return handles + SingleBlockBody(patch, block).attach(block)
+        for kind, module in modules.items():
+            if kind == "attn":
+                guard = RotaryGuard(module, kind, block)
+                handles += patch.attach_local(module, guard=guard, adjust=gather_rotary)
+            else:
+                handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
+        return handles
+
+    def detach(self, root: nn.Module) -> None:
+        self._grid_attached = False
+        if self._grid is not None:
+            self._grid.grid = None
