@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from tokenmerge.adapter import Adapter
 from tokenmerge.errors import UnsupportedModelError
+from tokenmerge.patch import SitePatch
+from tokenmerge.site import Site, TokenLayout
 
-__all__ = ["TargetGuard", "check_signatures", "depth_stage", "parameter_index"]
+__all__ = [
+    "GridHook",
+    "TargetGuard",
+    "TransformerAdapter",
+    "check_signatures",
+    "depth_stage",
+    "parameter_index",
+]
 
 #: diffusers hooks that only move or cast weights: a call under them computes its output afresh,
 #: so merging around it stays exact (every other diffusers hook may replay a stored output)
@@ -99,3 +111,88 @@ class TargetGuard:
         if isinstance(mask, Tensor) and mask.dim() >= 3 and mask.shape[-2] != 1:
             return "cross-attention mask with a row per query"
         return None
+
+
+class GridHook:
+    """A root pre-hook that reads the token grid of each call; it also serves as every site's
+    layout (one object per model, so the hot path does no look-up). Subclasses set ``grid``."""
+
+    grid: tuple[int, int] | None = None
+    #: whether tokens beyond the grid may come first (Flux's text tokens), protected from merging
+    text_first: bool = False
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        """Image tokens on ``grid``, behind the text tokens where ``text_first`` allows them."""
+        grid = self.grid
+        if grid is None:
+            return None
+        extra = hidden_states.shape[1] - grid[0] * grid[1]
+        if extra < 0 or (extra and not self.text_first):
+            return None
+        return TokenLayout(grid, extra)
+
+
+class TransformerAdapter(Adapter):
+    """What the DiT-family adapters share: the root is the model or a pipeline's
+    ``transformer``; a ``GridHook`` on the root gives every site its layout; the timestep is the
+    root's ``timestep`` argument; plans are made from each site's block input.
+
+    Subclasses implement ``model_classes`` and ``candidates``, calling ``watch_root`` there and
+    recording each site's block in ``_blocks``.
+    """
+
+    def __init__(self) -> None:
+        self._root: nn.Module | None = None
+        self._grid: GridHook | None = None
+        self._grid_attached = False
+        self._blocks: dict[str, nn.Module] = {}  # site name -> its block
+        self._timestep_index: int | None = None
+
+    @staticmethod
+    def model_classes() -> tuple[type, ...]:
+        """The root model classes this adapter patches (imported on demand)."""
+        raise NotImplementedError
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        models = cls.model_classes()
+        return isinstance(model, models) or isinstance(getattr(model, "transformer", None), models)
+
+    def root(self, model: Any) -> nn.Module:
+        return model if isinstance(model, self.model_classes()) else model.transformer
+
+    def watch_root(self, root: nn.Module, grid: GridHook) -> None:
+        """Remember the root, its grid hook and where its forward takes the timestep."""
+        self._root = root
+        self._grid = grid
+        self._timestep_index = parameter_index(type(root), "timestep")
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        return self._grid.layout(site, hidden_states) if self._grid is not None else None
+
+    def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
+        return self._grid.layout
+
+    def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        index = self._timestep_index
+        return args[index] if index is not None and len(args) > index else None
+
+    def attach_block(self, patch: SitePatch) -> tuple[nn.Module, list[RemovableHandle]]:
+        """The site's block, and the hooks every site needs: the root's grid hook (installed
+        once) and the block-input watcher the plan is made from."""
+        handles = []
+        if not self._grid_attached:
+            self._grid_attached = True
+            handles.append(self._root.register_forward_pre_hook(self._grid, with_kwargs=True))
+        block = self._blocks[patch.site.name]
+        return block, handles + patch.watch_block_input(block)
+
+    def detach(self, root: nn.Module) -> None:
+        self._grid_attached = False
+        if self._grid is not None:
+            self._grid.grid = None

@@ -24,21 +24,19 @@ target).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.adapter import SiteCandidate
 from tokenmerge.adapters._diffusers import (
+    GridHook,
     TargetGuard,
+    TransformerAdapter,
     check_signatures,
     depth_stage,
-    parameter_index,
 )
 from tokenmerge.patch import SitePatch
-from tokenmerge.site import Site, TokenLayout
+from tokenmerge.site import Site
 
 __all__ = ["DiffusersDiTAdapter"]
 
@@ -77,13 +75,13 @@ def _check_signatures() -> None:
     )
 
 
-class PatchGrid:
-    """Pre-hook of the root model: the token grid of this call is its input ``(B, C, H, W)``
-    over the patch size. It also serves as every site's layout (one object per model)."""
+class PatchGrid(GridHook):
+    """Root pre-hook: the token grid of a call is its input ``(B, C, H, W)`` over the patch
+    size."""
 
     def __init__(self, patch_size: int) -> None:
         self.patch_size = patch_size
-        self.grid: tuple[int, int] | None = None
+        self.grid = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states")
@@ -93,14 +91,8 @@ class PatchGrid:
         else:
             self.grid = None
 
-    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
-        grid = self.grid
-        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
-            return None
-        return TokenLayout(grid)
 
-
-class DiffusersDiTAdapter(Adapter):
+class DiffusersDiTAdapter(TransformerAdapter):
     """Merging in diffusers ``DiTTransformer2DModel``, ``PixArtTransformer2DModel`` and
     ``SD3Transformer2DModel``, and the pipelines that hold one (``pipe.transformer`` is patched).
 
@@ -125,25 +117,15 @@ class DiffusersDiTAdapter(Adapter):
 
     def __init__(self) -> None:
         _check_signatures()
-        self._root: nn.Module | None = None
-        self._grid: PatchGrid | None = None
-        self._grid_attached = False
-        self._blocks: dict[str, nn.Module] = {}  # site name -> its block
-        self._timestep_index: int | None = None
+        super().__init__()
 
-    @classmethod
-    def supports(cls, model: Any) -> bool:
-        models = _models()
-        return isinstance(model, models) or isinstance(getattr(model, "transformer", None), models)
-
-    def root(self, model: Any) -> nn.Module:
-        return model if isinstance(model, _models()) else model.transformer
+    @staticmethod
+    def model_classes() -> tuple[type, ...]:
+        return _models()
 
     def candidates(self, root: nn.Module) -> list[SiteCandidate]:
         basic, joint = _blocks()
-        self._root = root
-        self._grid = PatchGrid(root.config.patch_size)
-        self._timestep_index = parameter_index(type(root), "timestep")
+        self.watch_root(root, PatchGrid(root.config.patch_size))
         blocks = root.transformer_blocks
         found = []
         for index, block in enumerate(blocks):
@@ -163,33 +145,11 @@ class DiffusersDiTAdapter(Adapter):
             found.append(SiteCandidate(site, modules))
         return found
 
-    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
-        return self._grid.layout(site, hidden_states) if self._grid is not None else None
-
-    def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
-        return self._grid.layout
-
-    def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
-        index = self._timestep_index
-        return args[index] if index is not None and len(args) > index else None
-
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
-        handles = []
-        block = self._blocks[patch.site.name]
-        if not self._grid_attached:
-            self._grid_attached = True
-            handles.append(self._root.register_forward_pre_hook(self._grid, with_kwargs=True))
-        handles += patch.watch_block_input(block)
+        block, handles = self.attach_block(patch)
         targets = list(modules.items())
         if "attn" in modules and getattr(block, "use_dual_attention", False):
             targets.append(("attn", block.attn2))  # SD 3.5's image-only second self-attention
         for kind, module in targets:
             handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
         return handles
-
-    def detach(self, root: nn.Module) -> None:
-        self._grid_attached = False
-        if self._grid is not None:
-            self._grid.grid = None

@@ -27,23 +27,24 @@ mask pass through unmerged.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.adapter import SiteCandidate
 from tokenmerge.adapters._diffusers import (
+    GridHook,
     TargetGuard,
+    TransformerAdapter,
     check_signatures,
     depth_stage,
     parameter_index,
 )
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
-from tokenmerge.site import Site, TokenLayout
+from tokenmerge.site import Site
 
 __all__ = ["DiffusersFluxAdapter"]
 
@@ -81,13 +82,15 @@ def _check_signatures() -> None:
     )
 
 
-class IdsGrid:
+class IdsGrid(GridHook):
     """Pre-hook of the Flux model: the image-token grid of this call, from ``img_ids``.
 
     Reading the ids' values synchronises with the device, so the grid is cached for as long as
     the same ids tensor comes back (a pipeline passes one for the whole generation). Serves as
     every site's layout: the tokens beyond the grid are the text tokens, which come first.
     """
+
+    text_first = True
 
     def __init__(self, index: int | None) -> None:
         self.index = index  # position of img_ids when passed positionally
@@ -109,12 +112,6 @@ class IdsGrid:
         if key != self._key:
             self._key = key
             self.grid = _grid_of(ids)
-
-    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
-        grid = self.grid
-        if grid is None or hidden_states.shape[1] < grid[0] * grid[1]:
-            return None
-        return TokenLayout(grid, hidden_states.shape[1] - grid[0] * grid[1])
 
 
 def _grid_of(ids: Tensor) -> tuple[int, int] | None:
@@ -229,7 +226,7 @@ class SingleBlockBody:
         return None if plan is None else plan.unmerge(output)
 
 
-class DiffusersFluxAdapter(Adapter):
+class DiffusersFluxAdapter(TransformerAdapter):
     """Merging in diffusers ``FluxTransformer2DModel``s and the pipelines that hold one.
 
     Example:
@@ -255,25 +252,15 @@ class DiffusersFluxAdapter(Adapter):
 
     def __init__(self) -> None:
         _check_signatures()
-        self._root: nn.Module | None = None
-        self._grid: IdsGrid | None = None
-        self._grid_attached = False
-        self._blocks: dict[str, nn.Module] = {}
-        self._timestep_index: int | None = None
+        super().__init__()
 
-    @classmethod
-    def supports(cls, model: Any) -> bool:
-        flux = _classes()[0]
-        return isinstance(model, flux) or isinstance(getattr(model, "transformer", None), flux)
-
-    def root(self, model: Any) -> nn.Module:
-        return model if isinstance(model, _classes()[0]) else model.transformer
+    @staticmethod
+    def model_classes() -> tuple[type, ...]:
+        return (_classes()[0],)
 
     def candidates(self, root: nn.Module) -> list[SiteCandidate]:
         _, double, single, _ = _classes()
-        self._root = root
-        self._grid = IdsGrid(parameter_index(type(root), "img_ids"))
-        self._timestep_index = parameter_index(type(root), "timestep")
+        self.watch_root(root, IdsGrid(parameter_index(type(root), "img_ids")))
         named = [(f"transformer_blocks.{i}", b) for i, b in enumerate(root.transformer_blocks)]
         named += [
             (f"single_transformer_blocks.{i}", b)
@@ -293,25 +280,8 @@ class DiffusersFluxAdapter(Adapter):
             found.append(SiteCandidate(site, modules))
         return found
 
-    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
-        return self._grid.layout(site, hidden_states) if self._grid is not None else None
-
-    def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
-        return self._grid.layout
-
-    def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
-        index = self._timestep_index
-        return args[index] if index is not None and len(args) > index else None
-
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
-        handles = []
-        block = self._blocks[patch.site.name]
-        if not self._grid_attached:
-            self._grid_attached = True
-            handles.append(self._root.register_forward_pre_hook(self._grid, with_kwargs=True))
-        handles += patch.watch_block_input(block)
+        block, handles = self.attach_block(patch)
         single = isinstance(block, _classes()[2])
         if single and set(modules) == {"attn", "mlp"}:
             return handles + SingleBlockBody(patch, block).attach(block)
@@ -322,8 +292,3 @@ class DiffusersFluxAdapter(Adapter):
             else:
                 handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
         return handles
-
-    def detach(self, root: nn.Module) -> None:
-        self._grid_attached = False
-        if self._grid is not None:
-            self._grid.grid = None

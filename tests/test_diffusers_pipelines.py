@@ -18,6 +18,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline, FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 from dit_pipelines import FACTORIES, TEXT_TOKENS, image_grid, image_tokens, make_sd3, run
+from snapshots import hook_count, snapshot
 from torch import nn
 
 import tokenmerge
@@ -129,34 +130,6 @@ def block_names(pipe) -> set[str]:
 
 
 # ---------------------------------------------------------------------------- exact removal
-
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
-def hook_count(model: nn.Module) -> int:
-    return sum(len(getattr(m, d, {})) for m in model.modules() for d in _HOOK_DICTS)
-
-
-def snapshot(model: nn.Module) -> tuple[dict, list[str]]:
-    """Class and ``vars()`` (keys, and the identity of every value) of every module, and the
-    state-dict keys."""
-    modules = {
-        name: (type(m), sorted((key, id(value)) for key, value in vars(m).items()))
-        for name, m in model.named_modules()
-    }
-    return modules, list(model.state_dict())
 
 
 def untouched_components(pipe) -> list[nn.Module]:

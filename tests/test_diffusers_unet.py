@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
+from snapshots import hook_count, snapshot
 from torch import nn
 
 import tokenmerge  # noqa: E402
@@ -209,34 +210,6 @@ class TokenCounter:
 
 
 # ---------------------------------------------------------------------------- exact removal
-
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
-def hook_count(model: nn.Module) -> int:
-    return sum(len(getattr(m, d, {})) for m in model.modules() for d in _HOOK_DICTS)
-
-
-def snapshot(model: nn.Module) -> tuple[dict, list[str]]:
-    """Class and ``vars()`` of every module (keys, and the identity of every value: no attribute
-    is replaced, e.g. no attention processor), and the state-dict keys."""
-    modules = {
-        name: (type(m), sorted((key, id(value)) for key, value in vars(m).items()))
-        for name, m in model.named_modules()
-    }
-    return modules, list(model.state_dict())
 
 
 def assert_restored(model: nn.Module, before: tuple[dict, list[str]]) -> None:

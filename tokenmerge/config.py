@@ -236,9 +236,11 @@ class MergeConfig(BaseModel):
     share_cfg_plan: bool = Field(
         default=False,
         description=(
-            "With an even batch, plan on the second half (the conditional half in diffusers' "
-            "[uncond, cond] order) and use that plan for both halves, so classifier-free "
-            "guidance compares like with like. Default off: every sample plans on itself."
+            "With an even batch, plan on the second half (the conditional half in the [uncond, "
+            "cond] order of most diffusers pipelines; DiTPipeline puts cond first) and use that "
+            "plan for both halves, so classifier-free guidance compares like with like. Sites "
+            "that share one plan across the batch (Flux) ignore it. Default off: every sample "
+            "plans on itself."
         ),
     )
     cache_interval: int = Field(

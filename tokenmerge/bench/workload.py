@@ -119,6 +119,10 @@ class Workload:
         self.seed = seed
         self.kwargs: dict[str, Any] = {}
         self._generator = torch.Generator().manual_seed(seed)
+        self._condition(model)
+
+    def _condition(self, model: nn.Module) -> None:
+        """Fill ``kwargs`` with the family's conditioning (prompt embeddings, labels...)."""
 
     def _randn(self, *shape: int) -> Tensor:
         """Seeded Gaussian conditioning (drawn in order, so every run gets the same)."""
@@ -209,16 +213,8 @@ class UNetWorkload(Workload):
         '128 px (16 x 16 latent, 256 tokens at full resolution), batch 2'
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        size: int,
-        batch: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, size, batch, device, dtype, seed)
+    def _condition(self, model: nn.Module) -> None:
+        size, batch, device, dtype = self.size, self.batch, self.device, self.dtype
         config = self.config
         prompt = self._randn(batch, PROMPT_TOKENS, config.cross_attention_dim)
         self.kwargs["encoder_hidden_states"] = prompt
@@ -283,7 +279,11 @@ class _TransformerWorkload(Workload):
         self.patch = self._patch(model.config)
         self.pixels_per_token = VAE_SCALE * self.patch
         super().__init__(model, size, batch, device, dtype, seed)
-        self.grid = self.latent_size // self.patch
+
+    @property
+    def grid(self) -> int:
+        """Image tokens per side."""
+        return self.latent_size // self.patch
 
     @staticmethod
     def _patch(config: Any) -> int:
@@ -347,16 +347,8 @@ class DiTWorkload(_LearnedSigmaWorkload):
         ('256 px (32 x 32 latent, patch 2: 16 x 16 = 256 image tokens), batch 2', torch.Size([2]))
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        size: int,
-        batch: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, size, batch, device, dtype, seed)
+    def _condition(self, model: nn.Module) -> None:
+        batch, device = self.batch, self.device
         classes = self.config.num_embeds_ada_norm
         labels = torch.randint(0, classes, (batch,), generator=self._generator)
         self.kwargs["class_labels"] = labels.to(device)
@@ -377,16 +369,8 @@ class PixArtWorkload(_LearnedSigmaWorkload):
 
     text_tokens = 120
 
-    def __init__(
-        self,
-        model: nn.Module,
-        size: int,
-        batch: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, size, batch, device, dtype, seed)
+    def _condition(self, model: nn.Module) -> None:
+        size, batch, device, dtype = self.size, self.batch, self.device, self.dtype
         width = self.config.caption_channels or self.config.cross_attention_dim
         self.kwargs["encoder_hidden_states"] = self._randn(batch, self.text_tokens, width)
         conditions: dict[str, Tensor | None] = {"resolution": None, "aspect_ratio": None}
@@ -426,16 +410,8 @@ class SD3Workload(_FlowMatchWorkload):
 
     text_tokens = PROMPT_TOKENS + 256
 
-    def __init__(
-        self,
-        model: nn.Module,
-        size: int,
-        batch: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, size, batch, device, dtype, seed)
+    def _condition(self, model: nn.Module) -> None:
+        size, batch = self.size, self.batch
         config = self.config
         largest = config.pos_embed_max_size
         if largest is not None and self.grid > largest:
@@ -483,16 +459,8 @@ class FluxWorkload(_FlowMatchWorkload):
     latent_channels = 16
     guidance_scale = 3.5
 
-    def __init__(
-        self,
-        model: nn.Module,
-        size: int,
-        batch: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(model, size, batch, device, dtype, seed)
+    def _condition(self, model: nn.Module) -> None:
+        batch, device, dtype = self.batch, self.device, self.dtype
         config = self.config
         packed = self.latent_channels * self.patch**2
         if config.in_channels != packed:
