@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from tokenmerge.site import Site, TokenLayout
 
 __all__ = [
     "GridHook",
+    "PatchGrid",
     "TargetGuard",
     "TransformerAdapter",
     "check_signatures",
@@ -113,16 +115,17 @@ class TargetGuard:
         return None
 
 
-class GridHook:
-    """A root pre-hook that reads the token grid of each call; it also serves as every site's
-    layout (one object per model, so the hot path does no look-up). Subclasses set ``grid``."""
+class GridHook(ABC):
+    """A pre-hook that reads the token grid of each call; it also serves as the layout of the
+    sites under it (one object, so the hot path does no look-up). Subclasses set ``grid``."""
 
     grid: tuple[int, int] | None = None
     #: whether tokens beyond the grid may come first (Flux's text tokens), protected from merging
     text_first: bool = False
 
+    @abstractmethod
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        raise NotImplementedError
+        """Read the grid of this call into ``grid`` (None when it is unknown)."""
 
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
         """Image tokens on ``grid``, behind the text tokens where ``text_first`` allows them."""
@@ -133,6 +136,23 @@ class GridHook:
         if extra < 0 or (extra and not self.text_first):
             return None
         return TokenLayout(grid, extra)
+
+
+class PatchGrid(GridHook):
+    """Pre-hook of a module taking ``(B, C, H, W)`` latents (a DiT-style model, a UNet's
+    ``Transformer2DModel``): the token grid of a call is the input's size over the patch size."""
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+        self.grid = None
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        p = self.patch_size
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[-2] % p == 0 and x.shape[-1] % p == 0:
+            self.grid = (x.shape[-2] // p, x.shape[-1] // p)
+        else:
+            self.grid = None
 
 
 class TransformerAdapter(Adapter):
@@ -152,9 +172,9 @@ class TransformerAdapter(Adapter):
         self._timestep_index: int | None = None
 
     @staticmethod
+    @abstractmethod
     def model_classes() -> tuple[type, ...]:
         """The root model classes this adapter patches (imported on demand)."""
-        raise NotImplementedError
 
     @classmethod
     def supports(cls, model: Any) -> bool:

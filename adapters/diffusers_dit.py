@@ -24,12 +24,12 @@ target).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import SiteCandidate
 from tokenmerge.adapters._diffusers import (
-    GridHook,
+    PatchGrid,
     TargetGuard,
     TransformerAdapter,
     check_signatures,
@@ -73,23 +73,6 @@ def _check_signatures() -> None:
         },
         "DiT",
     )
-
-
-class PatchGrid(GridHook):
-    """Root pre-hook: the token grid of a call is its input ``(B, C, H, W)`` over the patch
-    size."""
-
-    def __init__(self, patch_size: int) -> None:
-        self.patch_size = patch_size
-        self.grid = None
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("hidden_states")
-        p = self.patch_size
-        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[-2] % p == 0 and x.shape[-1] % p == 0:
-            self.grid = (x.shape[-2] // p, x.shape[-1] // p)
-        else:
-            self.grid = None
 
 
 class DiffusersDiTAdapter(TransformerAdapter):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, SiteCandidate
-from tokenmerge.adapters._diffusers import TargetGuard, check_signatures
+from tokenmerge.adapters._diffusers import PatchGrid, TargetGuard, check_signatures
 from tokenmerge.config import MergeConfig
 from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site, TokenLayout
@@ -64,24 +64,14 @@ def _check_signatures() -> None:
     check_signatures(expected, "UNet")
 
 
-class _GridReader:
-    """Pre-hook of a ``Transformer2DModel``: remembers the grid of its input for its sites, and
-    serves as their layout (one object per transformer, so no look-up by name in the hot path)."""
+class _GridReader(PatchGrid):
+    """Pre-hook of a ``Transformer2DModel`` (its latents are its tokens: patch size 1), serving
+    as the layout of its sites."""
 
     def __init__(self, transformer: nn.Module) -> None:
+        super().__init__(patch_size=1)
         self.transformer = transformer
-        self.grid: tuple[int, int] | None = None
         self.attached = False  # its pre-hook is installed (once, by the transformer's first site)
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("hidden_states")
-        self.grid = tuple(x.shape[-2:]) if isinstance(x, Tensor) and x.dim() == 4 else None
-
-    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
-        grid = self.grid
-        if grid is None or grid[0] * grid[1] != hidden_states.shape[1]:
-            return None
-        return TokenLayout(grid)
 
 
 class DiffusersUNetAdapter(Adapter):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from toy_models import Attention
 
 import tokenmerge
 from tokenmerge.bench.presets import get_preset
@@ -42,26 +43,13 @@ def autoload(monkeypatch):
     registry.reset()
 
 
-class Mixer(nn.Module):
-    """Single-head self-attention over ``(B, N, C)`` tokens."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v))
-
-
 class Toy(nn.Module):
     """Two residual attention blocks and a per-token head."""
 
     def __init__(self, dim: int = 16) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.blocks = nn.ModuleList(Mixer(dim) for _ in range(2))
+        self.blocks = nn.ModuleList(Attention(dim, heads=1) for _ in range(2))
         self.head = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ encoders' real shapes (no text encoder runs).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,7 @@ def _as_number(value: Tensor) -> int | float:
     return int(value) if not value.is_floating_point() else float(value)
 
 
-class Workload:
+class Workload(ABC):
     """A family's inputs and calls; what every family shares: seeded noise, photograph latents,
     the sampling walk.
 
@@ -103,13 +104,13 @@ class Workload:
         dtype: torch.dtype,
         seed: int = 0,
     ) -> None:
+        self.config = model.config  # first: the token size below may depend on it
         step = self.pixels_per_token
         if size % step or size < 2 * step:
             raise ValueError(
                 f"image size {size} px is not a multiple of {step} of at least {2 * step}: "
                 f"{type(model).__name__} sees one token per {step} x {step} pixels; pick e.g. 512"
             )
-        self.config = model.config
         self.size = size
         self.latent_size = size // VAE_SCALE
         self.channels = self.config.in_channels
@@ -121,6 +122,7 @@ class Workload:
         self._generator = torch.Generator().manual_seed(seed)
         self._condition(model)
 
+    @abstractmethod
     def _condition(self, model: nn.Module) -> None:
         """Fill ``kwargs`` with the family's conditioning (prompt embeddings, labels...)."""
 
@@ -144,8 +146,9 @@ class Workload:
             f"{self.tokens} tokens at full resolution), batch {self.batch}"
         )
 
+    @abstractmethod
     def scheduler(self) -> Any:
-        raise NotImplementedError
+        """A fresh scheduler of the family's sampling run."""
 
     def _set_timesteps(self, scheduler: Any, steps: int) -> None:
         scheduler.set_timesteps(steps)
@@ -173,9 +176,9 @@ class Workload:
         clean, noise = self.clean_photo(photo), self.noise(seed_offset)
         return self.scheduler().add_noise(clean, noise, torch.tensor([int(timestep)]))
 
+    @abstractmethod
     def __call__(self, model: nn.Module, sample: Tensor, timestep: int | float) -> Tensor:
         """One denoising call: the model's prediction for ``sample`` at ``timestep``."""
-        raise NotImplementedError
 
     def trajectory(
         self, model: nn.Module, steps: int, before_step: Callable[[int], Any] | None = None
@@ -195,9 +198,9 @@ class Workload:
             latent = scheduler.step(prediction, timestep, latent).prev_sample
         return latent
 
+    @abstractmethod
     def block_names(self, model: nn.Module) -> list[str]:
         """Every transformer block of the model (where attention runs), in model order."""
-        raise NotImplementedError
 
 
 class UNetWorkload(Workload):
@@ -267,18 +270,14 @@ class _TransformerWorkload(Workload):
     #: the list attributes of the model that hold its blocks, in model order
     block_lists: tuple[str, ...] = ("transformer_blocks",)
 
-    def __init__(
-        self,
-        model: nn.Module,
-        size: int,
-        batch: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        seed: int = 0,
-    ) -> None:
-        self.patch = self._patch(model.config)
-        self.pixels_per_token = VAE_SCALE * self.patch
-        super().__init__(model, size, batch, device, dtype, seed)
+    @property
+    def patch(self) -> int:
+        """Latent pixels per token side."""
+        return self._patch(self.config)
+
+    @property
+    def pixels_per_token(self) -> int:
+        return VAE_SCALE * self.patch
 
     @property
     def grid(self) -> int:
