@@ -49,3 +49,29 @@ def tokenmerge_register_adapters(register):
             description="diffusers Flux transformers (FluxTransformer2DModel) and their pipelines",
         )
     )
+    register(
+        AdapterSpec(
+            name="timm_vit",
+            target="tokenmerge.adapters.timm_vit:TimmViTAdapter",
+            requires={"timm": "1.0.31"},
+            extra="timm",
+            claims=("timm.",),
+            description=(
+                "timm VisionTransformer (ViT, DeiT, DeiT-3, registers, qk_norm, "
+                "dynamic_img_size) and its subclasses, and Eva (EVA, EVA-02)"
+            ),
+        )
+    )
+    register(
+        AdapterSpec(
+            name="transformers_vit",
+            target="tokenmerge.adapters.transformers_vit:TransformersViTAdapter",
+            requires={"transformers": "5.23"},
+            extra="transformers",
+            claims=("transformers.",),
+            description=(
+                "transformers ViTModel, ViTForImageClassification, CLIPVisionModel, "
+                "CLIPVisionModelWithProjection and CLIPModel (its vision tower)"
+            ),
+        )
+    )

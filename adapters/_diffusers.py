@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import Adapter
+from tokenmerge.adapter import Adapter, depth_stage, parameter_index
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site, TokenLayout
@@ -56,22 +56,6 @@ def check_signatures(expected: dict[type, tuple[str, ...]], adapter: str) -> Non
                 f"expects {list(names)}. Install a diffusers version tokenmerge supports "
                 "(pip install 'tokenmerge[diffusers]') or report this."
             )
-
-
-def parameter_index(cls: type, name: str) -> int | None:
-    """Position of argument ``name`` in ``cls.forward`` when passed positionally (no self)."""
-    params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
-    return params.index(name) if name in params else None
-
-
-def depth_stage(index: int, count: int) -> str:
-    """``"first"``, ``"middle"`` or ``"last"``: the third of ``count`` blocks ``index`` is in.
-
-    Example:
-        >>> [depth_stage(i, 7) for i in range(7)]
-        ['first', 'first', 'first', 'middle', 'middle', 'last', 'last']
-    """
-    return ("first", "middle", "last")[min(2, 3 * index // max(count, 1))]
 
 
 class TargetGuard:

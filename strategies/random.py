@@ -2,7 +2,8 @@
 
 One destination per ``sy x sx`` cell (cells cut by the grid's edge are smaller), chosen at random;
 ``r`` of the other tokens chosen uniformly at random, each merged into its own cell's destination.
-The plan ignores the features, so one plan serves the whole batch.
+The plan ignores the features, so one plan serves the whole batch. In progressive mode (ViTs)
+the cells lie over the tokens' original grid positions and grow as ReToM's windows do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
-from tokenmerge.windows import num_windows, window_partition
+from tokenmerge.windows import (
+    best_per_window,
+    grown_window,
+    num_windows,
+    window_labels,
+    window_partition,
+)
 
 __all__ = ["RandomConfig", "RandomStrategy"]
 
@@ -49,6 +56,8 @@ class RandomStrategy(Strategy):
         return self.config.sy, self.config.sx
 
     def capacity(self, layout: TokenLayout, site: Site) -> int:
+        if layout.positions is not None:
+            return layout.num_image_tokens - 1  # cells grow until one is left
         return layout.num_image_tokens - num_windows(layout.grid, self._cell())
 
     def make_plan(
@@ -63,6 +72,8 @@ class RandomStrategy(Strategy):
         device = features.device
         if num_merge == 0:
             return Plan.identity(n, device)
+        if layout.positions is not None:
+            return self._progressive_plan(layout, num_merge, rng)
         cells = window_partition(layout.grid, self._cell(), device)
         valid = cells >= 0
         blocked = torch.tensor(float("-inf"), device=device)
@@ -74,3 +85,17 @@ class RandomStrategy(Strategy):
         src = cells.flatten()[chosen]
         dst = cells.gather(1, dst_slot).squeeze(1)[chosen // cells.shape[1]]
         return Plan.from_assignment(src.unsqueeze(0), dst.unsqueeze(0), n)
+
+    def _progressive_plan(self, layout: TokenLayout, num_merge: int, rng: SiteRandom) -> Plan:
+        """Cells over the original grid positions of the tokens still present (one row: the
+        plans are shared by the batch, so every sample holds the same positions)."""
+        positions = layout.positions[:1]
+        n = positions.shape[1]
+        device = positions.device
+        size = grown_window(layout.grid, self._cell(), n, num_merge)
+        labels, count = window_labels(positions, layout.grid, size)
+        dst_of = best_per_window(rng.uniform((1, n), device), labels, count).gather(1, labels)
+        is_dst = dst_of == torch.arange(n, device=device)
+        blocked = torch.tensor(float("-inf"), device=device)
+        chosen = pick_top(torch.where(is_dst, blocked, rng.uniform((1, n), device)), num_merge)
+        return Plan.from_assignment(chosen, dst_of.gather(1, chosen), n)

@@ -10,6 +10,9 @@
    (``scope="window"``), or each non-representative joins the most similar representative
    anywhere (``scope="global"``). The representative is a real token, so positions stay exact.
 4. Plans are cached for ``cache_interval`` denoising steps (the framework's plan cache).
+5. Progressive mode (ViTs): windows over the tokens' *original* grid positions (a merged token
+   keeps its representative's position); a window's side doubles when the tokens left cannot
+   fill the merge with one representative per window (``tokenmerge.windows.grown_window``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, pick_top
-from tokenmerge.windows import num_windows, window_partition
+from tokenmerge.windows import (
+    best_per_window,
+    grown_window,
+    num_windows,
+    window_labels,
+    window_partition,
+)
 
 __all__ = ["ReToMConfig", "ReToMStrategy", "representatives"]
 
@@ -165,6 +174,8 @@ class ReToMStrategy(Strategy):
         return size, size
 
     def capacity(self, layout: TokenLayout, site: Site) -> int:
+        if layout.positions is not None:
+            return layout.num_image_tokens - 1  # windows grow until one is left
         return layout.num_image_tokens - num_windows(layout.grid, self._window(site))
 
     def make_plan(
@@ -178,6 +189,8 @@ class ReToMStrategy(Strategy):
         n = layout.num_image_tokens
         if num_merge == 0:
             return Plan.identity(n, features.device)
+        if layout.positions is not None:
+            return self._progressive_plan(features, layout, site, num_merge)
         windows = window_partition(layout.grid, self._window(site), features.device)
         rows = features.shape[0]
         rep_slot, to_rep = representatives(features, windows)
@@ -187,13 +200,49 @@ class ReToMStrategy(Strategy):
             src = windows.flatten().expand(rows, -1).gather(1, chosen)
             dst = rep_token.gather(1, chosen // windows.shape[1])
             return Plan.from_assignment(src, dst, n)
-        # global scope: every non-representative may join any representative
-        rep_features = features.gather(
-            1, rep_token.unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        return self._global_plan(features, rep_token, num_merge)
+
+    def _global_plan(self, features: Tensor, rep_token: Tensor, num_merge: int) -> Plan:
+        """Every non-representative may join any representative (``rep_token (P, W)``, an
+        index past the end marks a window with no token)."""
+        rows, n, channels = features.shape
+        valid = rep_token < n
+        rep_token = rep_token.clamp(max=n - 1)
+        rep_features = features.gather(1, rep_token.unsqueeze(-1).expand(-1, -1, channels))
+        blocked = torch.tensor(float("-inf"), device=features.device)
+        similarity = torch.where(
+            valid.unsqueeze(1), features @ rep_features.transpose(1, 2), blocked
         )
-        best, match = (features @ rep_features.transpose(1, 2)).max(dim=-1)  # (P, n)
+        best, match = similarity.max(dim=-1)  # (P, n)
         mergeable = torch.ones(rows, n, dtype=torch.bool, device=features.device)
         mergeable.scatter_(1, rep_token, False)
-        blocked = torch.tensor(float("-inf"), device=features.device)
         chosen = pick_top(torch.where(mergeable, best, blocked), num_merge)
         return Plan.from_assignment(chosen, rep_token.gather(1, match.gather(1, chosen)), n)
+
+    def _progressive_plan(
+        self, features: Tensor, layout: TokenLayout, site: Site, num_merge: int
+    ) -> Plan:
+        """Windows over the original grid positions of the tokens still present."""
+        rows, n, channels = features.shape
+        positions = layout.positions[-rows:].expand(rows, -1)
+        size = grown_window(layout.grid, self._window(site), n, num_merge)
+        labels, count = window_labels(positions, layout.grid, size)
+        index = labels.unsqueeze(-1).expand(-1, -1, channels)
+        window_sum = features.new_zeros(rows, count, channels).scatter_add(1, index, features)
+        members = features.new_zeros(rows, count).scatter_add(
+            1, labels, torch.ones_like(labels, dtype=features.dtype)
+        )
+        own_sum = window_sum.gather(1, index)
+        own_count = members.gather(1, labels)
+        mean_similarity = ((features * own_sum).sum(-1) - 1) / (own_count - 1).clamp(min=1)
+        rep_token = best_per_window(mean_similarity, labels, count)  # (P, windows)
+        if self.config.scope == "global":
+            return self._global_plan(features, rep_token, num_merge)
+        rep_of = rep_token.gather(1, labels)  # (P, n): every token's representative
+        to_rep = (features * features.gather(1, rep_of.unsqueeze(-1).expand(-1, -1, channels))).sum(
+            -1
+        )
+        is_rep = rep_of == torch.arange(n, device=features.device)
+        blocked = torch.tensor(float("-inf"), device=features.device)
+        chosen = pick_top(torch.where(is_rep, blocked, to_rep), num_merge)
+        return Plan.from_assignment(chosen, rep_of.gather(1, chosen), n)

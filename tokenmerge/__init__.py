@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .adapter import Adapter, SiteCandidate
 from .api import Handle, apply, get_strategy, remove
-from .config import MergeConfig, load_config
+from .config import MergeConfig, load_config, r_schedule
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
@@ -81,6 +81,7 @@ __all__ = [
     "list_plugins",
     "list_strategies",
     "load_config",
+    "r_schedule",
     "register_adapter",
     "register_plugin",
     "register_strategy",

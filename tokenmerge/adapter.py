@@ -8,6 +8,7 @@ in the adapter; strategies stay pure tensor code.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +21,26 @@ from .config import MergeConfig
 from .patch import SitePatch
 from .site import Site, TokenLayout
 
-__all__ = ["Adapter", "SiteCandidate", "TARGET_KINDS"]
+__all__ = ["Adapter", "SiteCandidate", "TARGET_KINDS", "depth_stage", "parameter_index"]
 
 #: the kinds of sub-module a site can merge around (MergeConfig.merge_attn / _cross_attn / _mlp)
 TARGET_KINDS = ("attn", "cross_attn", "mlp")
+
+
+def parameter_index(cls: type, name: str) -> int | None:
+    """Position of argument ``name`` in ``cls.forward`` when passed positionally (no self)."""
+    params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+    return params.index(name) if name in params else None
+
+
+def depth_stage(index: int, count: int) -> str:
+    """``"first"``, ``"middle"`` or ``"last"``: the third of ``count`` blocks ``index`` is in.
+
+    Example:
+        >>> [depth_stage(i, 7) for i in range(7)]
+        ['first', 'first', 'first', 'middle', 'middle', 'last', 'last']
+    """
+    return ("first", "middle", "last")[min(2, 3 * index // max(count, 1))]
 
 
 @dataclass
@@ -50,6 +67,10 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str]
+    #: the merge modes the adapter implements; the first is its choice for ``mode="auto"``
+    modes: ClassVar[tuple[str, ...]] = ("local",)
+    #: ``min_tokens`` when the config leaves it None
+    default_min_tokens: ClassVar[int] = 256
 
     @classmethod
     @abstractmethod
@@ -91,6 +112,14 @@ class Adapter(ABC):
         for module in modules.values():
             handles += patch.attach_local(module)
         return handles
+
+    def check_config(self, config: MergeConfig) -> None:  # noqa: B027 - optional override
+        """Raise ``ConfigError`` for a config this model family cannot honour (default: none)."""
+
+    def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
+        """Install model-level hooks, after every site's (progressive mode's token tracking,
+        for instance); default: none."""
+        return []
 
     def detach(self, root: nn.Module) -> None:  # noqa: B027 - optional override
         """Undo anything beyond the hooks ``attach`` returned (default: nothing)."""

@@ -158,23 +158,43 @@ def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Ad
             )
         return adapter
     specs = registry.adapter_specs()
-    for spec in specs:
-        if spec.claims and spec.claims_model(model):
-            reason = spec.unavailable_reason()
-            if reason is not None:
-                raise UnsupportedModelError(
-                    f"{type(model).__name__} needs the {spec.name!r} adapter, which is "
-                    f"unavailable: {reason}"
-                )
-            adapter = _make_adapter(spec, options)
-            if adapter.supports(model):
-                return adapter
+    claimants = [spec for spec in specs if spec.claims and spec.claims_model(model)]
+    for spec in claimants:
+        reason = spec.unavailable_reason()
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} needs the {spec.name!r} adapter, which is "
+                f"unavailable: {reason}"
+            )
+        adapter = _make_adapter(spec, options)
+        if adapter.supports(model):
+            return adapter
+    if claimants:
+        raise UnsupportedModelError(
+            f"{type(model).__module__}.{type(model).__name__} is not supported: "
+            + "; ".join(f"adapter {s.name!r} supports {s.description}" for s in claimants)
+            + ". For another model, pass adapter='generic' with include=[module-name globs of "
+            "the attention modules] (see the generic adapter's documentation)."
+        )
     raise UnsupportedModelError(
         f"no adapter supports {type(model).__module__}.{type(model).__name__}; registered "
         f"adapters: {', '.join(s.name for s in specs)}. For your own model, pass "
         "adapter='generic' with include=[module-name globs of the attention modules] "
         "(see the generic adapter's documentation)."
     )
+
+
+def _mode(adapter: Adapter, config: MergeConfig) -> str:
+    """The merge mode of every site: the config's, or the adapter's choice for ``"auto"``."""
+    if config.mode == "auto":
+        return adapter.modes[0]
+    if config.mode not in adapter.modes:
+        raise ConfigError(
+            f"mode {config.mode!r} is not available with the {adapter.name!r} adapter; it "
+            f"supports {', '.join(repr(m) for m in adapter.modes)} (or 'auto' for "
+            f"{adapter.modes[0]!r})"
+        )
+    return config.mode
 
 
 def _select(
@@ -303,7 +323,11 @@ def apply(
             "tokenmerge.remove(model) before applying again"
         )
     strategy_class = registry.strategy(config.strategy)
+    mode = _mode(chosen_adapter, config)
+    chosen_adapter.check_config(config)
     selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)
+    if config.min_tokens is None:
+        config = config.model_copy(update={"min_tokens": chosen_adapter.default_min_tokens})
     state = StepState(cache_interval=config.cache_interval)
     patches: list[SitePatch] = []
     removables = [
@@ -311,12 +335,14 @@ def apply(
     ]
     try:
         for candidate in selected:
-            site_config = config.for_site(candidate.site)
+            site = replace(candidate.site, mode=mode)
+            site_config = config.for_site(site)
             strategy = strategy_class(site_config)
-            layout = chosen_adapter.layout_for(candidate.site)
-            patch = SitePatch(candidate.site, strategy, site_config, state, layout)
+            layout = chosen_adapter.layout_for(site)
+            patch = SitePatch(site, strategy, site_config, state, layout)
             removables += chosen_adapter.attach(patch, candidate.modules)
             patches.append(patch)
+        removables += chosen_adapter.attach_model(root, patches)
     except BaseException:
         for removable in reversed(removables):
             removable.remove()

@@ -39,6 +39,7 @@ from .site import Site
 
 __all__ = [
     "MergeConfig",
+    "r_schedule",
     "MAX_CELL",
     "STAGES",
     "load_config",
@@ -224,13 +225,46 @@ class MergeConfig(BaseModel):
         default=(),
         description="Module-name globs of sites never merged. Default: none excluded.",
     )
-    min_tokens: int = Field(
-        default=256,
+    min_tokens: int | None = Field(
+        default=None,
         ge=1,
         description=(
             "A call with fewer image tokens than this is left alone (shown as skipped in "
-            "stats()). Default 256 (a 16 x 16 grid): below it attention is cheap and planning "
-            "overhead outweighs the saving (chosen by reasoning, not yet by measurement)."
+            "stats()). Default None: the adapter's choice - 256 (a 16 x 16 grid) in diffusion "
+            "models, where below it attention is cheap and planning overhead outweighs the saving "
+            "(chosen by reasoning, not yet by measurement); no minimum in vision transformers, "
+            "whose whole input is a few hundred tokens."
+        ),
+    )
+    mode: Literal["auto", "local", "progressive"] = Field(
+        default="auto",
+        description=(
+            "'local': merge before each chosen sub-module and unmerge after it, so the model "
+            "keeps all its tokens between sub-modules (diffusion, dense features); "
+            "'progressive': tokens merged in a block stay merged for the rest of the network, "
+            "each carrying its size (ToMe's way for ViT classification; the token count is "
+            "restored after the last block). Default 'auto': the adapter's choice - progressive "
+            "for vision transformers, local for diffusion models (which support only local)."
+        ),
+    )
+    r: int | tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
+        default=None,
+        description=(
+            "Image tokens merged at each site, overriding ratio: one number for every site or "
+            "one per block (a list indexed by block; tokenmerge.r_schedule builds ToMe's "
+            "decreasing or increasing schedules). Capped by what the strategy can merge (the "
+            "shortfall shows in stats()). Default None: ratio decides. ToMe's ViT-B/16 setting "
+            "is r=13."
+        ),
+    )
+    proportional_attention: bool = Field(
+        default=True,
+        description=(
+            "Progressive mode only: add log(size) of every key to the attention logits, so a "
+            "token standing for k patches weighs as much as k tokens (ToMe's proportional "
+            "attention). No mask is passed while every size is 1 (ratio 0 stays bit-identical). "
+            "Local-mode sites unmerge after every sub-module, so there every token already "
+            "counts once. Default on, as ToMe."
         ),
     )
     share_cfg_plan: bool = Field(
@@ -270,6 +304,13 @@ class MergeConfig(BaseModel):
     def _ratio_not_empty(cls, value: Any) -> Any:
         return not_empty(value, "ratio")
 
+    @field_validator("r")
+    @classmethod
+    def _r_valid(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"r {value} is negative: give the tokens to merge per site, >= 0")
+        return not_empty(value, "r")
+
     @field_validator("include", "exclude")
     @classmethod
     def _globs_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -304,7 +345,11 @@ class MergeConfig(BaseModel):
         Each site plans with such a view, so the hot path never resolves a mapping (and under
         ``torch.compile`` sites that resolve to the same values share one graph).
         """
-        return self.model_copy(update={"ratio": self.ratio_for(site)})
+        return self.model_copy(update={"ratio": self.ratio_for(site), "r": self.r_for(site)})
+
+    def r_for(self, site: Site) -> int | None:
+        """Tokens to merge at ``site`` when ``r`` is set, else None (``ratio`` decides)."""
+        return None if self.r is None else int(resolve_per_site(self.r, site))
 
     def ratio_for(self, site: Site) -> float:
         """The ratio at ``site`` (0.0 where a ratio mapping selects nothing)."""
@@ -335,6 +380,31 @@ class MergeConfig(BaseModel):
             ("mlp", self.merge_mlp),
         )
         return tuple(name for name, on in chosen if on)
+
+
+def r_schedule(r: int, num_blocks: int, shape: str = "decreasing") -> tuple[int, ...]:
+    """ToMe's per-block schedules of ``r``, merging about ``r * num_blocks`` tokens in all.
+
+    ``"constant"`` merges ``r`` in every block; ``"decreasing"`` starts at ``2r`` and falls
+    linearly to 0 (merge early, where it saves the most); ``"increasing"`` is its mirror.
+
+    Example:
+        >>> from tokenmerge import r_schedule
+        >>> r_schedule(4, 5)
+        (8, 6, 4, 2, 0)
+        >>> sum(r_schedule(13, 12)), r_schedule(2, 3, "increasing")
+        (156, (0, 2, 4))
+    """
+    shapes = ("constant", "decreasing", "increasing")
+    if shape not in shapes:
+        raise ConfigError(f"r_schedule shape {shape!r} is unknown; use one of {shapes}")
+    if r < 0 or num_blocks < 1:
+        raise ConfigError(f"r_schedule needs r >= 0 and num_blocks >= 1; got {r}, {num_blocks}")
+    if shape == "constant" or num_blocks == 1:
+        return (r,) * num_blocks
+    step = 2 * r / (num_blocks - 1)
+    values = tuple(round(2 * r - step * i) for i in range(num_blocks))
+    return values if shape == "decreasing" else values[::-1]
 
 
 # ---------------------------------------------------------------------------- loading

@@ -120,6 +120,11 @@ class SitePatch:
         if new_generation or self.state.replan:
             self._cache = None
 
+    def start_fresh(self) -> None:
+        """The next target call plans afresh (a new block call in a model without steps)."""
+        self.seen_this_call = False
+        self._cache = None
+
     def _features(self, image_tokens: Tensor) -> tuple[Tensor, int]:
         """Features the strategy plans on, and how many times the plan repeats over the batch."""
         batch, n, _ = image_tokens.shape
@@ -167,16 +172,13 @@ class SitePatch:
                 f"site {self.site.name!r}: the layout says {prefix} prefix + {n} image tokens "
                 f"(grid {layout.grid}), but hidden_states has {x.shape[1]} tokens"
             )
-        if n < self.config.min_tokens or self.ratio == 0.0:
-            reason = (
-                f"{n} image tokens < min_tokens {self.config.min_tokens}"
-                if n < self.config.min_tokens
-                else None
-            )
+        min_tokens = self.config.min_tokens or 1
+        wanted = int(self.ratio * n) if self.config.r is None else self.config.r
+        if n < min_tokens or wanted == 0:
+            reason = f"{n} image tokens < min_tokens {min_tokens}" if n < min_tokens else None
             plan = Plan.identity(x.shape[1], x.device)
             self._count(plan, x.shape[1], _COMPUTED, skipped=reason)
             return plan
-        wanted = int(self.ratio * n)
         num_merge = min(wanted, self.strategy.capacity(layout, self.site))
         features, repeats = self._features(self._metric_image_tokens(x, prefix, n))
         with torch.no_grad():
@@ -190,13 +192,17 @@ class SitePatch:
             self._warned_shortfall = True
             warnings.warn(
                 f"site {self.site.name!r}: {self.strategy.name} can merge only {num_merge} of "
-                f"the {wanted} tokens that ratio {self.ratio} asks for on a {layout.grid[0]} x "
-                f"{layout.grid[1]} grid (its windows or cells ran out), and merged what it could; "
+                f"the {wanted} tokens that {self._asked()} asks for among {n} tokens on a "
+                f"{layout.grid[0]} x {layout.grid[1]} grid (its partition ran out), and merged "
+                "what it could; "
                 "stats() shows the shortfall per site. Lower the ratio or use smaller windows.",
                 ShortfallWarning,
                 stacklevel=2,
             )
         return plan
+
+    def _asked(self) -> str:
+        return f"ratio {self.ratio}" if self.config.r is None else f"r={self.config.r}"
 
     def _metric_image_tokens(self, x: Tensor, prefix: int, n: int) -> Tensor:
         """The image tokens the plan is made from: those of ``metric`` when it fits this call
@@ -224,14 +230,18 @@ class SitePatch:
             self._info.shortfall = 0
 
     # ------------------------------------------------------------------ hooks
-    def watch_block_input(self, block: nn.Module) -> list[RemovableHandle]:
+    def watch_block_input(self, block: nn.Module, fresh: bool = False) -> list[RemovableHandle]:
         """Plan on ``block``'s input (its first argument) instead of each target's own input.
+
+        With ``fresh``, every call of the block plans afresh (for models without steps to cache
+        plans over, called through any entry point: a ViT's ``forward_features`` does not pass
+        the root hook); the block's targets still share one plan per call.
 
         The reference is dropped when the block returns; if its forward raises, at the patch's
         next call or ``new_generation()`` (no ``always_call`` hook: under ``torch.compile`` it
         would give every block its own graph).
         """
-        watcher = _BlockInput(self)
+        watcher = _BlockInput(self, fresh)
         return [
             block.register_forward_pre_hook(watcher.before, with_kwargs=True),
             block.register_forward_hook(watcher.after, with_kwargs=True),
@@ -264,12 +274,15 @@ class SitePatch:
 class _BlockInput:
     """Hands a block's input to its site's planner for the duration of the block's forward."""
 
-    def __init__(self, patch: SitePatch) -> None:
+    def __init__(self, patch: SitePatch, fresh: bool = False) -> None:
         self.patch = patch
+        self.fresh = fresh
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states")
         self.patch.metric = x if isinstance(x, Tensor) and x.dim() == 3 else None
+        if self.fresh:
+            self.patch.start_fresh()
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.patch.metric = None  # never keep an activation alive between calls

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from torch import Tensor
+
 __all__ = ["Site", "SiteStats", "TokenLayout", "module_glob"]
 
 
@@ -90,16 +92,23 @@ class TokenLayout:
     """How the tokens reaching a site are laid out at one call.
 
     Attributes:
-        grid: ``(h, w)`` of the image tokens, row-major; ``h * w`` equals the image token count.
+        grid: ``(h, w)`` of the image tokens, row-major. In local mode ``h * w`` is the image
+            token count; in progressive mode it is the model's original patch grid.
         num_prefix: protected tokens before the image tokens (class, distillation, registers),
             never merged.
+        positions: progressive mode only: ``(B or 1, n)`` row-major index in ``grid`` of every
+            image token still present (a merged token keeps its destination's position); None
+            while the tokens are the whole grid in order.
     """
 
     grid: tuple[int, int]
     num_prefix: int = 0
+    positions: Tensor | None = None
 
     @property
     def num_image_tokens(self) -> int:
+        if self.positions is not None:
+            return self.positions.shape[-1]
         return self.grid[0] * self.grid[1]
 
 

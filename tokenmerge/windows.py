@@ -7,7 +7,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["clamp_window", "num_windows", "window_partition"]
+__all__ = [
+    "best_per_window",
+    "clamp_window",
+    "grown_window",
+    "num_windows",
+    "window_labels",
+    "window_partition",
+]
 
 
 def clamp_window(grid: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
@@ -39,3 +46,57 @@ def window_partition(
     index = torch.full((rows * sy, cols * sx), -1, dtype=torch.long, device=device)
     index[:h, :w] = torch.arange(h * w, device=device).view(h, w)
     return index.view(rows, sy, cols, sx).permute(0, 2, 1, 3).reshape(rows * cols, sy * sx)
+
+
+# ---------------------------------------------------------------------------- progressive mode
+# Tokens no longer form a grid once merged; each keeps the grid position of its destination, so
+# windows are taken over those original positions and identified by a label per token.
+
+
+def grown_window(
+    grid: tuple[int, int], size: tuple[int, int], num_tokens: int, num_merge: int
+) -> tuple[int, int]:
+    """``size``, doubled as often as needed for ``num_merge`` of ``num_tokens`` tokens to merge.
+
+    Every window keeps one token, so at most ``num_tokens - windows`` can merge. Doubling keeps
+    the windows nested (a window of side ``2s`` is four of side ``s``) and merges never cross a
+    window, so no window ever empties and the count of windows is exact without a look at
+    the data.
+
+    Example:
+        >>> grown_window((14, 14), (2, 2), 53, 13)  # 49 windows of 2 x 2 leave room for 4
+        (4, 4)
+    """
+    sy, sx = size
+    while num_windows(grid, (sy, sx)) > num_tokens - num_merge and (sy < grid[0] or sx < grid[1]):
+        sy, sx = sy * 2, sx * 2
+    return sy, sx
+
+
+def window_labels(
+    positions: Tensor, grid: tuple[int, int], size: tuple[int, int]
+) -> tuple[Tensor, int]:
+    """The window of every token from its grid position: ``(P, n)`` labels, and the window count.
+
+    Example:
+        >>> window_labels(torch.tensor([[0, 2, 4, 5]]), (2, 3), (2, 2))[0].tolist()
+        [[0, 1, 0, 1]]
+    """
+    sy, sx = clamp_window(grid, size)
+    cols = math.ceil(grid[1] / sx)
+    labels = (positions // grid[1] // sy) * cols + (positions % grid[1]) // sx
+    return labels, num_windows(grid, (sy, sx))
+
+
+def best_per_window(score: Tensor, labels: Tensor, count: int) -> Tensor:
+    """``(P, count)`` index of the highest-scoring token of every window (ties: the first).
+
+    A window with no token gets index ``n`` (one past the end).
+    """
+    rows, n = score.shape
+    top = score.new_full((rows, count), float("-inf"))
+    top = top.scatter_reduce(1, labels, score, "amax", include_self=True)
+    tokens = torch.arange(n, device=score.device).expand(rows, -1)
+    candidate = torch.where(score >= top.gather(1, labels), tokens, n)
+    first = torch.full((rows, count), n, dtype=torch.long, device=score.device)
+    return first.scatter_reduce(1, labels, candidate, "amin", include_self=True)

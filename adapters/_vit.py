@@ -1,0 +1,240 @@
+"""What the vision-transformer adapters (timm, Hugging Face transformers) share.
+
+A ViT is a stack of blocks over one patch grid with protected prefix tokens (class,
+distillation, registers) in front. Every block is a site. In progressive mode (the default) a
+site is the whole block: its attention keys, averaged over heads, are the metric and the tokens
+merged stay merged (``tokenmerge.progressive``); in local mode the block's attention and / or MLP
+merge and unmerge around themselves, so features keep their token grid. The grid is read from
+the output of the patch projection (a ``Conv2d``) at every call, so any input size works.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapter import Adapter, SiteCandidate, depth_stage
+from tokenmerge.config import MergeConfig, per_site_values
+from tokenmerge.errors import ConfigError, UnsupportedModelError
+from tokenmerge.patch import Adjust, SitePatch
+from tokenmerge.plan import Plan
+from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenCarry, TokenTrack, attach_progressive
+from tokenmerge.site import Site, TokenLayout
+
+__all__ = ["HeadMean", "ViTAdapter", "ViTBlock", "gather_rows"]
+
+MERGE_POINTS = ("mlp", "block")
+
+
+def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index (P, n)`` of a per-token table ``(N, D)``, ``(H, N, D)`` or ``(B, H, N, D)``
+    (rotary embeddings): ``(P or B, 1 or H, n, D)``, broadcastable over heads."""
+    if table.dim() == 2:
+        table = table[None, None]
+    elif table.dim() == 3:
+        table = table[None]
+    rows = max(table.shape[0], index.shape[0])
+    index = index[:, None, :, None].expand(rows, table.shape[1], -1, table.shape[-1])
+    return table.expand(rows, -1, -1, -1).gather(2, index)
+
+
+class HeadMean:
+    """Keys ``(B, N, H * d)`` from a projection -> ``(B, N, d)`` averaged over the ``H`` heads."""
+
+    def __init__(self, heads: int) -> None:
+        self.heads = heads
+
+    def __call__(self, output: Tensor) -> Tensor:
+        batch, tokens, channels = output.shape
+        return output.view(batch, tokens, self.heads, channels // self.heads).mean(2)
+
+
+def keys_by_head(output: Tensor) -> Tensor:
+    """Keys ``(B, H, N, d)`` (a per-head key norm's output) -> ``(B, N, d)``."""
+    return output.mean(1)
+
+
+class ViTBlock:
+    """The parts of one block an adapter found.
+
+    Attributes:
+        name: dotted module name.
+        block: the block module.
+        attn: the attention module (local mode merges around it).
+        mlp: the MLP module.
+        keys_module: a module whose output holds the attention keys.
+        keys: its output -> ``(B, N, d)`` keys averaged over heads.
+        mask: where the block takes an additive attention mask (None: it takes none).
+        sequential: the MLP runs after the attention, on the residual stream (so progressive
+            mode can merge at the MLP's input).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        block: nn.Module,
+        attn: nn.Module,
+        mlp: nn.Module,
+        keys_module: nn.Module,
+        keys: Any,
+        mask: ArgSpec | None,
+        sequential: bool = True,
+    ) -> None:
+        self.name = name
+        self.block = block
+        self.attn = attn
+        self.mlp = mlp
+        self.keys_module = keys_module
+        self.keys = keys
+        self.mask = mask
+        self.sequential = sequential
+
+
+class ViTAdapter(Adapter):
+    """Base of the ViT adapters.
+
+    Args:
+        merge_at: progressive mode only: ``"mlp"`` (default) merges at the MLP's input, so each
+            merging block's MLP runs on the merged tokens (ToMe's saving); ``"block"`` merges
+            at the block's output only (the merging block's MLP runs on all its tokens).
+    """
+
+    modes: ClassVar[tuple[str, ...]] = ("progressive", "local")
+    default_min_tokens: ClassVar[int] = 1
+    #: what ``supports`` accepts, for error messages
+    supported_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, merge_at: str = "mlp") -> None:
+        if merge_at not in MERGE_POINTS:
+            raise ConfigError(
+                f"merge_at {merge_at!r} is unknown; use 'mlp' (merge at the MLP input, ToMe's "
+                "saving) or 'block' (merge at the block output)"
+            )
+        self.merge_at = merge_at
+        self._blocks: dict[str, ViTBlock] = {}
+        self._grid: tuple[int, int] | None = None
+        self._num_prefix = 0
+        self.carry: TokenCarry | None = None  # progressive mode's token record and hooks
+
+    # ------------------------------------------------------------------ per library
+    @abstractmethod
+    def find_blocks(self, root: nn.Module) -> list[ViTBlock]:
+        """The model's blocks, in order."""
+
+    @abstractmethod
+    def num_prefix(self, root: nn.Module) -> int:
+        """Protected tokens in front of the image tokens."""
+
+    @abstractmethod
+    def patch_projection(self, root: nn.Module) -> nn.Module:
+        """The module whose output ``(B, C, h, w)`` gives the patch grid."""
+
+    def block_adjust(self) -> BlockAdjust | None:
+        """Progressive mode: rewrites a block call's keyword arguments for the merged tokens."""
+        return None
+
+    def local_adjust(self) -> Adjust | None:
+        """Local mode: rewrites an attention call's keyword arguments for the merged tokens."""
+        return None
+
+    # ------------------------------------------------------------------ Adapter
+    def unsupported(self, model: Any) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"{self.name} does not support {type(model).__name__}; supported: "
+            f"{', '.join(self.supported_names)}"
+        )
+
+    def candidates(self, root: nn.Module) -> list[SiteCandidate]:
+        blocks = self.find_blocks(root)
+        self._num_prefix = self.num_prefix(root)
+        self._blocks = {b.name: b for b in blocks}
+        return [
+            SiteCandidate(
+                Site(b.name, stage=depth_stage(i, len(blocks)), block_index=i),
+                {"attn": b.attn, "mlp": b.mlp},
+            )
+            for i, b in enumerate(blocks)
+        ]
+
+    def check_config(self, config: MergeConfig) -> None:
+        if config.mode == "local":
+            return
+        too_high = [v for v in per_site_values(config.ratio) if v > 0.5]
+        if config.r is None and too_high:
+            raise ConfigError(
+                f"ratio {too_high[0]} merges more than half of a block's tokens; in progressive "
+                "mode (the default for vision transformers) a block merges at most 50 % of the "
+                "tokens reaching it, and the merges add up over the blocks. Use a ratio <= 0.5 "
+                "(or r=...), or mode='local'"
+            )
+        if config.merge_mlp or config.merge_cross_attn or not config.merge_attn:
+            raise ConfigError(
+                "merge_attn / merge_mlp / merge_cross_attn choose sub-modules in local mode; in "
+                "progressive mode (the default for vision transformers) a site is a whole block "
+                "and its tokens stay merged. Leave them at their defaults, or pass mode='local'"
+            )
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        if site.mode == "progressive":
+            return self.carry.track.layout() if self.carry is not None else None
+        grid = self._grid
+        if grid is None or hidden_states.shape[1] != self._num_prefix + grid[0] * grid[1]:
+            return None
+        return TokenLayout(grid, self._num_prefix)
+
+    def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
+        block = self._blocks[patch.site.name]
+        if patch.site.mode == "progressive":
+            handles = []
+            if self.carry is None:
+                handles.append(self._start_tracking(patch.config))
+            at_mlp = self.merge_at == "mlp" and block.sequential
+            return handles + attach_progressive(
+                patch, self.carry.track, block.block, block.keys_module, block.keys,
+                block.mlp if at_mlp else None,
+            )  # fmt: skip
+        # local mode: plan afresh on the block input at every call (a ViT has no steps to
+        # cache over), once for both the attention and the MLP
+        handles = patch.watch_block_input(block.block, fresh=True)
+        for kind, module in modules.items():
+            adjust = self.local_adjust() if kind == "attn" else None
+            handles += patch.attach_local(module, adjust=adjust)
+        return handles
+
+    def _start_tracking(self, config: MergeConfig) -> RemovableHandle:
+        """Create the token record of progressive mode; returns its restoring hook, which must
+        be registered before the sites' hooks."""
+        blocks = list(self._blocks.values())
+        masks = {None if b.mask is None else (b.mask.name, b.mask.index) for b in blocks}
+        mask = blocks[0].mask if len(masks) == 1 else None  # one call convention for all
+        if mask is None and config.proportional_attention:
+            raise ConfigError(
+                f"{type(blocks[0].block).__name__} takes no attention mask, so proportional "
+                "attention cannot be passed; set proportional_attention=False"
+            )
+        track = TokenTrack(self._num_prefix)
+        self.carry = TokenCarry(
+            track, self._current_grid, mask, config.proportional_attention, self.block_adjust()
+        )
+        return self.carry.attach_restore(blocks[-1].block)
+
+    def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
+        handles = [self.patch_projection(root).register_forward_hook(self._read_grid)]
+        if self.carry is not None:
+            handles += self.carry.attach_carry([b.block for b in self._blocks.values()])
+        return handles
+
+    def _read_grid(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, Tensor) and output.dim() == 4:
+            self._grid = (output.shape[-2], output.shape[-1])
+
+    def _current_grid(self) -> tuple[int, int] | None:
+        return self._grid
+
+
+def kept_image_rows(plan: Plan, num_prefix: int) -> Tensor:
+    """``(P, m)`` original image-token index of every image token a local plan keeps."""
+    return plan.kept[:, num_prefix:] - num_prefix

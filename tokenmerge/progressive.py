@@ -1,0 +1,291 @@
+"""Progressive mode: tokens merged in a block stay merged for the rest of the block stack.
+
+ToMe's way for ViT classification. Each token carries a *size* (how many patches it stands for)
+and the grid position of its destination; the map from the original tokens to the current ones
+is kept, so after the last block the full token set is restored by one gather. Restoring keeps
+every shape outside the block stack unchanged and keeps pooling exact: a token copied back to
+the ``k`` patches it stands for counts ``k`` times in an average (size-weighted average pooling),
+the class token is never merged (class-token pooling untouched).
+
+Data path in a block (native hooks only; adapters install them):
+
+- a pre-hook on every block (``TokenCarry``) starts a new record when the block sees the full
+  token set, and adds ``log(size)`` of every key to the attention mask (proportional attention)
+  once a merge happened; adapters can adjust other per-token arguments there (rotary tables);
+- a forward hook on the module that computes the keys hands them (averaged over heads) to the
+  site's planner;
+- the merge: hooks can merge only at module boundaries, and the residual between a block's
+  attention and its MLP is a local variable. With ``merge_at="mlp"`` the MLP input is merged and
+  its output copied back (so the MLP runs on the merged tokens, as in ToMe), and the block output
+  is merged with the same plan; since merging copies gives back the value, the block output is
+  ``merge(x + attn) + mlp(merge(norm(x + attn)))`` - ToMe's order except that the norm sees the
+  unmerged tokens. With ``merge_at="block"`` only the block output is merged (the MLP of a
+  merging block runs on all its tokens);
+- a forward hook on the last block (``TokenCarry.restore``) copies every token back to the
+  patches it stands for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .patch import SitePatch
+from .plan import Plan, _rows
+from .site import TokenLayout
+
+__all__ = ["ArgSpec", "TokenCarry", "TokenTrack", "attach_progressive"]
+
+#: ``(track, kwargs) -> kwargs`` of a block call on merged tokens (rotary rows of the kept tokens)
+BlockAdjust = Callable[["TokenTrack", dict], dict]
+#: module output -> ``(B, N, d)`` keys averaged over heads
+KeysFn = Callable[[Any], Tensor]
+
+
+class TokenTrack:
+    """What progressive mode knows about the tokens of the current call.
+
+    Attributes:
+        num_prefix: protected tokens in front (class, distillation, registers).
+        grid: the original patch grid of the call.
+        sizes: ``(B, N)`` patches each current token stands for; None before the first merge.
+        positions: ``(B or 1, n)`` original grid index of every current image token.
+        origin: ``(B or 1, N0)`` current token of every original token.
+    """
+
+    def __init__(self, num_prefix: int) -> None:
+        self.num_prefix = num_prefix
+        self.grid: tuple[int, int] | None = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.sizes: Tensor | None = None
+        self.positions: Tensor | None = None
+        self.origin: Tensor | None = None
+        self.num_tokens = 0
+
+    def start(self, grid: tuple[int, int]) -> None:
+        """A block sees the whole token set: a new call begins (or nothing has merged yet)."""
+        self.grid = grid
+        self.clear()
+
+    @property
+    def merged(self) -> bool:
+        return self.origin is not None
+
+    def layout(self) -> TokenLayout | None:
+        if self.grid is None:
+            return None
+        return TokenLayout(self.grid, self.num_prefix, positions=self.positions)
+
+    def record(self, plan: Plan, batch: int) -> None:
+        """Follow ``plan``, just applied to the ``(batch, N)`` tokens."""
+        if plan.is_identity:
+            return
+        device = plan.device
+        if self.origin is None:
+            n = plan.num_tokens
+            self.origin = torch.arange(n, device=device).unsqueeze(0)
+            self.positions = torch.arange(n - self.num_prefix, device=device).unsqueeze(0)
+            self.sizes = torch.ones(batch, n, device=device)
+        self.sizes = plan.merge_sizes(self.sizes)
+        rows = max(plan.batch, self.origin.shape[0])
+        self.origin = plan.origin.expand(rows, -1).gather(1, self.origin.expand(rows, -1))
+        image_kept = plan.kept[:, self.num_prefix :] - self.num_prefix
+        rows = max(plan.batch, self.positions.shape[0])
+        self.positions = self.positions.expand(rows, -1).gather(1, image_kept.expand(rows, -1))
+        self.num_tokens = plan.num_out
+
+    def attention_bias(self, dtype: torch.dtype) -> Tensor:
+        """``(B, 1, 1, N)`` additive logits bias: ``log(size)`` of every key."""
+        return self.sizes.log().to(dtype)[:, None, None, :]
+
+    def restore(self, x: Tensor) -> Tensor:
+        """Every original token gets a copy of the token it was merged into: ``(B, N0, C)``."""
+        return _rows(x, self.origin)
+
+
+class ArgSpec:
+    """Where a block takes an argument: its keyword name and positional index (None: keyword
+    only)."""
+
+    def __init__(self, name: str, index: int | None) -> None:
+        self.name = name
+        self.index = index
+
+    def get(self, args: tuple, kwargs: dict) -> Any:
+        if self.index is not None and len(args) > self.index:
+            return args[self.index]
+        return kwargs.get(self.name)
+
+    def set(self, args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
+        if self.index is not None and len(args) > self.index:
+            return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
+        return args, {**kwargs, self.name: value}
+
+
+def _with_bias(mask: Any, bias: Tensor) -> Tensor:
+    """An additive attention mask with ``bias`` added (a boolean mask becomes 0 / -inf first)."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=mask.device).masked_fill(
+            ~mask, float("-inf")
+        )
+    return mask.to(bias.dtype) + bias
+
+
+class TokenCarry:
+    """The model-level hooks of progressive mode: one pre-hook on every block, one forward hook
+    on the last block (a class, so ``copy.deepcopy`` copies it with the model)."""
+
+    def __init__(
+        self,
+        track: TokenTrack,
+        grid: Callable[[], tuple[int, int] | None],
+        mask: ArgSpec | None,
+        proportional: bool,
+        adjust: BlockAdjust | None = None,
+    ) -> None:
+        self.track = track
+        self.grid = grid
+        self.mask = mask
+        self.proportional = proportional and mask is not None
+        self.adjust = adjust
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            return None
+        track = self.track
+        grid = self.grid()
+        if grid is not None and x.shape[1] == track.num_prefix + grid[0] * grid[1]:
+            track.start(grid)
+        if not track.merged or x.shape[1] != track.num_tokens:
+            return None
+        if self.adjust is not None:
+            kwargs = self.adjust(track, kwargs)
+        if self.proportional:
+            bias = track.attention_bias(x.dtype)
+            args, kwargs = self.mask.set(
+                args, kwargs, _with_bias(self.mask.get(args, kwargs), bias)
+            )
+        return args, kwargs
+
+    def restore(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        track = self.track
+        x = output[0] if isinstance(output, (tuple, list)) else output
+        if not track.merged or not isinstance(x, Tensor) or x.shape[1] != track.num_tokens:
+            return None
+        full = track.restore(x)
+        track.clear()  # never keep an activation-sized index alive between calls
+        if isinstance(output, (tuple, list)):
+            return type(output)([full, *output[1:]])
+        return full
+
+    def attach_restore(self, last_block: nn.Module) -> RemovableHandle:
+        """The restoring hook, to be registered before any site's: hooks are registered in
+        front (``prepend``), so the sites' merges run first, then the restore, then any hook
+        that was there before (a library recording block outputs sees what the next block
+        sees)."""
+        return last_block.register_forward_hook(self.restore, with_kwargs=True, prepend=True)
+
+    def attach_carry(self, blocks: list[nn.Module]) -> list[RemovableHandle]:
+        """The pre-hook of every block (proportional attention, per-token arguments)."""
+        return [b.register_forward_pre_hook(self.before, with_kwargs=True) for b in blocks]
+
+
+class _ProgressiveSite:
+    """The hooks of one progressive site (a class, so ``copy.deepcopy`` copies it)."""
+
+    def __init__(self, patch: SitePatch, track: TokenTrack, keys: KeysFn, at_mlp: bool) -> None:
+        self.patch = patch
+        self.track = track
+        self.keys = keys
+        self.at_mlp = at_mlp
+        self.plan: Plan | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "plan": None}
+
+    def take_keys(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.patch.metric = self.keys(output)
+
+    def _plan(self, x: Tensor) -> Plan | None:
+        track = self.track
+        if track.grid is None:
+            expected = None
+        elif track.merged:
+            expected = track.num_tokens
+        else:
+            expected = track.num_prefix + track.grid[0] * track.grid[1]
+        if x.shape[1] != expected:
+            self.patch.count_pass_through(
+                f"{x.shape[1]} tokens, not the {expected} tokens tracked in this call (was the "
+                "block called outside the model's forward?)"
+            )
+            return None
+        plan = self.patch.make_plan(x)
+        self.patch.metric = None
+        return plan
+
+    def _sizes(self, batch: int) -> Tensor | None:
+        sizes = self.track.sizes
+        return None if sizes is None else sizes.expand(batch, -1)
+
+    def mlp_before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if not args:
+            raise TypeError(
+                f"site {self.patch.site.name!r}: {type(module).__name__} was called without a "
+                "positional input; progressive merging at the MLP needs it"
+            )
+        x = args[0]
+        self.plan = plan = self._plan(x)
+        if plan is None or plan.is_identity:
+            return None
+        return (plan.merge(x, self._sizes(x.shape[0])), *args[1:]), kwargs
+
+    def mlp_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Any:
+        plan = self.plan
+        if plan is None or plan.is_identity:
+            return None
+        return plan.unmerge(output)
+
+    def block_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = output[0] if isinstance(output, (tuple, list)) else output
+        plan = self.plan if self.at_mlp else self._plan(x)
+        self.plan = None
+        self.patch.metric = None
+        if plan is None or plan.is_identity:
+            return None
+        merged = plan.merge(x, self._sizes(x.shape[0]))
+        self.track.record(plan, x.shape[0])
+        if isinstance(output, (tuple, list)):
+            return type(output)([merged, *output[1:]])
+        return merged
+
+
+def attach_progressive(
+    patch: SitePatch,
+    track: TokenTrack,
+    block: nn.Module,
+    keys_module: nn.Module,
+    keys: KeysFn,
+    mlp: nn.Module | None,
+) -> list[RemovableHandle]:
+    """Install one progressive site: keys from ``keys_module``'s output (through ``keys``), the
+    merge at ``mlp``'s input when given (else at the block output), the block output merged
+    (in front of the block's other forward hooks; see ``TokenCarry.attach_restore``)."""
+    hooks = _ProgressiveSite(patch, track, keys, at_mlp=mlp is not None)
+    handles = [keys_module.register_forward_hook(hooks.take_keys)]
+    if mlp is not None:
+        handles += [
+            mlp.register_forward_pre_hook(hooks.mlp_before, with_kwargs=True),
+            mlp.register_forward_hook(hooks.mlp_after, with_kwargs=True),
+        ]
+    handles.append(block.register_forward_hook(hooks.block_after, with_kwargs=True, prepend=True))
+    return handles
