@@ -27,6 +27,7 @@ import inspect
 from typing import Any, ClassVar
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import parameter_index
 from tokenmerge.adapters._vit import (
@@ -36,8 +37,8 @@ from tokenmerge.adapters._vit import (
     kept_image_rows,
     keys_by_head,
 )
-from tokenmerge.errors import UnsupportedModelError
-from tokenmerge.patch import Adjust
+from tokenmerge.errors import TokenMergeError, UnsupportedModelError
+from tokenmerge.patch import Adjust, SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenTrack
 
@@ -111,6 +112,18 @@ class TimmViTAdapter(ViTAdapter):
     def patch_projection(self, root: nn.Module) -> nn.Module:
         return root.patch_embed.proj
 
+    def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
+        handles = super().attach_model(root, patches)
+        # forward_intermediates reshapes every block's output into the patch grid; with merged
+        # tokens that reshape succeeds with wrong channels, so refuse it instead
+        if self.carry is not None and "forward_intermediates" not in root.__dict__:
+            root.__dict__["forward_intermediates"] = RefuseIntermediates()
+        return handles
+
+    def detach(self, root: nn.Module) -> None:
+        if isinstance(root.__dict__.get("forward_intermediates"), RefuseIntermediates):
+            del root.__dict__["forward_intermediates"]
+
     def block_adjust(self) -> BlockAdjust | None:
         return _rope_of_present_tokens if self._rope else None
 
@@ -133,3 +146,14 @@ def _rope_of_present_tokens(track: TokenTrack, kwargs: dict) -> dict:
 
 def _parameters(cls: type) -> list[str]:
     return list(inspect.signature(cls.forward).parameters)
+
+
+class RefuseIntermediates:
+    """Stands in for ``forward_intermediates`` while progressive merging is applied."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TokenMergeError(
+            "forward_intermediates reads every block's output as the patch grid, but in "
+            "progressive mode tokens merge between blocks; apply with mode='local' for "
+            "intermediate feature maps (the token grid is kept), or remove the patch first"
+        )

@@ -47,11 +47,11 @@ def _vision_module(model: Any) -> nn.Module | None:
         ViTModel,
     )
 
-    if isinstance(model, (ViTModel, CLIPVisionModel, CLIPVisionModelWithProjection)):
+    if isinstance(model, (ViTModel, CLIPVisionModel)):
         return model
     if isinstance(model, ViTForImageClassification):
         return model.vit
-    if isinstance(model, CLIPModel):
+    if isinstance(model, (CLIPModel, CLIPVisionModelWithProjection)):
         return model.vision_model
     return None
 

@@ -173,7 +173,11 @@ def describe_type(annotation: Any, metadata: list[Any] = ()) -> str:  # type: ig
     elif origin is typing.Literal:
         text = "one of " + ", ".join(f"`{value!r}`" for value in args)
     elif origin in (typing.Union, types.UnionType):
-        text = ", or ".join(describe_type(arm) for arm in args)
+        # a field's limits apply to its numeric arms (``int | None`` with ``ge=1``)
+        numeric = list(metadata) if any(a in (int, float) for a in args) else []
+        return ", or ".join(
+            describe_type(arm, numeric if arm in (int, float) else []) for arm in args
+        ) + (f" {limits}" if limits and not numeric else "")
     elif origin in (tuple, list, set, frozenset):
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             text = f"tuple of ({describe_type(args[0])})"

@@ -270,16 +270,74 @@ def test_bench_folder_without_a_model(tmp_path, capsys):
     assert "holds no loadable model" in line and str(tmp_path / "empty") in line
 
 
-def test_bench_model_the_bench_cannot_feed_yet(tmp_path, capsys):
+def test_bench_a_saved_vit_checkpoint_as_a_classifier(tmp_path, capsys):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(
         tmp_path / "vit"
     )  # fmt: skip
-    capsys.readouterr()
-    assert main(["bench", "--model", str(tmp_path / "vit"), "--no-progress", "--no-plot"]) == 2
-    assert "cannot run a ViTModel yet" in _error_line(capsys, library_progress=True)
+    code = main(["bench", "--model", str(tmp_path / "vit"), "--strategies", "tome", "--r", "4",
+                 "--batch", "2", "--rounds", "1", "--no-progress", "--no-plot"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "ViTModel (local checkpoint: its own weights); the model's own weights" in out
+    assert "tome r=4" in out and "17->9" in out  # 1 + 16 tokens, 4 merged in each of 2 blocks
+
+
+# ---------------------------------------------------------------------------------- classifiers
+TINY_VIT = ["--model", "tiny-vit", "--batch", "2", "--rounds", "1", "--no-progress"]
+
+
+def test_classifier_bench_writes_table_json_and_plot(tmp_path, capsys):
+    files = ["--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")]
+    code = main(["bench", *TINY_VIT, "--strategies", "tome", "retom", "random", *files])
+    assert code == 0
+    out = capsys.readouterr().out
+    for label in ("none", "tome r=12", "retom r=12", "random r=12"):
+        assert label in out
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["settings"]["r"] == 12 and data["settings"]["batch"] == 2
+    rows = {row["label"]: row for row in data["rows"]}
+    assert rows["none"]["cosine"] is None and rows["none"]["speedup"] == 1.0
+    for label in ("tome r=12", "retom r=12", "random r=12"):
+        row = rows[label]
+        assert row["tokens"] == "65->17"  # 64 patches + class token, 12 merged in each of 4 blocks
+        assert 0.0 < row["cosine_min"] <= row["cosine"] <= 1.0 + 1e-6
+        assert 0.0 <= row["top1_agreement"] <= 1.0
+        assert row["config"]["r"] == 12 and row["config"]["mode"] == "auto"
+        assert row["images_per_second"] == pytest.approx(2 / row["seconds"])
+
+
+def test_classifier_bench_with_ratios(capsys):
+    code = main(["bench", *TINY_VIT, "--strategies", "tome", "--ratios", "0", "0.25",
+                 "--no-plot"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "tome 0 " in out and "tome 0.25" in out
+    zero = next(line for line in out.splitlines() if line.startswith("tome 0 "))
+    assert "1.0000" in zero  # ratio 0: bit-identical, cosine 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--timesteps", "500"], "--timesteps apply to diffusion models only"),
+        (["--photos", "coffee"], "--photos apply to diffusion models only"),
+        (["--trajectory-steps", "2"], "--trajectory-steps apply to diffusion models only"),
+        (["--peer", "tomesd"], "--peer tomesd apply to diffusion models only"),
+        (["--strategies", "tome", "--ratios", "0.6"], "merges more than half"),
+    ],
+)
+def test_classifier_bench_rejects_what_does_not_apply(arguments, expected, capsys):
+    assert main(["bench", *TINY_VIT, "--no-plot", *arguments]) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_bench_r_is_for_classifiers(capsys):
+    assert main(["bench", *TINY, "--r", "4", "--no-plot"]) == 2
+    assert "--r sets tokens per block for classifiers" in _error_line(capsys)
 
 
 def test_bench_unwritable_plot_fails_before_running(tmp_path, capsys):

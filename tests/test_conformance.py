@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 from toy_models import Attention
 from transformer_models import FAMILIES, inputs
+from vit_models import FAMILIES as VIT_FAMILIES
 
 import tokenmerge
 from tokenmerge import AdapterSpec, Plan
@@ -97,6 +98,14 @@ def run_transformer(family: str) -> Callable[[nn.Module], Any]:
     return lambda model: model(**kwargs)
 
 
+def run_vit(family: str) -> Callable[[nn.Module], Any]:
+    return VIT_FAMILIES[family].run
+
+
+def vit_model(family: str) -> Callable[[], nn.Module]:
+    return VIT_FAMILIES[family].build
+
+
 @dataclass(frozen=True)
 class TinyModel:
     """A model an adapter is checked on: how to build it, run it and patch it."""
@@ -128,6 +137,23 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
     ],
     "diffusers_flux": [
         TinyModel("tiny-flux", FAMILIES["flux"], run_transformer("flux"), {"min_tokens": 1})
+    ],
+    # progressive mode (the default) merges at most half of a block's tokens: the checks' 0.5
+    "timm_vit": [
+        TinyModel("tiny-vit", vit_model("vit"), run_vit("vit")),
+        TinyModel(
+            "tiny-vit-registers-local",
+            vit_model("registers"),
+            run_vit("registers"),
+            {"mode": "local"},
+        ),
+        TinyModel("tiny-eva02", vit_model("eva02"), run_vit("eva02")),
+    ],
+    "transformers_vit": [
+        TinyModel(
+            "tiny-vit-classifier", vit_model("hf_vit_classifier"), run_vit("hf_vit_classifier")
+        ),
+        TinyModel("tiny-clip", vit_model("clip"), run_vit("clip")),
     ],
 }
 

@@ -313,7 +313,9 @@ def test_describe_type():
         "`float` in [0, 1), or mapping `str` -> (`float` in [0, 1)), "
         "or tuple of (`float` in [0, 1))"
     )
-    assert describe(fields["min_tokens"].annotation, fields["min_tokens"].metadata) == "`int` >= 1"
+    assert describe(fields["min_tokens"].annotation, fields["min_tokens"].metadata) == (
+        "`int` >= 1, or `None`"
+    )
     assert describe(fields["stages"].annotation) == (
         "tuple of (one of `'down'`, `'mid'`, `'up'`, `'first'`, `'middle'`, `'last'`), or `None`"
     )

@@ -365,9 +365,11 @@ def remove(model: Any) -> bool:
         (True, False)
     """
     found = False
-    holders = [model] + [
-        v for v in getattr(model, "__dict__", {}).values() if isinstance(v, nn.Module)
-    ]
+    # a pipeline holds its models as attributes, a model its sub-modules in _modules (a
+    # CLIPModel is patched in its vision tower)
+    attributes = getattr(model, "__dict__", {})
+    children = list(attributes.get("_modules", {}).values())
+    holders = [model] + [v for v in [*attributes.values(), *children] if isinstance(v, nn.Module)]
     for holder in holders:
         handle = getattr(holder, "__dict__", {}).get(HANDLE_ATTR)
         if handle is not None:

@@ -161,8 +161,9 @@ def _build_parser() -> _Parser:
         "--set; default: every registered strategy)",
     )  # fmt: skip
     bench.add_argument(
-        "--ratios", nargs="+", type=_ratio, default=[0.5], metavar="R",
-        help="ratios, 0 <= r < 1 (default 0.5)",
+        "--ratios", nargs="+", type=_ratio, default=None, metavar="R",
+        help="ratios, 0 <= r < 1 (default 0.5; for a classifier the default is ToMe's r "
+        "tokens per block, see --r)",
     )  # fmt: skip
     bench.add_argument(
         "--peer",
@@ -171,22 +172,31 @@ def _build_parser() -> _Parser:
         help="peers run side by side: 'auto' (default) adds tomesd when it is installed and "
         "the model is a UNet; 'tomesd' requires it (and a UNet); 'none' runs tokenmerge only",
     )
-    bench.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
     bench.add_argument(
-        "--rounds", type=_positive, default=3, help="timed rounds per configuration (default 3)"
-    )
+        "--batch", type=_positive, default=None,
+        help="batch size (default 1; 32 for a classifier)",
+    )  # fmt: skip
     bench.add_argument(
-        "--photos", nargs="+", choices=PHOTOS, default=[PHOTOS[0]], metavar="NAME",
+        "--rounds", type=_positive, default=None,
+        help="timed rounds per configuration (default 3; 5 for a classifier)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--r", type=_non_negative, default=None, dest="r",
+        help="classifiers (ViTs): tokens merged per block by every strategy, so all end each "
+        "block with the same token count (default: the preset's, 13 for ViT-B/16 as ToMe)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--photos", nargs="+", choices=PHOTOS, default=None, metavar="NAME",
         help=f"photographs the fidelity inputs are made from ({', '.join(PHOTOS)}; "
         f"default {PHOTOS[0]})",
     )  # fmt: skip
     bench.add_argument(
-        "--timesteps", nargs="+", type=_timestep, default=[900, 500, 100], metavar="T",
+        "--timesteps", nargs="+", type=_timestep, default=None, metavar="T",
         help="diffusion timesteps the photographs are noised to, 0..999 (for the "
         "flow-matching SD3 and FLUX.1: noise level t / 1000; default 900 500 100)",
     )  # fmt: skip
     bench.add_argument(
-        "--trajectory-steps", type=_positive, default=4,
+        "--trajectory-steps", type=_positive, default=None,
         help="steps of the sampling trajectory (DDIM, or Euler for flow-matching models; "
         "default 4)",
     )  # fmt: skip
@@ -198,6 +208,11 @@ def _build_parser() -> _Parser:
         help="where the speedup-vs-block-error PNG goes (default tokenmerge-bench.png)",
     )
     bench.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    bench.add_argument(
+        "--compile", action="store_true",
+        help="classifiers (ViTs): run every configuration through torch.compile (the warm-up "
+        "round compiles); on a GPU at small batches this removes the hooks' host overhead",
+    )  # fmt: skip
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     visualize = commands.add_parser(
@@ -346,11 +361,35 @@ def _first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if text and text.strip() else ""
 
 
+#: bench options that only diffusion models take, with their defaults there
+_DIFFUSION_ONLY = {
+    "photos": ["astronaut"],
+    "timesteps": [900, 500, 100],
+    "trajectory_steps": 4,
+}
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from tokenmerge.bench import report
+    from tokenmerge.bench.classify import is_classifier_source
     from tokenmerge.bench.runner import BenchSettings, run_bench
     from tokenmerge.bench.variants import parse_variants
 
+    if is_classifier_source(args.model):
+        return _run_classifier_bench(args)
+    if args.r is not None:
+        raise UsageError(
+            "--r sets tokens per block for classifiers (ViTs); for a diffusion model give "
+            "--ratios, or --set r=N to merge N tokens at every site"
+        )
+    if args.compile:
+        raise UsageError("--compile applies to classifiers (ViTs) only")
+    for name, default in _DIFFUSION_ONLY.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.ratios = args.ratios or [0.5]
+    args.batch = args.batch or 1
+    args.rounds = args.rounds or 3
     overrides = dict(args.overrides)
     if args.strategies is None:
         strategies = _check_strategies(None)
@@ -388,6 +427,57 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if not args.no_plot:
         report.write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_classifier_bench(args: argparse.Namespace) -> int:
+    from tokenmerge.bench import report
+    from tokenmerge.bench.classify import (
+        ClassifierSettings,
+        format_classifier_report,
+        run_classifier_bench,
+    )
+    from tokenmerge.bench.variants import parse_variants
+
+    given = [f"--{n.replace('_', '-')}" for n in _DIFFUSION_ONLY if getattr(args, n) is not None]
+    if args.peer == "tomesd":
+        given.append("--peer tomesd")
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} apply to diffusion models only; {args.model} is an image "
+            "classifier (its bench times batches of photographs and compares final features)"
+        )
+    overrides = dict(args.overrides)
+    strategies = list(args.strategies) if args.strategies else _check_strategies(None)
+    if args.ratios is not None:
+        parse_variants(strategies, args.ratios, overrides)  # raises on a bad spec, one line
+    for path in [args.json, None if args.no_plot else args.plot]:
+        if path:
+            report.check_writable(path)
+    settings = ClassifierSettings(
+        model=args.model,
+        strategies=strategies,
+        r=args.r,
+        ratios=list(args.ratios) if args.ratios else None,
+        batch=args.batch or 32,
+        rounds=args.rounds or 5,
+        size=args.size,
+        attention=args.attention,
+        similarity_scale=args.similarity_scale,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        overrides=overrides,
+        compile=args.compile,
+    )
+    result = run_classifier_bench(settings, progress=not args.no_progress)
+    print(format_classifier_report(result))
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if not args.no_plot:
+        report.write_classifier_plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

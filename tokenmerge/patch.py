@@ -120,6 +120,15 @@ class SitePatch:
         if new_generation or self.state.replan:
             self._cache = None
 
+    def plan_afresh(self, x: Tensor) -> Plan | None:
+        """``make_plan``, kept as the site's ``last_plan`` (progressive mode: every call of a
+        block plans on the tokens reaching it, nothing is reused)."""
+        plan = self.make_plan(x)
+        if plan is not None:
+            key = (x.shape[0], x.shape[1], x.device, x.dtype)
+            self._cache = _CachedPlan(key, plan, self._planned_layout)
+        return plan
+
     def start_fresh(self) -> None:
         """The next target call plans afresh (a new block call in a model without steps)."""
         self.seen_this_call = False

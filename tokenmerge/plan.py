@@ -219,13 +219,14 @@ class Plan:
             )
         return x.shape[0]
 
-    def merge(self, x: Tensor, sizes: Tensor | None = None) -> Tensor:
+    def merge(self, x: Tensor, sizes: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
         """Average every source into its destination slot: ``(B, N, C) -> (B, M, C)``.
 
         The mean is size-weighted: with ``sizes`` (``(B, N)``, how many patches each token
         already stands for, progressive mode) a token of size 3 weighs three times as much.
         The slot value is computed as ``x_dst + sum_s w_s (x_s - x_dst)`` so identical tokens
-        merge back to exactly themselves.
+        merge back to exactly themselves. ``weight`` (``(B, r)``, from ``size_weights``) saves
+        recomputing the size weights when one plan merges several tensors.
 
         Example:
             >>> import torch
@@ -240,13 +241,11 @@ class Plan:
         batch = self._check(x, self.num_tokens)
         channels = x.shape[-1]
         x_kept = _rows(x, self.kept)
-        if sizes is None:
+        if weight is None and sizes is None:
             weight = self.dst_count.to(x.dtype).reciprocal()
-        else:
+        elif weight is None:
             self._check_sizes(sizes, batch)
-            src_size = sizes.gather(1, self.src.expand(batch, -1))
-            slot_size = self.merge_sizes(sizes)
-            weight = src_size / slot_size.gather(1, self.dst.expand(batch, -1))
+            weight = self.size_weights(sizes)[0]
         delta = (_rows(x, self.src) - _rows(x_kept, self.dst)) * weight.unsqueeze(-1).to(x.dtype)
         slots = _flat_index(self.dst, batch, self.num_out)
         merged = x_kept.reshape(-1, channels).index_add(0, slots, delta.reshape(-1, channels))
@@ -260,6 +259,14 @@ class Plan:
                 + (f" with batch {batch}" if batch is not None else "")
                 + f" (plan batch {self.batch}); got {tuple(sizes.shape)}"
             )
+
+    def size_weights(self, sizes: Tensor) -> tuple[Tensor, Tensor]:
+        """Each source's share of its slot's mean, ``(B, r)``, and the sizes after the merge,
+        ``(B, M)``, for tokens of ``sizes`` ``(B, N)``."""
+        merged = self.merge_sizes(sizes)
+        batch = sizes.shape[0]
+        src_size = sizes.gather(1, self.src.expand(batch, -1))
+        return src_size / merged.gather(1, self.dst.expand(batch, -1)), merged
 
     def merge_sizes(self, sizes: Tensor) -> Tensor:
         """Sizes after the merge: ``(B, N) -> (B, M)``; a slot's size is the sum of its tokens'."""

@@ -82,8 +82,14 @@ class TokenTrack:
             return None
         return TokenLayout(self.grid, self.num_prefix, positions=self.positions)
 
-    def record(self, plan: Plan, batch: int) -> None:
-        """Follow ``plan``, just applied to the ``(batch, N)`` tokens."""
+    def sizes_for(self, plan: Plan, batch: int) -> Tensor:
+        """``(batch, N)`` sizes of the tokens ``plan`` applies to (ones before any merge)."""
+        if self.sizes is None:
+            return torch.ones(batch, plan.num_tokens, device=plan.device)
+        return self.sizes.expand(batch, -1)
+
+    def record(self, plan: Plan, merged_sizes: Tensor) -> None:
+        """Follow ``plan``, just applied; ``merged_sizes`` are the sizes after it."""
         if plan.is_identity:
             return
         device = plan.device
@@ -91,8 +97,7 @@ class TokenTrack:
             n = plan.num_tokens
             self.origin = torch.arange(n, device=device).unsqueeze(0)
             self.positions = torch.arange(n - self.num_prefix, device=device).unsqueeze(0)
-            self.sizes = torch.ones(batch, n, device=device)
-        self.sizes = plan.merge_sizes(self.sizes)
+        self.sizes = merged_sizes
         rows = max(plan.batch, self.origin.shape[0])
         self.origin = plan.origin.expand(rows, -1).gather(1, self.origin.expand(rows, -1))
         image_kept = plan.kept[:, self.num_prefix :] - self.num_prefix
@@ -208,9 +213,12 @@ class _ProgressiveSite:
         self.keys = keys
         self.at_mlp = at_mlp
         self.plan: Plan | None = None
+        # the plan's size weights and the sizes after it, computed once for both merges
+        self.weight: Tensor | None = None
+        self.merged_sizes: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "plan": None}
+        return {**self.__dict__, "plan": None, "weight": None, "merged_sizes": None}
 
     def take_keys(self, module: nn.Module, args: tuple, output: Any) -> None:
         self.patch.metric = self.keys(output)
@@ -229,13 +237,12 @@ class _ProgressiveSite:
                 "block called outside the model's forward?)"
             )
             return None
-        plan = self.patch.make_plan(x)
+        plan = self.patch.plan_afresh(x)
         self.patch.metric = None
+        if plan is not None and not plan.is_identity:
+            sizes = track.sizes_for(plan, x.shape[0])
+            self.weight, self.merged_sizes = plan.size_weights(sizes)
         return plan
-
-    def _sizes(self, batch: int) -> Tensor | None:
-        sizes = self.track.sizes
-        return None if sizes is None else sizes.expand(batch, -1)
 
     def mlp_before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if not args:
@@ -247,7 +254,7 @@ class _ProgressiveSite:
         self.plan = plan = self._plan(x)
         if plan is None or plan.is_identity:
             return None
-        return (plan.merge(x, self._sizes(x.shape[0])), *args[1:]), kwargs
+        return (plan.merge(x, weight=self.weight), *args[1:]), kwargs
 
     def mlp_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Any:
         plan = self.plan
@@ -262,8 +269,9 @@ class _ProgressiveSite:
         self.patch.metric = None
         if plan is None or plan.is_identity:
             return None
-        merged = plan.merge(x, self._sizes(x.shape[0]))
-        self.track.record(plan, x.shape[0])
+        merged = plan.merge(x, weight=self.weight)
+        self.track.record(plan, self.merged_sizes)
+        self.weight = self.merged_sizes = None
         if isinstance(output, (tuple, list)):
             return type(output)([merged, *output[1:]])
         return merged

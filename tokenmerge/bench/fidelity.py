@@ -58,8 +58,9 @@ def photo_latent(name: str, channels: int, size: int, seed: int = 0) -> Tensor:
 def tie_self_attention(model: nn.Module, scale: float) -> int:
     """Make every self-attention attend by similarity: ``to_k = to_q = scale * to_q``.
 
-    A self-attention is a module with ``to_q`` / ``to_k`` linear layers of the same shape that
-    is not marked ``is_cross_attention`` (diffusers' ``Attention``, SD3's joint attention on its
+    A self-attention is a module with ``to_q`` / ``to_k`` (or ``q_proj`` / ``k_proj``) linear
+    layers of the same shape that is not marked ``is_cross_attention``, or a timm attention with a
+    fused ``qkv`` projection (diffusers' ``Attention``, SD3's joint attention on its
     image stream, ``FluxAttention``). Where queries and keys are normalised per head
     (``norm_q`` / ``norm_k``: FLUX.1, SD 3.5), normalisation would undo a scaled projection, so
     the key norm is tied to the query norm and *its* weight carries the scale: either way the
@@ -74,7 +75,12 @@ def tie_self_attention(model: nn.Module, scale: float) -> int:
     tied = 0
     with torch.no_grad():
         for module in model.modules():
+            if _tie_fused(module, scale):
+                tied += 1
+                continue
             query, key = getattr(module, "to_q", None), getattr(module, "to_k", None)
+            if query is None and key is None:  # transformers' naming
+                query, key = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
             if not (isinstance(query, nn.Linear) and isinstance(key, nn.Linear)):
                 continue
             if getattr(module, "is_cross_attention", False):
@@ -89,6 +95,26 @@ def tie_self_attention(model: nn.Module, scale: float) -> int:
                 key_norm.copy_(query_norm)
             tied += 1
     return tied
+
+
+def _tie_fused(module: nn.Module, scale: float) -> bool:
+    """timm's fused ``qkv`` projection (rows: queries, keys, values): tie the key rows."""
+    qkv = getattr(module, "qkv", None)
+    if not (isinstance(qkv, nn.Linear) and qkv.out_features % 3 == 0):
+        return False
+    width = qkv.out_features // 3
+    query_norm, key_norm = _norm_weight(module, "q_norm"), _norm_weight(module, "k_norm")
+    normalised = query_norm is not None and key_norm is not None
+    factor = 1.0 if normalised else scale
+    qkv.weight[:width].mul_(factor)
+    qkv.weight[width : 2 * width].copy_(qkv.weight[:width])
+    if qkv.bias is not None:
+        qkv.bias[:width].mul_(factor)
+        qkv.bias[width : 2 * width].copy_(qkv.bias[:width])
+    if normalised:
+        query_norm.mul_(scale)
+        key_norm.copy_(query_norm)
+    return True
 
 
 def _norm_weight(module: nn.Module, name: str) -> Tensor | None:

@@ -30,13 +30,16 @@ class Preset:
     Args:
         name: the name ``--model`` takes.
         description: one line for ``tokenmerge list`` and the report header.
-        library: the library the model class comes from (``"diffusers"``).
-        model_class: the class name, built from ``config``.
+        library: the library the model class comes from (``"diffusers"``, ``"timm"``).
+        model_class: the class name, built from ``config`` (for timm: ``create_model``, the
+            factory, with ``pretrained=False`` in the config).
         config: the published configuration (random weights are drawn from it).
         default_size: the image size in pixels the bench runs it at: the size it was trained at,
             unless the description says otherwise.
         notes: what differs from the real model, said in every report (empty: nothing but the
             weights).
+        default_r: classifiers: tokens merged per block when the bench is not given ratios
+            (ToMe's setting: 13 for ViT-B/16 at 224 px).
     """
 
     name: str
@@ -46,6 +49,7 @@ class Preset:
     config: dict[str, Any] = field(repr=False)
     default_size: int
     notes: str = ""
+    default_r: int = 13
 
     def build(
         self,
@@ -331,6 +335,43 @@ PRESETS: dict[str, Preset] = {
             ),
             default_size=256,
             notes="not a real model: a tiny configuration for tests and smoke runs",
+        ),
+        Preset(
+            name="vit-b-16",
+            description="ViT-B/16 image classifier (timm vit_base_patch16_224, 86M parameters), "
+            "224 px",
+            library="timm",
+            model_class="create_model",
+            config=dict(model_name="vit_base_patch16_224", pretrained=False),
+            default_size=224,
+        ),
+        Preset(
+            name="deit-s-16",
+            description="DeiT-S/16 image classifier (timm deit_small_patch16_224, 22M "
+            "parameters), 224 px",
+            library="timm",
+            model_class="create_model",
+            config=dict(model_name="deit_small_patch16_224", pretrained=False),
+            default_size=224,
+        ),
+        Preset(
+            name="tiny-vit",
+            description="a tiny ViT (4 blocks, 4 x 16 heads, 8 x 8 patches) for tests, 64 px",
+            library="timm",
+            model_class="create_model",
+            config=dict(
+                model_name="vit_tiny_patch16_224",
+                pretrained=False,
+                depth=4,
+                embed_dim=64,
+                num_heads=4,
+                img_size=64,
+                patch_size=8,
+                num_classes=10,
+            ),
+            default_size=64,
+            notes="not a real model: a tiny configuration for tests and smoke runs",
+            default_r=12,
         ),
     ]
 }

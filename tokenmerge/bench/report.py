@@ -122,14 +122,13 @@ def check_writable(path: str | Path) -> None:
         path.unlink()
 
 
-def write_json(result: BenchResult, path: str | Path) -> None:
+def write_json(result: BenchResult | Any, path: str | Path) -> None:
     """The whole result as JSON (settings, machine, model, one object per configuration)."""
     data: dict[str, Any] = result.to_json()
     _writable(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def write_plot(result: BenchResult, path: str | Path) -> None:
-    """A PNG: speedup over no merging against block error, one point per configuration."""
+def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as exc:
@@ -139,6 +138,38 @@ def write_plot(result: BenchResult, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_classifier_plot(result: Any, path: str | Path) -> None:
+    """A PNG for a classifier run: speedup against the final features' cosine similarity to
+    the unmerged model's, one point per configuration."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for row in result.rows:
+        if row.cosine is None:
+            continue
+        axes.plot([row.cosine], [row.speedup], marker="o", linestyle="", label=row.label)
+    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--", label="no merging")
+    axes.set_xlabel("cosine similarity of the final features to the unmerged model's (mean)")
+    axes.set_ylabel("speedup over no merging")
+    model, machine = result.model, result.machine
+    weights = "similarity attention" if "similarity" in model["attention"] else "own weights"
+    axes.set_title(
+        f"{model['name']}, {model['input']}\n{machine['device']} {result.settings['dtype']}, "
+        f"{weights}",
+        fontsize=9,
+    )
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(_writable(path), format="png")
+    plt.close(figure)
+
+
+def write_plot(result: BenchResult, path: str | Path) -> None:
+    """A PNG: speedup over no merging against block error, one point per configuration."""
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     groups: dict[str, list[BenchRow]] = {}
     for row in result.rows:

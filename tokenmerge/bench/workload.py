@@ -575,8 +575,9 @@ def make_workload(
     cls = _workload_class(model)
     if cls is None:
         raise UnsupportedModelError(
-            f"tokenmerge bench cannot run a {type(model).__name__} yet: it measures diffusers "
-            f"denoisers ({', '.join(WORKLOADS)}); ViTs join as their workloads land. Use "
-            "tokenmerge.apply() on this model directly"
+            f"cannot run a {type(model).__name__} yet: denoising workloads exist for diffusers' "
+            f"{', '.join(WORKLOADS)}, and tokenmerge bench measures timm / transformers "
+            "vision transformers as classifiers (tokenmerge visualize draws on denoisers "
+            "only). Use tokenmerge.apply() on this model directly"
         )
     return cls(model, size, batch, device, dtype, seed)

@@ -1,0 +1,364 @@
+"""``tokenmerge bench`` on image classifiers (vision transformers): throughput and fidelity.
+
+Every configuration (no merging, each strategy variant) gets its own copy of the model's
+modules sharing one set of weights, so they run side by side in one process:
+
+1. **Timed rounds**: one batch of photographs per round; configurations alternate in a rotating
+   order and the first round only warms up. Throughput = batch / median seconds; speedup =
+   median seconds without merging / median with.
+2. **Fidelity** on the same photographs: the cosine similarity of every image's final features
+   (the pre-logits: the pooled class token, or the average of the tokens for average-pooling
+   models) to the unmerged model's, and how often the top-1 class agrees.
+
+Merging is ToMe's setting unless asked otherwise: ``r`` tokens merged per block (13 for the
+ViT-B presets), for every strategy, so every strategy ends each block with the same number of
+tokens. The photographs are crops of the bundled ones (``tokenmerge.photos``) at several scales
+and places, flipped every other time, resized to the model's input size and normalised as it
+expects.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenmerge import __version__
+from tokenmerge.api import Handle, apply
+from tokenmerge.errors import UnsupportedModelError
+from tokenmerge.photos import PHOTOS, load_photo
+
+from .fidelity import tie_self_attention
+from .presets import PRESETS, get_preset
+from .runner import _machine, _Progress, sharing_weights
+from .timing import synchronizer, timed
+from .variants import parse_variants
+
+__all__ = [
+    "ClassifierResult",
+    "ClassifierRow",
+    "ClassifierSettings",
+    "format_classifier_report",
+    "is_classifier_source",
+    "photo_batch",
+    "run_classifier_bench",
+]
+
+#: ImageNet normalisation, timm's and transformers' ViT default
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASSIFIER_LIBRARIES = ("timm", "transformers")
+
+
+def is_classifier_source(model: str) -> bool:
+    """Whether ``--model`` names a classifier: a timm / transformers preset, or a local folder
+    saved by timm or transformers (not diffusers)."""
+    if model in PRESETS:
+        return get_preset(model).library in CLASSIFIER_LIBRARIES
+    config = Path(model) / "config.json"
+    if not config.is_file() or (Path(model) / "model_index.json").exists():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return "_class_name" not in data and ("architecture" in data or "model_type" in data)
+
+
+@dataclass
+class ClassifierSettings:
+    """What one classifier run measures.
+
+    Example:
+        >>> settings = ClassifierSettings(model="tiny-vit", strategies=["tome"], rounds=1,
+        ...                               batch=2)
+        >>> result = run_classifier_bench(settings, progress=False)
+        >>> [row.label for row in result.rows], result.rows[1].tokens
+        (['none', 'tome r=12'], '65->17')
+    """
+
+    model: str = "vit-b-16"
+    # strategy variants, NAME[:KEY=VALUE[,KEY=VALUE...]] (see tokenmerge.bench.variants)
+    strategies: list[str] = field(default_factory=lambda: ["tome", "retom", "random"])
+    # tokens merged per block (None: the preset's, ToMe's setting); ignored when ratios are set
+    r: int | None = None
+    ratios: list[float] | None = None
+    batch: int = 32
+    rounds: int = 5
+    size: int | None = None
+    attention: Literal["similarity", "as-loaded"] | None = None
+    similarity_scale: float = 3.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # run every configuration through torch.compile (the warm-up round compiles)
+    compile: bool = False
+
+
+@dataclass
+class ClassifierRow:
+    """One configuration's figures."""
+
+    label: str
+    kind: Literal["baseline", "tokenmerge"]
+    strategy: str
+    variant: str
+    config: dict[str, Any] | None
+    tokens: str  # tokens entering the first block -> leaving the last merging block
+    seconds: float  # median seconds per batch
+    images_per_second: float
+    speedup: float
+    seconds_samples: list[float]
+    cosine: float | None  # mean cosine similarity of the final features to the unmerged ones
+    cosine_min: float | None
+    top1_agreement: float | None  # share of images whose top-1 class is the unmerged one's
+
+
+@dataclass
+class ClassifierResult:
+    """Everything one classifier run measured (``to_json`` gives the JSON)."""
+
+    tokenmerge_version: str
+    model: dict[str, Any]
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    rows: list[ClassifierRow]
+    run_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def photo_batch(
+    batch: int,
+    size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> Tensor:
+    """``batch`` distinct natural images ``(batch, 3, size, size)``, normalised: crops of the
+    bundled photographs at several scales and places, every other one flipped.
+
+    Example:
+        >>> photo_batch(4, 32).shape
+        torch.Size([4, 3, 32, 32])
+    """
+    images = []
+    for index in range(batch):
+        photo = load_photo(PHOTOS[index % len(PHOTOS)]).float() / 255.0
+        round_ = index // len(PHOTOS)
+        side = int(256 * (1.0 - 0.08 * (round_ % 6)))  # 100 % down to 60 % of the photo
+        spare = 256 - side
+        top = (round_ * 37) % (spare + 1)
+        left = (round_ * 53) % (spare + 1)
+        crop = photo[:, top : top + side, left : left + side]
+        if round_ % 2:
+            crop = crop.flip(-1)
+        images.append(F.interpolate(crop[None], size=(size, size), mode="bilinear",
+                                    antialias=True, align_corners=False)[0])  # fmt: skip
+    pixels = torch.stack(images)
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _forward(model: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The final features (pre-logits) and the logits (None for a model without a head)."""
+    if hasattr(model, "forward_head"):  # timm
+        features = model.forward_head(model.forward_features(pixels), pre_logits=True)
+        return features, model.get_classifier()(features)
+    output = model(pixel_values=pixels)
+    logits = getattr(output, "logits", None)
+    pooled = getattr(output, "pooler_output", None)
+    features = pooled if pooled is not None else output.last_hidden_state[:, 0]
+    return features, logits
+
+
+def _load(settings: ClassifierSettings, device: torch.device, dtype: torch.dtype) -> tuple:
+    if settings.model in PRESETS:
+        preset = get_preset(settings.model)
+        model = preset.build(device, dtype, seed=settings.seed)
+        info = {
+            "name": preset.name,
+            "description": preset.description,
+            "source": "preset: the published configuration with random weights",
+            "notes": preset.notes,
+        }
+        attention, r = "similarity", preset.default_r
+    else:
+        from .loading import load_model
+
+        loaded = load_model(settings.model, dtype=dtype)
+        model = loaded.model.to(device).eval()
+        info = {
+            "name": settings.model,
+            "description": loaded.description,
+            "source": "local checkpoint: its own weights",
+            "notes": "",
+        }
+        attention, r = "as-loaded", 13
+    attention = settings.attention or attention
+    if attention == "similarity":
+        tied = tie_self_attention(model, settings.similarity_scale)
+        info["attention"] = (
+            f"similarity-based self-attention: the key projection tied to the query projection, "
+            f"both scaled by {settings.similarity_scale:g} ({tied} self-attention modules)"
+        )
+    else:
+        info["attention"] = "the model's own weights"
+    info["class"] = type(model).__name__
+    return model, info, r
+
+
+def _input_size(model: nn.Module, settings: ClassifierSettings) -> int:
+    if settings.size is not None:
+        return settings.size
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm
+    if img_size is not None:
+        return int(img_size[-1])
+    image_size = getattr(getattr(model, "config", None), "image_size", None)
+    if image_size is None:
+        vision = getattr(getattr(model, "config", None), "vision_config", None)
+        image_size = getattr(vision, "image_size", None)
+    if image_size is None:
+        raise UnsupportedModelError(
+            f"cannot tell the input size of {type(model).__name__}; pass --size"
+        )
+    return int(image_size)
+
+
+def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) -> ClassifierResult:
+    """Run the classifier benchmark ``settings`` describe (see the module docstring)."""
+    started = time.perf_counter()
+    device = torch.device(settings.device)
+    dtype = getattr(torch, settings.dtype)
+    model, info, default_r = _load(settings, device, dtype)
+    size = _input_size(model, settings)
+    pixels = photo_batch(settings.batch, size).to(device, dtype)
+    info["input"] = f"{settings.batch} photographs of {size} x {size} px"
+    entries = [("none", "baseline", "none", "none", model, None)]
+    r = settings.r if settings.r is not None else default_r
+    ratios = settings.ratios or [0.0]
+    overrides = dict(settings.overrides)
+    if settings.ratios is None:
+        overrides.setdefault("r", r)
+    for variant in parse_variants(settings.strategies, ratios, overrides):
+        for ratio in ratios:
+            config = variant.config(ratio, overrides)
+            clone = sharing_weights(model)
+            handle = apply(clone, config)
+            label = variant.name + (f" {ratio:g}" if config.r is None else f" r={config.r}")
+            entries.append((label, "tokenmerge", variant.strategy, variant.name, clone, handle))
+    calls = {}
+    for label, *_, clone, _handle in entries:
+        call = functools.partial(_forward, clone)
+        calls[label] = torch.compile(call) if settings.compile else call
+    sync = synchronizer(device)
+    # torch.compile does not guard on module hooks by default: the configurations, copies of
+    # one model differing only in their hooks, would share the first one's graph
+    guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
+    bar = _Progress((settings.rounds + 2) * len(entries), progress)
+    seconds: dict[str, list[float]] = {entry[0]: [] for entry in entries}
+    outputs: dict[str, tuple[Tensor, Tensor | None]] = {}
+    try:
+        with torch.no_grad(), guards:
+            bar.phase("timing")
+            for index in range(settings.rounds + 1):  # round 0 warms up
+                shift = index % len(entries)
+                for label, *_ in entries[shift:] + entries[:shift]:
+                    elapsed, _ = timed(functools.partial(calls[label], pixels), sync)
+                    if index:
+                        seconds[label].append(elapsed)
+                    bar.tick()
+            bar.phase("fidelity")
+            for label, *_ in entries:
+                outputs[label] = calls[label](pixels)
+                bar.tick()
+    finally:
+        bar.close()
+    base_seconds = statistics.median(seconds["none"])
+    base_features, base_logits = outputs["none"]
+    rows = []
+    for label, kind, strategy, variant, _clone, handle in entries:
+        median = statistics.median(seconds[label])
+        features, logits = outputs[label]
+        cosine = F.cosine_similarity(features.float(), base_features.float(), dim=-1)
+        agreement = None
+        if logits is not None and base_logits is not None:
+            agreement = (logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item()
+        merged = handle is not None
+        rows.append(
+            ClassifierRow(
+                label=label,
+                kind=kind,
+                strategy=strategy,
+                variant=variant,
+                config=handle.config.model_dump(mode="json") if merged else None,
+                tokens=_tokens(handle) if merged else "-",
+                seconds=median,
+                images_per_second=settings.batch / median,
+                speedup=base_seconds / median,
+                seconds_samples=seconds[label],
+                cosine=cosine.mean().item() if merged else None,
+                cosine_min=cosine.min().item() if merged else None,
+                top1_agreement=agreement if merged else None,
+            )
+        )
+    return ClassifierResult(
+        tokenmerge_version=__version__,
+        model=info,
+        machine=_machine(device),
+        settings={**asdict(settings), "size": size, "r": r if settings.ratios is None else None},
+        rows=rows,
+        run_seconds=time.perf_counter() - started,
+    )
+
+
+def _tokens(handle: Handle) -> str:
+    stats = list(handle.stats().values())
+    return f"{stats[0].tokens_in}->{stats[-1].tokens_out}"
+
+
+def format_classifier_report(result: ClassifierResult) -> str:
+    """The text table ``tokenmerge bench`` prints for a classifier."""
+    model, machine, settings = result.model, result.machine, result.settings
+    lines = [
+        f"tokenmerge {result.tokenmerge_version} bench: {model['description']}",
+        f"  model: {model['class']} ({model['source']}); {model['attention']}",
+        f"  input: {model['input']}; {machine['device']} {settings['dtype']}, torch "
+        f"{machine['torch']}, {machine['threads']} threads; {settings['rounds']} timed rounds "
+        f"(medians){'; torch.compile' if settings.get('compile') else ''}",
+    ]
+    if model.get("notes"):
+        lines.append(f"  notes: {model['notes']}")
+    lines.append("")
+    header = (
+        f"{'config':<22}{'tokens':>10}{'s/batch':>10}{'img/s':>9}{'speedup':>9}"
+        f"{'cos mean':>10}{'cos min':>9}{'top-1 agr':>11}"
+    )
+    lines += [header, "-" * len(header)]
+    for row in result.rows:
+        cells = [
+            f"{row.label:<22}",
+            f"{row.tokens:>10}",
+            f"{row.seconds:>10.3f}",
+            f"{row.images_per_second:>9.1f}",
+            f"{'x' + format(row.speedup, '.3f'):>9}",
+            f"{_number(row.cosine, '.4f'):>10}",
+            f"{_number(row.cosine_min, '.4f'):>9}",
+            f"{_number(row.top1_agreement, '.3f'):>11}",
+        ]
+        lines.append("".join(cells))
+    lines.append("")
+    lines.append(f"run time {result.run_seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
