@@ -112,7 +112,7 @@ def test_every_transformer_preset_is_patched_at_its_blocks(name):
     handle.remove()
 
 
-@pytest.mark.parametrize("name", ["tiny-unet", *TINY_TRANSFORMERS])
+@pytest.mark.parametrize("name", ["tiny-unet", "tiny-vit", *TINY_TRANSFORMERS])
 def test_tiny_presets_are_tiny(name):
     # built in milliseconds (a size bound, not a timed assertion: the machine is shared)
     assert _parameters(get_preset(name).build()) < 1_000_000
@@ -120,7 +120,7 @@ def test_tiny_presets_are_tiny(name):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(UnknownNameError, match="known presets: dit-xl-2, flux-dev-cut, "):
+    with pytest.raises(UnknownNameError, match="known presets: deit-s-16, dit-xl-2, flux-dev-cut, "):
         get_preset("sd1.5")
 
 

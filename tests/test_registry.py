@@ -42,7 +42,14 @@ from tokenmerge.strategies.tome import ToMeConfig
 
 PLUGIN_DISTS = Path(__file__).parent / "plugin_dists"
 # the built-in adapters (diffusers is installed in the test environment)
-BUILTIN_ADAPTERS = ["diffusers_dit", "diffusers_flux", "diffusers_unet", "generic"]
+BUILTIN_ADAPTERS = [
+    "diffusers_dit",
+    "diffusers_flux",
+    "diffusers_unet",
+    "generic",
+    "timm_vit",
+    "transformers_vit",
+]
 BUILTIN_PLUGINS = ["tokenmerge.adapters", "tokenmerge.strategies"]
 
 

@@ -23,6 +23,7 @@ import functools
 import json
 import statistics
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -180,6 +181,15 @@ def _forward(model: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor | None]:
     return features, logits
 
 
+def _own_code(function: Any, index: int) -> Any:
+    """A copy of ``function`` with a code object of its own. torch.compile caches graphs per
+    code object and, by default, does not guard on module hooks: the configurations, copies of
+    one model that differ only in their hooks, would otherwise all run the first one's graph
+    (turning the hook guards on instead crashed torch 2.11's dynamo)."""
+    code = function.__code__.replace(co_name=f"{function.__name__}_{index}")
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__)
+
+
 def _load(settings: ClassifierSettings, device: torch.device, dtype: torch.dtype) -> tuple:
     if settings.model in PRESETS:
         preset = get_preset(settings.model)
@@ -256,18 +266,17 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
             label = variant.name + (f" {ratio:g}" if config.r is None else f" r={config.r}")
             entries.append((label, "tokenmerge", variant.strategy, variant.name, clone, handle))
     calls = {}
-    for label, *_, clone, _handle in entries:
-        call = functools.partial(_forward, clone)
-        calls[label] = torch.compile(call) if settings.compile else call
+    for index, (label, *_, clone, _handle) in enumerate(entries):
+        if settings.compile:
+            calls[label] = torch.compile(functools.partial(_own_code(_forward, index), clone))
+        else:
+            calls[label] = functools.partial(_forward, clone)
     sync = synchronizer(device)
-    # torch.compile does not guard on module hooks by default: the configurations, copies of
-    # one model differing only in their hooks, would share the first one's graph
-    guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
     bar = _Progress((settings.rounds + 2) * len(entries), progress)
     seconds: dict[str, list[float]] = {entry[0]: [] for entry in entries}
     outputs: dict[str, tuple[Tensor, Tensor | None]] = {}
     try:
-        with torch.no_grad(), guards:
+        with torch.no_grad():
             bar.phase("timing")
             for index in range(settings.rounds + 1):  # round 0 warms up
                 shift = index % len(entries)
@@ -340,7 +349,7 @@ def format_classifier_report(result: ClassifierResult) -> str:
     lines.append("")
     header = (
         f"{'config':<22}{'tokens':>10}{'s/batch':>10}{'img/s':>9}{'speedup':>9}"
-        f"{'cos mean':>10}{'cos min':>9}{'top-1 agr':>11}"
+        f"{'cos mean':>10}{'cos min':>10}{'top-1 agr':>11}"
     )
     lines += [header, "-" * len(header)]
     for row in result.rows:
@@ -350,8 +359,8 @@ def format_classifier_report(result: ClassifierResult) -> str:
             f"{row.seconds:>10.3f}",
             f"{row.images_per_second:>9.1f}",
             f"{'x' + format(row.speedup, '.3f'):>9}",
-            f"{_number(row.cosine, '.4f'):>10}",
-            f"{_number(row.cosine_min, '.4f'):>9}",
+            f"{_number(row.cosine, '.6f'):>10}",
+            f"{_number(row.cosine_min, '.6f'):>10}",
             f"{_number(row.top1_agreement, '.3f'):>11}",
         ]
         lines.append("".join(cells))
