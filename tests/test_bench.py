@@ -120,7 +120,9 @@ def test_tiny_presets_are_tiny(name):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(UnknownNameError, match="known presets: deit-s-16, dit-xl-2, flux-dev-cut, "):
+    with pytest.raises(
+        UnknownNameError, match="known presets: deit-s-16, dit-xl-2, flux-dev-cut, "
+    ):
         get_preset("sd1.5")
 
 

@@ -343,3 +343,20 @@ def test_bench_r_is_for_classifiers(capsys):
 def test_bench_unwritable_plot_fails_before_running(tmp_path, capsys):
     assert main(["bench", *TINY, "--plot", str(tmp_path)]) == 2
     assert "it is a folder" in _error_line(capsys)
+
+
+def test_classifier_bench_compile_runs_each_configuration_with_its_own_hooks(monkeypatch, capsys):
+    """Every configuration is compiled; the merged ones must not reuse the unmerged graph
+    (torch.compile does not guard on module hooks by default)."""
+    import torch
+
+    eager_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, backend="eager"))
+    torch._dynamo.reset()
+    code = main(["bench", *TINY_VIT, "--strategies", "tome", "--compile", "--no-plot"])
+    torch._dynamo.reset()
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "torch.compile" in out
+    row = next(line for line in out.splitlines() if line.startswith("tome r=12"))
+    assert "65->17" in row and "1.000000  1.000000" not in row  # merged, so not identical
