@@ -64,7 +64,8 @@ def test_list_json(capsys):
     assert "retom" in plugin["strategies"]
     assert [p["name"] for p in listing["presets"]] == [
         "sd15", "sd21", "sdxl", "dit-xl-2", "pixart-alpha-512", "sd3-medium", "flux-dev-cut",
-        "tiny-unet", "tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux",
+        "tiny-unet", "tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "vit-b-16", "deit-s-16",
+        "tiny-vit",
     ]  # fmt: skip
     cut = next(p for p in listing["presets"] if p["name"] == "flux-dev-cut")
     assert "depth cut" in cut["notes"]

@@ -421,12 +421,19 @@ def _run_bench(args: argparse.Namespace) -> int:
         overrides=overrides,
     )
     result = run_bench(settings, progress=not args.no_progress)
-    print(report.format_report(result))
+    return _write_results(args, result, report.format_report, report.write_plot)
+
+
+def _write_results(args: argparse.Namespace, result: Any, format_report: Any, plot: Any) -> int:
+    """Print the table, then write the JSON and the plot where asked."""
+    from tokenmerge.bench import report
+
+    print(format_report(result))
     if args.json:
         report.write_json(result, args.json)
         print(f"wrote {args.json}")
     if not args.no_plot:
-        report.write_plot(result, args.plot)
+        plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
@@ -472,14 +479,7 @@ def _run_classifier_bench(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     result = run_classifier_bench(settings, progress=not args.no_progress)
-    print(format_classifier_report(result))
-    if args.json:
-        report.write_json(result, args.json)
-        print(f"wrote {args.json}")
-    if not args.no_plot:
-        report.write_classifier_plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+    return _write_results(args, result, format_classifier_report, report.write_classifier_plot)
 
 
 def _run_visualize(args: argparse.Namespace) -> int:

@@ -37,9 +37,8 @@ from tokenmerge.api import Handle, apply
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.photos import PHOTOS, load_photo
 
-from .fidelity import tie_self_attention
 from .presets import PRESETS, get_preset
-from .runner import _machine, _Progress, sharing_weights
+from .runner import _machine, _Progress, load_bench_model, sharing_weights
 from .timing import synchronizer, timed
 from .variants import parse_variants
 
@@ -191,38 +190,9 @@ def _own_code(function: Any, index: int) -> Any:
 
 
 def _load(settings: ClassifierSettings, device: torch.device, dtype: torch.dtype) -> tuple:
-    if settings.model in PRESETS:
-        preset = get_preset(settings.model)
-        model = preset.build(device, dtype, seed=settings.seed)
-        info = {
-            "name": preset.name,
-            "description": preset.description,
-            "source": "preset: the published configuration with random weights",
-            "notes": preset.notes,
-        }
-        attention, r = "similarity", preset.default_r
-    else:
-        from .loading import load_model
-
-        loaded = load_model(settings.model, dtype=dtype)
-        model = loaded.model.to(device).eval()
-        info = {
-            "name": settings.model,
-            "description": loaded.description,
-            "source": "local checkpoint: its own weights",
-            "notes": "",
-        }
-        attention, r = "as-loaded", 13
-    attention = settings.attention or attention
-    if attention == "similarity":
-        tied = tie_self_attention(model, settings.similarity_scale)
-        info["attention"] = (
-            f"similarity-based self-attention: the key projection tied to the query projection, "
-            f"both scaled by {settings.similarity_scale:g} ({tied} self-attention modules)"
-        )
-    else:
-        info["attention"] = "the model's own weights"
-    info["class"] = type(model).__name__
+    """The model, its description, and the ``r`` of the preset (ToMe's 13 for a checkpoint)."""
+    model, info, _ = load_bench_model(settings, device, dtype)
+    r = get_preset(settings.model).default_r if settings.model in PRESETS else 13
     return model, info, r
 
 

@@ -150,21 +150,8 @@ def write_classifier_plot(result: Any, path: str | Path) -> None:
         if row.cosine is None:
             continue
         axes.plot([row.cosine], [row.speedup], marker="o", linestyle="", label=row.label)
-    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--", label="no merging")
-    axes.set_xlabel("cosine similarity of the final features to the unmerged model's (mean)")
-    axes.set_ylabel("speedup over no merging")
-    model, machine = result.model, result.machine
-    weights = "similarity attention" if "similarity" in model["attention"] else "own weights"
-    axes.set_title(
-        f"{model['name']}, {model['input']}\n{machine['device']} {result.settings['dtype']}, "
-        f"{weights}",
-        fontsize=9,
-    )
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(_writable(path), format="png")
-    plt.close(figure)
+    xlabel = "cosine similarity of the final features to the unmerged model's (mean)"
+    _finish_plot(plt, figure, axes, result, path, xlabel, "")
 
 
 def write_plot(result: BenchResult, path: str | Path) -> None:
@@ -192,14 +179,23 @@ def write_plot(result: BenchResult, path: str | Path) -> None:
                 xytext=(4, 4),
                 fontsize=8,
             )
+    _finish_plot(
+        plt, figure, axes, result, path, "block error (mean over merged blocks)", "; labels: ratio"
+    )
+
+
+def _finish_plot(
+    plt: Any, figure: Any, axes: Any, result: Any, path: str | Path, xlabel: str, note: str
+) -> None:
+    """The no-merging line, labels, a title naming the model and machine; write the PNG."""
     axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--", label="no merging")
-    axes.set_xlabel("block error (mean over merged blocks)")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("speedup over no merging")
     model, machine = result.model, result.machine
     weights = "similarity attention" if "similarity" in model["attention"] else "own weights"
     axes.set_title(
         f"{model['name']}, {model['input']}\n{machine['device']} {result.settings['dtype']}, "
-        f"{weights}; labels: ratio",
+        f"{weights}{note}",
         fontsize=9,
     )
     axes.legend(fontsize=8)

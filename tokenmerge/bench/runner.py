@@ -187,8 +187,12 @@ class _Progress:
             self.bar.close()
 
 
-def load_bench_model(settings: BenchSettings, device: torch.device, dtype: torch.dtype) -> tuple:
-    """The model, its description and the attention weights used."""
+def load_bench_model(settings: Any, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The model, its description (the attention weights used included) and its image size.
+
+    ``settings`` is a ``BenchSettings`` or anything with its ``model``, ``seed``, ``attention``,
+    ``similarity_scale`` and ``size`` fields (the classifier bench's settings).
+    """
     if settings.model in PRESETS:
         preset = get_preset(settings.model)
         model = preset.build(device, dtype, seed=settings.seed)
