@@ -1202,6 +1202,8 @@ def test_video_unet_is_not_taken_for_an_image_unet() -> None:
         layers_per_block=1,
         sample_size=16,
     )
-    with pytest.raises(tokenmerge.UnsupportedModelError, match="no adapter supports"):
+    with pytest.raises(tokenmerge.UnsupportedModelError, match="is not supported") as error:
         tokenmerge.apply(video, "retom")
+    assert "UNet3DConditionModel" in str(error.value)
+    assert "adapter 'diffusers_unet' supports diffusers UNet2DConditionModel" in str(error.value)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in video.modules())
