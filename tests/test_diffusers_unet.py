@@ -1001,7 +1001,9 @@ def test_apply_remove_cycles_and_forwards_leave_memory_flat() -> None:
     for _ in range(1000):
         tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1).remove()
     assert_restored(unet, before)
-    assert _tensor_count() == tensors
+    # no growth: the count covers every live tensor of the process, and objects left by earlier
+    # tests may be freed meanwhile (seen once: 126 fewer), so only an increase is a leak
+    assert _tensor_count() <= tensors
     assert len(gc.get_objects()) - objects < 50  # not one object per cycle
 
     handle = tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1, cache_interval=2)
@@ -1010,7 +1012,7 @@ def test_apply_remove_cycles_and_forwards_leave_memory_flat() -> None:
     tensors = _tensor_count()
     for i in range(1000):
         run(unet, x, text, t=999 - 20 * (i % 10))  # 100 generations of 10 steps
-    assert _tensor_count() == tensors
+    assert _tensor_count() <= tensors
     stats = handle.stats()[SITE]
     assert stats.plans_computed == 2 + 100 * 5 and stats.plans_reused == 1 + 100 * 5
     handle.remove()
