@@ -11,6 +11,7 @@ the output of the patch projection (a ``Conv2d``) at every call, so any input si
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -18,9 +19,8 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, SiteCandidate, depth_stage
 from tokenmerge.config import MergeConfig, per_site_values
-from tokenmerge.errors import ConfigError, UnsupportedModelError
+from tokenmerge.errors import ConfigError
 from tokenmerge.patch import Adjust, SitePatch
-from tokenmerge.plan import Plan
 from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenCarry, TokenTrack, attach_progressive
 from tokenmerge.site import Site, TokenLayout
 
@@ -57,6 +57,7 @@ def keys_by_head(output: Tensor) -> Tensor:
     return output.mean(1)
 
 
+@dataclass
 class ViTBlock:
     """The parts of one block an adapter found.
 
@@ -72,25 +73,14 @@ class ViTBlock:
             mode can merge at the MLP's input).
     """
 
-    def __init__(
-        self,
-        name: str,
-        block: nn.Module,
-        attn: nn.Module,
-        mlp: nn.Module,
-        keys_module: nn.Module,
-        keys: Any,
-        mask: ArgSpec | None,
-        sequential: bool = True,
-    ) -> None:
-        self.name = name
-        self.block = block
-        self.attn = attn
-        self.mlp = mlp
-        self.keys_module = keys_module
-        self.keys = keys
-        self.mask = mask
-        self.sequential = sequential
+    name: str
+    block: nn.Module
+    attn: nn.Module
+    mlp: nn.Module
+    keys_module: nn.Module
+    keys: Any
+    mask: ArgSpec | None
+    sequential: bool = True
 
 
 class ViTAdapter(Adapter):
@@ -141,12 +131,6 @@ class ViTAdapter(Adapter):
         return None
 
     # ------------------------------------------------------------------ Adapter
-    def unsupported(self, model: Any) -> UnsupportedModelError:
-        return UnsupportedModelError(
-            f"{self.name} does not support {type(model).__name__}; supported: "
-            f"{', '.join(self.supported_names)}"
-        )
-
     def candidates(self, root: nn.Module) -> list[SiteCandidate]:
         blocks = self.find_blocks(root)
         self._num_prefix = self.num_prefix(root)
@@ -208,7 +192,7 @@ class ViTAdapter(Adapter):
         """Create the token record of progressive mode; returns its restoring hook, which must
         be registered before the sites' hooks."""
         blocks = list(self._blocks.values())
-        masks = {None if b.mask is None else (b.mask.name, b.mask.index) for b in blocks}
+        masks = {b.mask for b in blocks}
         mask = blocks[0].mask if len(masks) == 1 else None  # one call convention for all
         if mask is None and config.proportional_attention:
             raise ConfigError(
@@ -233,8 +217,3 @@ class ViTAdapter(Adapter):
 
     def _current_grid(self) -> tuple[int, int] | None:
         return self._grid
-
-
-def kept_image_rows(plan: Plan, num_prefix: int) -> Tensor:
-    """``(P, m)`` original image-token index of every image token a local plan keeps."""
-    return plan.kept[:, num_prefix:] - num_prefix

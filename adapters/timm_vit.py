@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 from torch import nn
@@ -34,7 +33,6 @@ from tokenmerge.adapters._vit import (
     ViTAdapter,
     ViTBlock,
     gather_rows,
-    kept_image_rows,
     keys_by_head,
 )
 from tokenmerge.errors import TokenMergeError, UnsupportedModelError
@@ -89,7 +87,7 @@ class TimmViTAdapter(ViTAdapter):
                     + "; ".join(self.supported_names)
                 )
             mask_index = parameter_index(type(block), "attn_mask")
-            if "rope" in _parameters(type(block)):
+            if parameter_index(type(block), "rope") is not None:
                 self._rope = True
             blocks.append(
                 ViTBlock(
@@ -134,7 +132,7 @@ class TimmViTAdapter(ViTAdapter):
         rope = kwargs.get("rope")
         if rope is None:
             return kwargs
-        return {**kwargs, "rope": gather_rows(rope, kept_image_rows(plan, self._num_prefix))}
+        return {**kwargs, "rope": gather_rows(rope, plan.kept_without_prefix(self._num_prefix))}
 
 
 def _rope_of_present_tokens(track: TokenTrack, kwargs: dict) -> dict:
@@ -142,10 +140,6 @@ def _rope_of_present_tokens(track: TokenTrack, kwargs: dict) -> dict:
     if rope is None:
         return kwargs
     return {**kwargs, "rope": gather_rows(rope, track.positions)}
-
-
-def _parameters(cls: type) -> list[str]:
-    return list(inspect.signature(cls.forward).parameters)
 
 
 class RefuseIntermediates:

@@ -18,7 +18,7 @@ from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
-from tokenmerge.strategy import Strategy, pick_top
+from tokenmerge.strategy import Strategy, merge_into_representatives, pick_top
 from tokenmerge.windows import (
     best_per_window,
     grown_window,
@@ -95,7 +95,4 @@ class RandomStrategy(Strategy):
         size = grown_window(layout.grid, self._cell(), n, num_merge)
         labels, count = window_labels(positions, layout.grid, size)
         dst_of = best_per_window(rng.uniform((1, n), device), labels, count).gather(1, labels)
-        is_dst = dst_of == torch.arange(n, device=device)
-        blocked = torch.tensor(float("-inf"), device=device)
-        chosen = pick_top(torch.where(is_dst, blocked, rng.uniform((1, n), device)), num_merge)
-        return Plan.from_assignment(chosen, dst_of.gather(1, chosen), n)
+        return merge_into_representatives(dst_of, rng.uniform((1, n), device), num_merge)

@@ -35,7 +35,7 @@ from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
-from tokenmerge.strategy import Strategy, pick_top
+from tokenmerge.strategy import Strategy, merge_into_representatives, pick_top
 from tokenmerge.windows import (
     best_per_window,
     grown_window,
@@ -239,10 +239,5 @@ class ReToMStrategy(Strategy):
         if self.config.scope == "global":
             return self._global_plan(features, rep_token, num_merge)
         rep_of = rep_token.gather(1, labels)  # (P, n): every token's representative
-        to_rep = (features * features.gather(1, rep_of.unsqueeze(-1).expand(-1, -1, channels))).sum(
-            -1
-        )
-        is_rep = rep_of == torch.arange(n, device=features.device)
-        blocked = torch.tensor(float("-inf"), device=features.device)
-        chosen = pick_top(torch.where(is_rep, blocked, to_rep), num_merge)
-        return Plan.from_assignment(chosen, rep_of.gather(1, chosen), n)
+        rep_features = features.gather(1, rep_of.unsqueeze(-1).expand(-1, -1, channels))
+        return merge_into_representatives(rep_of, (features * rep_features).sum(-1), num_merge)

@@ -285,6 +285,11 @@ class Plan:
         self._check(y, self.num_out)
         return _rows(y, self.origin)
 
+    def kept_without_prefix(self, num_prefix: int) -> Tensor:
+        """``(P, M - num_prefix)`` index, among the tokens after the ``num_prefix`` protected
+        ones, of every such token a plan made ``with_prefix(num_prefix)`` keeps."""
+        return self.kept[:, num_prefix:] - num_prefix
+
     def gather_kept(self, values: Tensor) -> Tensor:
         """Rows of a per-token tensor ``(B or 1, N, ...)`` that the slots keep (e.g. positions)."""
         if self.is_identity:

@@ -28,6 +28,7 @@ Data path in a block (native hooks only; adapters install them):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ class TokenTrack:
         self.sizes = merged_sizes
         rows = max(plan.batch, self.origin.shape[0])
         self.origin = plan.origin.expand(rows, -1).gather(1, self.origin.expand(rows, -1))
-        image_kept = plan.kept[:, self.num_prefix :] - self.num_prefix
+        image_kept = plan.kept_without_prefix(self.num_prefix)
         rows = max(plan.batch, self.positions.shape[0])
         self.positions = self.positions.expand(rows, -1).gather(1, image_kept.expand(rows, -1))
         self.num_tokens = plan.num_out
@@ -114,13 +115,13 @@ class TokenTrack:
         return _rows(x, self.origin)
 
 
+@dataclass(frozen=True)
 class ArgSpec:
     """Where a block takes an argument: its keyword name and positional index (None: keyword
     only)."""
 
-    def __init__(self, name: str, index: int | None) -> None:
-        self.name = name
-        self.index = index
+    name: str
+    index: int | None
 
     def get(self, args: tuple, kwargs: dict) -> Any:
         if self.index is not None and len(args) > self.index:

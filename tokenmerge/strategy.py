@@ -6,6 +6,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from .config import MergeConfig
@@ -14,7 +15,7 @@ from .plan import Plan
 from .rng import SiteRandom
 from .site import Site, TokenLayout
 
-__all__ = ["Strategy", "pick_top"]
+__all__ = ["Strategy", "merge_into_representatives", "pick_top"]
 
 
 def pick_top(score: Tensor, count: int) -> Tensor:
@@ -23,6 +24,18 @@ def pick_top(score: Tensor, count: int) -> Tensor:
     ``count`` never exceeds the eligible entries when callers cap it by the strategy's capacity.
     """
     return score.topk(count, dim=-1, sorted=False).indices
+
+
+def merge_into_representatives(rep_of: Tensor, score: Tensor, num_merge: int) -> Plan:
+    """The plan merging the ``num_merge`` highest-scoring tokens into their representatives.
+
+    ``rep_of (P, n)`` is the representative of every token (a representative is its own);
+    representatives never merge. ``num_merge`` must not exceed the non-representatives.
+    """
+    tokens = torch.arange(rep_of.shape[1], device=rep_of.device)
+    blocked = torch.tensor(float("-inf"), device=score.device)
+    chosen = pick_top(torch.where(rep_of == tokens, blocked, score), num_merge)
+    return Plan.from_assignment(chosen, rep_of.gather(1, chosen), rep_of.shape[1])
 
 
 class Strategy(ABC):
