@@ -34,6 +34,7 @@ from tokenmerge.adapters._diffusers import (
     TransformerAdapter,
     check_signatures,
     depth_stage,
+    value_correction,
 )
 from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site
@@ -134,5 +135,9 @@ class DiffusersDiTAdapter(TransformerAdapter):
         if "attn" in modules and getattr(block, "use_dual_attention", False):
             targets.append(("attn", block.attn2))  # SD 3.5's image-only second self-attention
         for kind, module in targets:
-            handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
+            handles += patch.attach_local(
+                module,
+                guard=TargetGuard(module, kind, block),
+                correction=value_correction(patch, kind, module),
+            )
         return handles

@@ -33,7 +33,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, SiteCandidate
-from tokenmerge.adapters._diffusers import PatchGrid, TargetGuard, check_signatures
+from tokenmerge.adapters._diffusers import (
+    PatchGrid,
+    TargetGuard,
+    check_signatures,
+    value_correction,
+)
 from tokenmerge.config import MergeConfig
 from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site, TokenLayout
@@ -182,7 +187,11 @@ class DiffusersUNetAdapter(Adapter):
         block = self._blocks[patch.site.name]
         handles += patch.watch_block_input(block)
         for kind, module in modules.items():
-            handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
+            handles += patch.attach_local(
+                module,
+                guard=TargetGuard(module, kind, block),
+                correction=value_correction(patch, kind, module),
+            )
         return handles
 
     def detach(self, root: nn.Module) -> None:

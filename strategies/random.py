@@ -76,7 +76,7 @@ class RandomStrategy(Strategy):
             return self._progressive_plan(layout, num_merge, rng)
         cells = window_partition(layout.grid, self._cell(), device)
         valid = cells >= 0
-        blocked = torch.tensor(float("-inf"), device=device)
+        blocked = float("-inf")  # a Python scalar: no host-to-device copy
         draw = rng.uniform(cells.shape, device)
         dst_slot = torch.where(valid, draw, blocked).argmax(dim=1, keepdim=True)
         is_dst = torch.zeros_like(valid).scatter(1, dst_slot, True)

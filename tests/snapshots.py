@@ -31,3 +31,13 @@ def snapshot(model: nn.Module) -> tuple[dict, list[str]]:
         for name, m in model.named_modules()
     }
     return modules, list(model.state_dict())
+
+
+#: > 0 while a value correction fits its weight (tests/conftest.py wraps ValueCorrection._fit)
+FITTING = [0]
+
+
+def counting() -> bool:
+    """False during a value correction's fit, whose exact-row attention call is not one of the
+    model's own calls: hooks that count what the model's modules compute skip it."""
+    return FITTING[0] == 0

@@ -464,8 +464,8 @@ def test_integer_ratio_keys_are_levels():
 
 def test_retom_window_for_sites():
     config = load_config("retom")
-    assert config.window_for(MID) == 4 and config.window_for(UP) == 2
-    assert config.window_for(FLAT) == 2
+    assert config.window_for(MID) == 8 and config.window_for(UP) == 6
+    assert config.window_for(DOWN) == 6 and config.window_for(FLAT) == 2
     config = load_config("retom", window_size={"mid": 4, "down": 2}, ratio=0.5)
     with pytest.raises(ConfigError, match="add a '\\*' key"):
         config.window_for(UP)

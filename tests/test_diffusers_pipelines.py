@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline, FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 from dit_pipelines import FACTORIES, TEXT_TOKENS, image_grid, image_tokens, make_sd3, run
-from snapshots import hook_count, snapshot
+from snapshots import counting, hook_count, snapshot
 from torch import nn
 
 import tokenmerge
@@ -75,7 +75,8 @@ class TokenCounter:
 
     def _count(self, module: nn.Module, key: str) -> None:
         def hook(module: nn.Module, args: tuple) -> None:
-            self.seen[key].append(args[0].shape[1])
+            if counting():
+                self.seen[key].append(args[0].shape[1])
 
         self._handles.append(module.register_forward_pre_hook(hook))
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
-from snapshots import hook_count, snapshot
+from snapshots import counting, hook_count, snapshot
 from torch import nn
 
 import tokenmerge  # noqa: E402
@@ -187,7 +187,8 @@ class TokenCounter:
 
     def _count(self, module: nn.Module, key: str) -> None:
         def hook(module, args):
-            self.seen[key].append(args[0].shape[1])
+            if counting():
+                self.seen[key].append(args[0].shape[1])
 
         self._handles.append(module.register_forward_pre_hook(hook))
 
@@ -638,6 +639,12 @@ def test_batches_shapes_and_dtypes(
     expected = run(unet, x, text)
     before = snapshot(unet)
     config = dict(ratio=ratio, share_cfg_plan=share, min_tokens=1)
+    if strategy == "retom":
+        # the 2 x 2 windows ``capacity`` counts; window scope, because the per-sample check
+        # below compares with a batch of one, whose convolutions differ in the last bits, and a
+        # global match among near-equal similarities may flip on those, as may the fitted weight
+        # of the value correction on these random weights (tests/test_correction.py checks it)
+        config.update(window_size=2, scope="window", value_correction=False)
     n = latent[0] * latent[1]
     cap = capacity(strategy, latent)
     short = int(ratio * n) > cap

@@ -264,9 +264,9 @@ def test_capacity_by_hand_and_merging_it_exactly_works(config, grid, seed):
 def test_retom_window_size_follows_the_stage():
     strategy = tokenmerge.get_strategy("retom", ratio=0.5)
     layout = TokenLayout((8, 8))
-    assert strategy.capacity(layout, Site("mid", stage="mid")) == 64 - 4
-    assert strategy.capacity(layout, Site("down", stage="down")) == 64 - 16
-    assert strategy.capacity(layout, Site("up", stage="up")) == 64 - 16
+    assert strategy.capacity(layout, Site("mid", stage="mid")) == 64 - 1  # one 8 x 8 window
+    assert strategy.capacity(layout, Site("down", stage="down")) == 64 - 4  # 6 x 6, cut at 8
+    assert strategy.capacity(layout, Site("up", stage="up")) == 64 - 4
     assert strategy.capacity(TokenLayout((7, 5)), Site("x")) == 35 - 4 * 3
 
 

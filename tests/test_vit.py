@@ -879,7 +879,8 @@ def test_progressive_windows_over_original_positions(strategy: str, num_merge: i
     positions = positions[:rows]
     features = F.normalize(torch.randn(rows, 40, 8, generator=g), dim=-1)
     layout = TokenLayout(grid, 0, positions=positions)
-    strategy_obj = tokenmerge.get_strategy(strategy)
+    options = {"scope": "window"} if strategy == "retom" else {}  # merges inside windows
+    strategy_obj = tokenmerge.get_strategy(strategy, **options)
     site = Site("blocks.0", mode="progressive")
     assert strategy_obj.capacity(layout, site) == 39
     plan = strategy_obj.make_plan(features, layout, site, num_merge, SiteRandom(0))

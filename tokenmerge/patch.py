@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import MergeConfig
+from .correction import ValueCorrection
 from .errors import ShortfallWarning
 from .plan import Plan
 from .rng import SiteRandom
@@ -86,6 +87,7 @@ class SitePatch:
         self._cache: _CachedPlan | None = None
         self._planned_layout: TokenLayout | None = None  # make_plan's, for the cache entry
         self._warned_shortfall = False
+        self._corrections: list[ValueCorrection] = []  # of this site's attention targets
         #: what the plan is made from when set (e.g. the block input, as tomesd does); adapters
         #: set it in a pre-hook of the block and clear it after (see ``watch_block_input``)
         self.metric: Tensor | None = None
@@ -95,7 +97,9 @@ class SitePatch:
     def stats(self) -> SiteStats:
         """What happened at this site so far (a snapshot)."""
         counters = dict(zip(_COUNTERS, self._counters.tolist(), strict=True))
-        return replace(self._info, **counters)
+        fitted = [c.beta.mean() for c in self._corrections if c.beta is not None]
+        beta = round(float(torch.stack(fitted).mean()), 4) if fitted else None
+        return replace(self._info, **counters, value_correction=beta)
 
     @property
     def last_plan(self) -> Plan | None:
@@ -262,6 +266,7 @@ class SitePatch:
         arg_name: str = "hidden_states",
         guard: Guard | None = None,
         adjust: Adjust | None = None,
+        correction: ValueCorrection | None = None,
     ) -> list[RemovableHandle]:
         """Merge ``module``'s hidden states before its forward and unmerge its output after.
 
@@ -271,9 +276,12 @@ class SitePatch:
         untouched and are counted in ``stats().passed_through``. ``adjust(plan, kwargs)``, when
         given, returns the keyword arguments of a merged call (e.g. a rotary table reduced to
         the kept tokens' rows). ``guard`` and ``adjust`` must be module-level functions or bound
-        methods (``copy.deepcopy`` copies the hooks).
+        methods (``copy.deepcopy`` copies the hooks). ``correction``, when given, corrects the
+        copy-unmerged output of a self-attention (``tokenmerge.correction``).
         """
-        hook = _LocalHook(self, arg_name, guard, adjust)
+        hook = _LocalHook(self, arg_name, guard, adjust, correction)
+        if correction is not None:
+            self._corrections.append(correction)
         return [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after, with_kwargs=True),
@@ -301,16 +309,23 @@ class _LocalHook:
     """The pair of hooks of one target sub-module (a class, so ``copy.deepcopy`` copies it)."""
 
     def __init__(
-        self, patch: SitePatch, arg_name: str, guard: Guard | None, adjust: Adjust | None
+        self,
+        patch: SitePatch,
+        arg_name: str,
+        guard: Guard | None,
+        adjust: Adjust | None,
+        correction: ValueCorrection | None,
     ) -> None:
         self.patch = patch
         self.arg_name = arg_name
         self.guard = guard
         self.adjust = adjust
+        self.correction = correction
         self.plans: list[Plan | None] = []
+        self.inputs: list[tuple[Tensor, Tensor]] = []  # (x, merged) of the call, for correction
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "plans": []}
+        return {**self.__dict__, "plans": [], "inputs": []}
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
@@ -334,9 +349,12 @@ class _LocalHook:
         # one slot: a forward that raised left its plan here, and this call replaces it
         self.plans.clear()
         self.plans.append(plan)
+        self.inputs.clear()
         if plan is None or plan.is_identity:
             return None
         merged = plan.merge(x)
+        if self.correction is not None:
+            self.inputs.append((x, merged))
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
         if args:
@@ -347,14 +365,21 @@ class _LocalHook:
         if not self.plans:  # the pre-hook raised before planning
             return None
         plan = self.plans.pop()
+        inputs = self.inputs.pop() if self.inputs else None  # never kept past the call
         if plan is None or plan.is_identity:
             return None
         if isinstance(output, Tensor):
-            return plan.unmerge(output)
+            return self._unmerge(plan, output, inputs)
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-            return type(output)([plan.unmerge(output[0]), *output[1:]])
+            return type(output)([self._unmerge(plan, output[0], inputs), *output[1:]])
         raise TypeError(
             f"site {self.patch.site.name!r}: cannot unmerge the output of "
             f"{type(module).__name__} ({type(output).__name__}); expected a tensor or a tuple "
             "whose first element is the hidden states"
         )
+
+    def _unmerge(self, plan: Plan, y: Tensor, inputs: tuple[Tensor, Tensor] | None) -> Tensor:
+        unmerged = plan.unmerge(y)
+        if inputs is None:
+            return unmerged
+        return self.correction(plan, *inputs, unmerged)

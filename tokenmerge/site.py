@@ -130,6 +130,8 @@ class SiteStats:
         passed_through: calls of a target left untouched because the plan could not handle
             them (an attention mask over the merged tokens, 4-D hidden states, chunked MLP...).
         pass_reason: why the last such call was passed through.
+        value_correction: the fitted weight of the value-corrected unmerge at the site's
+            self-attention (``MergeConfig.value_correction``), None where it is not applied.
     """
 
     name: str
@@ -143,3 +145,4 @@ class SiteStats:
     skipped: str | None = None
     passed_through: int = 0
     pass_reason: str | None = None
+    value_correction: float | None = None

@@ -33,7 +33,7 @@ def merge_into_representatives(rep_of: Tensor, score: Tensor, num_merge: int) ->
     representatives never merge. ``num_merge`` must not exceed the non-representatives.
     """
     tokens = torch.arange(rep_of.shape[1], device=rep_of.device)
-    blocked = torch.tensor(float("-inf"), device=score.device)
+    blocked = float("-inf")  # a Python scalar: no host-to-device copy
     chosen = pick_top(torch.where(rep_of == tokens, blocked, score), num_merge)
     return Plan.from_assignment(chosen, rep_of.gather(1, chosen), rep_of.shape[1])
 

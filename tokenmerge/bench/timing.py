@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tokenmerge.correction import ValueCorrection
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
 
@@ -42,7 +43,8 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
 
 
 class OverheadTimers:
-    """Milliseconds spent planning, merging and unmerging while the context is open.
+    """Milliseconds spent planning, merging and unmerging (value correction included) while
+    the context is open.
 
     Example:
         >>> import tokenmerge
@@ -88,6 +90,8 @@ class OverheadTimers:
             (SitePatch, "make_plan", "plan"),
             (Plan, "merge", "merge"),
             (Plan, "unmerge", "unmerge"),
+            # the value correction is part of unmerging (its own unmerge call is not counted twice)
+            (ValueCorrection, "__call__", "unmerge"),
         ):
             original = owner.__dict__[attribute]
             self._originals.append((owner, attribute, original))
