@@ -33,7 +33,6 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor
 
@@ -41,7 +40,7 @@ import tokenmerge
 from tokenmerge.bench.fidelity import tie_self_attention
 from tokenmerge.correction import ValueCorrection
 from tokenmerge.patch import SitePatch
-from tokenmerge.photos import load_photo, patch_tokens
+from tokenmerge.photos import photo_tokens
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.state import StepState
 
@@ -56,12 +55,7 @@ CONFIGS = {
 
 def tokens(side: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``(2, side^2, 320)`` unit-variance tokens of the photograph and its mirror image."""
-    photo = load_photo().float().div(255.0).unsqueeze(0)
-    photo = F.interpolate(photo, size=(side * 4, side * 4), mode="bilinear", antialias=True)
-    pixels, _ = patch_tokens(photo[0].clamp(0, 1), 4)
-    mirrored, _ = patch_tokens(photo[0].clamp(0, 1).flip(-1), 4)
-    projection = torch.randn(pixels.shape[-1], CHANNELS, generator=torch.Generator().manual_seed(0))
-    x = torch.cat([pixels, mirrored]) @ projection
+    x = photo_tokens(side, CHANNELS)
     return ((x - x.mean()) / x.std()).to(device, dtype)
 
 

@@ -19,7 +19,6 @@ every function once as a smoke test.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 import tokenmerge
 from tokenmerge.patch import SitePatch
-from tokenmerge.photos import load_photo, patch_tokens
+from tokenmerge.photos import photo_tokens
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.state import StepState
@@ -57,20 +56,8 @@ def _grids(operation: str) -> list:
 
 @functools.cache
 def _tokens(side: int) -> Tensor:
-    """``(2, side^2, 320)`` tokens of the photograph and its mirror image on a side x side grid.
-
-    The photograph is resized so that every grid holds the whole image, cut into 4 x 4-pixel
-    patches (48 values each) and projected to 320 channels by a fixed random matrix.
-    """
-    photo = load_photo().float().div(255.0).unsqueeze(0)
-    photo = F.interpolate(photo, size=(side * PATCH, side * PATCH), mode="bilinear", antialias=True)
-    image = photo[0].clamp(0.0, 1.0)
-    pixels, grid = patch_tokens(image, PATCH)
-    mirrored, _ = patch_tokens(image.flip(-1), PATCH)
-    assert grid == (side, side)
-    generator = torch.Generator().manual_seed(0)
-    projection = torch.randn(pixels.shape[-1], CHANNELS, generator=generator)
-    return torch.cat([pixels, mirrored]) @ projection.div(math.sqrt(pixels.shape[-1]))
+    """``(2, side^2, 320)`` tokens of the photograph and its mirror image (``photo_tokens``)."""
+    return photo_tokens(side, CHANNELS, PATCH)
 
 
 def _patch(strategy: str, side: int) -> SitePatch:

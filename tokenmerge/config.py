@@ -270,12 +270,13 @@ class MergeConfig(BaseModel):
     value_correction: bool = Field(
         default=False,
         description=(
-            "Correct the copy-unmerge at self-attention sites: every token of a merged group gets "
-            "beta * W_o W_v (its input - the group's mean) added to the group's output, putting "
-            "back the token's own value that merging averaged away; beta is fitted per site by "
-            "least squares on exact rows of sampled merged tokens at every new plan, clamped to "
-            "[0, 1] (stats() shows it). Applies to local-mode diffusers self-attention with a "
-            "plain attention processor (UNets, DiT, PixArt); elsewhere unmerge copies and "
+            "Correct the copy-unmerge at self-attention sites: every merged-away token gets "
+            "beta * W_o W_v (its input - its group's mean) added to its copy of the group's "
+            "output, putting back the token's own value that merging averaged away; beta is "
+            "fitted per sample and site by least squares on exact rows of sampled merged tokens "
+            "at every new plan, clamped to [0, 1] (stats() shows it). Applies to local-mode "
+            "diffusers self-attention with a plain attention processor (UNets, DiT, PixArt); "
+            "elsewhere unmerge copies and "
             "stats() shows None. Default off, as tomesd; retom turns it on."
         ),
     )

@@ -8,15 +8,15 @@ every merged-away token:
     y_i += beta * W_o W_v (x_i - mean of i's group)
 
 ``W_v`` / ``W_o`` are the value and output projections (without their biases, since only a
-difference is projected), ``beta`` one number per site, fitted by least squares on exact output
-rows of sampled merged tokens whenever the site makes a new plan (reused with it), and clamped
-to ``[0, 1]`` (it stands for an attention weight). Where a model's attention gives tokens little
-weight on themselves, the fit drives ``beta`` to 0 and the correction vanishes. The tokens kept
-as destinations are left as they are: correcting them too lowered SD 1.5's block error by 4 %
-only (0.215 -> 0.207) for twice the work.
+difference is projected), ``beta`` one number per sample and site, fitted by least squares on
+exact output rows of sampled merged tokens whenever the site makes a new plan (reused with it),
+and clamped to ``[0, 1]`` (it stands for an attention weight). Where a model's attention gives
+tokens little weight on themselves, the fit drives ``beta`` to 0 and the correction vanishes. The
+tokens kept as destinations are left as they are: correcting them too lowered SD 1.5's block
+error by 4 % only (0.215 -> 0.207) for twice the work.
 
-Cost per call: one ``(r, C) x (C, C)`` product with ``beta W_o W_v``, which is formed once per
-plan; per new plan, also the exact attention of ``samples`` query rows against all keys.
+Cost per call: one ``(r, C) x (C, C)`` product with ``W_o W_v`` (formed once per plan), scaled by
+``beta``; per new plan, also the exact attention of ``samples`` query rows against all keys.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ _PLAIN_PROCESSORS = frozenset(
 )
 
 
+def _plain_processor(attention: nn.Module) -> bool:
+    return type(getattr(attention, "processor", None)).__name__ in _PLAIN_PROCESSORS
+
+
 def corrects(attention: nn.Module) -> bool:
     """Whether ``attention`` is a diffusers self-attention the correction can fit and apply:
     a plain processor, ``to_q`` / ``to_k`` / ``to_v`` / ``to_out`` projections, not a
@@ -53,7 +57,7 @@ def corrects(attention: nn.Module) -> bool:
     connection, output rescaling)."""
     to_out = getattr(attention, "to_out", None)
     return (
-        type(getattr(attention, "processor", None)).__name__ in _PLAIN_PROCESSORS
+        _plain_processor(attention)
         and all(
             isinstance(getattr(attention, name, None), nn.Module)
             for name in ("to_q", "to_k", "to_v")
@@ -97,8 +101,9 @@ class ValueCorrection:
         """``y``, the copy-unmerged output for input ``x`` (``merged``: ``plan.merge(x)``),
         corrected; ``beta`` is refitted when ``plan`` is not the one it was fitted for. ``y``
         comes back as it is when the attention's processor was changed to one the correction
-        does not know (``fuse_qkv_projections()`` after applying, say)."""
-        if not corrects(self.attention):
+        does not know (an adapter's or PAG's, set after applying). Only the processor can change
+        after ``corrects`` held at attach time, so only it is checked here, per call."""
+        if not _plain_processor(self.attention):
             self.beta, self._product, self._fitted_for = None, None, _NOT_FITTED
             return y
         batch, tokens, channels = y.shape

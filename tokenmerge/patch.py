@@ -321,11 +321,11 @@ class _LocalHook:
         self.guard = guard
         self.adjust = adjust
         self.correction = correction
-        self.plans: list[Plan | None] = []
-        self.inputs: list[tuple[Tensor, Tensor]] = []  # (x, merged) of the call, for correction
+        #: the call's plan, with its ``(x, merged)`` when a correction needs them
+        self.plans: list[tuple[Plan | None, tuple[Tensor, Tensor] | None]] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "plans": [], "inputs": []}
+        return {**self.__dict__, "plans": []}
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
@@ -348,13 +348,11 @@ class _LocalHook:
             )
         # one slot: a forward that raised left its plan here, and this call replaces it
         self.plans.clear()
-        self.plans.append(plan)
-        self.inputs.clear()
         if plan is None or plan.is_identity:
+            self.plans.append((plan, None))
             return None
         merged = plan.merge(x)
-        if self.correction is not None:
-            self.inputs.append((x, merged))
+        self.plans.append((plan, (x, merged) if self.correction is not None else None))
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
         if args:
@@ -364,8 +362,7 @@ class _LocalHook:
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.plans:  # the pre-hook raised before planning
             return None
-        plan = self.plans.pop()
-        inputs = self.inputs.pop() if self.inputs else None  # never kept past the call
+        plan, inputs = self.plans.pop()  # never kept past the call
         if plan is None or plan.is_identity:
             return None
         if isinstance(output, Tensor):

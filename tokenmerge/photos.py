@@ -8,12 +8,14 @@ Michetti) and ``chelsea`` (a cat; CC0, Stefan van der Walt).
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PHOTOS", "load_photo", "patch_tokens", "tokens_to_image"]
+__all__ = ["PHOTOS", "load_photo", "patch_tokens", "photo_tokens", "tokens_to_image"]
 
 #: names of the bundled photographs, in the order benchmarks use them
 PHOTOS = ("astronaut", "coffee", "chelsea")
@@ -49,6 +51,28 @@ def patch_tokens(image: Tensor, patch: int) -> tuple[Tensor, tuple[int, int]]:
     tokens = pixels.reshape(channels, grid[0], patch, grid[1], patch)
     tokens = tokens.permute(1, 3, 0, 2, 4).reshape(1, grid[0] * grid[1], channels * patch * patch)
     return tokens, grid
+
+
+def photo_tokens(side: int, channels: int, patch: int = 4, name: str = "astronaut") -> Tensor:
+    """Tokens of a photograph and its mirror image on a ``side x side`` grid, batch 2:
+    ``(2, side^2, channels)``, for benchmarks of one site.
+
+    The photograph is resized to ``side * patch`` pixels (so every grid holds the whole image),
+    cut into ``patch x patch``-pixel patches and projected to ``channels`` by a fixed random
+    matrix (seed 0) scaled to keep the values' spread.
+
+    Example:
+        >>> photo_tokens(32, 320).shape
+        torch.Size([2, 1024, 320])
+    """
+    photo = load_photo(name).float().div(255.0).unsqueeze(0)
+    size = (side * patch, side * patch)
+    image = F.interpolate(photo, size=size, mode="bilinear", antialias=True)[0].clamp(0.0, 1.0)
+    pixels, _ = patch_tokens(image, patch)
+    mirrored, _ = patch_tokens(image.flip(-1), patch)
+    generator = torch.Generator().manual_seed(0)
+    projection = torch.randn(pixels.shape[-1], channels, generator=generator)
+    return torch.cat([pixels, mirrored]) @ projection.div(math.sqrt(pixels.shape[-1]))
 
 
 def tokens_to_image(tokens: Tensor, grid: tuple[int, int], patch: int) -> Tensor:
