@@ -65,7 +65,7 @@ def test_list_json(capsys):
     assert [p["name"] for p in listing["presets"]] == [
         "sd15", "sd21", "sdxl", "dit-xl-2", "pixart-alpha-512", "sd3-medium", "flux-dev-cut",
         "tiny-unet", "tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "vit-b-16", "deit-s-16",
-        "tiny-vit",
+        "tiny-vit", "reference-denoiser", "reference-vit",
     ]  # fmt: skip
     cut = next(p for p in listing["presets"] if p["name"] == "flux-dev-cut")
     assert "depth cut" in cut["notes"]
@@ -96,6 +96,8 @@ ROW_FIELDS = {
     "block_error": (float, type(None)),
     "output_error": (float, type(None)),
     "trajectory_error": (float, type(None)),
+    "held_out_loss": (dict, type(None)),  # the reference denoiser only
+    "held_out_loss_increase": (float, type(None)),
     "merged_blocks": int,
     "tokens": str,
 }
@@ -249,7 +251,11 @@ def test_bench_a_saved_transformer_checkpoint(tmp_path, capsys):
         (["--rounds", "0"], "must be at least 1"),
         (["--timesteps", "1000"], "trained on timesteps 0..999"),
         (["--json", "/no-such-dir/r.json"], "does not exist"),
-        (["--photos", "moon"], "invalid choice"),
+        (
+            ["--photos", "moon"],
+            "unknown photograph 'moon' for this model; --photos takes astronaut",
+        ),
+        (["--samples", "s.png"], "--samples saves images of the reference denoiser only"),
         (["--peer", "tomesdd"], "invalid choice"),
         (["--strategies", "retom:merge_mlpp=true"], "did you mean 'merge_mlp'"),
         (["--strategies", "retom:merge_mlp"], "'merge_mlp' is not KEY=VALUE"),
@@ -299,7 +305,7 @@ def test_classifier_bench_writes_table_json_and_plot(tmp_path, capsys):
         assert label in out
     assert (tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["settings"]["r"] == 12 and data["settings"]["batch"] == 2
+    assert data["settings"]["r"] == [12] and data["settings"]["batch"] == 2
     rows = {row["label"]: row for row in data["rows"]}
     assert rows["none"]["cosine"] is None and rows["none"]["speedup"] == 1.0
     for label in ("tome r=12", "retom r=12", "random r=12"):
@@ -327,6 +333,7 @@ def test_classifier_bench_with_ratios(capsys):
         (["--timesteps", "500"], "--timesteps apply to diffusion models only"),
         (["--photos", "coffee"], "--photos apply to diffusion models only"),
         (["--trajectory-steps", "2"], "--trajectory-steps apply to diffusion models only"),
+        (["--samples", "s.png"], "--samples apply to diffusion models only"),
         (["--peer", "tomesd"], "--peer tomesd apply to diffusion models only"),
         (["--strategies", "tome", "--ratios", "0.6"], "merges more than half"),
     ],
@@ -334,6 +341,15 @@ def test_classifier_bench_with_ratios(capsys):
 def test_classifier_bench_rejects_what_does_not_apply(arguments, expected, capsys):
     assert main(["bench", *TINY_VIT, "--no-plot", *arguments]) == 2
     assert expected in _error_line(capsys)
+
+
+def test_classifier_bench_takes_several_r(capsys):
+    code = main(["bench", *TINY_VIT, "--strategies", "tome", "random", "--r", "4", "12",
+                 "--no-plot"])  # fmt: skip
+    assert code == 0
+    labels = [line.split()[0:2] for line in capsys.readouterr().out.splitlines()]
+    runs = [" ".join(cells) for cells in labels if cells and cells[0] in ("tome", "random")]
+    assert runs == ["tome r=4", "random r=4", "tome r=12", "random r=12"]
 
 
 def test_bench_r_is_for_classifiers(capsys):

@@ -181,14 +181,16 @@ def _build_parser() -> _Parser:
         help="timed rounds per configuration (default 3; 5 for a classifier)",
     )  # fmt: skip
     bench.add_argument(
-        "--r", type=_non_negative, default=None, dest="r",
-        help="classifiers (ViTs): tokens merged per block by every strategy, so all end each "
+        "--r", type=_non_negative, nargs="+", default=None, dest="r",
+        help="classifiers (ViTs): tokens merged per block by every strategy (one row per value "
+        "given), so all end each "
         "block with the same token count (default: the preset's, 13 for ViT-B/16 as ToMe)",
     )  # fmt: skip
     bench.add_argument(
-        "--photos", nargs="+", choices=PHOTOS, default=None, metavar="NAME",
-        help=f"photographs the fidelity inputs are made from ({', '.join(PHOTOS)}; "
-        f"default {PHOTOS[0]})",
+        "--photos", nargs="+", default=None, metavar="NAME",
+        help=f"photographs the fidelity inputs are made from ({', '.join(PHOTOS)}; default "
+        f"{PHOTOS[0]}; the reference denoiser takes the names of its own set and defaults to "
+        "the three it never saw)",
     )  # fmt: skip
     bench.add_argument(
         "--timesteps", nargs="+", type=_timestep, default=None, metavar="T",
@@ -198,7 +200,12 @@ def _build_parser() -> _Parser:
     bench.add_argument(
         "--trajectory-steps", type=_positive, default=None,
         help="steps of the sampling trajectory (DDIM, or Euler for flow-matching models; "
-        "default 4)",
+        "default 4, 20 for the reference denoiser)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--samples", metavar="PATH",
+        help="reference denoiser: save the trajectories' final images here as a PNG grid, a "
+        "row per configuration under the unmerged one (use --batch for more samples)",
     )  # fmt: skip
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     bench.add_argument(
@@ -363,15 +370,17 @@ def _first_line(text: str | None) -> str:
 
 #: bench options that only diffusion models take, with their defaults there
 _DIFFUSION_ONLY = {
-    "photos": ["astronaut"],
+    "photos": None,  # the workload's: astronaut, or the reference denoiser's held-out ones
     "timesteps": [900, 500, 100],
     "trajectory_steps": 4,
+    "samples": None,
 }
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from tokenmerge.bench import report
     from tokenmerge.bench.classify import is_classifier_source
+    from tokenmerge.bench.presets import PRESETS, get_preset
     from tokenmerge.bench.runner import BenchSettings, run_bench
     from tokenmerge.bench.variants import parse_variants
 
@@ -384,9 +393,18 @@ def _run_bench(args: argparse.Namespace) -> int:
         )
     if args.compile:
         raise UsageError("--compile applies to classifiers (ViTs) only")
+    reference = get_preset(args.model).reference if args.model in PRESETS else None
+    if reference == "denoiser" and args.trajectory_steps is None:
+        args.trajectory_steps = 20  # enough steps for the samples to be images
     for name, default in _DIFFUSION_ONLY.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    _check_photos(args.photos, reference)
+    if args.samples and reference != "denoiser":
+        raise UsageError(
+            "--samples saves images of the reference denoiser only (--model reference-denoiser), "
+            "whose inputs are pixels; leave it out"
+        )
     args.ratios = args.ratios or [0.5]
     args.batch = args.batch or 1
     args.rounds = args.rounds or 3
@@ -410,9 +428,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         size=args.size,
         batch=args.batch,
         rounds=args.rounds,
-        photos=list(args.photos),
+        photos=list(args.photos) if args.photos else None,
         timesteps=list(args.timesteps),
         trajectory_steps=args.trajectory_steps,
+        samples=args.samples,
         attention=args.attention,
         similarity_scale=args.similarity_scale,
         device=args.device,
@@ -436,6 +455,18 @@ def _write_results(args: argparse.Namespace, result: Any, format_report: Any, pl
         plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _check_photos(photos: list[str] | None, reference: str | None) -> None:
+    from tokenmerge.photos import PHOTOS
+    from tokenmerge.reference.data import REFERENCE_PHOTOS
+
+    allowed = [name for name, _ in REFERENCE_PHOTOS] if reference == "denoiser" else PHOTOS
+    unknown = [name for name in photos or [] if name not in allowed]
+    if unknown:
+        raise UsageError(
+            f"unknown photograph {unknown[0]!r} for this model; --photos takes {', '.join(allowed)}"
+        )
 
 
 def _run_classifier_bench(args: argparse.Namespace) -> int:

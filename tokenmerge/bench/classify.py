@@ -10,6 +10,10 @@ modules sharing one set of weights, so they run side by side in one process:
    (the pre-logits: the pooled class token, or the average of the tokens for average-pooling
    models) to the unmerged model's, and how often the top-1 class agrees.
 
+The reference classifier (``--model reference-vit``, trained here) is measured on its held-out
+crops instead: the timed batch is the first ``batch`` of them, and fidelity covers all 494, with
+held-out top-1 accuracy against their labels next to the agreement.
+
 Merging is ToMe's setting unless asked otherwise: ``r`` tokens merged per block (13 for the
 ViT-B presets), for every strategy, so every strategy ends each block with the same number of
 tokens. The photographs are crops of the bundled ones (``tokenmerge.photos``) at several scales
@@ -88,8 +92,9 @@ class ClassifierSettings:
     model: str = "vit-b-16"
     # strategy variants, NAME[:KEY=VALUE[,KEY=VALUE...]] (see tokenmerge.bench.variants)
     strategies: list[str] = field(default_factory=lambda: ["tome", "retom", "random"])
-    # tokens merged per block (None: the preset's, ToMe's setting); ignored when ratios are set
-    r: int | None = None
+    # tokens merged per block, one row per value (None: the preset's, ToMe's setting); ignored
+    # when ratios are set
+    r: int | list[int] | None = None
     ratios: list[float] | None = None
     batch: int = 32
     rounds: int = 5
@@ -121,6 +126,7 @@ class ClassifierRow:
     cosine: float | None  # mean cosine similarity of the final features to the unmerged ones
     cosine_min: float | None
     top1_agreement: float | None  # share of images whose top-1 class is the unmerged one's
+    held_out_top1: float | None = None  # reference classifier: accuracy on its held-out crops
 
 
 @dataclass
@@ -220,21 +226,37 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
     dtype = getattr(torch, settings.dtype)
     model, info, default_r = _load(settings, device, dtype)
     size = _input_size(model, settings)
-    pixels = photo_batch(settings.batch, size).to(device, dtype)
-    info["input"] = f"{settings.batch} photographs of {size} x {size} px"
+    reference = get_preset(settings.model).reference if settings.model in PRESETS else None
+    labels = None
+    if reference == "classifier":
+        from tokenmerge.reference.data import classifier_held_out, load_photo_set
+
+        crops, labels = classifier_held_out(load_photo_set())
+        crops = crops.to(device, dtype)
+        pixels = crops[: settings.batch]
+        info["input"] = (
+            f"timing: {len(pixels)} held-out crops of {size} x {size} px; fidelity and "
+            f"accuracy: all {len(crops)} held-out crops"
+        )
+    else:
+        pixels = photo_batch(settings.batch, size).to(device, dtype)
+        crops = pixels
+        info["input"] = f"{settings.batch} photographs of {size} x {size} px"
     entries = [("none", "baseline", "none", "none", model, None)]
-    r = settings.r if settings.r is not None else default_r
+    rs = settings.r if isinstance(settings.r, list) else [settings.r]
+    rs = [default_r if r is None else r for r in rs]
     ratios = settings.ratios or [0.0]
-    overrides = dict(settings.overrides)
-    if settings.ratios is None:
-        overrides.setdefault("r", r)
-    for variant in parse_variants(settings.strategies, ratios, overrides):
-        for ratio in ratios:
-            config = variant.config(ratio, overrides)
-            clone = sharing_weights(model)
-            handle = apply(clone, config)
-            label = variant.name + (f" {ratio:g}" if config.r is None else f" r={config.r}")
-            entries.append((label, "tokenmerge", variant.strategy, variant.name, clone, handle))
+    for r in rs if settings.ratios is None else [None]:
+        overrides = dict(settings.overrides)
+        if r is not None:
+            overrides.setdefault("r", r)
+        for variant in parse_variants(settings.strategies, ratios, overrides):
+            for ratio in ratios:
+                config = variant.config(ratio, overrides)
+                clone = sharing_weights(model)
+                handle = apply(clone, config)
+                label = variant.name + (f" {ratio:g}" if config.r is None else f" r={config.r}")
+                entries.append((label, "tokenmerge", variant.strategy, variant.name, clone, handle))
     calls = {}
     for index, (label, *_, clone, _handle) in enumerate(entries):
         if settings.compile:
@@ -257,7 +279,11 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
                     bar.tick()
             bar.phase("fidelity")
             for label, *_ in entries:
-                outputs[label] = calls[label](pixels)
+                parts = [
+                    calls[label](crops[start : start + settings.batch])
+                    for start in range(0, len(crops), settings.batch)
+                ]
+                outputs[label] = _joined(parts)
                 bar.tick()
     finally:
         bar.close()
@@ -287,16 +313,28 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
                 cosine=cosine.mean().item() if merged else None,
                 cosine_min=cosine.min().item() if merged else None,
                 top1_agreement=agreement if merged else None,
+                held_out_top1=(
+                    None
+                    if labels is None
+                    else float((logits.argmax(-1).cpu() == labels).float().mean())
+                ),
             )
         )
     return ClassifierResult(
         tokenmerge_version=__version__,
         model=info,
         machine=_machine(device),
-        settings={**asdict(settings), "size": size, "r": r if settings.ratios is None else None},
+        settings={**asdict(settings), "size": size, "r": rs if settings.ratios is None else None},
         rows=rows,
         run_seconds=time.perf_counter() - started,
     )
+
+
+def _joined(parts: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    """Features and logits of several batches, concatenated."""
+    features = torch.cat([part[0] for part in parts])
+    logits = None if parts[0][1] is None else torch.cat([part[1] for part in parts])
+    return features, logits
 
 
 def _tokens(handle: Handle) -> str:
@@ -317,10 +355,11 @@ def format_classifier_report(result: ClassifierResult) -> str:
     if model.get("notes"):
         lines.append(f"  notes: {model['notes']}")
     lines.append("")
+    accuracy = result.rows[0].held_out_top1 is not None
     header = (
         f"{'config':<22}{'tokens':>10}{'s/batch':>10}{'img/s':>9}{'speedup':>9}"
         f"{'cos mean':>10}{'cos min':>10}{'top-1 agr':>11}"
-    )
+    ) + (f"{'held-out top-1':>16}" if accuracy else "")
     lines += [header, "-" * len(header)]
     for row in result.rows:
         cells = [
@@ -333,6 +372,8 @@ def format_classifier_report(result: ClassifierResult) -> str:
             f"{_number(row.cosine_min, '.6f'):>10}",
             f"{_number(row.top1_agreement, '.3f'):>11}",
         ]
+        if accuracy:
+            cells.append(f"{_number(row.held_out_top1, '.3f'):>16}")
         lines.append("".join(cells))
     lines.append("")
     lines.append(f"run time {result.run_seconds:.0f} s")

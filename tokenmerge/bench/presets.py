@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tokenmerge.errors import UnknownNameError, unknown_name_message
+from tokenmerge.reference.models import CLASSIFIER_CONFIG, DENOISER_CONFIG, load_reference
 
 __all__ = ["PRESETS", "Preset", "get_preset"]
 
@@ -40,6 +41,9 @@ class Preset:
             weights).
         default_r: classifiers: tokens merged per block when the bench is not given ratios
             (ToMe's setting: 13 for ViT-B/16 at 224 px).
+        reference: ``"denoiser"`` or ``"classifier"`` for the models trained here
+            (``tokenmerge.reference``): built with their trained weights instead of random
+            ones, and measured on their held-out data.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Preset:
     default_size: int
     notes: str = ""
     default_r: int = 13
+    reference: str | None = None
 
     def build(
         self,
@@ -57,7 +62,8 @@ class Preset:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ) -> nn.Module:
-        """The model with seeded random weights, in eval mode, on ``device`` in ``dtype``.
+        """The model with seeded random weights (a reference model: its trained weights), in
+        eval mode, on ``device`` in ``dtype``.
 
         Example:
             >>> unet = get_preset("tiny-unet").build()
@@ -65,6 +71,8 @@ class Preset:
             ('UNet2DConditionModel', False)
         """
         cls = self._model_class()
+        if self.reference is not None:
+            return load_reference(self.reference, device, dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(**self.config)
@@ -372,6 +380,31 @@ PRESETS: dict[str, Preset] = {
             default_size=64,
             notes="not a real model: a tiny configuration for tests and smoke runs",
             default_r=12,
+        ),
+        Preset(
+            name="reference-denoiser",
+            description="tokenmerge's reference denoiser, trained here: a DiT (6 blocks of 4 "
+            "heads, 2.1M parameters) on 64 px photographs, 16 x 16 tokens",
+            library="diffusers",
+            model_class="DiTTransformer2DModel",
+            config=DENOISER_CONFIG,
+            default_size=64,
+            notes="trained here (tokenmerge.reference); pixels folded 4 x 4 into tokens instead "
+            "of a VAE latent; measured on photographs it never saw",
+            reference="denoiser",
+        ),
+        Preset(
+            name="reference-vit",
+            description="tokenmerge's reference ViT classifier, trained here: 6 blocks of 4 "
+            "heads on 32 px crops, 8 x 8 patches, 19 classes",
+            library="timm",
+            model_class="create_model",
+            config=CLASSIFIER_CONFIG,
+            default_size=32,
+            notes="trained here (tokenmerge.reference); names which of 19 photographs a crop is "
+            "from, measured on crops of rows it never saw",
+            default_r=4,
+            reference="classifier",
         ),
     ]
 }

@@ -15,6 +15,11 @@ copy of the model's modules sharing one set of weights, so they run side by side
    seed with timers around planning, merge and unmerge (never inside the timed rounds), judging
    plan caching over steps: its final latent is compared with the unmerged trajectory's. Peak
    memory is taken on one more call.
+4. **Held-out loss** (the reference denoiser, ``--model reference-denoiser``, only): the
+   noise-prediction loss on images it never saw, at the 50 timesteps of a DDIM generation in one
+   sweep (plans cached as in a generation), against the unmerged model's; with ``samples`` set,
+   the trajectories' final images are saved as a grid, one row per configuration under the
+   unmerged row.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -71,9 +76,12 @@ class BenchSettings:
     size: int | None = None  # None: the preset's size
     batch: int = 1
     rounds: int = 3
-    photos: list[str] = field(default_factory=lambda: ["astronaut"])
+    photos: list[str] | None = (
+        None  # None: the workload's (astronaut; held-out ones for a reference)
+    )
     timesteps: list[int] = field(default_factory=lambda: [900, 500, 100])
     trajectory_steps: int = 4
+    samples: str | None = None  # reference denoiser: PNG grid of the trajectories' images
     attention: Attention | None = None  # None: similarity for presets, as loaded for a path
     similarity_scale: float = 3.0
     device: str = "cpu"
@@ -101,6 +109,8 @@ class BenchRow:
     block_error: float | None  # mean over merged blocks and fidelity inputs
     output_error: float | None  # mean over fidelity inputs
     trajectory_error: float | None  # final latent of the trajectory
+    held_out_loss: dict[str, float] | None  # reference denoiser: loss per timestep
+    held_out_loss_increase: float | None  # % over the unmerged model's, per timestep, averaged
     merged_blocks: int  # blocks that merged at a fidelity call
     tokens: str  # tokens in -> out at the first merged site
 
@@ -203,6 +213,9 @@ def load_bench_model(settings: Any, device: torch.device, dtype: torch.dtype) ->
             "notes": preset.notes,
         }
         default_attention, size = "similarity", preset.default_size
+        if preset.reference is not None:
+            info["source"] = "preset: trained here on bundled photographs (its own weights)"
+            default_attention = "as-loaded"
     else:
         from .loading import load_model
 
@@ -275,7 +288,17 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
     device = torch.device(settings.device)
     dtype = getattr(torch, settings.dtype)
     model, model_info, size = load_bench_model(settings, device, dtype)
-    workload = make_workload(model, size, settings.batch, device, dtype, settings.seed)
+    reference = get_preset(settings.model).reference if settings.model in PRESETS else None
+    workload = make_workload(
+        model, size, settings.batch, device, dtype, settings.seed, reference=reference
+    )
+    settings = replace(settings, photos=list(settings.photos or workload.default_photos))
+    held_out = getattr(workload, "held_out", None)
+    if settings.samples is not None and held_out is None:
+        raise UnsupportedModelError(
+            "samples (--samples) are saved for the reference denoiser only "
+            "(--model reference-denoiser), whose inputs are pixels; leave it out"
+        )
     model_info["input"] = workload.describe()
     model_info["sampler"] = workload.sampler
     entries = _entries(model, settings, _peers(settings, model))
@@ -287,15 +310,25 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
         + len(settings.photos) * len(settings.timesteps)
         + settings.trajectory_steps
         + 1
+        + (1 if held_out is not None else 0)
     )
     bar = _Progress(calls_per_entry * len(entries), progress)
     try:
         with torch.no_grad():
             seconds = _timed_rounds(entries, workload, settings, sync, bar)
             fidelity = _fidelity(entries, workload, settings, bar)
-            instrumented = _instrumented(entries, workload, settings, device, bar)
+            instrumented, finals = _instrumented(entries, workload, settings, device, bar)
+            losses = _held_out_losses(entries, workload, bar) if held_out is not None else {}
     finally:
         bar.close()
+    if settings.samples is not None:
+        from .report import write_sample_grid
+
+        write_sample_grid(
+            [workload.to_images(finals[entry.label]) for entry in entries],
+            [entry.label for entry in entries],
+            settings.samples,
+        )
     base = statistics.median(seconds[baseline.label])
     rows = []
     for entry in entries:
@@ -323,6 +356,8 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
                 block_error=merged_fidelity.get("block_error"),
                 output_error=merged_fidelity.get("output_error"),
                 trajectory_error=trajectory,
+                held_out_loss=losses.get(entry.label),
+                held_out_loss_increase=_increase(losses, entry.label, baseline.label),
                 merged_blocks=merged_fidelity.get("merged_blocks", 0),
                 tokens=merged_fidelity.get("tokens", "-"),
             )
@@ -421,7 +456,7 @@ def _instrumented(
 ) -> dict[str, tuple[dict[str, float] | None, float | None, float | None]]:
     bar.phase("trajectory")
     sample = workload.noisy_photo(settings.photos[0], settings.timesteps[0])
-    results = {}
+    results, finals = {}, {}
     reference = None
     for entry in entries:
         entry.new_generation()
@@ -444,7 +479,34 @@ def _instrumented(
         else:
             trajectory_error = relative_error(final, reference)
         results[entry.label] = (overhead, memory, trajectory_error)
+        finals[entry.label] = final
+    return results, finals
+
+
+def _held_out_losses(
+    entries: list[_Entry], workload: Workload, bar: _Progress
+) -> dict[str, dict[str, float]]:
+    """Every configuration's noise-prediction loss on the held-out images at each timestep of
+    one sweep (``tokenmerge.reference.metrics.denoising_losses``)."""
+    from tokenmerge.reference.metrics import denoising_losses
+
+    bar.phase("held-out loss")
+    images = workload.held_out()
+    results = {}
+    for entry in entries:
+        entry.new_generation()
+        losses = denoising_losses(entry.model, images, seed=workload.seed)
+        results[entry.label] = {str(t): loss for t, loss in losses.items()}
+        bar.tick()
     return results
+
+
+def _increase(losses: dict[str, dict[str, float]], label: str, baseline: str) -> float | None:
+    """The held-out loss over the sweep, % above the unmerged model's (per timestep, averaged:
+    ``tokenmerge.reference.metrics.loss_increase``)."""
+    from tokenmerge.reference.metrics import loss_increase
+
+    return loss_increase(losses[label], losses[baseline]) if label in losses else None
 
 
 def _machine(device: torch.device) -> dict[str, Any]:

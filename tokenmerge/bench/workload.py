@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmerge.errors import UnsupportedModelError
@@ -38,6 +39,7 @@ __all__ = [
     "DiTWorkload",
     "FluxWorkload",
     "PixArtWorkload",
+    "ReferenceDenoiserWorkload",
     "SD3Workload",
     "UNetWorkload",
     "Workload",
@@ -94,6 +96,8 @@ class Workload(ABC):
     timing_steps = TIMING_STEPS
     #: the latent grid must divide into this many pixels per token side
     pixels_per_token = VAE_SCALE
+    #: the photographs fidelity is measured on when none are named (``tokenmerge.photos``)
+    default_photos: tuple[str, ...] = ("astronaut",)
 
     def __init__(
         self,
@@ -358,6 +362,62 @@ class DiTWorkload(_LearnedSigmaWorkload):
         return self._noise_prediction(output)
 
 
+class ReferenceDenoiserWorkload(DiTWorkload):
+    """Inputs and calls of tokenmerge's reference denoiser (``tokenmerge.reference``), a small
+    DiT: images folded 4 x 4 pixels per token (no VAE), its only class label, the linear DDPM
+    schedule it was trained with, and photographs from its own set (by default the three it
+    never saw).
+
+    Example:
+        >>> from tokenmerge.bench.presets import get_preset
+        >>> dit = get_preset("reference-denoiser").build_empty()
+        >>> ReferenceDenoiserWorkload(dit, 64, 2, torch.device("cpu"), torch.float32).describe()
+        '64 px (16 x 16 latent, patch 1: 16 x 16 = 256 image tokens), batch 2'
+    """
+
+    pixels_per_token = 4
+    default_photos = ("chelsea", "flower", "camera")  # tokenmerge.reference.DENOISER_HELD_OUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.latent_size = self.size // self.pixels_per_token
+
+    def _condition(self, model: nn.Module) -> None:
+        from tokenmerge.reference.models import class_condition
+
+        self.kwargs["class_labels"] = class_condition(self.batch, self.device)
+
+    def scheduler(self) -> Any:
+        """A fresh DDIM scheduler with the model's training schedule."""
+        from tokenmerge.reference.models import NOISE_SCHEDULE
+
+        return _diffusers().DDIMScheduler(**NOISE_SCHEDULE)
+
+    def clean_photo(self, photo: str) -> Tensor:
+        """A batch of one of the reference photographs (the whole of it), folded into tokens."""
+        from tokenmerge.reference.data import reference_photo
+        from tokenmerge.reference.models import fold
+
+        image = F.interpolate(reference_photo(photo)[None], size=self.size, mode="bilinear",
+                              antialias=True)  # fmt: skip
+        return fold(image).to(self.device, self.dtype).expand(self.batch, -1, -1, -1)
+
+    def held_out(self) -> Tensor:
+        """The model's held-out images (``denoiser_held_out``) at the workload's size."""
+        from tokenmerge.reference.data import denoiser_held_out, load_photo_set
+
+        images = denoiser_held_out(load_photo_set())
+        if images.shape[-1] != self.size:
+            images = F.interpolate(images, size=self.size, mode="bilinear", antialias=True)
+        return images
+
+    def to_images(self, latent: Tensor) -> Tensor:
+        """Model inputs back to images in [0, 1]."""
+        from tokenmerge.reference.models import unfold
+
+        return unfold(latent.float()).add(1.0).div(2.0).clamp(0.0, 1.0)
+
+
 class PixArtWorkload(_LearnedSigmaWorkload):
     """Inputs and calls of a diffusers ``PixArtTransformer2DModel`` (PixArt-alpha / sigma).
 
@@ -570,9 +630,11 @@ def make_workload(
     device: torch.device,
     dtype: torch.dtype,
     seed: int = 0,
+    reference: str | None = None,
 ) -> Workload:
-    """The workload for ``model``; a clear error for a model the bench cannot feed yet."""
-    cls = _workload_class(model)
+    """The workload for ``model`` (``reference="denoiser"``: the reference denoiser's); a clear
+    error for a model the bench cannot feed yet."""
+    cls = ReferenceDenoiserWorkload if reference == "denoiser" else _workload_class(model)
     if cls is None:
         raise UnsupportedModelError(
             f"cannot run a {type(model).__name__} yet: denoising workloads exist for diffusers' "

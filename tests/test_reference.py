@@ -1,0 +1,227 @@
+"""The reference models trained here: their data, their shipped weights (held-out metrics pinned),
+that their attention is learned enough for merging to matter, the training script, and the
+bench presets that measure them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import tokenmerge
+from tokenmerge.bench.presets import get_preset
+from tokenmerge.reference import data, metrics, models
+from tokenmerge.reference.train import main as train_main
+
+#: held-out figures of the shipped weights (fp16 files, run in fp32 on the CPU), measured when
+#: they were trained; a broken loader or a silently changed model moves them
+DENOISER_HELD_OUT_LOSS = 0.04368  # mean over the 50-timestep sweep
+CLASSIFIER_HELD_OUT_ACCURACY = 336 / 494
+#: mean self-attention entropy over the merged sites, as a fraction of log N. The issue asked
+#: for at most 0.8: neither model reaches it (see docs/reference-models.md); pinned so that a
+#: change shows
+DENOISER_ENTROPY = 0.944
+CLASSIFIER_ENTROPY = 0.835
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return data.load_photo_set()
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    return models.load_denoiser()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return models.load_classifier()
+
+
+def test_bundled_photographs_are_the_libraries_own():
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    assert torch.equal(data.build_photo_set(), data.load_photo_set())
+
+
+def test_denoiser_never_trains_on_its_held_out_photographs(photos):
+    marked = torch.zeros_like(photos)  # -1 everywhere once in [-1, 1]
+    for index in data._index(data.DENOISER_HELD_OUT):
+        marked[index] = 255
+    batch = data.denoiser_batch(marked, 64, torch.Generator().manual_seed(0))
+    assert batch.shape == (64, 3, 64, 64)
+    assert float(batch.max()) < -0.999  # -1 up to the resize's rounding
+    assert len(data.denoiser_held_out(photos)) == 30
+
+
+def test_classifier_never_trains_on_its_held_out_rows(photos, monkeypatch):
+    monkeypatch.setattr(data, "standardise", lambda crops: crops)  # keep the marks visible
+    marked = torch.zeros_like(photos)
+    marked[:, :, 92:] = 255  # the held-out band and the gap above it
+    crops, labels = data.classifier_batch(marked, 256, torch.Generator().manual_seed(0))
+    assert crops.shape == (256, 3, 32, 32) and float(crops.max()) < -0.999
+    assert set(labels.tolist()) == set(range(19))
+    monkeypatch.undo()
+    held_out, held_out_labels = data.classifier_held_out(photos)
+    assert held_out.shape == (494, 3, 32, 32)
+    # standardised: every crop's channels have zero mean
+    assert held_out.mean(dim=(-2, -1)).abs().max() < 1e-5
+    assert torch.bincount(held_out_labels).tolist() == [26] * 19
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="the set has astronaut, brick"):
+        data.reference_photo("astro")
+    with pytest.raises(tokenmerge.errors.UnknownNameError, match="denoiser, classifier"):
+        models.load_reference("unet")
+
+
+def test_shipped_weights_are_small_fp16_files():
+    total = 0
+    for kind in ("denoiser", "classifier"):
+        from safetensors.torch import load
+
+        raw = models.weights_file(kind).read_bytes()
+        total += len(raw)
+        assert {value.dtype for value in load(raw).values()} == {torch.float16}
+    assert total <= 20 * 2**20
+
+
+def test_denoiser_held_out_loss_is_pinned(denoiser, photos):
+    losses = metrics.denoising_losses(denoiser, data.denoiser_held_out(photos))
+    mean = sum(losses.values()) / len(losses)
+    assert mean == pytest.approx(DENOISER_HELD_OUT_LOSS, rel=2e-3)
+    # it learned to denoise: far below the loss of predicting zero noise (1.0)
+    assert mean < 0.1
+
+
+def test_classifier_held_out_accuracy_is_pinned(classifier, photos):
+    crops, labels = data.classifier_held_out(photos)
+    accuracy = metrics.accuracy(classifier, crops, labels)
+    assert accuracy == pytest.approx(CLASSIFIER_HELD_OUT_ACCURACY, abs=2.5 / len(labels))
+    assert accuracy > 3 / 19  # well above chance
+
+
+def _merged_sites(handle) -> set[str]:
+    return {name for name, stats in handle.stats().items() if stats.tokens_out < stats.tokens_in}
+
+
+def _entropy_at(model, merged: set[str], run) -> float:
+    """Mean attention entropy of the unmerged model at the merged sites, a fraction of log N."""
+    entropy = metrics.attention_entropy(model, run)
+    fractions = [
+        value / math.log(keys)
+        for name, (value, keys) in entropy.items()
+        if any(name.startswith(site + ".") for site in merged)
+    ]
+    assert fractions, (sorted(entropy), sorted(merged))
+    return sum(fractions) / len(fractions)
+
+
+def test_merging_hurts_the_denoiser(denoiser, photos):
+    images = data.denoiser_held_out(photos)
+    unmerged = metrics.denoising_losses(denoiser, images)
+    handle = tokenmerge.apply(denoiser, "random", ratio=0.75)
+    try:
+        merged = metrics.denoising_losses(denoiser, images)
+        sites = _merged_sites(handle)
+    finally:
+        handle.remove()
+
+    def run():
+        metrics.denoising_losses(denoiser, images, timesteps=(900, 500, 100))
+
+    fraction = _entropy_at(denoiser, sites, run)
+    assert fraction == pytest.approx(DENOISER_ENTROPY, abs=0.005)
+    increase = metrics.loss_increase(merged, unmerged)
+    assert increase >= 10.0, f"random merging at 0.75 costs only {increase:.1f} % more loss"
+
+
+def test_merging_hurts_the_classifier(classifier, photos):
+    crops, labels = data.classifier_held_out(photos)
+    unmerged = metrics.accuracy(classifier, crops, labels)
+    handle = tokenmerge.apply(classifier, "random", r=8)
+    try:
+        merged = metrics.accuracy(classifier, crops, labels)
+        sites = _merged_sites(handle)
+    finally:
+        handle.remove()
+    fraction = _entropy_at(classifier, sites, lambda: classifier(crops))
+    assert fraction == pytest.approx(CLASSIFIER_ENTROPY, abs=0.005)
+    assert unmerged - merged >= 0.03, (unmerged, merged)
+
+
+@pytest.mark.parametrize("kind", ["denoiser", "classifier"])
+def test_training_is_reproducible_and_resumable(kind, tmp_path):
+    def run(name, steps, resume=False):
+        args = [kind, "--steps", str(steps), "--batch", "2", "--threads", "1",
+                "--checkpoint", str(tmp_path / f"{name}.pt"), "--save-every", "2",
+                "--out", str(tmp_path / f"{name}.safetensors"),
+                "--report", str(tmp_path / f"{name}.json")]  # fmt: skip
+        assert train_main(args + (["--resume"] if resume else [])) == 0
+        from safetensors.torch import load_file
+
+        return load_file(str(tmp_path / f"{name}.safetensors"))
+
+    straight = run("straight", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4, resume=True)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    report = json.loads((tmp_path / "resumed.json").read_text())
+    assert report["steps"] == 4 and report["attention_entropy"]
+
+
+def test_presets_load_the_trained_weights(denoiser, classifier):
+    for name, trained in [("reference-denoiser", denoiser), ("reference-vit", classifier)]:
+        built = get_preset(name).build()
+        state = trained.state_dict()
+        assert all(torch.equal(value, state[key]) for key, value in built.state_dict().items())
+
+
+def test_bench_measures_the_denoiser_on_held_out_images(tmp_path):
+    from tokenmerge.bench.report import format_report
+    from tokenmerge.bench.runner import BenchSettings, run_bench
+
+    samples = tmp_path / "samples.png"
+    settings = BenchSettings(
+        model="reference-denoiser", strategies=["random"], ratios=[0.75], peers=[], rounds=1,
+        timesteps=[500], trajectory_steps=2, batch=2, samples=str(samples),
+    )  # fmt: skip
+    result = run_bench(settings, progress=False)
+    none, merged = result.rows
+    assert result.settings["photos"] == list(data.DENOISER_HELD_OUT)
+    assert list(none.held_out_loss) == [str(t) for t in metrics.EVAL_TIMESTEPS]
+    assert none.held_out_loss_increase == 0.0
+    assert merged.held_out_loss_increase > 10.0
+    assert "own weights" in result.model["attention"]
+    assert samples.stat().st_size > 0
+    assert "held-out denoising loss" in format_report(result)
+
+
+def test_bench_measures_the_classifier_on_held_out_crops():
+    from tokenmerge.bench.classify import (
+        ClassifierSettings,
+        format_classifier_report,
+        run_classifier_bench,
+    )
+
+    settings = ClassifierSettings(
+        model="reference-vit", strategies=["tome"], r=[2, 8], rounds=1, batch=64
+    )
+    result = run_classifier_bench(settings, progress=False)
+    assert [row.label for row in result.rows] == ["none", "tome r=2", "tome r=8"]
+    assert result.rows[0].held_out_top1 == pytest.approx(CLASSIFIER_HELD_OUT_ACCURACY, abs=0.006)
+    assert result.rows[2].top1_agreement <= result.rows[1].top1_agreement
+    assert "held-out top-1" in format_classifier_report(result)
+
+
+def test_samples_are_refused_for_other_models():
+    from tokenmerge.bench.runner import BenchSettings, run_bench
+    from tokenmerge.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="reference denoiser only"):
+        run_bench(BenchSettings(model="tiny-unet", samples="x.png"), progress=False)

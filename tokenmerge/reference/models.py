@@ -1,0 +1,156 @@
+"""The two reference models: their architectures, their inputs, and loading their weights.
+
+- **The denoiser** is a small diffusers ``DiTTransformer2DModel`` (six blocks of four heads of
+  32, adaLN-zero). It denoises 64 x 64 pixel images folded into a 16 x 16 "latent" of 48
+  channels (each 4 x 4 pixel patch becomes one token, a lossless stand-in for a VAE), with
+  patch size 1, so every self-attention sees 256 tokens. It is unconditional: every call passes
+  class 0, its only class. (A first try with a small SD-shaped UNet learned nearly uniform
+  attention - its convolutions did the work - so merging could not hurt it: useless here.)
+- **The classifier** is a timm ``VisionTransformer``: 32 x 32 pixel crops in 8 x 8 patches of
+  4 x 4 pixels (64 tokens and a class token), six blocks of four heads, 19 classes (which
+  photograph the crop comes from).
+
+Their weights were trained here by ``python -m tokenmerge.reference.train`` and ship as fp16
+safetensors in ``tokenmerge/data``; ``load_denoiser`` and ``load_classifier`` build the
+architecture and load them.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenmerge.errors import UnknownNameError
+
+__all__ = [
+    "CLASSIFIER_CONFIG",
+    "DENOISER_CONFIG",
+    "NOISE_SCHEDULE",
+    "PATCH",
+    "build_classifier",
+    "build_denoiser",
+    "class_condition",
+    "fold",
+    "load_classifier",
+    "load_denoiser",
+    "load_reference",
+    "unfold",
+    "weights_file",
+]
+
+#: pixels per token side of the denoiser's folded input
+PATCH = 4
+
+#: the DiT's configuration (diffusers ``DiTTransformer2DModel`` arguments)
+DENOISER_CONFIG: dict[str, Any] = dict(
+    sample_size=16,
+    patch_size=1,
+    in_channels=3 * PATCH * PATCH,
+    out_channels=3 * PATCH * PATCH,
+    num_layers=6,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    num_embeds_ada_norm=1,
+    norm_type="ada_norm_zero",
+)
+
+#: the forward process the denoiser was trained with (diffusers' DDPMScheduler arguments):
+#: it predicts the added noise
+NOISE_SCHEDULE: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+)
+
+#: ``timm.create_model`` arguments: a ViT-Tiny reshaped (every size below replaces ViT-Tiny's)
+CLASSIFIER_CONFIG: dict[str, Any] = dict(
+    model_name="vit_tiny_patch16_224",
+    pretrained=False,
+    img_size=32,
+    patch_size=4,
+    num_classes=19,
+    embed_dim=128,
+    depth=6,
+    num_heads=4,
+    mlp_ratio=2.0,
+)
+
+_WEIGHTS = {"denoiser": "reference_denoiser.safetensors", "classifier": "reference_vit.safetensors"}
+
+
+def fold(images: Tensor) -> Tensor:
+    """Images ``(B, 3, 64, 64)`` in [-1, 1] to the denoiser's input ``(B, 48, 16, 16)``."""
+    return F.pixel_unshuffle(images, PATCH)
+
+
+def unfold(latents: Tensor) -> Tensor:
+    """The inverse of ``fold``."""
+    return F.pixel_shuffle(latents, PATCH)
+
+
+def class_condition(batch: int, device=None) -> Tensor:
+    """The denoiser's class labels: class 0, its only class, for every sample."""
+    return torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def build_denoiser() -> nn.Module:
+    """The denoiser's architecture with fresh random weights (diffusers' initialisation)."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(**DENOISER_CONFIG)
+
+
+def build_classifier() -> nn.Module:
+    """The classifier's architecture with fresh random weights (timm's initialisation). It
+    takes crops standardised per channel (``tokenmerge.reference.data.standardise``)."""
+    import timm
+
+    return timm.create_model(**CLASSIFIER_CONFIG)
+
+
+def weights_file(kind: str) -> Any:
+    """The bundled weights of ``"denoiser"`` or ``"classifier"`` (an importlib resource)."""
+    if kind not in _WEIGHTS:
+        raise UnknownNameError(f"unknown reference model {kind!r}; there are {', '.join(_WEIGHTS)}")
+    return resources.files("tokenmerge").joinpath(f"data/{_WEIGHTS[kind]}")
+
+
+def _load(model: nn.Module, kind: str, device, dtype) -> nn.Module:
+    from safetensors.torch import load
+
+    state = load(weights_file(kind).read_bytes())
+    model.load_state_dict({name: value.float() for name, value in state.items()})
+    return nn.Module.to(model.eval(), device=device, dtype=dtype)
+
+
+def load_reference(kind: str, device: str | torch.device = "cpu", dtype=torch.float32):
+    """``load_denoiser`` or ``load_classifier``, by ``kind``."""
+    build = {"denoiser": build_denoiser, "classifier": build_classifier}
+    if kind not in build:
+        raise UnknownNameError(f"unknown reference model {kind!r}; there are {', '.join(build)}")
+    return _load(build[kind](), kind, device, dtype)
+
+
+def load_denoiser(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The trained reference denoiser, in eval mode (needs diffusers).
+
+    Example:
+        >>> dit = load_denoiser()
+        >>> images, timesteps = torch.zeros(2, 3, 64, 64), torch.tensor([500, 500])
+        >>> dit(fold(images), timestep=timesteps, class_labels=class_condition(2)).sample.shape
+        torch.Size([2, 48, 16, 16])
+    """
+    return load_reference("denoiser", device, dtype)
+
+
+def load_classifier(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The trained reference ViT classifier, in eval mode (needs timm).
+
+    Example:
+        >>> vit = load_classifier()
+        >>> vit(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 19])
+    """
+    return load_reference("classifier", device, dtype)
