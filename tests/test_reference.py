@@ -219,6 +219,14 @@ def test_bench_measures_the_classifier_on_held_out_crops():
     assert "held-out top-1" in format_classifier_report(result)
 
 
+def test_the_reference_classifier_runs_at_its_own_size():
+    from tokenmerge.bench.classify import ClassifierSettings, run_classifier_bench
+    from tokenmerge.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="32 px held-out crops, not at 64 px"):
+        run_classifier_bench(ClassifierSettings(model="reference-vit", size=64), progress=False)
+
+
 def test_samples_are_refused_for_other_models():
     from tokenmerge.bench.runner import BenchSettings, run_bench
     from tokenmerge.errors import UnsupportedModelError

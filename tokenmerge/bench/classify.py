@@ -229,8 +229,13 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
     reference = get_preset(settings.model).reference if settings.model in PRESETS else None
     labels = None
     if reference == "classifier":
-        from tokenmerge.reference.data import classifier_held_out, load_photo_set
+        from tokenmerge.reference.data import CLASSIFIER_CROP, classifier_held_out, load_photo_set
 
+        if size != CLASSIFIER_CROP:
+            raise UnsupportedModelError(
+                f"the reference classifier is measured on its {CLASSIFIER_CROP} px held-out "
+                f"crops, not at {size} px; leave --size out"
+            )
         crops, labels = classifier_held_out(load_photo_set())
         crops = crops.to(device, dtype)
         pixels = crops[: settings.batch]

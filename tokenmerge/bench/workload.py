@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmerge.errors import UnsupportedModelError
+from tokenmerge.reference.data import DENOISER_HELD_OUT
 
 from .fidelity import photo_latent
 
@@ -376,7 +377,7 @@ class ReferenceDenoiserWorkload(DiTWorkload):
     """
 
     pixels_per_token = 4
-    default_photos = ("chelsea", "flower", "camera")  # tokenmerge.reference.DENOISER_HELD_OUT
+    default_photos = DENOISER_HELD_OUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,7 +1,8 @@
 """Train a reference model: ``python -m tokenmerge.reference.train {denoiser,classifier}``.
 
-Seeded and reproducible (the model's initialisation and every batch are drawn from the seed and
-the step number, so a resumed run sees exactly the batches an uninterrupted one would), shows a
+Seeded and reproducible (the model's initialisation comes from the seed, every batch, noise draw
+and dropout from the seed and the step number, so a resumed run repeats exactly the steps an
+uninterrupted one would take), shows a
 progress bar, and saves a checkpoint every ``--save-every`` steps that ``--resume`` continues
 from. At the end it writes the weights as fp16 safetensors and prints the held-out metrics and
 the attention entropy.
@@ -65,15 +66,8 @@ def _evaluate(kind: str, model, photos) -> dict:
             "held_out_loss_per_timestep": losses,
         }
 
-        clean = models.fold(held_out)
-        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
-
         def run():
-            with torch.no_grad():
-                for t in (100, 500, 900):
-                    steps = torch.full((len(clean),), t)
-                    noisy = metrics.add_noise(clean, noise, steps)
-                    model(noisy, timestep=steps, class_labels=models.class_condition(len(clean)))
+            metrics.denoising_losses(model, held_out, timesteps=(900, 500, 100))
     else:
         crops, labels = data.classifier_held_out(photos)
         result = {"held_out_accuracy": metrics.accuracy(model, crops, labels)}
