@@ -77,6 +77,7 @@ CLASSIFIER_CROP = 32
 _TRAIN_ROWS = 92
 _HELD_OUT_ROW = PHOTO_SIZE - CLASSIFIER_CROP
 _FILE = "data/reference_photos.pt"
+_NAMES = [name for name, _ in REFERENCE_PHOTOS]
 
 
 def build_photo_set() -> Tensor:
@@ -120,15 +121,13 @@ def load_photo_set() -> Tensor:
 
 def reference_photo(name: str) -> Tensor:
     """One photograph of the set by name, in [-1, 1]: ``(3, 128, 128)``."""
-    names = [entry[0] for entry in REFERENCE_PHOTOS]
-    if name not in names:
-        raise ValueError(f"unknown reference photograph {name!r}; the set has {', '.join(names)}")
-    return _to_unit(load_photo_set()[names.index(name)])
+    if name not in _NAMES:
+        raise ValueError(f"unknown reference photograph {name!r}; the set has {', '.join(_NAMES)}")
+    return _to_unit(load_photo_set()[_index((name,))[0]])
 
 
 def _index(names: tuple[str, ...]) -> list[int]:
-    order = [name for name, _ in REFERENCE_PHOTOS]
-    return [order.index(name) for name in names]
+    return [_NAMES.index(name) for name in names]
 
 
 def _to_unit(pixels: Tensor) -> Tensor:
@@ -160,7 +159,8 @@ def _random_crops(
 def denoiser_batch(photos: Tensor, batch: int, generator: torch.Generator) -> Tensor:
     """A training batch for the denoiser: random crops (64 to 128 pixels, resized to 64) of the
     training photographs, flipped half the time; ``(batch, 3, 64, 64)`` in [-1, 1]."""
-    keep = [i for i in range(len(photos)) if i not in _index(DENOISER_HELD_OUT)]
+    held_out = _index(DENOISER_HELD_OUT)
+    keep = [i for i in range(len(photos)) if i not in held_out]
     crops, _ = _random_crops(
         photos[keep], batch, DENOISER_CROP, (DENOISER_CROP, PHOTO_SIZE), PHOTO_SIZE, generator
     )

@@ -3,7 +3,8 @@ the entropy of their self-attention (is there anything for merging to lose?)."""
 
 from __future__ import annotations
 
-import math
+import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +27,16 @@ __all__ = [
 EVAL_TIMESTEPS = tuple(range(980, -1, -20))
 
 
-def _alphas_cumprod() -> Tensor:
-    betas = torch.linspace(
-        NOISE_SCHEDULE["beta_start"],
-        NOISE_SCHEDULE["beta_end"],
-        NOISE_SCHEDULE["num_train_timesteps"],
-        dtype=torch.float64,
-    )
-    return torch.cumprod(1.0 - betas, 0).float()
+@functools.cache
+def _forward_process() -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**NOISE_SCHEDULE)
 
 
 def add_noise(clean: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """The forward process of ``NOISE_SCHEDULE`` (the same as diffusers' DDPMScheduler)."""
-    alpha_bar = _alphas_cumprod()[timesteps.cpu()].to(clean.device, clean.dtype).view(-1, 1, 1, 1)
-    return alpha_bar.sqrt() * clean + (1.0 - alpha_bar).sqrt() * noise
+    """The forward process of ``NOISE_SCHEDULE`` (diffusers' ``DDPMScheduler.add_noise``)."""
+    return _forward_process().add_noise(clean, noise, timesteps)
 
 
 @torch.no_grad()
@@ -174,8 +171,3 @@ def _entropy_reader(module: nn.Module):
 
         return timm_rows
     return None
-
-
-def entropy_fraction(entropy: float, keys: int) -> float:
-    """Entropy as a fraction of its maximum ``log N``."""
-    return entropy / math.log(keys)

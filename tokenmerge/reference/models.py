@@ -117,20 +117,19 @@ def weights_file(kind: str) -> Any:
     return resources.files("tokenmerge").joinpath(f"data/{_WEIGHTS[kind]}")
 
 
-def _load(model: nn.Module, kind: str, device, dtype) -> nn.Module:
+def _load(model: nn.Module, file: Any, device, dtype) -> nn.Module:
     from safetensors.torch import load
 
-    state = load(weights_file(kind).read_bytes())
+    state = load(file.read_bytes())
     model.load_state_dict({name: value.float() for name, value in state.items()})
     return nn.Module.to(model.eval(), device=device, dtype=dtype)
 
 
 def load_reference(kind: str, device: str | torch.device = "cpu", dtype=torch.float32):
     """``load_denoiser`` or ``load_classifier``, by ``kind``."""
-    build = {"denoiser": build_denoiser, "classifier": build_classifier}
-    if kind not in build:
-        raise UnknownNameError(f"unknown reference model {kind!r}; there are {', '.join(build)}")
-    return _load(build[kind](), kind, device, dtype)
+    file = weights_file(kind)  # refuses an unknown kind
+    build = build_denoiser if kind == "denoiser" else build_classifier
+    return _load(build(), file, device, dtype)
 
 
 def load_denoiser(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
