@@ -259,7 +259,7 @@ def test_invalid_json_text_rejected():
         ("retom", "window_size", "big", "valid integer"),
         ("retom", "window_size", 2.5, "valid integer"),
         ("retom", "window_size", [2, 1], "at least 2"),
-        ("retom", "scope", "everywhere", "'window' or 'global'"),
+        ("retom", "scope", "everywhere", "'auto', 'window' or 'global'"),
         ("tome", "partition", "zigzag", "'auto', 'cells' or 'alternate'"),
         ("tome", "random_destinations", "sometimes", "valid boolean"),
         ("tome", "sx", "2x", "valid integer"),
@@ -719,7 +719,7 @@ PLAUSIBLE = {
     "seed": st.integers(),
     "sx": st.integers(0, 5),
     "sy": st.integers(0, 5),
-    "scope": st.sampled_from(["window", "global", "local"]),
+    "scope": st.sampled_from(["auto", "window", "global", "local"]),
     "partition": st.sampled_from(["auto", "cells", "alternate", "rows"]),
 }
 

@@ -119,7 +119,7 @@ def test_direction_is_the_bias_free_value_and_output_projection():
     merged = plan.merge(x)
     copied = plan.unmerge(attention(merged))
     correction = ValueCorrection(attention, samples=2)
-    corrected = correction(plan, x, merged, copied)
+    corrected = correction(plan, x, merged, copied.clone())
     offsets = x - plan.unmerge(merged)
     value = F.linear(offsets, attention.to_v.weight)
     beta = correction.beta[:, None, None]  # one weight per sample
@@ -127,6 +127,18 @@ def test_direction_is_the_bias_free_value_and_output_projection():
     sources, others = [1, 3], [0, 2, 4]
     torch.testing.assert_close(corrected[:, sources], expected[:, sources])
     assert torch.equal(corrected[:, others], copied[:, others])  # destinations and the rest
+
+
+@pytest.mark.parametrize("qk_norm", [None, "layer_norm"])
+def test_exact_rows_are_the_attention_output_of_those_rows(qk_norm):
+    """The fit's exact rows, computed in input space (or, with keys normalised per head, by
+    projecting every key and value), are what the attention itself outputs for those tokens."""
+    torch.manual_seed(0)
+    attention = Attention(32, heads=4, dim_head=8, bias=True, out_bias=True, qk_norm=qk_norm)
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        rows = ValueCorrection(attention.eval())._exact_rows(x[:, ::5], x)
+        torch.testing.assert_close(rows, attention(x)[:, ::5], atol=1e-5, rtol=1e-5)
 
 
 def test_fit_recovers_the_exact_rows_of_a_self_dominated_attention():
@@ -145,7 +157,7 @@ def test_fit_recovers_the_exact_rows_of_a_self_dominated_attention():
         copied = plan.unmerge(attention(merged))
         exact = attention(x)
     correction = ValueCorrection(attention)
-    corrected = correction(plan, x, merged, copied)
+    corrected = correction(plan, x, merged, copied.clone())
     assert float(correction.beta) == pytest.approx(1.0, abs=0.02)
     sources = [1, 3, 5]
     error = (corrected - exact)[:, sources].norm() / (copied - exact)[:, sources].norm()

@@ -373,6 +373,25 @@ def test_retom_global_scope_merges_into_most_similar_representative(grid, size, 
             assert set(plan.kept[p].tolist()) == set(reps)
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_retom_auto_scope_is_window_for_diffusion_and_global_for_vits(progressive):
+    grid = (8, 8)
+    positions = torch.arange(64).unsqueeze(0) if progressive else None
+    layout = TokenLayout(grid, positions=positions)
+    features = features_for(2, 64, seed=3)
+    auto = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2)
+    assert auto.config.scope == "auto"
+    expected = "global" if progressive else "window"
+    assert auto.config.scope_in(progressive) == expected
+    explicit = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2, scope=expected)
+    other = tokenmerge.get_strategy(
+        "retom", ratio=0.0, window_size=2, scope="window" if progressive else "global"
+    )
+    plans = [s.make_plan(features, layout, SITE, 24, gen()) for s in (auto, explicit, other)]
+    assert torch.equal(plans[0].origin, plans[1].origin)
+    assert not torch.equal(plans[0].origin, plans[2].origin)  # the scope did matter here
+
+
 # ---------------------------------------------------------------------------- tome
 
 

@@ -58,7 +58,8 @@ def test_summary_names_every_strategy_with_a_psnr(drawn):
     for tokens_in, tokens_out, value in lines.values():
         assert (tokens_in, tokens_out) == (256, 128)
         assert 5.0 < value < 60.0
-    assert "windows" not in summary  # retom's default global scope merges across windows
+    # retom's default scope in a UNet keeps merges inside its 6 x 6 windows; only it has windows
+    assert summary.count("windows 6 x 6") == 1
 
 
 def test_ratio_zero_is_the_identity_plan():
@@ -74,13 +75,17 @@ def test_ratio_zero_is_the_identity_plan():
 def test_plan_is_drawn_on_the_site_grid():
     view = collect(model="tiny-unet", strategies=["retom"], ratio=0.5).views[0]
     assert view.grid == (16, 16)
-    assert view.window is None  # global scope: no window bounds a merge
+    assert view.window == (6, 6)  # the default scope in a UNet: merges stay in their window
     plan = view.plan
     assert plan.batch == 1 and plan.num_tokens == 256 and plan.num_merged == 128
+
+    def window(token):
+        return token // 16 // 6 * 3 + token % 16 // 6
+
     destinations = plan.kept[0, plan.dst[0]]
-    # a retom destination is its window's representative: one per 6 x 6 window at most
-    window = destinations.unique() // 16 // 6 * 3 + destinations.unique() % 16 // 6
-    assert window.unique().numel() == window.numel()
+    assert torch.equal(window(plan.src[0]), window(destinations))
+    # a retom destination is its window's representative: one per window
+    assert window(destinations.unique()).unique().numel() == destinations.unique().numel()
     # the merged-and-unmerged photograph has the resized photograph's shape (16 px per token)
     assert view.unmerged.shape == (3, 256, 256)
 

@@ -144,7 +144,9 @@ class SitePatch:
         if not self.strategy.uses_features:
             return image_tokens.new_empty(1, n, 0, dtype=torch.float32), 1
         with torch.no_grad():
-            features = F.normalize(image_tokens.detach().float(), dim=-1)
+            # contiguous first: a UNet block input is a channels-strided view of a conv output,
+            # which makes the norm and every gather of the plan read memory across rows
+            features = F.normalize(image_tokens.detach().float().contiguous(), dim=-1)
             if self.site.shared_plan:
                 return F.normalize(features.mean(0, keepdim=True), dim=-1), 1
             if self.config.share_cfg_plan and batch % 2 == 0:

@@ -248,8 +248,9 @@ class Plan:
             weight = self.size_weights(sizes)[0]
         delta = (_rows(x, self.src) - _rows(x_kept, self.dst)) * weight.unsqueeze(-1).to(x.dtype)
         slots = _flat_index(self.dst, batch, self.num_out)
-        merged = x_kept.reshape(-1, channels).index_add(0, slots, delta.reshape(-1, channels))
-        return merged.view(batch, self.num_out, channels)
+        # in place: x_kept is index_select's fresh tensor, and delta was taken from it before
+        x_kept.view(-1, channels).index_add_(0, slots, delta.view(-1, channels))
+        return x_kept
 
     def _check_sizes(self, sizes: Tensor, batch: int | None = None) -> None:
         expected = (batch if batch is not None else sizes.shape[0], self.num_tokens)

@@ -219,7 +219,7 @@ def visualize(
         >>> out = pathlib.Path(tempfile.mkdtemp()) / "merges.png"
         >>> print(visualize("tiny-unet", ["retom"], output=out))  # doctest: +ELLIPSIS
         tokenmerge visualize: tiny-unet, ...
-          retom  256 -> 128 tokens  PSNR ... dB
+          retom  256 -> 128 tokens  PSNR ... dB  (windows 6 x 6)
         >>> out.read_bytes()[:4]
         b'\\x89PNG'
     """
@@ -371,9 +371,13 @@ def _image_plan(plan: Plan, num_prefix: int) -> Plan:
 
 def _window(patch: SitePatch, grid: tuple[int, int]) -> tuple[int, int] | None:
     """The windows a token merges within, for configs that have them (``window_for``, scope
-    ``"window"``: ReToM and plugins shaped like it)."""
+    ``"window"`` in effect: ReToM and plugins shaped like it)."""
     window_for = getattr(patch.config, "window_for", None)
-    if not callable(window_for) or getattr(patch.config, "scope", None) != "window":
+    scope = getattr(patch.config, "scope", None)
+    scope_in = getattr(patch.config, "scope_in", None)  # retom's "auto" resolved
+    if callable(scope_in):
+        scope = scope_in(progressive=False)
+    if not callable(window_for) or scope != "window":
         return None
     size = window_for(patch.site)
     size = (size, size) if isinstance(size, int) else tuple(size)
