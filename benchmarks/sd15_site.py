@@ -12,7 +12,7 @@ bundled photograph at 32 x 32, 64 x 64 and 96 x 96 (1024, 4096 and 9216 tokens: 
 - ``tome``: tokenmerge's ``tome`` (tomesd's algorithm), planned every step;
 - ``retom (before)``: ``retom`` with the defaults it had before they were chosen by measurement
   (2 x 2 windows, window scope, no value correction), a plan per 5 steps;
-- ``retom``: ``retom`` with today's defaults (6 x 6 windows, global scope, value correction),
+- ``retom``: ``retom`` with today's defaults (6 x 6 windows, window scope, value correction),
   a plan per 5 steps.
 
 Parts (milliseconds per call, plans amortised over the steps that reuse them): ``plan``,

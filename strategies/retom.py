@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -71,8 +71,8 @@ class ReToMConfig(MergeConfig):
             "errors of 0.365 with {down 2, mid 4, up 2}, 0.283 with {4, 6, 4} and 0.256 with "
             "{6, 8, 6} (tomesd: 0.423); larger windows in the bottleneck, as the paper says. 2 in "
             "transformers: on the reference DiT trained here (learned attention, ratio 0.5, "
-            "window scope) the held-out denoising loss rises by 38.4 % with 2 x 2 windows, "
-            "39.5 % with 3 x 3, 46.9 % with 4 x 4 and 50.9 % with 6 x 6. "
+            "window scope) the held-out denoising loss rises by 38.7 % with 2 x 2 windows, "
+            "39.7 % with 3 x 3, 47.6 % with 4 x 4 and 51.0 % with 6 x 6. "
             "The ratio may not exceed "
             "1 - 1 / s**2 for the smallest s (one representative per window stays)."
         ),
@@ -88,8 +88,8 @@ class ReToMConfig(MergeConfig):
             "0.256 at 512 px (tokenmerge bench: similarity-based attention, ratio 0.5, 6 x 6 "
             "windows, value correction; tomesd: 0.423) and plans in 7.2 ms per forward instead "
             "of 9.8; on the reference DiT trained here (learned attention) it raises the "
-            "held-out denoising loss by 38.4 % instead of 48.4 % at ratio 0.5 (2 x 2 windows), "
-            "and wins at every window size tried (2 to 8) and every ratio; on the reference "
+            "held-out denoising loss by 38.7 % instead of 48.6 % at ratio 0.5 (2 x 2 windows), "
+            "and at every window size tried (2 to 8) and ratio but 2 x 2 at 0.75; on the reference "
             "ViT, global scope keeps more predictions (97.0 % agreement against 95.7 % at r=8)."
         ),
     )
@@ -101,7 +101,7 @@ class ReToMConfig(MergeConfig):
             "Default on: on SD 1.5 with similarity-based attention at ratio 0.5 (tokenmerge "
             "bench, 2026-11-22) the block error is VC_ON with it against VC_OFF without at 512 px "
             "(tomesd: VC_TOMESD), for one point more overhead; on the reference DiT trained here "
-            "(learned attention) the held-out denoising loss rises by 38.4 % with it against "
+            "(learned attention) the held-out denoising loss rises by 38.7 % with it against "
             "54.5 % without at ratio 0.5. Its fitted weight goes to 0 where attention does not "
             "favour the token itself."
         ),
@@ -114,8 +114,34 @@ class ReToMConfig(MergeConfig):
             "always recomputed on a new generation or a change of batch, token count, device or "
             "dtype. Default 5 (10 plans in a 50-step generation): the paper caches similarity "
             "across steps but gives no interval; on the reference DiT trained here (learned "
-            "attention, 50 steps, ratio 0.5) the held-out denoising loss rises by 36.4 % when "
-            "planning every step, 36.9 % every 2, 38.4 % every 5 and 41.2 % every 10."
+            "attention, 50 steps, ratio 0.5) the held-out denoising loss rises by 36.6 % when "
+            "planning every step, 37.1 % every 2, 38.7 % every 5 and 41.5 % every 10. On SD 1.5 "
+            "at 512 px planning then costs 0.1 % of the forward, and the value correction's "
+            "fit, made with each plan, 0.2 % (tokenmerge bench, 2026-11-22)."
+        ),
+    )
+
+    levels: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+        default=None,
+        description=(
+            "Only sites at these downsample levels (1 = full resolution, 2 = half...). Default "
+            "None: the adapter's choice, the finest level that has attention (SD 1.5's level 1, "
+            "tomesd's sites). Measured 2026-11-22 on SD 1.5 at 768 px (similarity-based "
+            "attention, ratio 0.5): x1.371 over no merging with block error 0.269; levels (1, 2) "
+            "with merge_mlp=True give x1.605 at 0.330 (tomesd: x1.303 at 0.426): the default "
+            "keeps the error, the second level and the MLP buy speed."
+        ),
+    )
+    share_cfg_plan: bool = Field(
+        default=False,
+        description=(
+            "With an even batch, plan on the second half (the conditional half in the [uncond, "
+            "cond] order of most diffusers pipelines; DiTPipeline puts cond first) and use that "
+            "plan for both halves. Sites that share one plan across the batch (Flux) ignore it. "
+            "Default off: on SD 1.5 at 512 px with a classifier-free-guidance batch (one latent, "
+            "two prompts) the block error is 0.2682 with a plan per sample and 0.2681 with a "
+            "shared one (2026-11-22), so sharing buys nothing but half a plan, and off keeps "
+            "every sample's output independent of the rest of the batch."
         ),
     )
 

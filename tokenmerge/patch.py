@@ -143,15 +143,16 @@ class SitePatch:
         batch, n, _ = image_tokens.shape
         if not self.strategy.uses_features:
             return image_tokens.new_empty(1, n, 0, dtype=torch.float32), 1
+        tokens, repeats = image_tokens.detach(), 1
+        if not self.site.shared_plan and self.config.share_cfg_plan and batch % 2 == 0:
+            tokens, repeats = tokens[batch // 2 :], 2  # only the half that plans is normalised
         with torch.no_grad():
             # contiguous first: a UNet block input is a channels-strided view of a conv output,
             # which makes the norm and every gather of the plan read memory across rows
-            features = F.normalize(image_tokens.detach().float().contiguous(), dim=-1)
+            features = F.normalize(tokens.float().contiguous(), dim=-1)
             if self.site.shared_plan:
                 return F.normalize(features.mean(0, keepdim=True), dim=-1), 1
-            if self.config.share_cfg_plan and batch % 2 == 0:
-                return features[batch // 2 :], 2
-        return features, 1
+        return features, repeats
 
     def plan_for(self, x: Tensor) -> Plan | None:
         """The plan for ``x (B, N, C)`` at this call: cached if still valid, else a new one;
