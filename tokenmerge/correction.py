@@ -76,6 +76,12 @@ def corrects(attention: nn.Module) -> bool:
     )
 
 
+def _linear_part(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` without its bias (the output for a zero row taken off), which also holds for
+    LoRA or quantised linear layers."""
+    return layer(x) - layer(x.new_zeros(1, x.shape[-1]))
+
+
 class ValueCorrection:
     """The correction at one diffusers self-attention (see the module docstring); a deep copy
     keeps the fitted weight with the copied plan it belongs to.
@@ -94,12 +100,9 @@ class ValueCorrection:
         self._fitted_for: Plan = _NOT_FITTED
 
     def _projected(self, offsets: Tensor) -> Tensor:
-        """``W_o W_v offsets``: both projections applied and their biases (the projection of a
-        zero row) taken off, which also holds for LoRA or quantised linear layers."""
-        value, out = self.attention.to_v, self.attention.to_out[0]
-        zero = offsets.new_zeros(1, 1, offsets.shape[-1])
-        values = value(offsets) - value(zero)
-        return out(values) - out(values.new_zeros(1, 1, values.shape[-1]))
+        """``W_o W_v offsets``: both projections without their biases."""
+        values = _linear_part(self.attention.to_v, offsets)
+        return _linear_part(self.attention.to_out[0], values)
 
     def __call__(self, plan: Plan, x: Tensor, merged: Tensor, y: Tensor) -> Tensor:
         """``y``, the copy-unmerged output for input ``x`` (``merged``: ``plan.merge(x)``),
@@ -162,7 +165,7 @@ class ValueCorrection:
         if getattr(attention, "norm_q", None) is not None:
             query = attention.norm_q(query)
         eye = torch.eye(channels, device=x.device, dtype=x.dtype)
-        keys = attention.to_k(eye) - attention.to_k(eye.new_zeros(1, channels))  # (C, H d)
+        keys = _linear_part(attention.to_k, eye)  # (C, H d): row c is W_k e_c
         per_head = keys.t().reshape(heads, -1, channels)  # (H, d, C): W_k,h
         folded = (query @ per_head).float().reshape(batch, heads * count, channels)
         inputs = x.float()

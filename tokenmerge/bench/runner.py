@@ -76,9 +76,8 @@ class BenchSettings:
     size: int | None = None  # None: the preset's size
     batch: int = 1
     rounds: int = 3
-    photos: list[str] | None = (
-        None  # None: the workload's (astronaut; held-out ones for a reference)
-    )
+    # None: the workload's own (astronaut; for a reference denoiser, the photographs it never saw)
+    photos: list[str] | None = None
     timesteps: list[int] = field(default_factory=lambda: [900, 500, 100])
     trajectory_steps: int = 4
     samples: str | None = None  # reference denoiser: PNG grid of the trajectories' images

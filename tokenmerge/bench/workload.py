@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmerge.errors import UnsupportedModelError
-from tokenmerge.reference.data import DENOISER_HELD_OUT
+from tokenmerge.reference.data import (
+    DENOISER_HELD_OUT,
+    denoiser_held_out,
+    load_photo_set,
+    reference_photo,
+)
 
 from .fidelity import photo_latent
 
@@ -396,21 +401,20 @@ class ReferenceDenoiserWorkload(DiTWorkload):
 
     def clean_photo(self, photo: str) -> Tensor:
         """A batch of one of the reference photographs (the whole of it), folded into tokens."""
-        from tokenmerge.reference.data import reference_photo
         from tokenmerge.reference.models import fold
 
-        image = F.interpolate(reference_photo(photo)[None], size=self.size, mode="bilinear",
-                              antialias=True)  # fmt: skip
+        image = self._at_size(reference_photo(photo)[None])
         return fold(image).to(self.device, self.dtype).expand(self.batch, -1, -1, -1)
 
     def held_out(self) -> Tensor:
         """The model's held-out images (``denoiser_held_out``) at the workload's size."""
-        from tokenmerge.reference.data import denoiser_held_out, load_photo_set
+        return self._at_size(denoiser_held_out(load_photo_set()))
 
-        images = denoiser_held_out(load_photo_set())
-        if images.shape[-1] != self.size:
-            images = F.interpolate(images, size=self.size, mode="bilinear", antialias=True)
-        return images
+    def _at_size(self, images: Tensor) -> Tensor:
+        """``images (n, 3, h, w)`` resized to the workload's size (antialiased) when they differ."""
+        if images.shape[-1] == self.size:
+            return images
+        return F.interpolate(images, size=self.size, mode="bilinear", antialias=True)
 
     def to_images(self, latent: Tensor) -> Tensor:
         """Model inputs back to images in [0, 1]."""
