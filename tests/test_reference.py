@@ -18,12 +18,12 @@ from tokenmerge.reference.train import main as train_main
 #: held-out figures of the shipped weights (fp16 files, run in fp32 on the CPU), measured when
 #: they were trained; a broken loader or a silently changed model moves them
 DENOISER_HELD_OUT_LOSS = 0.04368  # mean over the 50-timestep sweep
-CLASSIFIER_HELD_OUT_ACCURACY = 336 / 494
+CLASSIFIER_HELD_OUT_ACCURACY = 296 / 494
 #: mean self-attention entropy over the merged sites, as a fraction of log N. The issue asked
-#: for at most 0.8: neither model reaches it (see docs/reference-models.md); pinned so that a
-#: change shows
+#: for at most 0.8: the classifier reaches it, the denoiser does not (see
+#: docs/reference-models.md); pinned so that a change shows
 DENOISER_ENTROPY = 0.944
-CLASSIFIER_ENTROPY = 0.835
+CLASSIFIER_ENTROPY = 0.778
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,7 @@ def test_merging_hurts_the_classifier(classifier, photos):
         handle.remove()
     fraction = _entropy_at(classifier, sites, lambda: classifier(crops))
     assert fraction == pytest.approx(CLASSIFIER_ENTROPY, abs=0.005)
+    assert fraction <= 0.8  # the bar the issue set
     assert unmerged - merged >= 0.03, (unmerged, merged)
 
 
@@ -173,6 +174,28 @@ def test_training_is_reproducible_and_resumable(kind, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     report = json.loads((tmp_path / "resumed.json").read_text())
     assert report["steps"] == 4 and report["attention_entropy"]
+
+
+def test_training_refuses_a_learning_rate_floor_outside_0_to_1(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["classifier", "--lr-floor", "1.5"])
+    assert "--lr-floor is a fraction of --lr, from 0 to 1; got 1.5" in capsys.readouterr().err
+
+
+def test_classifier_training_starts_from_sine_cosine_positions():
+    from tokenmerge.reference.train import _sincos_positions
+
+    model = models.build_classifier()
+    _sincos_positions(model)
+    positions = model.pos_embed[0].detach()
+    assert torch.equal(positions[0], torch.zeros_like(positions[0]))  # the class token
+    grid = positions[1:].view(8, 8, -1)
+    # every patch has its own code, and a neighbour's is closer than a far patch's
+    assert torch.cdist(positions[1:], positions[1:]).fill_diagonal_(1.0).min() > 0.5
+    corner = grid[0, 0]
+    assert (grid[0, 1] - corner).norm() < (grid[0, 7] - corner).norm()
+    assert (grid[1, 0] - corner).norm() < (grid[7, 0] - corner).norm()
+    assert (grid[0, 1] - corner).norm() == pytest.approx((grid[1, 0] - corner).norm())
 
 
 def test_presets_load_the_trained_weights(denoiser, classifier):
@@ -210,13 +233,21 @@ def test_bench_measures_the_classifier_on_held_out_crops():
     )
 
     settings = ClassifierSettings(
-        model="reference-vit", strategies=["tome"], r=[2, 8], rounds=1, batch=64
-    )
+        model="reference-vit", strategies=["tome", 'retom:scope="window"'], r=[2, 8], rounds=1,
+        batch=64,
+    )  # fmt: skip
     result = run_classifier_bench(settings, progress=False)
-    assert [row.label for row in result.rows] == ["none", "tome r=2", "tome r=8"]
+    window = 'retom+scope="window"'
+    labels = ["none", "tome r=2", f"{window} r=2", "tome r=8", f"{window} r=8"]
+    assert [row.label for row in result.rows] == labels
     assert result.rows[0].held_out_top1 == pytest.approx(CLASSIFIER_HELD_OUT_ACCURACY, abs=0.006)
-    assert result.rows[2].top1_agreement <= result.rows[1].top1_agreement
-    assert "held-out top-1" in format_classifier_report(result)
+    assert result.rows[3].top1_agreement <= result.rows[1].top1_agreement
+    report = format_classifier_report(result)
+    assert "held-out top-1" in report
+    # the columns line up under the header however long a variant's label is
+    header = next(line for line in report.splitlines() if line.startswith("config"))
+    rows = [line for line in report.splitlines() if line.startswith(("none", "tome", "retom"))]
+    assert {len(line) for line in rows} == {len(header)}
 
 
 def test_the_reference_classifier_runs_at_its_own_size():

@@ -361,14 +361,16 @@ def format_classifier_report(result: ClassifierResult) -> str:
         lines.append(f"  notes: {model['notes']}")
     lines.append("")
     accuracy = result.rows[0].held_out_top1 is not None
+    # a column as wide as the longest label (variants such as 'retom+scope="window" r=8')
+    width = max(22, 2 + max(len(row.label) for row in result.rows))
     header = (
-        f"{'config':<22}{'tokens':>10}{'s/batch':>10}{'img/s':>9}{'speedup':>9}"
+        f"{'config':<{width}}{'tokens':>10}{'s/batch':>10}{'img/s':>9}{'speedup':>9}"
         f"{'cos mean':>10}{'cos min':>10}{'top-1 agr':>11}"
     ) + (f"{'held-out top-1':>16}" if accuracy else "")
     lines += [header, "-" * len(header)]
     for row in result.rows:
         cells = [
-            f"{row.label:<22}",
+            f"{row.label:<{width}}",
             f"{row.tokens:>10}",
             f"{row.seconds:>10.3f}",
             f"{row.images_per_second:>9.1f}",
