@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tokenmerge.config import (
     MAX_CELL,
+    Levels,
     MergeConfig,
     not_empty,
     per_site_values,
@@ -120,7 +121,7 @@ class ReToMConfig(MergeConfig):
         ),
     )
 
-    levels: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+    levels: Levels | None = Field(
         default=None,
         description=(
             "Only sites at these downsample levels (1 = full resolution, 2 = half...). Default "

@@ -53,6 +53,8 @@ Stage = Literal["down", "mid", "up", "first", "middle", "last"]
 MAX_CELL = 1024
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+#: downsample levels of the sites that merge (1 = full resolution)
+Levels = tuple[Annotated[int, Field(ge=1)], ...]
 
 
 def _selector_kind(key: str) -> str:
@@ -194,7 +196,7 @@ class MergeConfig(BaseModel):
             "the MLP dominates and this is where the speed is."
         ),
     )
-    levels: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(
+    levels: Levels | None = Field(
         default=None,
         description=(
             "Only sites at these downsample levels (1 = full resolution, 2 = half...). "
