@@ -174,12 +174,48 @@ def test_training_is_reproducible_and_resumable(kind, tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     report = json.loads((tmp_path / "resumed.json").read_text())
     assert report["steps"] == 4 and report["attention_entropy"]
+    assert report["device"] == "cpu"
 
 
 def test_training_refuses_a_learning_rate_floor_outside_0_to_1(capsys):
     with pytest.raises(SystemExit):
         train_main(["classifier", "--lr-floor", "1.5"])
     assert "--lr-floor is a fraction of --lr, from 0 to 1; got 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", "--device 'bogus' is not a torch device; use cpu, cuda, cuda:N or mps"),
+        ("cuda", "--device cuda: this torch"),
+        ("cuda:3", "sees no GPU; leave --device out to train on the CPU"),
+    ],
+)
+def test_training_refuses_a_device_it_cannot_use(device, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train_main(["denoiser", "--device", device])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["denoiser", "classifier"])
+def test_training_on_cuda_follows_the_cpu_run(kind, tmp_path):
+    from safetensors.torch import load_file
+
+    weights = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.safetensors"
+        args = [kind, "--steps", "3", "--batch", "2", "--threads", "1", "--device", device,
+                "--checkpoint", str(tmp_path / f"{device}.pt"), "--out", str(out),
+                "--report", str(tmp_path / f"{device}.json")]  # fmt: skip
+        assert train_main(args) == 0
+        weights[device] = load_file(str(out))
+    report = json.loads((tmp_path / "cuda.json").read_text())
+    assert report["device"].startswith("cuda") and report["attention_entropy"]
+    # the same batches and draws, so the same weights up to kernel rounding (stored in fp16)
+    for name, value in weights["cpu"].items():
+        torch.testing.assert_close(weights["cuda"][name], value, atol=2e-3, rtol=1e-2)
 
 
 def test_classifier_training_starts_from_sine_cosine_positions():

@@ -66,20 +66,25 @@ def _sincos_positions(model) -> None:
         positions[0, 1:, : 4 * quarter] = torch.cat([codes(columns), codes(rows)], dim=1)
 
 
+# Every draw is made on the CPU from the step's generator and only then moved to the model's
+# device, so a run on a GPU sees the same batches, noise and timesteps as one on the CPU.
 def _denoiser_loss(model, photos, batch: int, generator: torch.Generator) -> torch.Tensor:
     clean = models.fold(data.denoiser_batch(photos, batch, generator))
     noise = torch.randn(clean.shape, generator=generator)
     timesteps = torch.randint(
         0, models.NOISE_SCHEDULE["num_train_timesteps"], (batch,), generator=generator
     )
-    noisy = metrics.add_noise(clean, noise, timesteps)
-    predicted = model(noisy, timestep=timesteps, class_labels=models.class_condition(batch)).sample
-    return F.mse_loss(predicted, noise)
+    device = next(model.parameters()).device
+    noisy = metrics.add_noise(clean, noise, timesteps).to(device)
+    labels = models.class_condition(batch, device)
+    predicted = model(noisy, timestep=timesteps.to(device), class_labels=labels).sample
+    return F.mse_loss(predicted, noise.to(device))
 
 
 def _classifier_loss(model, photos, batch: int, generator: torch.Generator) -> torch.Tensor:
     crops, labels = data.classifier_batch(photos, batch, generator)
-    return F.cross_entropy(model(crops), labels)
+    device = next(model.parameters()).device
+    return F.cross_entropy(model(crops.to(device)), labels.to(device))
 
 
 def _evaluate(kind: str, model, photos) -> dict:
@@ -118,12 +123,13 @@ def train(kind: str, args: argparse.Namespace) -> dict:
     model = models.build_denoiser() if kind == "denoiser" else models.build_classifier()
     if kind == "classifier":
         _sincos_positions(model)
+    model.to(args.device)
     photos = data.load_photo_set()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     checkpoint = Path(args.checkpoint or f"reference-checkpoints/{kind}.pt")
     start, elapsed, history = 0, 0.0, []
     if args.resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(checkpoint, weights_only=True, map_location=args.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed, history = state["step"], state["seconds"], state["history"]
@@ -177,6 +183,7 @@ def train(kind: str, args: argparse.Namespace) -> dict:
         "weight_decay": args.weight_decay,
         "seed": args.seed,
         "threads": args.threads,
+        "device": str(args.device),
         "train_seconds": round(seconds, 1),
         "weights": str(out),
         "loss_history": history,
@@ -184,8 +191,27 @@ def train(kind: str, args: argparse.Namespace) -> dict:
     # measured on the fp16 weights that ship
     shipped = models.build_denoiser() if kind == "denoiser" else models.build_classifier()
     shipped.load_state_dict({name: value.float() for name, value in state.items()})
-    result.update(_evaluate(kind, shipped, photos))
+    result.update(_evaluate(kind, shipped.to(args.device), photos))
     return result
+
+
+def _usable_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``name`` as a device, or a parser error that says why it cannot be trained on."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            seen = f"cuda:0 to cuda:{count - 1}" if count else "no GPU"
+            parser.error(
+                f"--device {name}: this torch ({torch.__version__}) sees {seen}; "
+                "leave --device out to train on the CPU"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {name}: this torch has no usable MPS backend; try cpu")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--device", default="cpu", help="where to train: cpu (the default), cuda, cuda:1, mps..."
+    )
     parser.add_argument("--checkpoint", help="default: reference-checkpoints/KIND.pt")
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -213,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
     if not 0.0 <= args.lr_floor <= 1.0:
         parser.error(f"--lr-floor is a fraction of --lr, from 0 to 1; got {args.lr_floor}")
+    args.device = _usable_device(parser, args.device)
     result = train(args.kind, args)
     text = json.dumps(result, indent=2)
     print(text)
