@@ -151,7 +151,9 @@ def test_merging_hurts_the_classifier(classifier, photos):
         handle.remove()
     fraction = _entropy_at(classifier, sites, lambda: classifier(crops))
     assert fraction == pytest.approx(CLASSIFIER_ENTROPY, abs=0.005)
-    assert fraction <= 0.8  # the bar the issue set
+    # the bar the issue set, kept apart from the pin: a retrained classifier re-pinned above
+    # 0.8 would pass the line above and fail here
+    assert fraction <= 0.8
     assert unmerged - merged >= 0.03, (unmerged, merged)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "PATCH",
     "build_classifier",
     "build_denoiser",
+    "build_reference",
     "class_condition",
     "fold",
     "load_classifier",
@@ -110,11 +111,20 @@ def build_classifier() -> nn.Module:
     return timm.create_model(**CLASSIFIER_CONFIG)
 
 
-def weights_file(kind: str) -> Any:
-    """The bundled weights of ``"denoiser"`` or ``"classifier"`` (an importlib resource)."""
+def _known(kind: str) -> str:
     if kind not in _WEIGHTS:
         raise UnknownNameError(f"unknown reference model {kind!r}; there are {', '.join(_WEIGHTS)}")
-    return resources.files("tokenmerge").joinpath(f"data/{_WEIGHTS[kind]}")
+    return kind
+
+
+def build_reference(kind: str) -> nn.Module:
+    """``build_denoiser`` or ``build_classifier``, by ``kind`` (fresh random weights)."""
+    return build_denoiser() if _known(kind) == "denoiser" else build_classifier()
+
+
+def weights_file(kind: str) -> Any:
+    """The bundled weights of ``"denoiser"`` or ``"classifier"`` (an importlib resource)."""
+    return resources.files("tokenmerge").joinpath(f"data/{_WEIGHTS[_known(kind)]}")
 
 
 def _load(model: nn.Module, file: Any, device, dtype) -> nn.Module:
@@ -127,9 +137,7 @@ def _load(model: nn.Module, file: Any, device, dtype) -> nn.Module:
 
 def load_reference(kind: str, device: str | torch.device = "cpu", dtype=torch.float32):
     """``load_denoiser`` or ``load_classifier``, by ``kind``."""
-    file = weights_file(kind)  # refuses an unknown kind
-    build = build_denoiser if kind == "denoiser" else build_classifier
-    return _load(build(), file, device, dtype)
+    return _load(build_reference(kind), weights_file(kind), device, dtype)
 
 
 def load_denoiser(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

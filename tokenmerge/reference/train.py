@@ -120,7 +120,7 @@ def train(kind: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = models.build_denoiser() if kind == "denoiser" else models.build_classifier()
+    model = models.build_reference(kind)
     if kind == "classifier":
         _sincos_positions(model)
     model.to(args.device)
@@ -189,7 +189,7 @@ def train(kind: str, args: argparse.Namespace) -> dict:
         "loss_history": history,
     }
     # measured on the fp16 weights that ship
-    shipped = models.build_denoiser() if kind == "denoiser" else models.build_classifier()
+    shipped = models.build_reference(kind)
     shipped.load_state_dict({name: value.float() for name, value in state.items()})
     result.update(_evaluate(kind, shipped.to(args.device), photos))
     return result
