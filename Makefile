@@ -9,11 +9,15 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv bench test lint clean
 
-$(STAMP): pyproject.toml Makefile examples/tokenmerge-plugin-example/pyproject.toml
+# The library, then tokenmerge-bench (benchmarks/: the bench, its photographs and the reference
+# models, tooling kept out of the library's wheel), then the example plugin.
+$(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile \
+		examples/tokenmerge-plugin-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[test,bench,docs]"
+	$(PY) -m pip install --quiet -e ".[test,docs]"
+	$(PY) -m pip install --quiet -e benchmarks
 	$(PY) -m pip install --quiet -e examples/tokenmerge-plugin-example
 	touch $(STAMP)
 

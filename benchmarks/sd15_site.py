@@ -37,12 +37,12 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import Tensor
 
 import tokenmerge
-from tokenmerge.bench.fidelity import tie_self_attention
 from tokenmerge.correction import ValueCorrection
 from tokenmerge.patch import SitePatch
-from tokenmerge.photos import photo_tokens
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.state import StepState
+from tokenmerge_bench.fidelity import tie_self_attention
+from tokenmerge_bench.photos import photo_tokens
 
 CHANNELS, HEADS, BATCH, RATIO, CACHE = 320, 8, 2, 0.5, 5
 SITE = Site("down_blocks.0.attentions.0.transformer_blocks.0", stage="down", level=1)

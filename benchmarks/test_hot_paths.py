@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 import tokenmerge
 from tokenmerge.patch import SitePatch
-from tokenmerge.photos import photo_tokens
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.state import StepState
+from tokenmerge_bench.photos import photo_tokens
 
 SIDES = (32, 64, 96)  # grid sides: 1024, 4096 and 9216 tokens
 PATCH = 4  # pixels per patch side: the photograph is resized to side * PATCH pixels

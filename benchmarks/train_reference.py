@@ -1,4 +1,4 @@
-"""Train a reference model: ``python -m tokenmerge.reference.train {denoiser,classifier}``.
+"""Train a reference model: ``python benchmarks/train_reference.py {denoiser,classifier}``.
 
 Seeded and reproducible (the model's initialisation comes from the seed, every batch, noise draw
 and dropout from the seed and the step number, so a resumed run repeats exactly the steps an
@@ -10,6 +10,10 @@ the attention entropy.
 The bundled weights were made with the defaults on a 2-core CPU (the denoiser beside an earlier
 classifier, one thread each; the classifier alone, two threads); see docs/reference-models.md for
 the commands and figures.
+
+A script, not a module of any package: training is how the bundled weights were made, not
+something the library or the bench does. It needs tokenmerge-bench (for the photographs, the
+architectures and the metrics) with its ``train`` extra: ``pip install -e "benchmarks[train]"``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data, metrics, models
+from tokenmerge_bench.reference import data, metrics, models
 
 #: per model: steps, batch, peak learning rate, weight decay, and the fraction of the peak the
 #: cosine decay ends at. The classifier's rate ends at half its peak: on the way down its
@@ -216,7 +220,7 @@ def _usable_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tokenmerge.reference.train", description=__doc__.splitlines()[0]
+        prog="python benchmarks/train_reference.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("kind", choices=sorted(DEFAULTS))
     parser.add_argument("--steps", type=int)

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tokenmerge
-from tokenmerge.bench.classify import photo_batch
-from tokenmerge.bench.fidelity import tie_self_attention
-from tokenmerge.bench.runner import sharing_weights
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
+from tokenmerge_bench.classify import photo_batch
+from tokenmerge_bench.fidelity import tie_self_attention
+from tokenmerge_bench.runner import sharing_weights
 
 
 def features(model: nn.Module, pixels: Tensor) -> Tensor:

@@ -8,7 +8,9 @@
    ``strategies/`` is a top-level package. So ``on_config`` asks the import system where each part
    of the *installed* package lives (``importlib.util.find_spec``: the editable finder, or
    site-packages for a wheel), links them into one ``tokenmerge/`` tree in a temporary folder,
-   and puts that folder first in the python handler's ``paths``.
+   and puts that folder first in the python handler's ``paths``. The bench's distribution,
+   ``tokenmerge_bench`` (built from ``benchmarks/``, which is on no search path either), is
+   linked in beside it the same way.
 2. **Generate the configuration reference.** ``on_page_markdown`` replaces ``MARKER`` in
    ``configuration.md`` with ``config_reference()``: every registered strategy's config class
    (read from the registry, so an installed plugin's appears too) with every field, its type and
@@ -50,14 +52,17 @@ MARKER = "<!-- config-reference -->"
 #: subpackages that pyproject's package-dir maps out of tokenmerge/ (tests/test_meta.py checks
 #: that griffe then finds every module the import system finds)
 MAPPED_SUBPACKAGES = ("strategies", "adapters")
+#: other installed top-level packages the API pages document: the bench's (benchmarks/)
+BESIDE = {"tokenmerge_bench": "pip install -e benchmarks"}
 
 
 # ------------------------------------------------------------------ 1. griffe's search path
 
 
 def installed_package_tree(dest: Path) -> Path:
-    """Lay the installed ``tokenmerge`` out as one folder tree, ``dest/tokenmerge``; returns
-    ``dest``, the folder to put on griffe's search path.
+    """Lay the installed ``tokenmerge`` out as one folder tree, ``dest/tokenmerge``, with the
+    packages of ``BESIDE`` next to it (``dest/tokenmerge_bench``); returns ``dest``, the folder
+    to put on griffe's search path.
 
     Every entry of the installed ``tokenmerge/`` folder is linked in as it is; each mapped
     subpackage is linked from wherever the import system finds it. For a wheel install the
@@ -80,15 +85,23 @@ def installed_package_tree(dest: Path) -> Path:
     package = dest / "tokenmerge"
     package.mkdir(parents=True)
     for name, source in sorted(sources.items()):
-        target = package / name
-        try:
-            target.symlink_to(source, target_is_directory=source.is_dir())
-        except OSError:  # no symlinks (Windows without the privilege): copy instead
-            if source.is_dir():
-                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(source, target)
+        _link(source, package / name)
+    for name, install in BESIDE.items():
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"{name} is not installed, and the API pages document it: {install}")
+        _link(Path(spec.submodule_search_locations[0]), dest / name)
     return dest
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        target.symlink_to(source, target_is_directory=source.is_dir())
+    except OSError:  # no symlinks (Windows without the privilege): copy instead
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
 
 
 # before mkdocstrings' own on_config, which instantiates the python handler with its paths

@@ -10,19 +10,6 @@ import torch
 from torch import nn
 
 import tokenmerge
-from tokenmerge.bench.fidelity import BlockErrorProbe, photo_latent, tie_self_attention
-from tokenmerge.bench.presets import get_preset
-from tokenmerge.bench.runner import BenchSettings, run_bench, sharing_weights
-from tokenmerge.bench.timing import OverheadTimers, peak_memory_mb
-from tokenmerge.bench.variants import StrategyVariant, parse_variant, parse_variants
-from tokenmerge.bench.workload import (
-    DiTWorkload,
-    FluxWorkload,
-    PixArtWorkload,
-    SD3Workload,
-    UNetWorkload,
-    make_workload,
-)
 from tokenmerge.errors import (
     ConfigError,
     UnknownNameError,
@@ -31,6 +18,19 @@ from tokenmerge.errors import (
 )
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
+from tokenmerge_bench.fidelity import BlockErrorProbe, photo_latent, tie_self_attention
+from tokenmerge_bench.presets import get_preset
+from tokenmerge_bench.runner import BenchSettings, run_bench, sharing_weights
+from tokenmerge_bench.timing import OverheadTimers, peak_memory_mb
+from tokenmerge_bench.variants import StrategyVariant, parse_variant, parse_variants
+from tokenmerge_bench.workload import (
+    DiTWorkload,
+    FluxWorkload,
+    PixArtWorkload,
+    SD3Workload,
+    UNetWorkload,
+    make_workload,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

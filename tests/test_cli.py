@@ -1,15 +1,20 @@
-"""The ``tokenmerge`` command end to end on tiny presets: exit codes, outputs, JSON, errors."""
+"""The ``tokenmerge`` command end to end on tiny presets: exit codes, outputs, JSON, errors; and
+its command plugins (tokenmerge-bench's ``bench`` and ``visualize``, broken or missing ones)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tokenmerge.cli import main
+from tokenmerge import cli, hookimpl
+from tokenmerge.cli import Command, Listing, load_commands, main
+from tokenmerge.errors import PluginWarning
 
 TINY = ["--model", "tiny-unet", "--rounds", "1", "--timesteps", "500", "--trajectory-steps", "2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -77,6 +82,134 @@ def test_console_script_is_installed():
     done = subprocess.run([str(script), "list"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "retom" in done.stdout
+
+
+# ---------------------------------------------------------------------------------- command plugins
+class _EntryPoint:
+    """A stand-in for an ``importlib.metadata.EntryPoint`` of the ``tokenmerge.commands`` group."""
+
+    def __init__(self, name: str, plugin: object = None, error: Exception | None = None):
+        self.name, self.value, self.dist = name, f"test_cli:{name}", None
+        self._plugin, self._error = plugin, error
+
+    def load(self) -> object:
+        if self._error is not None:
+            raise self._error
+        return self._plugin
+
+
+class _HelloCommands:
+    @hookimpl
+    def tokenmerge_register_commands(self, register):
+        def run(args):
+            print(f"hello {args.who}")
+            return 0
+
+        register(
+            Command(
+                name="hello",
+                help="say hello",
+                configure=lambda parser: parser.add_argument("who"),
+                run=run,
+                listing=lambda: Listing(
+                    key="greetings",
+                    title="greetings",
+                    items=[{"name": "hi", "description": "short"}],
+                ),
+            )
+        )
+
+
+def _with_entry_points(monkeypatch, *extra: _EntryPoint, keep_installed: bool = True) -> None:
+    installed = list(cli._entry_points()) if keep_installed else []
+    monkeypatch.setattr(cli, "_entry_points", lambda: [*installed, *extra])
+
+
+def test_a_command_plugin_adds_a_subcommand_and_a_section_of_list(monkeypatch, capsys):
+    _with_entry_points(monkeypatch, _EntryPoint("hello", _HelloCommands()))
+    assert main(["hello", "world"]) == 0
+    assert capsys.readouterr().out == "hello world\n"
+    assert main(["list"]) == 0
+    assert "greetings:\n  hi  short\n" in capsys.readouterr().out
+    assert main(["list", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["greetings"] == [{"name": "hi", "description": "short"}]
+    assert listing["presets"]  # the bench's section is still there
+
+
+class _RaisingCommands:
+    @hookimpl
+    def tokenmerge_register_commands(self, register):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "entry_point, reason",
+    [
+        (_EntryPoint("broken", error=ImportError("no module named x")), "ImportError"),
+        (_EntryPoint("broken", _RaisingCommands()), "RuntimeError: boom"),
+        (_EntryPoint("broken", _HelloCommands()), "'hello' is already registered"),
+    ],
+    ids=["import", "hook", "duplicate"],
+)
+def test_a_broken_command_plugin_warns_with_its_name_and_is_skipped(
+    entry_point, reason, monkeypatch, capsys
+):
+    first = _EntryPoint("hello", _HelloCommands())
+    _with_entry_points(monkeypatch, first, entry_point)
+    with pytest.warns(PluginWarning, match=f"command plugin 'broken'.*skipped.*{reason}"):
+        assert main(["list"]) == 0
+    assert "greetings:" in capsys.readouterr().out  # the plugins that did load still work
+    with pytest.warns(PluginWarning):
+        assert main(["hello", "you"]) == 0
+
+
+def test_command_plugins_ignore_the_strategy_autoload_switch():
+    # the suite sets it (tests/conftest.py) to keep strategy listings hermetic; the commands stay
+    assert os.environ["TOKENMERGE_DISABLE_PLUGIN_AUTOLOAD"] == "1"
+    assert list(load_commands()) == ["list", "bench", "visualize"]
+
+
+def test_bench_without_tokenmerge_bench_says_what_is_missing_in_one_line(monkeypatch, capsys):
+    _with_entry_points(monkeypatch, keep_installed=False)
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    for command in (["bench"], ["visualize", "--help"]):
+        assert main(command) == 2
+        line = _error_line(capsys)
+        assert (
+            f"'tokenmerge {command[0]}' comes with tokenmerge-bench, which is not installed" in line
+        )
+        assert line.endswith("pip install -e benchmarks")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
+    assert "bench and visualize come with tokenmerge-bench (from a tokenmerge checkout: pip" in (
+        help_text
+    )
+    assert main(["list"]) == 0  # the library's own command needs nothing else
+    assert "presets" not in capsys.readouterr().out
+
+
+def test_help_imports_neither_the_model_libraries_nor_matplotlib():
+    script = (
+        "import json, sys\n"
+        "from tokenmerge.cli import main\n"
+        "for argv in (['--help'], ['bench', '--help'], ['visualize', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('matplotlib', 'diffusers', 'timm', 'transformers')\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
 # ---------------------------------------------------------------------------------- bench
@@ -179,7 +312,7 @@ def test_bench_config_overrides(capsys):
 
 
 def test_bench_a_saved_checkpoint(tmp_path, capsys):
-    from tokenmerge.bench.presets import get_preset
+    from tokenmerge_bench.presets import get_preset
 
     get_preset("tiny-unet").build().save_pretrained(tmp_path / "unet")
     code = main(["bench", *TINY[2:], "--model", str(tmp_path / "unet"), "--strategies", "retom",
@@ -208,9 +341,9 @@ def test_bench_strategy_variants_on_a_transformer(tmp_path, capsys):
 
 
 def test_bench_a_cut_preset_says_so_in_the_header(capsys):
-    from tokenmerge.bench.presets import get_preset
-    from tokenmerge.bench.report import format_report
-    from tokenmerge.bench.runner import BenchResult
+    from tokenmerge_bench.presets import get_preset
+    from tokenmerge_bench.report import format_report
+    from tokenmerge_bench.runner import BenchResult
 
     preset = get_preset("flux-dev-cut")
     model = {"name": preset.name, "description": preset.description, "class": "Flux",
@@ -225,7 +358,7 @@ def test_bench_a_cut_preset_says_so_in_the_header(capsys):
 
 
 def test_bench_a_saved_transformer_checkpoint(tmp_path, capsys):
-    from tokenmerge.bench.presets import get_preset
+    from tokenmerge_bench.presets import get_preset
 
     get_preset("tiny-sd3").build().save_pretrained(tmp_path / "sd3")
     code = main(["bench", *TINY[2:], "--model", str(tmp_path / "sd3"), "--strategies", "tome",

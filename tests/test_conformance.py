@@ -29,7 +29,6 @@ from vit_models import FAMILIES as VIT_FAMILIES
 import tokenmerge
 from tokenmerge import AdapterSpec, Plan
 from tokenmerge.adapters.generic import GenericAdapter
-from tokenmerge.bench.presets import get_preset
 from tokenmerge.registry import registry
 from tokenmerge.strategies.random import RandomConfig, RandomStrategy
 from tokenmerge.strategies.tome import ToMeConfig, ToMeStrategy
@@ -40,6 +39,7 @@ from tokenmerge.testing import (
     check_plan,
     check_strategy,
 )
+from tokenmerge_bench.presets import get_preset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

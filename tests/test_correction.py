@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import tokenmerge
-from tokenmerge.bench.fidelity import BlockErrorProbe, relative_error, tie_self_attention
-from tokenmerge.bench.presets import get_preset
-from tokenmerge.bench.runner import sharing_weights
-from tokenmerge.bench.workload import UNetWorkload
 from tokenmerge.correction import ValueCorrection, corrects
 from tokenmerge.plan import Plan
+from tokenmerge_bench.fidelity import BlockErrorProbe, relative_error, tie_self_attention
+from tokenmerge_bench.presets import get_preset
+from tokenmerge_bench.runner import sharing_weights
+from tokenmerge_bench.workload import UNetWorkload
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -26,8 +26,9 @@ import tokenmerge
 
 ROOT = Path(__file__).resolve().parents[1]
 # The editable install maps tokenmerge.strategies / .adapters to other folders, which walking
-# tokenmerge.__path__ alone would miss: walk each package.
-PACKAGES = ["tokenmerge", "tokenmerge.strategies", "tokenmerge.adapters"]
+# tokenmerge.__path__ alone would miss: walk each package. tokenmerge_bench is the bench's
+# distribution (benchmarks/), documented by the same examples.
+PACKAGES = ["tokenmerge", "tokenmerge.strategies", "tokenmerge.adapters", "tokenmerge_bench"]
 MODULES = sorted(
     set(PACKAGES)
     | {
@@ -97,7 +98,7 @@ def tiny_stable_diffusion(folder: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tokenmerge.bench.presets import get_preset
+    from tokenmerge_bench.presets import get_preset
 
     chars = list(string.ascii_lowercase + string.digits)
     specials = ["<|startoftext|>", "<|endoftext|>"]

@@ -19,10 +19,10 @@ from torch import nn
 from toy_models import Attention
 
 import tokenmerge
-from tokenmerge.bench.presets import get_preset
 from tokenmerge.cli import main
 from tokenmerge.config import config_union
 from tokenmerge.registry import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, registry
+from tokenmerge_bench.presets import get_preset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

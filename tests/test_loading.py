@@ -1,4 +1,4 @@
-"""tokenmerge.bench.loading: local checkpoint folders of every library load with their weights."""
+"""tokenmerge_bench.loading: local checkpoint folders of every library load with their weights."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmerge.bench.loading import LoadedModel, load_model
-from tokenmerge.bench.presets import get_preset
 from tokenmerge.errors import ModelLoadError, TokenMergeError
+from tokenmerge_bench.loading import LoadedModel, load_model
+from tokenmerge_bench.presets import get_preset
 
 
 def assert_same_weights(expected: torch.nn.Module, loaded: torch.nn.Module) -> None:
@@ -399,7 +399,7 @@ def test_loading_module_imports_no_model_library():
     import subprocess
 
     script = (
-        "import sys, tokenmerge.bench.loading; "
+        "import sys, tokenmerge_bench.loading; "
         "print([m for m in ('diffusers', 'timm', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -66,6 +66,7 @@ def griffe_tokenmerge(tmp_path_factory):
     loader = griffe.GriffeLoader(search_paths=[str(search_path)])
     # as mkdocstrings loads: by name only (a relative path would find ./tokenmerge, the source)
     loader.load("tokenmerge", try_relative_path=False)
+    loader.load("tokenmerge_bench", try_relative_path=False)  # the bench's pages
     loader.resolve_aliases(implicit=True, external=False)
     return loader
 
@@ -90,7 +91,11 @@ def hookspec_names() -> list[str]:
 
 
 def test_hookspecs_are_found():
-    assert hookspec_names() == ["tokenmerge_register_strategies", "tokenmerge_register_adapters"]
+    assert hookspec_names() == [
+        "tokenmerge_register_strategies",
+        "tokenmerge_register_adapters",
+        "tokenmerge_register_commands",
+    ]
 
 
 @pytest.mark.parametrize("hook", hookspec_names())
@@ -179,7 +184,7 @@ def test_griffe_sees_every_module(griffe_tokenmerge):
 def test_testing_and_bench_are_in_the_api_reference():
     targets = {target for _, target, _ in api_directives()}
     assert "tokenmerge.testing" in targets
-    assert {"tokenmerge.bench.presets", "tokenmerge.bench.runner"} <= targets
+    assert {"tokenmerge_bench.presets", "tokenmerge_bench.runner"} <= targets
     for name in tokenmerge.list_strategies():
         module = registry.strategy(name).__module__
         assert module in targets, f"the built-in strategy {name!r} ({module}) has no API entry"

@@ -4,16 +4,30 @@ bench presets that measure them."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import tokenmerge
-from tokenmerge.bench.presets import get_preset
-from tokenmerge.reference import data, metrics, models
-from tokenmerge.reference.train import main as train_main
+from tokenmerge_bench.presets import get_preset
+from tokenmerge_bench.reference import data, metrics, models
+
+
+def _training_script():
+    """benchmarks/train_reference.py, a script outside any package, imported from its file."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_reference.py"
+    spec = importlib.util.spec_from_file_location("train_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_reference = _training_script()
+train_main = train_reference.main
 
 #: held-out figures of the shipped weights (fp16 files, run in fp32 on the CPU), measured when
 #: they were trained; a broken loader or a silently changed model moves them
@@ -221,10 +235,8 @@ def test_training_on_cuda_follows_the_cpu_run(kind, tmp_path):
 
 
 def test_classifier_training_starts_from_sine_cosine_positions():
-    from tokenmerge.reference.train import _sincos_positions
-
     model = models.build_classifier()
-    _sincos_positions(model)
+    train_reference._sincos_positions(model)
     positions = model.pos_embed[0].detach()
     assert torch.equal(positions[0], torch.zeros_like(positions[0]))  # the class token
     grid = positions[1:].view(8, 8, -1)
@@ -244,8 +256,8 @@ def test_presets_load_the_trained_weights(denoiser, classifier):
 
 
 def test_bench_measures_the_denoiser_on_held_out_images(tmp_path):
-    from tokenmerge.bench.report import format_report
-    from tokenmerge.bench.runner import BenchSettings, run_bench
+    from tokenmerge_bench.report import format_report
+    from tokenmerge_bench.runner import BenchSettings, run_bench
 
     samples = tmp_path / "samples.png"
     settings = BenchSettings(
@@ -264,7 +276,7 @@ def test_bench_measures_the_denoiser_on_held_out_images(tmp_path):
 
 
 def test_bench_measures_the_classifier_on_held_out_crops():
-    from tokenmerge.bench.classify import (
+    from tokenmerge_bench.classify import (
         ClassifierSettings,
         format_classifier_report,
         run_classifier_bench,
@@ -289,16 +301,16 @@ def test_bench_measures_the_classifier_on_held_out_crops():
 
 
 def test_the_reference_classifier_runs_at_its_own_size():
-    from tokenmerge.bench.classify import ClassifierSettings, run_classifier_bench
     from tokenmerge.errors import UnsupportedModelError
+    from tokenmerge_bench.classify import ClassifierSettings, run_classifier_bench
 
     with pytest.raises(UnsupportedModelError, match="32 px held-out crops, not at 64 px"):
         run_classifier_bench(ClassifierSettings(model="reference-vit", size=64), progress=False)
 
 
 def test_samples_are_refused_for_other_models():
-    from tokenmerge.bench.runner import BenchSettings, run_bench
     from tokenmerge.errors import UnsupportedModelError
+    from tokenmerge_bench.runner import BenchSettings, run_bench
 
     with pytest.raises(UnsupportedModelError, match="reference denoiser only"):
         run_bench(BenchSettings(model="tiny-unet", samples="x.png"), progress=False)

@@ -1,4 +1,5 @@
-"""tokenmerge.visualize and ``tokenmerge visualize`` on the tiny-unet preset (16 x 16 tokens)."""
+"""tokenmerge_bench.visualize and ``tokenmerge visualize`` on the tiny-unet preset (16 x 16
+tokens)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from tokenmerge.cli import main
 from tokenmerge.errors import UnknownNameError
-from tokenmerge.visualize import collect, psnr, visualize
+from tokenmerge_bench.visualize import collect, psnr, visualize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STRATEGIES = ["retom", "tome", "random"]

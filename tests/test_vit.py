@@ -43,10 +43,10 @@ from vit_models import (
 import tokenmerge
 import tokenmerge.adapters as adapters_package
 from tokenmerge import ConfigError, Plan, TokenLayout, UnsupportedModelError
-from tokenmerge.bench.presets import get_preset
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site
 from tokenmerge.windows import grown_window, window_labels
+from tokenmerge_bench.presets import get_preset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,9 @@
-"""The ``tokenmerge`` command: ``list``, ``bench`` and ``visualize``.
+"""The ``tokenmerge`` command: ``list`` here, more subcommands from plugins.
+
+Subcommands are registered through the ``tokenmerge_register_commands`` hook by plugins found in
+the ``tokenmerge.commands`` entry-point group; ``list`` is registered the same way, by this
+module. ``bench`` and ``visualize`` come with tokenmerge-bench, built from this repository's
+``benchmarks/`` folder.
 
 Bad input gets one error line (what was wrong, what is allowed, how to fix it) and exit status
 2; a failure while running gets one line and status 1. Never a traceback for a user's mistake.
@@ -7,21 +12,87 @@ Bad input gets one error line (what was wrong, what is allowed, how to fix it) a
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from tokenmerge.errors import TokenMergeError
+import pluggy
 
-__all__ = ["main"]
+from tokenmerge import hookspecs
+from tokenmerge.errors import PluginWarning, TokenMergeError
+from tokenmerge.hookspecs import hookimpl
+from tokenmerge.registry import list_adapters, list_plugins, list_strategies, registry
+
+__all__ = ["Command", "ENTRY_POINT_GROUP", "Listing", "UsageError", "load_commands", "main"]
 
 PROG = "tokenmerge"
+#: the entry-point group command plugins are read from
+ENTRY_POINT_GROUP = "tokenmerge.commands"
+#: commands another distribution of this project provides: named in one line when it is missing
+_PROVIDED_BY = {"bench": "tokenmerge-bench", "visualize": "tokenmerge-bench"}
+_INSTALL = {"tokenmerge-bench": "pip install -e benchmarks"}
 
 
 class UsageError(Exception):
-    """A bad argument: reported in one line, exit status 2."""
+    """A bad argument: reported in one line, exit status 2. Raise it from a command's ``run``."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A section of ``tokenmerge list`` that a command plugin adds.
+
+    Attributes:
+        key: the section's key in ``tokenmerge list --json``.
+        title: its heading in the text listing.
+        items: one dict per entry with at least ``name`` and ``description`` (the text listing
+            shows those two; the JSON shows every key).
+    """
+
+    key: str
+    title: str
+    items: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of ``tokenmerge``, as a plugin registers it.
+
+    Attributes:
+        name: the word after ``tokenmerge`` on the command line.
+        help: one line for ``tokenmerge --help``.
+        configure: adds the command's arguments to its ``argparse`` parser (whose errors come
+            out as one line). Keep it cheap: ``tokenmerge --help`` calls it.
+        run: runs the parsed arguments and returns the exit status. A bad argument raises
+            ``UsageError``, a failure a ``TokenMergeError``: either is shown in one line.
+        description: the command's own ``--help`` text (default: ``help``).
+        listing: if given, returns a section ``tokenmerge list`` shows (called by ``list`` only).
+
+    Example:
+        >>> def greet(args):
+        ...     print(f"hello {args.who}")
+        ...     return 0
+        >>> command = Command(
+        ...     name="greet", help="say hello",
+        ...     configure=lambda parser: parser.add_argument("who"), run=greet,
+        ... )
+        >>> command.name, command.description
+        ('greet', 'say hello')
+    """
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], Any]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+    listing: Callable[[], Listing] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.description:
+            object.__setattr__(self, "description", self.help)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,280 +102,120 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _ratio(text: str) -> float:
+# ------------------------------------------------------------------ loading command plugins
+
+
+def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
+    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _register_plugin(
+    manager: pluggy.PluginManager, plugin: Any, name: str, commands: dict[str, Command]
+) -> None:
+    """Register one plugin's commands, all or none: a bad one leaves ``commands`` untouched."""
+    found: dict[str, Command] = {}
+
+    def register(command: Command) -> None:
+        if not isinstance(command, Command):
+            raise TypeError(f"register() takes a tokenmerge.cli.Command, not {command!r}")
+        if command.name in commands or command.name in found:
+            raise ValueError(f"a command named {command.name!r} is already registered")
+        found[command.name] = command
+
+    manager.register(plugin, name=name)
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio {text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(
-            f"ratio {value:g} is out of range: a ratio is the fraction of tokens merged, "
-            "0 <= ratio < 1 (e.g. 0.5)"
-        )
-    return value
+        for impl in manager.hook.tokenmerge_register_commands.get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(register=register)
+    except Exception:
+        manager.unregister(plugin)
+        raise
+    commands.update(found)
 
 
-def _whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum``."""
+def load_commands() -> dict[str, Command]:
+    """The subcommands: ``list``, then those of every plugin in the ``tokenmerge.commands``
+    entry-point group, by name. A plugin that fails to load or to register is skipped with a
+    ``PluginWarning`` that names it.
 
-    def parse(text: str) -> int:
+    The strategy registry's switch, ``TOKENMERGE_DISABLE_PLUGIN_AUTOLOAD``, is deliberately not
+    read here: it keeps strategy and adapter listings hermetic (the test suite and CI's wheel
+    check set it), whereas command plugins add no strategy or adapter and change nothing that
+    ``apply`` does; honouring it would take ``tokenmerge bench`` away wherever it is set.
+
+    Example:
+        >>> "list" in load_commands()
+        True
+    """
+    # a manager of its own: command plugins never touch the strategy registry (or load it)
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    commands: dict[str, Command] = {}
+    _register_plugin(manager, sys.modules[__name__], "tokenmerge.cli", commands)
+    for entry_point in _entry_points():
+        dist = getattr(entry_point, "dist", None)
+        origin = f"{dist.metadata['Name']} {dist.version}" if dist else entry_point.value
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
-        return value
-
-    return parse
-
-
-_positive = _whole_number(1)
-_non_negative = _whole_number(0)
+            _register_plugin(manager, entry_point.load(), entry_point.name, commands)
+        except Exception as error:  # noqa: BLE001 - any third-party failure is skipped
+            warnings.warn(
+                f"tokenmerge command plugin {entry_point.name!r} (from {origin}) failed to load "
+                f"and was skipped: {type(error).__name__}: {error}",
+                PluginWarning,
+                stacklevel=2,
+            )
+    return commands
 
 
-def _timestep(text: str) -> int:
-    value = _non_negative(text)
-    if value >= 1000:
-        raise argparse.ArgumentTypeError(
-            f"timestep {value} is out of range: the models are trained on timesteps 0..999"
-        )
-    return value
-
-
-def _setting(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(
-            f"--set {text!r} is not KEY=VALUE (e.g. --set cache_interval=1)"
-        )
+def _missing_command(name: str) -> str:
+    """One line for a command another distribution provides: what is missing, how to get it."""
+    dist = _PROVIDED_BY[name]
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare word is a string
-    return key, value
-
-
-def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
-    from tokenmerge.bench.presets import PRESETS
-
-    parser.add_argument(
-        "--model",
-        default="sd15",
-        help=f"a preset ({', '.join(PRESETS)}; default sd15) or the path of a local diffusers "
-        "checkpoint (a pipeline or model folder saved with save_pretrained)",
-    )
-    parser.add_argument("--size", type=_positive, help="image size in px (default: the model's)")
-    parser.add_argument(
-        "--attention",
-        choices=["similarity", "as-loaded"],
-        help="self-attention weights: 'similarity' ties each key projection to its query "
-        "projection (random weights attend almost uniformly, hiding what merging loses); "
-        "default: similarity for presets, as-loaded for checkpoints",
-    )
-    parser.add_argument(
-        "--similarity-scale",
-        type=float,
-        default=3.0,
-        help="scale of the tied projections (default 3: about 2.5 nats of attention entropy "
-        "on SD 1.5)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-        help="model dtype (default float32)",
-    )  # fmt: skip
-    parser.add_argument("--seed", type=_non_negative, default=0, help="seed (default 0)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a merge-config field for every strategy, e.g. --set cache_interval=1 "
-        "--set 'levels=[1,2]' (values are JSON; repeatable)",
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return (
+            f"'{PROG} {name}' comes with {dist}, which is not installed; install it from a "
+            f"tokenmerge checkout: {_INSTALL[dist]}"
+        )
+    return (
+        f"'{PROG} {name}' comes with {dist}, which is installed but failed to load (see the "
+        f"warning above); reinstall it from a tokenmerge checkout: {_INSTALL[dist]}"
     )
 
 
-def _build_parser() -> _Parser:
-    from tokenmerge.photos import PHOTOS
+# ------------------------------------------------------------------ the parser
 
+
+def _build_parser(commands: dict[str, Command]) -> _Parser:
+    missing = sorted({_PROVIDED_BY[name] for name in _PROVIDED_BY if name not in commands})
     parser = _Parser(
         prog=PROG,
         description="Training-free token merging: list what is installed, benchmark strategies "
         "against each other and against peers, and draw what they merge.",
+        epilog="; ".join(
+            f"{' and '.join(n for n, d in _PROVIDED_BY.items() if d == dist)} come with {dist} "
+            f"(from a tokenmerge checkout: {_INSTALL[dist]})"
+            for dist in missing
+        )
+        or None,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    listing = commands.add_parser(
-        "list",
-        help="strategies, adapters, plugins and model presets",
-        description="List the registered strategies, the adapters (available or not, with the "
-        "extra that installs them), the loaded plugins with their distributions, and the bench "
-        "presets.",
-    )
-    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-    bench = commands.add_parser(
-        "bench",
-        help="speed, overhead, memory and fidelity of strategies on a model",
-        description="Time a model without merging and with each strategy at each ratio (and "
-        "each peer) in one run, alternating configurations; report speedups, merge overhead, "
-        "peak memory and fidelity (block error, output error, a short denoising trajectory) "
-        "on noised latents of photographs.",
-    )
-    _add_common_model_options(bench)
-    bench.add_argument(
-        "--strategies", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
-        help="strategies, each optionally with config fields of its own, one row per variant "
-        "and ratio: e.g. tome retom retom:merge_mlp=true (values are JSON, applied on top of "
-        "--set; default: every registered strategy)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--ratios", nargs="+", type=_ratio, default=None, metavar="R",
-        help="ratios, 0 <= r < 1 (default 0.5; for a classifier the default is ToMe's r "
-        "tokens per block, see --r)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--peer",
-        choices=["auto", "tomesd", "none"],
-        default="auto",
-        help="peers run side by side: 'auto' (default) adds tomesd when it is installed and "
-        "the model is a UNet; 'tomesd' requires it (and a UNet); 'none' runs tokenmerge only",
-    )
-    bench.add_argument(
-        "--batch", type=_positive, default=None,
-        help="batch size (default 1; 32 for a classifier)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--rounds", type=_positive, default=None,
-        help="timed rounds per configuration (default 3; 5 for a classifier)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--r", type=_non_negative, nargs="+", default=None, dest="r",
-        help="classifiers (ViTs): tokens merged per block by every strategy (one row per value "
-        "given), so all end each "
-        "block with the same token count (default: the preset's, 13 for ViT-B/16 as ToMe)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--photos", nargs="+", default=None, metavar="NAME",
-        help=f"photographs the fidelity inputs are made from ({', '.join(PHOTOS)}; default "
-        f"{PHOTOS[0]}; the reference denoiser takes the names of its own set and defaults to "
-        "the three it never saw)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--timesteps", nargs="+", type=_timestep, default=None, metavar="T",
-        help="diffusion timesteps the photographs are noised to, 0..999 (for the "
-        "flow-matching SD3 and FLUX.1: noise level t / 1000; default 900 500 100)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--trajectory-steps", type=_positive, default=None,
-        help="steps of the sampling trajectory (DDIM, or Euler for flow-matching models; "
-        "default 4, 20 for the reference denoiser)",
-    )  # fmt: skip
-    bench.add_argument(
-        "--samples", metavar="PATH",
-        help="reference denoiser: save the trajectories' final images here as a PNG grid, a "
-        "row per configuration under the unmerged one (use --batch for more samples)",
-    )  # fmt: skip
-    bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
-    bench.add_argument(
-        "--plot",
-        metavar="PATH",
-        default="tokenmerge-bench.png",
-        help="where the speedup-vs-block-error PNG goes (default tokenmerge-bench.png)",
-    )
-    bench.add_argument("--no-plot", action="store_true", help="do not draw the plot")
-    bench.add_argument(
-        "--compile", action="store_true",
-        help="classifiers (ViTs): run every configuration through torch.compile (the warm-up "
-        "round compiles); on a GPU at small batches this removes the hooks' host overhead",
-    )  # fmt: skip
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    visualize = commands.add_parser(
-        "visualize",
-        help="draw which tokens each strategy merges, on a photograph",
-        description="Run the model on a noised photograph with each strategy, take the plan a "
-        "site made, and draw it over the photograph (destinations, and ReToM's windows) next to "
-        "the photograph merged and unmerged with that plan, with its PSNR.",
-    )
-    _add_common_model_options(visualize)
-    visualize.add_argument(
-        "--strategies", nargs="+", default=None, metavar="NAME",
-        help="strategies (default: every registered one)",
-    )  # fmt: skip
-    visualize.add_argument("--ratio", type=_ratio, default=0.5, help="ratio (default 0.5)")
-    visualize.add_argument(
-        "--photo", choices=PHOTOS, default=PHOTOS[0], help=f"photograph (default {PHOTOS[0]})"
-    )
-    visualize.add_argument(
-        "--site", help="the site to draw (default: the first site the adapter selects)"
-    )
-    visualize.add_argument(
-        "--timestep", type=_non_negative, default=500, help="noise timestep (default 500)"
-    )
-    visualize.add_argument("--output", "-o", default="tokenmerge-merges.png", help="PNG to write")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in commands.values():
+        sub = subparsers.add_parser(
+            command.name, help=command.help, description=command.description
+        )
+        command.configure(sub)
     return parser
 
 
-def _check_strategies(names: Sequence[str] | None) -> list[str]:
-    from tokenmerge.registry import list_strategies, registry
-
-    if names is None:  # the built-ins in the order the report reads best, then plugins
-        known = list_strategies()
-        first = [name for name in ("retom", "tome", "random") if name in known]
-        return first + [name for name in known if name not in first]
-    for name in names:
-        registry.strategy(name)  # unknown names raise, listing the known ones
-    return list(names)
+# ------------------------------------------------------------------ list
 
 
-def _check_configs(strategies: list[str], ratios: list[float], overrides: dict) -> None:
-    """Every (strategy, ratio) validates before anything long starts."""
-    from tokenmerge.config import load_config
-
-    for strategy in strategies:
-        for ratio in ratios:
-            load_config(strategy, ratio=ratio, **overrides)
-
-
-def _check_peer(peer: str, model: str) -> None:
-    """``--peer tomesd`` needs tomesd installed and, for a preset, a UNet (a checkpoint's class
-    is checked once it is loaded)."""
-    from tokenmerge.bench.peers import PEERS, peer_available
-    from tokenmerge.bench.presets import PRESETS
-
-    if peer not in PEERS:
-        return
-    if not peer_available(peer):
-        raise UsageError(f"--peer {peer}: {peer} is not installed; pip install tomesd==0.1.3")
-    preset = PRESETS.get(model)
-    if preset is not None and preset.model_class != "UNet2DConditionModel":
-        raise UsageError(
-            f"--peer {peer}: {PEERS[peer].scope}, and preset {model!r} is a "
-            f"{preset.model_class}; use --peer none (or auto, which adds peers only where they "
-            "apply)"
-        )
-
-
-def _check_model(model: str) -> None:
-    from tokenmerge.bench.presets import PRESETS, get_preset
-
-    if model in PRESETS or Path(model).exists():
-        return
-    if "/" in model or "\\" in model or model.startswith("."):
-        raise UsageError(
-            f"--model {model}: no such file or folder; give a preset "
-            f"({', '.join(PRESETS)}) or the folder of a local checkpoint"
-        )
-    get_preset(model)  # raises, listing the presets and close matches
+def _configure_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def _run_list(args: argparse.Namespace) -> int:
-    from tokenmerge.bench.presets import PRESETS
-    from tokenmerge.registry import list_adapters, list_plugins, list_strategies, registry
-
     strategies = [
         {"name": name, "description": _first_line(registry.strategy(name).__doc__)}
         for name in list_strategies()
@@ -333,16 +244,10 @@ def _run_list(args: argparse.Namespace) -> int:
         }
         for info in list_plugins()
     ]
-    presets = [
-        {"name": p.name, "description": p.description, "notes": p.notes} for p in PRESETS.values()
-    ]
+    sections = [c.listing() for c in args._commands.values() if c.listing is not None]
     if args.json:
-        listing = {
-            "strategies": strategies,
-            "adapters": adapters,
-            "plugins": plugins,
-            "presets": presets,
-        }
+        listing = {"strategies": strategies, "adapters": adapters, "plugins": plugins}
+        listing.update({section.key: section.items for section in sections})
         print(json.dumps(listing, indent=2))
         return 0
     print("strategies:")
@@ -357,10 +262,11 @@ def _run_list(args: argparse.Namespace) -> int:
         origin = f"{item['distribution'] or 'run time'} {item['version'] or ''}".strip()
         registered = ", ".join(item["strategies"] + item["adapters"]) or "nothing"
         print(f"  {item['name']:<24} from {origin}: {registered}")
-    print("bench presets (random weights from the published configs):")
-    width = max((len(item["name"]) for item in presets), default=0)
-    for item in presets:
-        print(f"  {item['name']:<{width}}  {item['description']}")
+    for section in sections:
+        print(f"{section.title}:")
+        width = max((len(item["name"]) for item in section.items), default=0)
+        for item in section.items:
+            print(f"  {item['name']:<{width}}  {item['description']}")
     return 0
 
 
@@ -368,179 +274,23 @@ def _first_line(text: str | None) -> str:
     return (text or "").strip().splitlines()[0] if text and text.strip() else ""
 
 
-#: bench options that only diffusion models take, with their defaults there
-_DIFFUSION_ONLY = {
-    "photos": None,  # the workload's: astronaut, or the reference denoiser's held-out ones
-    "timesteps": [900, 500, 100],
-    "trajectory_steps": 4,
-    "samples": None,
-}
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from tokenmerge.bench import report
-    from tokenmerge.bench.classify import is_classifier_source
-    from tokenmerge.bench.presets import PRESETS, get_preset
-    from tokenmerge.bench.runner import BenchSettings, run_bench
-    from tokenmerge.bench.variants import parse_variants
-
-    if is_classifier_source(args.model):
-        return _run_classifier_bench(args)
-    if args.r is not None:
-        raise UsageError(
-            "--r sets tokens per block for classifiers (ViTs); for a diffusion model give "
-            "--ratios, or --set r=N to merge N tokens at every site"
+@hookimpl
+def tokenmerge_register_commands(register: Callable[[Command], None]) -> None:
+    """The built-in ``list``, registered like any plugin's command."""
+    register(
+        Command(
+            name="list",
+            help="strategies, adapters, plugins and model presets",
+            description="List the registered strategies, the adapters (available or not, with "
+            "the extra that installs them), the loaded plugins with their distributions, and "
+            "what command plugins add (the bench's model presets).",
+            configure=_configure_list,
+            run=_run_list,
         )
-    if args.compile:
-        raise UsageError("--compile applies to classifiers (ViTs) only")
-    reference = get_preset(args.model).reference if args.model in PRESETS else None
-    if reference == "denoiser" and args.trajectory_steps is None:
-        args.trajectory_steps = 20  # enough steps for the samples to be images
-    for name, default in _DIFFUSION_ONLY.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    _check_photos(args.photos, reference)
-    if args.samples and reference != "denoiser":
-        raise UsageError(
-            "--samples saves images of the reference denoiser only (--model reference-denoiser), "
-            "whose inputs are pixels; leave it out"
-        )
-    args.ratios = args.ratios or [0.5]
-    args.batch = args.batch or 1
-    args.rounds = args.rounds or 3
-    overrides = dict(args.overrides)
-    if args.strategies is None:
-        strategies = _check_strategies(None)
-        _check_configs(strategies, args.ratios, overrides)
-    else:
-        strategies = list(args.strategies)
-        parse_variants(strategies, args.ratios, overrides)  # raises on a bad spec, one line
-    _check_model(args.model)
-    _check_peer(args.peer, args.model)
-    for path in [args.json, None if args.no_plot else args.plot]:
-        if path:
-            report.check_writable(path)
-    settings = BenchSettings(
-        model=args.model,
-        strategies=strategies,
-        ratios=list(args.ratios),
-        peers={"auto": None, "none": [], "tomesd": ["tomesd"]}[args.peer],
-        size=args.size,
-        batch=args.batch,
-        rounds=args.rounds,
-        photos=list(args.photos) if args.photos else None,
-        timesteps=list(args.timesteps),
-        trajectory_steps=args.trajectory_steps,
-        samples=args.samples,
-        attention=args.attention,
-        similarity_scale=args.similarity_scale,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        overrides=overrides,
     )
-    result = run_bench(settings, progress=not args.no_progress)
-    return _write_results(args, result, report.format_report, report.write_plot)
 
 
-def _write_results(args: argparse.Namespace, result: Any, format_report: Any, plot: Any) -> int:
-    """Print the table, then write the JSON and the plot where asked."""
-    from tokenmerge.bench import report
-
-    print(format_report(result))
-    if args.json:
-        report.write_json(result, args.json)
-        print(f"wrote {args.json}")
-    if not args.no_plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
-
-
-def _check_photos(photos: list[str] | None, reference: str | None) -> None:
-    from tokenmerge.photos import PHOTOS
-    from tokenmerge.reference.data import REFERENCE_PHOTOS
-
-    allowed = [name for name, _ in REFERENCE_PHOTOS] if reference == "denoiser" else PHOTOS
-    unknown = [name for name in photos or [] if name not in allowed]
-    if unknown:
-        raise UsageError(
-            f"unknown photograph {unknown[0]!r} for this model; --photos takes {', '.join(allowed)}"
-        )
-
-
-def _run_classifier_bench(args: argparse.Namespace) -> int:
-    from tokenmerge.bench import report
-    from tokenmerge.bench.classify import (
-        ClassifierSettings,
-        format_classifier_report,
-        run_classifier_bench,
-    )
-    from tokenmerge.bench.variants import parse_variants
-
-    given = [f"--{n.replace('_', '-')}" for n in _DIFFUSION_ONLY if getattr(args, n) is not None]
-    if args.peer == "tomesd":
-        given.append("--peer tomesd")
-    if given:
-        raise UsageError(
-            f"{', '.join(given)} apply to diffusion models only; {args.model} is an image "
-            "classifier (its bench times batches of photographs and compares final features)"
-        )
-    overrides = dict(args.overrides)
-    strategies = list(args.strategies) if args.strategies else _check_strategies(None)
-    if args.ratios is not None:
-        parse_variants(strategies, args.ratios, overrides)  # raises on a bad spec, one line
-    for path in [args.json, None if args.no_plot else args.plot]:
-        if path:
-            report.check_writable(path)
-    settings = ClassifierSettings(
-        model=args.model,
-        strategies=strategies,
-        r=args.r,
-        ratios=list(args.ratios) if args.ratios else None,
-        batch=args.batch or 32,
-        rounds=args.rounds or 5,
-        size=args.size,
-        attention=args.attention,
-        similarity_scale=args.similarity_scale,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        overrides=overrides,
-        compile=args.compile,
-    )
-    result = run_classifier_bench(settings, progress=not args.no_progress)
-    return _write_results(args, result, format_classifier_report, report.write_classifier_plot)
-
-
-def _run_visualize(args: argparse.Namespace) -> int:
-    from tokenmerge.bench.report import check_writable
-    from tokenmerge.visualize import visualize
-
-    strategies = _check_strategies(args.strategies)
-    overrides = dict(args.overrides)
-    _check_configs(strategies, [args.ratio], overrides)
-    _check_model(args.model)
-    check_writable(args.output)
-    summary = visualize(
-        model=args.model,
-        strategies=strategies,
-        ratio=args.ratio,
-        photo=args.photo,
-        site=args.site,
-        timestep=args.timestep,
-        output=args.output,
-        size=args.size,
-        attention=args.attention,
-        similarity_scale=args.similarity_scale,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        overrides=overrides,
-    )
-    print(summary)
-    print(f"wrote {args.output}")
-    return 0
+# ------------------------------------------------------------------ main
 
 
 def _one_line(error: BaseException) -> str:
@@ -549,15 +299,26 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    parser = _build_parser()
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Example:
+        >>> main(["list"])  # doctest: +ELLIPSIS
+        strategies:
+        ...
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = load_commands()
     try:
+        if argv and argv[0] not in commands and argv[0] in _PROVIDED_BY:
+            raise UsageError(_missing_command(argv[0]))
+        parser = _build_parser(commands)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
-        runner = {"list": _run_list, "bench": _run_bench, "visualize": _run_visualize}
-        return runner[args.command](args)
+        args._commands = commands  # what `list` reads the plugins' sections from
+        return commands[args.command].run(args)
     except UsageError as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2

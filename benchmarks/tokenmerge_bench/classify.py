@@ -16,9 +16,9 @@ held-out top-1 accuracy against their labels next to the agreement.
 
 Merging is ToMe's setting unless asked otherwise: ``r`` tokens merged per block (13 for the
 ViT-B presets), for every strategy, so every strategy ends each block with the same number of
-tokens. The photographs are crops of the bundled ones (``tokenmerge.photos``) at several scales
-and places, flipped every other time, resized to the model's input size and normalised as it
-expects.
+tokens. The photographs are crops of the bundled ones (``tokenmerge_bench.photos``) at several
+scales and places, flipped every other time, resized to the model's input size and normalised as
+it expects.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tokenmerge import __version__
 from tokenmerge.api import Handle, apply
 from tokenmerge.errors import UnsupportedModelError
-from tokenmerge.photos import PHOTOS, load_photo
+from tokenmerge_bench.photos import PHOTOS, load_photo
 
 from .presets import PRESETS, get_preset
 from .runner import _machine, _Progress, load_bench_model, sharing_weights
@@ -90,7 +90,7 @@ class ClassifierSettings:
     """
 
     model: str = "vit-b-16"
-    # strategy variants, NAME[:KEY=VALUE[,KEY=VALUE...]] (see tokenmerge.bench.variants)
+    # strategy variants, NAME[:KEY=VALUE[,KEY=VALUE...]] (see tokenmerge_bench.variants)
     strategies: list[str] = field(default_factory=lambda: ["tome", "retom", "random"])
     # tokens merged per block, one row per value (None: the preset's, ToMe's setting); ignored
     # when ratios are set
@@ -229,7 +229,11 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
     reference = get_preset(settings.model).reference if settings.model in PRESETS else None
     labels = None
     if reference == "classifier":
-        from tokenmerge.reference.data import CLASSIFIER_CROP, classifier_held_out, load_photo_set
+        from tokenmerge_bench.reference.data import (
+            CLASSIFIER_CROP,
+            classifier_held_out,
+            load_photo_set,
+        )
 
         if size != CLASSIFIER_CROP:
             raise UnsupportedModelError(

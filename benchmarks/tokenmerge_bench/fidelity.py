@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.photos import load_photo
+from tokenmerge_bench.photos import load_photo
 
 __all__ = ["BlockErrorProbe", "photo_latent", "relative_error", "tie_self_attention"]
 
@@ -68,7 +68,7 @@ def tie_self_attention(model: nn.Module, scale: float) -> int:
     them (``sharing_weights``) change too. Returns how many were tied.
 
     Example:
-        >>> from tokenmerge.bench.presets import get_preset
+        >>> from tokenmerge_bench.presets import get_preset
         >>> tie_self_attention(get_preset("tiny-unet").build(), scale=3.0)
         4
     """

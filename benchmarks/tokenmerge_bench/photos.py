@@ -30,7 +30,7 @@ def load_photo(name: str = "astronaut") -> Tensor:
     """
     if name not in PHOTOS:
         raise ValueError(f"unknown photograph {name!r}; the bundled ones are {', '.join(PHOTOS)}")
-    with resources.files("tokenmerge").joinpath(f"data/{name}_256.pt").open("rb") as handle:
+    with resources.files("tokenmerge_bench").joinpath(f"data/{name}_256.pt").open("rb") as handle:
         return torch.load(handle, weights_only=True)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tokenmerge.errors import UnknownNameError, unknown_name_message
-from tokenmerge.reference.models import CLASSIFIER_CONFIG, DENOISER_CONFIG, load_reference
+from tokenmerge_bench.reference.models import CLASSIFIER_CONFIG, DENOISER_CONFIG, load_reference
 
 __all__ = ["PRESETS", "Preset", "get_preset"]
 
@@ -42,7 +42,7 @@ class Preset:
         default_r: classifiers: tokens merged per block when the bench is not given ratios
             (ToMe's setting: 13 for ViT-B/16 at 224 px).
         reference: ``"denoiser"`` or ``"classifier"`` for the models trained here
-            (``tokenmerge.reference``): built with their trained weights instead of random
+            (``tokenmerge_bench.reference``): built with their trained weights instead of random
             ones, and measured on their held-out data.
     """
 
@@ -389,8 +389,8 @@ PRESETS: dict[str, Preset] = {
             model_class="DiTTransformer2DModel",
             config=DENOISER_CONFIG,
             default_size=64,
-            notes="trained here (tokenmerge.reference); pixels folded 4 x 4 into tokens instead "
-            "of a VAE latent; measured on photographs it never saw",
+            notes="trained here (tokenmerge_bench.reference); pixels folded 4 x 4 into tokens "
+            "instead of a VAE latent; measured on photographs it never saw",
             reference="denoiser",
         ),
         Preset(
@@ -401,8 +401,8 @@ PRESETS: dict[str, Preset] = {
             model_class="create_model",
             config=CLASSIFIER_CONFIG,
             default_size=32,
-            notes="trained here (tokenmerge.reference); names which of 19 photographs a crop is "
-            "from, measured on crops of rows it never saw",
+            notes="trained here (tokenmerge_bench.reference); names which of 19 photographs a "
+            "crop is from, measured on crops of rows it never saw",
             default_r=4,
             reference="classifier",
         ),

@@ -66,7 +66,7 @@ LOSS_RANGES = {"t 980-760": (750, 999), "t 740-360": (350, 749), "t 340-0": (0, 
 def format_loss_table(rows: list[BenchRow]) -> str:
     """The reference denoiser's held-out loss: the unmerged model's (mean per timestep range),
     then each configuration's increase over it (%, per timestep, averaged over the range)."""
-    from tokenmerge.reference.metrics import loss_increase
+    from tokenmerge_bench.reference.metrics import loss_increase
 
     base = rows[0].held_out_loss
 
@@ -175,7 +175,8 @@ def _pyplot() -> Any:
         import matplotlib
     except ImportError as exc:
         raise TokenMergeError(
-            'the plot needs matplotlib: pip install "tokenmerge[bench]", or pass --no-plot'
+            "the plot needs matplotlib (a dependency of tokenmerge-bench): pip install "
+            "matplotlib, or pass --no-plot"
         ) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

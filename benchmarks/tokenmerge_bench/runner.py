@@ -69,7 +69,7 @@ class BenchSettings:
     """
 
     model: str = "sd15"
-    # strategy variants, NAME[:KEY=VALUE[,KEY=VALUE...]] (see tokenmerge.bench.variants)
+    # strategy variants, NAME[:KEY=VALUE[,KEY=VALUE...]] (see tokenmerge_bench.variants)
     strategies: list[str] = field(default_factory=lambda: ["retom", "tome", "random"])
     ratios: list[float] = field(default_factory=lambda: [0.5])
     peers: list[str] | None = None  # None: every installed peer that supports the model
@@ -486,8 +486,8 @@ def _held_out_losses(
     entries: list[_Entry], workload: Workload, bar: _Progress
 ) -> dict[str, dict[str, float]]:
     """Every configuration's noise-prediction loss on the held-out images at each timestep of
-    one sweep (``tokenmerge.reference.metrics.denoising_losses``)."""
-    from tokenmerge.reference.metrics import denoising_losses
+    one sweep (``tokenmerge_bench.reference.metrics.denoising_losses``)."""
+    from tokenmerge_bench.reference.metrics import denoising_losses
 
     bar.phase("held-out loss")
     images = workload.held_out()
@@ -502,8 +502,8 @@ def _held_out_losses(
 
 def _increase(losses: dict[str, dict[str, float]], label: str, baseline: str) -> float | None:
     """The held-out loss over the sweep, % above the unmerged model's (per timestep, averaged:
-    ``tokenmerge.reference.metrics.loss_increase``)."""
-    from tokenmerge.reference.metrics import loss_increase
+    ``tokenmerge_bench.reference.metrics.loss_increase``)."""
+    from tokenmerge_bench.reference.metrics import loss_increase
 
     return loss_increase(losses[label], losses[baseline]) if label in losses else None
 

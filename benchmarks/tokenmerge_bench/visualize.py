@@ -35,9 +35,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenmerge.api import apply
-from tokenmerge.bench.report import check_writable
-from tokenmerge.bench.runner import BenchSettings, load_bench_model, sharing_weights
-from tokenmerge.bench.workload import make_workload
 from tokenmerge.config import load_config
 from tokenmerge.errors import (
     OutputPathError,
@@ -46,10 +43,13 @@ from tokenmerge.errors import (
     unknown_name_message,
 )
 from tokenmerge.patch import SitePatch
-from tokenmerge.photos import load_photo, patch_tokens, tokens_to_image
 from tokenmerge.plan import Plan
 from tokenmerge.registry import list_strategies
 from tokenmerge.windows import clamp_window
+from tokenmerge_bench.photos import load_photo, patch_tokens, tokens_to_image
+from tokenmerge_bench.report import check_writable
+from tokenmerge_bench.runner import BenchSettings, load_bench_model, sharing_weights
+from tokenmerge_bench.workload import make_workload
 
 __all__ = ["StrategyView", "Visualization", "collect", "psnr", "visualize"]
 
@@ -193,7 +193,7 @@ def visualize(
         model: a bench preset (``sd15``, ``tiny-unet``...) or the folder of a local checkpoint.
         strategies: strategy names, one row each (default: every registered strategy).
         ratio: the merge ratio of every strategy.
-        photo: the bundled photograph (``tokenmerge.photos.PHOTOS``).
+        photo: the bundled photograph (``tokenmerge_bench.photos.PHOTOS``).
         site: the site's module name; default the first site the strategies patch.
         timestep: the diffusion timestep the photograph's latent is noised to.
         output: where the PNG goes.
@@ -421,7 +421,7 @@ def _matplotlib() -> Any:
     except ImportError as exc:
         raise TokenMergeError(
             "tokenmerge visualize draws with matplotlib, which is not installed: "
-            'pip install "tokenmerge[bench]"'
+            "pip install matplotlib (a dependency of tokenmerge-bench)"
         ) from exc
     return Figure, FigureCanvasAgg
 

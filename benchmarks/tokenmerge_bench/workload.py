@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenmerge.errors import UnsupportedModelError
-from tokenmerge.reference.data import (
+from tokenmerge_bench.reference.data import (
     DENOISER_HELD_OUT,
     denoiser_held_out,
     load_photo_set,
@@ -102,7 +102,7 @@ class Workload(ABC):
     timing_steps = TIMING_STEPS
     #: the latent grid must divide into this many pixels per token side
     pixels_per_token = VAE_SCALE
-    #: the photographs fidelity is measured on when none are named (``tokenmerge.photos``)
+    #: the photographs fidelity is measured on when none are named (``tokenmerge_bench.photos``)
     default_photos: tuple[str, ...] = ("astronaut",)
 
     def __init__(
@@ -220,7 +220,7 @@ class UNetWorkload(Workload):
     embedding and size conditioning are filled in when the model asks for them.
 
     Example:
-        >>> from tokenmerge.bench.presets import get_preset
+        >>> from tokenmerge_bench.presets import get_preset
         >>> unet = get_preset("tiny-unet").build_empty()
         >>> UNetWorkload(unet, 128, 2, torch.device("cpu"), torch.float32).describe()
         '128 px (16 x 16 latent, 256 tokens at full resolution), batch 2'
@@ -349,7 +349,7 @@ class DiTWorkload(_LearnedSigmaWorkload):
     """Inputs and calls of a diffusers ``DiTTransformer2DModel``: seeded ImageNet class labels.
 
     Example:
-        >>> from tokenmerge.bench.presets import get_preset
+        >>> from tokenmerge_bench.presets import get_preset
         >>> dit = get_preset("tiny-dit").build_empty()
         >>> workload = DiTWorkload(dit, 256, 2, torch.device("cpu"), torch.float32)
         >>> workload.describe(), workload.kwargs["class_labels"].shape
@@ -369,13 +369,13 @@ class DiTWorkload(_LearnedSigmaWorkload):
 
 
 class ReferenceDenoiserWorkload(DiTWorkload):
-    """Inputs and calls of tokenmerge's reference denoiser (``tokenmerge.reference``), a small
+    """Inputs and calls of tokenmerge's reference denoiser (``tokenmerge_bench.reference``), a small
     DiT: images folded 4 x 4 pixels per token (no VAE), its only class label, the linear DDPM
     schedule it was trained with, and photographs from its own set (by default the three it
     never saw).
 
     Example:
-        >>> from tokenmerge.bench.presets import get_preset
+        >>> from tokenmerge_bench.presets import get_preset
         >>> dit = get_preset("reference-denoiser").build_empty()
         >>> ReferenceDenoiserWorkload(dit, 64, 2, torch.device("cpu"), torch.float32).describe()
         '64 px (16 x 16 latent, patch 1: 16 x 16 = 256 image tokens), batch 2'
@@ -389,19 +389,19 @@ class ReferenceDenoiserWorkload(DiTWorkload):
         self.latent_size = self.size // self.pixels_per_token
 
     def _condition(self, model: nn.Module) -> None:
-        from tokenmerge.reference.models import class_condition
+        from tokenmerge_bench.reference.models import class_condition
 
         self.kwargs["class_labels"] = class_condition(self.batch, self.device)
 
     def scheduler(self) -> Any:
         """A fresh DDIM scheduler with the model's training schedule."""
-        from tokenmerge.reference.models import NOISE_SCHEDULE
+        from tokenmerge_bench.reference.models import NOISE_SCHEDULE
 
         return _diffusers().DDIMScheduler(**NOISE_SCHEDULE)
 
     def clean_photo(self, photo: str) -> Tensor:
         """A batch of one of the reference photographs (the whole of it), folded into tokens."""
-        from tokenmerge.reference.models import fold
+        from tokenmerge_bench.reference.models import fold
 
         image = self._at_size(reference_photo(photo)[None])
         return fold(image).to(self.device, self.dtype).expand(self.batch, -1, -1, -1)
@@ -418,7 +418,7 @@ class ReferenceDenoiserWorkload(DiTWorkload):
 
     def to_images(self, latent: Tensor) -> Tensor:
         """Model inputs back to images in [0, 1]."""
-        from tokenmerge.reference.models import unfold
+        from tokenmerge_bench.reference.models import unfold
 
         return unfold(latent.float()).add(1.0).div(2.0).clamp(0.0, 1.0)
 
@@ -511,7 +511,7 @@ class FluxWorkload(_FlowMatchWorkload):
     image's token count, as FLUX.1's pipeline does.
 
     Example:
-        >>> from tokenmerge.bench.presets import get_preset
+        >>> from tokenmerge_bench.presets import get_preset
         >>> flux = get_preset("tiny-flux").build_empty()
         >>> workload = FluxWorkload(flux, 256, 1, torch.device("cpu"), torch.float32)
         >>> workload.sample_shape, workload.kwargs["img_ids"][:3].tolist()
@@ -616,7 +616,7 @@ def default_size(model: nn.Module) -> int:
     1024 for a model that does not say (FLUX.1).
 
     Example:
-        >>> from tokenmerge.bench.presets import get_preset
+        >>> from tokenmerge_bench.presets import get_preset
         >>> default_size(get_preset("tiny-unet").build_empty())
         128
     """

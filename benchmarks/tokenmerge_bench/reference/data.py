@@ -2,7 +2,7 @@
 
 Nineteen photographs that scikit-image and scikit-learn ship (natural scenes, textures,
 microscopy, astronomy, text), centre-cropped to squares and resized to 128 x 128, are bundled as
-one ``uint8`` tensor (``tokenmerge/data/reference_photos.pt``, 0.9 MB) so that loading the
+one ``uint8`` tensor (``tokenmerge_bench/data/reference_photos.pt``, 0.9 MB) so that loading the
 models and measuring them needs neither library. ``build_photo_set`` rebuilds that file from the
 libraries (the tests check that it matches when they are installed).
 
@@ -92,7 +92,7 @@ def build_photo_set() -> Tensor:
     except ImportError as exc:
         raise ImportError(
             "rebuilding the reference photographs needs scikit-image and scikit-learn: "
-            'pip install "tokenmerge[train]"'
+            'pip install -e "benchmarks[train]" in a tokenmerge checkout'
         ) from exc
     photos = []
     for name, library in REFERENCE_PHOTOS:
@@ -115,7 +115,7 @@ def build_photo_set() -> Tensor:
 
 def load_photo_set() -> Tensor:
     """The bundled photographs: ``uint8 (19, 3, 128, 128)`` in ``REFERENCE_PHOTOS`` order."""
-    with resources.files("tokenmerge").joinpath(_FILE).open("rb") as handle:
+    with resources.files("tokenmerge_bench").joinpath(_FILE).open("rb") as handle:
         return torch.load(handle, weights_only=True)
 
 

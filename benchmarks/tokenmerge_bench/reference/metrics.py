@@ -51,7 +51,7 @@ def denoising_losses(
     timestep and every model measured).
 
     Example:
-        >>> from tokenmerge.reference import load_denoiser, load_photo_set, denoiser_held_out
+        >>> from tokenmerge_bench.reference import load_denoiser, load_photo_set, denoiser_held_out
         >>> losses = denoising_losses(load_denoiser(), denoiser_held_out(load_photo_set()))
         >>> list(losses) == list(EVAL_TIMESTEPS)
         True

@@ -10,8 +10,8 @@
   4 x 4 pixels (64 tokens and a class token), six blocks of four heads, 19 classes (which
   photograph the crop comes from).
 
-Their weights were trained here by ``python -m tokenmerge.reference.train`` and ship as fp16
-safetensors in ``tokenmerge/data``; ``load_denoiser`` and ``load_classifier`` build the
+Their weights were trained here by ``python benchmarks/train_reference.py`` and ship as fp16
+safetensors in ``tokenmerge_bench/data``; ``load_denoiser`` and ``load_classifier`` build the
 architecture and load them.
 """
 
@@ -105,7 +105,7 @@ def build_denoiser() -> nn.Module:
 
 def build_classifier() -> nn.Module:
     """The classifier's architecture with fresh random weights (timm's initialisation). It
-    takes crops standardised per channel (``tokenmerge.reference.data.standardise``)."""
+    takes crops standardised per channel (``tokenmerge_bench.reference.data.standardise``)."""
     import timm
 
     return timm.create_model(**CLASSIFIER_CONFIG)
@@ -124,7 +124,7 @@ def build_reference(kind: str) -> nn.Module:
 
 def weights_file(kind: str) -> Any:
     """The bundled weights of ``"denoiser"`` or ``"classifier"`` (an importlib resource)."""
-    return resources.files("tokenmerge").joinpath(f"data/{_WEIGHTS[_known(kind)]}")
+    return resources.files("tokenmerge_bench").joinpath(f"data/{_WEIGHTS[_known(kind)]}")
 
 
 def _load(model: nn.Module, file: Any, device, dtype) -> nn.Module:
