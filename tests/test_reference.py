@@ -7,12 +7,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 
 import tokenmerge
+from tokenmerge_bench.photos import PHOTOS
 from tokenmerge_bench.presets import get_preset
 from tokenmerge_bench.reference import data, metrics, models
 
@@ -59,6 +61,28 @@ def test_bundled_photographs_are_the_libraries_own():
     pytest.importorskip("skimage")
     pytest.importorskip("sklearn")
     assert torch.equal(data.build_photo_set(), data.load_photo_set())
+
+
+def test_every_bundled_photograph_states_its_source_and_licence():
+    # the notes ship beside the photographs, in the package data of tokenmerge-bench
+    notes = (resources.files("tokenmerge_bench") / "data" / "PHOTOS.md").read_text()
+    rows = {line.split("|")[2].split("`")[1]: line for line in notes.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()}  # fmt: skip
+    assert list(rows) == [name for name, _ in data.REFERENCE_PHOTOS]
+    for name in PHOTOS:
+        assert f"{name}_256.pt" in rows[name]
+    for name, row in rows.items():
+        licence = row.rstrip(" |").rsplit("|", 1)[1].strip()
+        assert licence, f"{name} has no licence in PHOTOS.md"
+    # CC BY asks for the author, the source and the licence to be named
+    for name, author, source in [
+        ("china", "danielbuechele", "https://www.flickr.com/photos/danielbuechele/6061409035/"),
+        ("flower", "vultilion", "https://www.flickr.com/photos/vultilion/6056698931/"),
+    ]:
+        assert "CC BY 2.0" in rows[name]
+        attribution = notes.split(f"**`{name}`**", 1)[1].split("\n- ", 1)[0]
+        assert author in attribution and source in attribution
+    assert "https://creativecommons.org/licenses/by/2.0/" in notes
 
 
 def test_denoiser_never_trains_on_its_held_out_photographs(photos):

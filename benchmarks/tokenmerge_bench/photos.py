@@ -3,7 +3,8 @@
 Three of scikit-image's sample photographs, centre-cropped to squares and resized to 256 x 256,
 stored as ``uint8`` tensors ``(3, 256, 256)`` so the core needs no image library to read them:
 ``astronaut`` (Eileen Collins, a NASA photograph in the public domain), ``coffee`` (CC0, Rachel
-Michetti) and ``chelsea`` (a cat; CC0, Stefan van der Walt).
+Michetti) and ``chelsea`` (a cat; CC0, Stefan van der Walt). Sources and licences of every
+bundled photograph: ``tokenmerge_bench/data/PHOTOS.md``, shipped beside them.
 """
 
 from __future__ import annotations

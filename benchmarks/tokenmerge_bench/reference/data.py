@@ -4,7 +4,8 @@ Nineteen photographs that scikit-image and scikit-learn ship (natural scenes, te
 microscopy, astronomy, text), centre-cropped to squares and resized to 128 x 128, are bundled as
 one ``uint8`` tensor (``tokenmerge_bench/data/reference_photos.pt``, 0.9 MB) so that loading the
 models and measuring them needs neither library. ``build_photo_set`` rebuilds that file from the
-libraries (the tests check that it matches when they are installed).
+libraries (the tests check that it matches when they are installed). Where each photograph comes
+from and its licence (two are CC BY 2.0, attributed there): ``tokenmerge_bench/data/PHOTOS.md``.
 
 Two splits, one per model:
 
