@@ -63,61 +63,30 @@ class ReToMConfig(MergeConfig):
     window_size: int | dict[str, int] | tuple[int, ...] = Field(
         default={"down": 6, "mid": 8, "up": 6, "*": 2},
         description=(
-            "Side of the square windows, at least 2: one number, one per block (a list indexed "
-            "by block: a depth schedule for DiT-style transformers), or a mapping from site "
-            "selector (module-name glob, stage 'down' / 'mid' / 'up' or 'first' / 'middle' / "
-            "'last', level digits, '*') to a size. Default {'down': 6, 'mid': 8, 'up': 6, "
-            "'*': 2}: in a UNet, SD 1.5 at 512 px (tokenmerge bench's defaults, 2026-11-22: "
-            "similarity-based attention, ratio 0.5, window scope, value correction) has block "
-            "errors of 0.365 with {down 2, mid 4, up 2}, 0.283 with {4, 6, 4} and 0.256 with "
-            "{6, 8, 6} (tomesd: 0.423); larger windows in the bottleneck, as the paper says. 2 in "
-            "transformers: on the reference DiT trained here (learned attention, ratio 0.5, "
-            "window scope) the held-out denoising loss rises by 38.7 % with 2 x 2 windows, "
-            "39.7 % with 3 x 3, 47.6 % with 4 x 4 and 51.0 % with 6 x 6. "
-            "The ratio may not exceed "
-            "1 - 1 / s**2 for the smallest s (one representative per window stays)."
+            "Side of the square windows, at least 2: one value, one per block, or a mapping of "
+            "site selectors. Default {'down': 6, 'mid': 8, 'up': 6, '*': 2}."
         ),
     )
     scope: Literal["auto", "window", "global"] = Field(
         default="auto",
         description=(
-            "'window': a token merges into its own window's representative (the paper's local "
-            "boundaries); 'global': into the most similar representative anywhere (costs "
-            "N x windows similarities per plan); 'auto': 'window' where plans are cached across "
-            "denoising steps (diffusion models), 'global' in progressive mode (ViTs). Default "
-            "'auto', measured 2026-11-22: window scope lowers SD 1.5's block error from 0.298 to "
-            "0.271 at 512 px (tokenmerge bench: similarity-based attention, ratio 0.5, 6 x 6 "
-            "windows, value correction; tomesd: 0.468) and plans in 2.8 ms per forward instead "
-            "of 5.0; on the reference DiT trained here (learned attention) it raises the "
-            "held-out denoising loss by 38.7 % instead of 48.6 % at ratio 0.5 (2 x 2 windows), "
-            "and at every window size tried (2 to 8) and ratio but 2 x 2 at 0.75; on the reference "
-            "ViT, global scope keeps more predictions (94.9 % agreement against 92.5 % at r=8)."
+            "'window': merge into the own window's representative; 'global': into the most similar "
+            "one anywhere. Default 'auto': window in diffusion, global in ViTs."
         ),
     )
     value_correction: bool = Field(
         default=True,
         description=(
             "Value-corrected unmerge at self-attention sites (see MergeConfig.value_correction). "
-            "Default on: on SD 1.5 with similarity-based attention at ratio 0.5 (tokenmerge "
-            "bench, 2026-11-22) the block error is 0.271 with it against 0.487 without at 512 px "
-            "(tomesd: 0.468), for 0.7 points more overhead; on the reference DiT trained here "
-            "(learned attention) the held-out denoising loss rises by 38.7 % with it against "
-            "54.5 % without at ratio 0.5. Its fitted weight goes to 0 where attention does not "
-            "favour the token itself."
+            "Default on for retom."
         ),
     )
     cache_interval: int = Field(
         default=5,
         ge=1,
         description=(
-            "Compute a site's plan once every this many denoising steps and reuse it in between; "
-            "always recomputed on a new generation or a change of batch, token count, device or "
-            "dtype. Default 5 (10 plans in a 50-step generation): the paper caches similarity "
-            "across steps but gives no interval; on the reference DiT trained here (learned "
-            "attention, 50 steps, ratio 0.5) the held-out denoising loss rises by 36.6 % when "
-            "planning every step, 37.1 % every 2, 38.7 % every 5 and 41.5 % every 10. On SD 1.5 "
-            "at 512 px planning then costs 0.1 % of the forward, and the value correction's "
-            "fit, made with each plan, 0.2 % (tokenmerge bench, 2026-11-22)."
+            "Make a site's plan once every this many denoising steps and reuse it in between (new "
+            "generations and shape changes replan). Default 5."
         ),
     )
 
@@ -125,23 +94,14 @@ class ReToMConfig(MergeConfig):
         default=None,
         description=(
             "Only sites at these downsample levels (1 = full resolution, 2 = half...). Default "
-            "None: the adapter's choice, the finest level that has attention (SD 1.5's level 1, "
-            "tomesd's sites). Measured 2026-11-22 on SD 1.5 at 768 px (similarity-based "
-            "attention, ratio 0.5): x1.371 over no merging with block error 0.269; levels (1, 2) "
-            "with merge_mlp=True give x1.605 at 0.330 (tomesd: x1.303 at 0.426): the default "
-            "keeps the error, the second level and the MLP buy speed."
+            "None: the adapter's choice, the finest level that has attention."
         ),
     )
     share_cfg_plan: bool = Field(
         default=False,
         description=(
-            "With an even batch, plan on the second half (the conditional half in the [uncond, "
-            "cond] order of most diffusers pipelines; DiTPipeline puts cond first) and use that "
-            "plan for both halves. Sites that share one plan across the batch (Flux) ignore it. "
-            "Default off: on SD 1.5 at 512 px with a classifier-free-guidance batch (one latent, "
-            "two prompts) the block error is 0.2682 with a plan per sample and 0.2681 with a "
-            "shared one (2026-11-22), so sharing buys nothing but half a plan, and off keeps "
-            "every sample's output independent of the rest of the batch."
+            "With an even batch, plan on its second half (the conditional half in most pipelines) "
+            "and use that plan for both halves. Default off."
         ),
     )
 

@@ -47,10 +47,8 @@ class ToMeConfig(CellConfig):
     partition: Literal["auto", "cells", "alternate"] = Field(
         default="auto",
         description=(
-            "How tokens split into sources and destinations: 'cells' (tomesd's 2-D cells), "
-            "'alternate' (ToMe's even / odd split of the sequence, at most half the tokens "
-            "merge), or 'auto': cells at local-mode sites, alternate at progressive ones. "
-            "Default 'auto'."
+            "'cells': tomesd's 2-D cells; 'alternate': ToMe's even / odd split (at most half "
+            "merge). Default 'auto': cells at local-mode sites, alternate at progressive ones."
         ),
     )
 

@@ -167,14 +167,8 @@ class MergeConfig(BaseModel):
     ratio: Ratio | dict[str, Ratio] | tuple[Ratio, ...] = Field(
         default=0.5,
         description=(
-            "Fraction of a site's image tokens merged away, in [0, 1): 0 merges nothing (the "
-            "model is bit-identical), 0.5 halves the tokens. Either one number for every "
-            "site, one per block (a list indexed by block, for a depth schedule), or a mapping "
-            "from site selector to ratio, most specific first: module-name glob, "
-            "stage ('down', 'mid', 'up' in a UNet; 'first', 'middle', 'last' third of a "
-            "transformer's blocks), level as digits ('1', '2'...), '*'; sites no key "
-            "selects are left alone. Default 0.5, tomesd's default, where it measured "
-            "x1.87 at equal FID on SD 1.5."
+            "Fraction of a site's image tokens merged away, in [0, 1); 0 is bit-identical. One "
+            "value, one per block, or a mapping of site selectors. Default 0.5."
         ),
     )
     merge_attn: bool = Field(
@@ -184,30 +178,29 @@ class MergeConfig(BaseModel):
     merge_cross_attn: bool = Field(
         default=False,
         description=(
-            "Merge around cross-attention too (its queries only; text keys are never merged). "
-            "Default off: tomesd's authors rated it 'not recommended' for quality."
+            "Merge around cross-attention too (its queries only; text keys never merge). Default "
+            "off, as tomesd."
         ),
     )
     merge_mlp: bool = Field(
         default=False,
         description=(
-            "Merge around the MLP / feed-forward too. Default off (tomesd: 'very not "
-            "recommended' on SD 1.5); where attention is cheap (SDXL at 1024 px, DiTs, ViTs) "
-            "the MLP dominates and this is where the speed is."
+            "Merge around the MLP / feed-forward too; where attention is cheap (SDXL at 1024 px, "
+            "DiTs, ViTs) that is where the speed is. Default off, as tomesd."
         ),
     )
     levels: Levels | None = Field(
         default=None,
         description=(
-            "Only sites at these downsample levels (1 = full resolution, 2 = half...). "
-            "Default None: the adapter's choice, the finest level that has attention."
+            "Only sites at these downsample levels (1 = full resolution, 2 = half...). Default "
+            "None: the adapter's choice, the finest level that has attention."
         ),
     )
     stages: tuple[Stage, ...] | None = Field(
         default=None,
         description=(
-            "Only sites in these stages: 'down', 'mid', 'up' in a UNet; 'first', 'middle', "
-            "'last' (thirds of the blocks) in a DiT-style transformer. Default None: every stage."
+            "Only sites in these stages: 'down', 'mid', 'up' in a UNet; 'first', 'middle', 'last' "
+            "(thirds of the blocks) in a transformer. Default None: every stage."
         ),
     )
     blocks: tuple[int, ...] | None = Field(
@@ -231,74 +224,52 @@ class MergeConfig(BaseModel):
         default=None,
         ge=1,
         description=(
-            "A call with fewer image tokens than this is left alone (shown as skipped in "
-            "stats()). Default None: the adapter's choice - 256 (a 16 x 16 grid) in diffusion "
-            "models, where below it attention is cheap and planning overhead outweighs the saving "
-            "(chosen by reasoning, not yet by measurement); no minimum in vision transformers, "
-            "whose whole input is a few hundred tokens."
+            "Calls with fewer image tokens are left alone (shown as skipped in stats()). Default "
+            "None: the adapter's choice (256 in diffusion models, none in ViTs)."
         ),
     )
     mode: Literal["auto", "local", "progressive"] = Field(
         default="auto",
         description=(
-            "'local': merge before each chosen sub-module and unmerge after it, so the model "
-            "keeps all its tokens between sub-modules (diffusion, dense features); "
-            "'progressive': tokens merged in a block stay merged for the rest of the network, "
-            "each carrying its size (ToMe's way for ViT classification; the token count is "
-            "restored after the last block). Default 'auto': the adapter's choice - progressive "
-            "for vision transformers, local for diffusion models (which support only local)."
+            "'local': merge and unmerge around each sub-module; 'progressive': tokens stay merged "
+            "to the last block (ToMe on ViTs). Default 'auto': the adapter's choice."
         ),
     )
     r: int | tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
         default=None,
         description=(
-            "Image tokens merged at each site, overriding ratio: one number for every site or "
-            "one per block (a list indexed by block; tokenmerge.r_schedule builds ToMe's "
-            "decreasing or increasing schedules). Capped by what the strategy can merge (the "
-            "shortfall shows in stats()). Default None: ratio decides. ToMe's ViT-B/16 setting "
-            "is r=13."
+            "Tokens merged at each site, overriding ratio: one number or one per block (see "
+            "tokenmerge.r_schedule); capped by what the strategy can merge. Default None: ratio "
+            "decides."
         ),
     )
     proportional_attention: bool = Field(
         default=True,
         description=(
             "Progressive mode only: add log(size) of every key to the attention logits, so a "
-            "token standing for k patches weighs as much as k tokens (ToMe's proportional "
-            "attention). No mask is passed while every size is 1 (ratio 0 stays bit-identical). "
-            "Local-mode sites unmerge after every sub-module, so there every token already "
-            "counts once. Default on, as ToMe."
+            "merged token weighs as much as the tokens it stands for (ToMe). Default on."
         ),
     )
     value_correction: bool = Field(
         default=False,
         description=(
-            "Correct the copy-unmerge at self-attention sites: every merged-away token gets "
-            "beta * W_o W_v (its input - its group's mean) added to its copy of the group's "
-            "output, putting back the token's own value that merging averaged away; beta is "
-            "fitted per sample and site by least squares on exact rows of sampled merged tokens "
-            "at every new plan, clamped to [0, 1] (stats() shows it). Applies to local-mode "
-            "diffusers self-attention with a plain attention processor (UNets, DiT, PixArt); "
-            "elsewhere unmerge copies and "
-            "stats() shows None. Default off, as tomesd; retom turns it on."
+            "Add back each merged-away token's own value at diffusers self-attention sites, with a "
+            "weight fitted per plan (stats() shows it). Default off, as tomesd."
         ),
     )
     share_cfg_plan: bool = Field(
         default=False,
         description=(
-            "With an even batch, plan on the second half (the conditional half in the [uncond, "
-            "cond] order of most diffusers pipelines; DiTPipeline puts cond first) and use that "
-            "plan for both halves, so classifier-free guidance compares like with like. Sites "
-            "that share one plan across the batch (Flux) ignore it. Default off: every sample "
-            "plans on itself."
+            "With an even batch, plan on its second half (the conditional half in most pipelines) "
+            "and use that plan for both halves. Default off: samples plan on themselves."
         ),
     )
     cache_interval: int = Field(
         default=1,
         ge=1,
         description=(
-            "Compute a site's plan once every this many denoising steps and reuse it in between "
-            "(plans are always recomputed on a new generation or a change of batch, tokens, "
-            "device or dtype). Default 1: plan every step."
+            "Make a site's plan once every this many denoising steps and reuse it in between (new "
+            "generations and shape changes replan). Default 1: plan every step."
         ),
     )
     seed: int = Field(

@@ -51,9 +51,8 @@ class GridPoolConfig(MergeConfig):
     anchor: Literal["corner", "center"] = Field(
         default="corner",
         description=(
-            "The token each block keeps: 'corner', its top-left token (the lattice of a strided "
-            "downsampling), or 'center', the token nearest its centre (the lower right of the "
-            "middle four when k is even), so merged tokens lie closer to it. Default 'corner'."
+            "The token each block keeps: 'corner' (top-left, a strided downsampling's lattice) or "
+            "'center' (the one nearest the block's centre). Default 'corner'."
         ),
     )
 
