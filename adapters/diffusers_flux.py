@@ -214,7 +214,7 @@ class SingleBlockBody:
         if plan.is_identity:
             return None
         self.plan = plan
-        return (plan.merge(x), *output[1:])
+        return (self.patch.observed("merge", plan.merge, x), *output[1:])
 
     def rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.plan is None:
@@ -223,7 +223,7 @@ class SingleBlockBody:
 
     def unmerge(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         plan, self.plan = self.plan, None
-        return None if plan is None else plan.unmerge(output)
+        return None if plan is None else self.patch.observed("unmerge", plan.unmerge, output)
 
 
 class DiffusersFluxAdapter(TransformerAdapter):

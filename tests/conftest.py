@@ -6,9 +6,6 @@ import os
 
 import pytest
 import torch
-from snapshots import FITTING
-
-from tokenmerge.correction import ValueCorrection
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +26,3 @@ def one_torch_thread():
 # tokenmerge.registry.registry.reset() (tests/test_example_plugin.py), or a subprocess whose
 # environment leaves the variable out (tests/test_registry.py).
 os.environ["TOKENMERGE_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _mark_correction_fits():
-    """Flag the value correction's fitting calls (``snapshots.counting``), so token counters
-    see only the model's own calls."""
-    original = ValueCorrection._fit
-
-    def fit(self, *args):
-        FITTING[0] += 1
-        try:
-            return original(self, *args)
-        finally:
-            FITTING[0] -= 1
-
-    ValueCorrection._fit = fit
-    yield
-    ValueCorrection._fit = original

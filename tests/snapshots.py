@@ -1,8 +1,16 @@
-"""What exact removal is checked against: every module's class, ``vars()`` and hooks."""
+"""What exact removal is checked against (every module's class, ``vars()`` and hooks); which
+calls token counters count (not the value correction's own); a journal of what sites do."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
 from torch import nn
+
+from tokenmerge.api import HANDLE_ATTR
+from tokenmerge.observe import Observation, Observer, Part
+from tokenmerge.site import Site
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",
@@ -33,11 +41,48 @@ def snapshot(model: nn.Module) -> tuple[dict, list[str]]:
     return modules, list(model.state_dict())
 
 
-#: > 0 while a value correction fits its weight (tests/conftest.py wraps ValueCorrection._fit)
-FITTING = [0]
+class Journal(Observer):
+    """Records ``(part, site name)`` as each part of a site's work begins (``handle.observe``)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def around(self, part: Part, site: Site) -> AbstractContextManager[object]:
+        self.seen.append((part, site.name))
+        return nullcontext()
+
+
+class _FitWatcher(Observer):
+    """Marks the value correction's fits (``counting``) at the sites of the handles it watches."""
+
+    def __init__(self) -> None:
+        self.fitting = 0
+
+    @contextmanager
+    def around(self, part: Part, site: Site) -> Iterator[None]:
+        if part != "fit":
+            yield
+            return
+        self.fitting += 1
+        try:
+            yield
+        finally:
+            self.fitting -= 1
+
+
+_FITS = _FitWatcher()
+
+
+def watch_fits(model: nn.Module) -> list[Observation]:
+    """Watch the fits of the patch on ``model`` (if it has one), so that ``counting`` is False
+    during them; ``.remove()`` what it returns when done. Token counters call it on creation,
+    after ``tokenmerge.apply``."""
+    handle = vars(model).get(HANDLE_ATTR)
+    return [] if handle is None else [handle.observe(_FITS)]
 
 
 def counting() -> bool:
-    """False during a value correction's fit, whose exact-row attention call is not one of the
-    model's own calls: hooks that count what the model's modules compute skip it."""
-    return FITTING[0] == 0
+    """False during a watched value correction's fit (``watch_fits``), whose exact-row attention
+    call is not one of the model's own calls: hooks that count what the model's modules compute
+    skip it."""
+    return _FITS.fitting == 0

@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+from snapshots import Journal
 from torch import nn
 from toy_models import Attention
 
@@ -27,7 +28,6 @@ from tokenmerge import (
 )
 from tokenmerge.adapter import SiteCandidate
 from tokenmerge.adapters.generic import GenericAdapter
-from tokenmerge.patch import SitePatch
 from tokenmerge.registry import AdapterSpec
 from tokenmerge.site import Site
 from tokenmerge.testing import ADAPTER_CHECKS
@@ -601,18 +601,7 @@ def two_target_adapter(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_targets_of_one_site_share_one_plan(
-    strategy: str, two_target_adapter: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[tuple[str, object]] = []
-    original = SitePatch.plan_for
-
-    def spy(self, x):
-        plan = original(self, x)
-        seen.append((self.site.name, plan))
-        return plan
-
-    monkeypatch.setattr(SitePatch, "plan_for", spy)
+def test_targets_of_one_site_share_one_plan(strategy: str, two_target_adapter: str) -> None:
     model = make_model(num_prefix=1)
     x = make_input()
     with torch.no_grad():
@@ -627,19 +616,22 @@ def test_targets_of_one_site_share_one_plan(
         adapter_options={"grid": GRID, "num_prefix": 1},
     )
     assert [s.targets for s in handle.sites] == [("attn", "mlp"), ("attn", "mlp")]
-    with torch.no_grad():
+    # attn and mlp of one site: one plan, and both merge with it
+    one_plan_each = [
+        (part, site)
+        for site in ("blocks.0", "blocks.1")
+        for part in ("plan", "merge", "unmerge", "merge", "unmerge")
+    ]
+    with torch.no_grad(), handle.observe(Journal()) as journal:
         y = model(x)
     assert y.shape == expected.shape and not torch.equal(y, expected)
-    assert [name for name, _ in seen] == ["blocks.0", "blocks.0", "blocks.1", "blocks.1"]
-    assert seen[0][1] is seen[1][1]  # attn and mlp of one site: one plan
-    assert seen[2][1] is seen[3][1]
-    assert not seen[0][1].is_identity
+    assert journal.seen == one_plan_each
     for stats in handle.stats().values():
         assert (stats.calls, stats.plans_computed, stats.plans_reused) == (1, 1, 0)
         assert stats.tokens_out == N + 1 - N // 2
-    with torch.no_grad():
+    with torch.no_grad(), handle.observe(Journal()) as journal:
         model(x)  # no timestep: a new call plans afresh
-    assert seen[4][1] is seen[5][1] and seen[4][1] is not seen[0][1]
+    assert journal.seen == one_plan_each
     assert handle.stats()["blocks.0"].plans_computed == 2
     handle.remove()
     assert hook_count(model) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import AbstractContextManager, nullcontext
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import tokenmerge
 from tokenmerge.correction import ValueCorrection, corrects
+from tokenmerge.observe import Observer, Part
 from tokenmerge.plan import Plan
+from tokenmerge.site import Site
 from tokenmerge_bench.fidelity import BlockErrorProbe, relative_error, tie_self_attention
 from tokenmerge_bench.presets import get_preset
 from tokenmerge_bench.runner import sharing_weights
@@ -164,24 +167,29 @@ def test_fit_recovers_the_exact_rows_of_a_self_dominated_attention():
     assert float(error) < 0.05
 
 
-def test_refits_only_on_new_plans(tied_unet, monkeypatch):
-    fits = []
-    original = ValueCorrection._fit
+class _Fits(Observer):
+    """Counts the value correction's fits per site."""
 
-    def counting(self, *args):
-        fits.append(self)
-        return original(self, *args)
+    def __init__(self) -> None:
+        self.sites: list[str] = []
 
-    monkeypatch.setattr(ValueCorrection, "_fit", counting)
+    def around(self, part: Part, site: Site) -> AbstractContextManager[object]:
+        if part == "fit":
+            self.sites.append(site.name)
+        return nullcontext()
+
+
+def test_refits_only_on_new_plans(tied_unet):
     workload = _workload(tied_unet, batch=1)
     model = sharing_weights(tied_unet)
     sample = workload.noisy_photo("astronaut", 500)
     with tokenmerge.apply(model, "retom", cache_interval=3) as handle, torch.no_grad():
-        for timestep in (900, 800, 700, 600, 500, 400):
-            workload(model, sample, timestep)
-        sites = [s for s in handle.stats().values() if s.tokens_out < s.tokens_in]
+        with handle.observe(_Fits()) as fits:
+            for timestep in (900, 800, 700, 600, 500, 400):
+                workload(model, sample, timestep)
+        sites = [name for name, s in handle.stats().items() if s.tokens_out < s.tokens_in]
     assert sites
-    assert len(fits) == 2 * len(sites)  # plans at steps 1 and 4
+    assert sorted(fits.sites) == sorted(sites * 2)  # plans at steps 1 and 4
 
 
 def test_copy_taken_mid_generation_goes_on_as_the_original(tied_unet):

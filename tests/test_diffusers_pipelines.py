@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline, FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline
 from dit_pipelines import FACTORIES, TEXT_TOKENS, image_grid, image_tokens, make_sd3, run
-from snapshots import counting, hook_count, snapshot
+from snapshots import counting, hook_count, snapshot, watch_fits
 from torch import nn
 
 import tokenmerge
@@ -51,7 +51,8 @@ class TokenCounter:
         self.seen: dict[str, list[int]] = defaultdict(list)
         self.inputs: list[dict] = []
         self._handles = [
-            transformer.register_forward_pre_hook(self._record_input, with_kwargs=True)
+            *watch_fits(transformer),
+            transformer.register_forward_pre_hook(self._record_input, with_kwargs=True),
         ]
         for blocks in ("transformer_blocks", "single_transformer_blocks"):
             for index, block in enumerate(getattr(transformer, blocks, ())):

@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
-from snapshots import counting, hook_count, snapshot
+from snapshots import counting, hook_count, snapshot, watch_fits
 from torch import nn
 
 import tokenmerge  # noqa: E402
 from tokenmerge import AlreadyAppliedError, NoSitesError, ShortfallWarning  # noqa: E402
 from tokenmerge.adapters.diffusers_unet import DiffusersUNetAdapter  # noqa: E402
 from tokenmerge.api import HANDLE_ATTR  # noqa: E402
-from tokenmerge.patch import SitePatch  # noqa: E402
 
 STRATEGIES = ["tome", "retom", "random"]
 CROSS_DIM = 32
@@ -166,7 +165,7 @@ class TokenCounter:
         self.seen: dict[str, list[int]] = defaultdict(list)
         self.grids: dict[str, tuple[int, int]] = {}
         self.blocks: list[str] = []
-        self._handles = []
+        self._handles = watch_fits(unet)
         for name, module in unet.named_modules():
             if isinstance(module, Transformer2DModel):
                 self._handles.append(module.register_forward_pre_hook(self._grid(name)))
@@ -625,9 +624,7 @@ BATCH_MATRIX = [
 
 
 @pytest.mark.parametrize(("case", "strategy"), BATCH_MATRIX)
-def test_batches_shapes_and_dtypes(
-    case: str, strategy: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_batches_shapes_and_dtypes(case: str, strategy: str) -> None:
     spec = BATCH_CASES[case]
     batch = spec["batch"]
     latent = spec.get("latent", (16, 16))
@@ -652,20 +649,10 @@ def test_batches_shapes_and_dtypes(
     def warns():
         return pytest.warns(ShortfallWarning) if short else contextlib.nullcontext()
 
-    plans = []
-    original = SitePatch.plan_for
-
-    def spy(self, hidden):
-        plan = original(self, hidden)
-        plans.append(plan)
-        return plan
-
-    monkeypatch.setattr(SitePatch, "plan_for", spy)
     with warns():
         handle = tokenmerge.apply(unet, strategy, **config)
         with TokenCounter(unet) as counter:
             merged = run(unet, x, text)
-    monkeypatch.undo()
     out = merged_count(n, ratio, cap)
     assert merged.shape == expected.shape and merged.dtype == dtype
     assert merged.isfinite().all()
@@ -678,8 +665,9 @@ def test_batches_shapes_and_dtypes(
         assert counter.grid(name) == latent
 
     # one plan per site; the two CFG halves share it only when asked to
-    assert len(plans) == len(handle.sites)
-    for plan in plans:
+    stats = handle.stats().values()
+    assert [(s.calls, s.plans_computed) for s in stats] == [(1, 1)] * len(handle.sites)
+    for plan in (patch.last_plan for patch in handle.patches):
         kept = plan.kept.expand(batch, -1)
         if share and batch % 2 == 0:
             assert torch.equal(kept[: batch // 2], kept[batch // 2 :])

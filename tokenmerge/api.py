@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedModelError,
     close_matches,
 )
+from .observe import Observation, Observer
 from .patch import SitePatch
 from .registry import AdapterSpec, registry
 from .site import Site, SiteStats
@@ -93,6 +94,32 @@ class Handle:
     def stats(self) -> dict[str, SiteStats]:
         """Per-site statistics (copies): tokens in / out, plans computed / reused, shortfall."""
         return {p.site.name: p.stats for p in self.patches}
+
+    def observe(self, observer: Observer) -> Observation:
+        """Run every site's plan, merge, unmerge and value-correction fit inside
+        ``observer.around(part, site)`` until the returned ``Observation`` is removed (or its
+        ``with`` block, which gives the observer, ends); see ``tokenmerge.observe``.
+
+        Example:
+            >>> import collections, contextlib, torch, tokenmerge
+            >>> from tokenmerge.observe import Observer
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
+            ...                           include=["0"], min_tokens=1)
+            >>> class Tally(Observer):  # counts the parts; times, logs... as you need
+            ...     def __init__(self):
+            ...         self.parts = collections.Counter()
+            ...     def around(self, part, site):
+            ...         self.parts[part] += 1
+            ...         return contextlib.nullcontext()
+            >>> with handle.observe(Tally()) as tally:
+            ...     for _ in range(2):
+            ...         _ = model(torch.randn(2, 64, 8))
+            >>> dict(tally.parts)
+            {'plan': 2, 'merge': 2, 'unmerge': 2}
+            >>> handle.remove()
+        """
+        return Observation(self.patches, observer)
 
     def new_generation(self) -> None:
         """Drop every cached plan (call between unrelated inputs)."""

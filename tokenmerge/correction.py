@@ -25,10 +25,13 @@ held-out loss to 0.3 points.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .observe import unobserved
 from .plan import Plan, _flat_index, _rows
 
 __all__ = ["ValueCorrection", "corrects"]
@@ -104,13 +107,16 @@ class ValueCorrection:
         values = _linear_part(self.attention.to_v, offsets)
         return _linear_part(self.attention.to_out[0], values)
 
-    def __call__(self, plan: Plan, x: Tensor, merged: Tensor, y: Tensor) -> Tensor:
+    def __call__(
+        self, plan: Plan, x: Tensor, merged: Tensor, y: Tensor, observed: Callable = unobserved
+    ) -> Tensor:
         """``y``, the copy-unmerged output for input ``x`` (``merged``: ``plan.merge(x)``),
         corrected in place (it is ``plan.unmerge``'s fresh tensor); ``beta`` is refitted when
         ``plan`` is not the one it was fitted for. ``y`` comes back as it is when the attention's
         processor was changed to one the correction does not know (an adapter's or PAG's, set
         after applying). Only the processor can change after ``corrects`` held at attach time,
-        so only it is checked here, per call."""
+        so only it is checked here, per call. A new fit runs through ``observed("fit", ...)``
+        (the site's ``SitePatch.observed``, so observers see it)."""
         if not _plain_processor(self.attention):
             self.beta, self._weighted, self._fitted_for = None, None, _NOT_FITTED
             return y
@@ -118,7 +124,7 @@ class ValueCorrection:
         with torch.no_grad():
             offsets = _rows(x, plan.src) - _rows(merged, plan.dst)  # (B, r, C)
             if self._fitted_for is not plan:
-                product, self.beta = self._fit(plan, x, y, offsets)
+                product, self.beta = observed("fit", self._fit, plan, x, y, offsets)
                 # each sample's beta folded into its own copy of the product
                 self._weighted = product * self.beta.to(product.dtype)[:, None, None]
                 self._fitted_for = plan

@@ -12,7 +12,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from .config import MergeConfig
 from .correction import ValueCorrection
 from .errors import ShortfallWarning
+from .observe import Observer, Part
 from .plan import Plan
 from .rng import SiteRandom
 from .site import Site, SiteStats, TokenLayout
@@ -39,6 +40,8 @@ LayoutFn = Callable[[Site, Tensor], "TokenLayout | None"]
 Guard = Callable[[tuple, dict], "str | None"]
 #: ``(plan, kwargs) -> kwargs`` of a merged call (positional tables reduced to the kept rows...)
 Adjust = Callable[[Plan, dict], dict]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,6 +94,22 @@ class SitePatch:
         #: what the plan is made from when set (e.g. the block input, as tomesd does); adapters
         #: set it in a pre-hook of the block and clear it after (see ``watch_block_input``)
         self.metric: Tensor | None = None
+        #: called around each part of the work (``Handle.observe``); None: nothing observes
+        self.observer: Observer | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # an observer watches this patch, not its copies: a deep copy starts unobserved
+        return {**self.__dict__, "observer": None}
+
+    def observed(self, part: Part, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, inside the observer's ``around(part, site)`` when one is
+        attached (``tokenmerge.observe``). Adapters that merge or unmerge in their own hooks
+        call ``plan.merge`` / ``plan.unmerge`` through it."""
+        observer = self.observer
+        if observer is None:  # the one check the hot path pays
+            return fn(*args, **kwargs)
+        with observer.around(part, self.site):
+            return fn(*args, **kwargs)
 
     # ------------------------------------------------------------------ planning
     @property
@@ -177,6 +196,9 @@ class SitePatch:
     def make_plan(self, x: Tensor) -> Plan | None:
         """A fresh plan for ``x (B, N, C)``, bypassing the cache (counted in the stats); None
         when the adapter knows no layout for it."""
+        return self.observed("plan", self._new_plan, x)
+
+    def _new_plan(self, x: Tensor) -> Plan | None:
         layout = self.layout(self.site, x)
         if layout is None:
             return None
@@ -213,7 +235,7 @@ class SitePatch:
                 "what it could; "
                 "stats() shows the shortfall per site. Lower the ratio or use smaller windows.",
                 ShortfallWarning,
-                stacklevel=2,
+                stacklevel=4,  # the caller of make_plan (past observed)
             )
         return plan
 
@@ -354,7 +376,7 @@ class _LocalHook:
         if plan is None or plan.is_identity:
             self.plans.append((plan, None))
             return None
-        merged = plan.merge(x)
+        merged = self.patch.observed("merge", plan.merge, x)
         self.plans.append((plan, (x, merged) if self.correction is not None else None))
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
@@ -368,10 +390,12 @@ class _LocalHook:
         plan, inputs = self.plans.pop()  # never kept past the call
         if plan is None or plan.is_identity:
             return None
+        observed = self.patch.observed
         if isinstance(output, Tensor):
-            return self._unmerge(plan, output, inputs)
+            return observed("unmerge", self._unmerge, plan, output, inputs)
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-            return type(output)([self._unmerge(plan, output[0], inputs), *output[1:]])
+            unmerged = observed("unmerge", self._unmerge, plan, output[0], inputs)
+            return type(output)([unmerged, *output[1:]])
         raise TypeError(
             f"site {self.patch.site.name!r}: cannot unmerge the output of "
             f"{type(module).__name__} ({type(output).__name__}); expected a tensor or a tuple "
@@ -382,4 +406,4 @@ class _LocalHook:
         unmerged = plan.unmerge(y)
         if inputs is None:
             return unmerged
-        return self.correction(plan, *inputs, unmerged)
+        return self.correction(plan, *inputs, unmerged, observed=self.patch.observed)

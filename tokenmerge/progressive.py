@@ -255,13 +255,13 @@ class _ProgressiveSite:
         self.plan = plan = self._plan(x)
         if plan is None or plan.is_identity:
             return None
-        return (plan.merge(x, weight=self.weight), *args[1:]), kwargs
+        return (self.patch.observed("merge", plan.merge, x, weight=self.weight), *args[1:]), kwargs
 
     def mlp_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Any:
         plan = self.plan
         if plan is None or plan.is_identity:
             return None
-        return plan.unmerge(output)
+        return self.patch.observed("unmerge", plan.unmerge, output)
 
     def block_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = output[0] if isinstance(output, (tuple, list)) else output
@@ -270,7 +270,7 @@ class _ProgressiveSite:
         self.patch.metric = None
         if plan is None or plan.is_identity:
             return None
-        merged = plan.merge(x, weight=self.weight)
+        merged = self.patch.observed("merge", plan.merge, x, weight=self.weight)
         self.track.record(plan, self.merged_sizes)
         self.weight = self.merged_sizes = None
         if isinstance(output, (tuple, list)):

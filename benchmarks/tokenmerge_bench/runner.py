@@ -165,7 +165,7 @@ class _Entry:
 
     def instrumented(self, timers: OverheadTimers) -> Any:
         if self.kind == "tokenmerge":
-            return timers
+            return self.handle.observe(timers)
         if self.peer is not None:
             return self.peer.instrumented(timers.add, timers.sync)
         return nullcontext()

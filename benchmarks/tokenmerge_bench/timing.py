@@ -1,8 +1,8 @@
 """Timers for the bench: whole forwards, the merge overhead of an instrumented run, peak memory.
 
-The overhead timers wrap ``SitePatch.make_plan``, ``Plan.merge`` and ``Plan.unmerge`` for the
-duration of an instrumented run only (synchronising the device around each call, which slows
-it), so they never sit inside the timed runs that speedups come from.
+The overhead timers observe a handle (``Handle.observe``) for an instrumented run only
+(synchronising the device around each part, which slows it), so they never sit inside the timed
+runs that speedups come from.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
-from tokenmerge.correction import ValueCorrection
-from tokenmerge.patch import SitePatch
-from tokenmerge.plan import Plan
+from tokenmerge.observe import Observer, Part
+from tokenmerge.site import Site
 
 __all__ = ["OverheadTimers", "peak_memory_mb", "synchronizer", "timed"]
 
@@ -42,17 +41,21 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-class OverheadTimers:
-    """Milliseconds spent planning, merging and unmerging (value correction included) while
-    the context is open.
+class OverheadTimers(Observer):
+    """Milliseconds spent planning, merging and unmerging (value correction included) at the
+    sites of the handles it observes.
+
+    An observer (``tokenmerge.observe``): attach it with ``handle.observe(timers)``. Each part
+    is timed with the device synchronised around it, which slows the run: observe an
+    instrumented run, never the timed ones. A part inside another (the value correction's fit
+    inside an unmerge) counts as the outer one, once.
 
     Example:
         >>> import tokenmerge
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
         ...                           include=["0"], min_tokens=1)
-        >>> timers = OverheadTimers(torch.device("cpu"))
-        >>> with timers:
+        >>> with handle.observe(OverheadTimers(torch.device("cpu"))) as timers:
         ...     _ = model(torch.randn(2, 64, 8))
         >>> sorted(timers.calls.items())
         [('merge', 1), ('plan', 1), ('unmerge', 1)]
@@ -62,46 +65,27 @@ class OverheadTimers:
         self.sync = synchronizer(device)
         self.ms: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self._originals: list[tuple[type, str, Any]] = []
         self._depth = 0
 
     def add(self, part: str, ms: float) -> None:
         self.ms[part] += ms
         self.calls[part] += 1
 
-    def _wrap(self, fn: Callable, part: str) -> Callable:
-        timers = self
-
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if timers._depth:  # a timed call inside another (never double-count)
-                return fn(*args, **kwargs)
-            timers._depth += 1
-            try:
-                elapsed, out = timed(lambda: fn(*args, **kwargs), timers.sync)
-            finally:
-                timers._depth -= 1
-            timers.add(part, elapsed * 1000.0)
-            return out
-
-        return run
-
-    def __enter__(self) -> OverheadTimers:
-        for owner, attribute, part in (
-            (SitePatch, "make_plan", "plan"),
-            (Plan, "merge", "merge"),
-            (Plan, "unmerge", "unmerge"),
-            # the value correction is part of unmerging (its own unmerge call is not counted twice)
-            (ValueCorrection, "__call__", "unmerge"),
-        ):
-            original = owner.__dict__[attribute]
-            self._originals.append((owner, attribute, original))
-            setattr(owner, attribute, self._wrap(original, part))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for owner, attribute, original in reversed(self._originals):
-            setattr(owner, attribute, original)
-        self._originals.clear()
+    @contextmanager
+    def around(self, part: Part, site: Site) -> Iterator[None]:
+        if self._depth:  # a part inside another (never double-count)
+            yield
+            return
+        self._depth += 1
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        self.sync()
+        # the value correction is part of unmerging
+        self.add("unmerge" if part == "fit" else part, (time.perf_counter() - start) * 1000.0)
 
 
 @contextmanager
