@@ -27,8 +27,8 @@ from tokenmerge import (
 )
 from tokenmerge.adapter import SiteCandidate
 from tokenmerge.adapters.generic import GenericAdapter
+from tokenmerge.extend import AdapterSpec
 from tokenmerge.patch import SitePatch
-from tokenmerge.registry import AdapterSpec
 from tokenmerge.site import Site
 from tokenmerge.testing import ADAPTER_CHECKS
 
@@ -593,11 +593,11 @@ def two_target_adapter(monkeypatch: pytest.MonkeyPatch) -> str:
     module = types.ModuleType("_tokenmerge_test_two_target")
     module.TwoTargetAdapter = _TwoTargetAdapter
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    tokenmerge.register_adapter(
+    tokenmerge.extend.register_adapter(
         AdapterSpec(name="two-target-test", target=f"{module.__name__}:TwoTargetAdapter")
     )
     yield "two-target-test"
-    tokenmerge.unregister_plugin("adapter:two-target-test")
+    tokenmerge.extend.unregister_plugin("adapter:two-target-test")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

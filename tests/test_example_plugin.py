@@ -21,7 +21,7 @@ from toy_models import Attention
 import tokenmerge
 from tokenmerge.bench.presets import get_preset
 from tokenmerge.cli import main
-from tokenmerge.config import config_union
+from tokenmerge.load import config_union
 from tokenmerge.registry import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

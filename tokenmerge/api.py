@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapter import Adapter, SiteCandidate
-from .config import MergeConfig, load_config
+from .config import MergeConfig
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedModelError,
     close_matches,
 )
+from .load import load_config
 from .patch import SitePatch
 from .registry import AdapterSpec, registry
 from .site import Site, SiteStats
@@ -42,12 +43,14 @@ class _RootHook:
         self.state = state
         self.adapter = adapter
         self.patches = patches
+        # Wrapped here, at apply, not by a decorator at import: torch.compiler.disable imports
+        # torch._dynamo, about a second that `import tokenmerge` would otherwise pay.
+        self._begin = torch.compiler.disable(self._begin_call)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._begin(args, kwargs)
 
-    @torch.compiler.disable
-    def _begin(self, args: tuple, kwargs: dict) -> None:
+    def _begin_call(self, args: tuple, kwargs: dict) -> None:
         new_generation = self.state.begin_call(timestep_value(self.adapter.timestep(args, kwargs)))
         for patch in self.patches:
             patch.begin_call(new_generation)
@@ -134,8 +137,7 @@ def get_strategy(config: str | dict | MergeConfig = "retom", **overrides: Any) -
     return registry.strategy(config.strategy)(config)
 
 
-def _make_adapter(spec: AdapterSpec, options: dict[str, Any]) -> Adapter:
-    cls = spec.load()
+def _make_adapter(spec: AdapterSpec, cls: type[Adapter], options: dict[str, Any]) -> Adapter:
     try:
         inspect.signature(cls).bind(**options)
     except TypeError:
@@ -148,15 +150,18 @@ def _make_adapter(spec: AdapterSpec, options: dict[str, Any]) -> Adapter:
 
 
 def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Adapter:
+    """The adapter for ``model``: each candidate class is asked (``supports`` is a class-level
+    check) and only the chosen one is constructed, so an adapter whose construction fails (a
+    changed signature in its library, say) cannot break models it does not handle."""
     if name is not None:
         spec = registry.adapter(name)
-        adapter = _make_adapter(spec, options)
-        if not adapter.supports(model):
+        cls = spec.load()
+        if not cls.supports(model):
             raise UnsupportedModelError(
                 f"adapter {name!r} does not support {type(model).__name__}; "
                 f"{spec.description or 'see its documentation'}"
             )
-        return adapter
+        return _make_adapter(spec, cls, options)
     specs = registry.adapter_specs()
     claimants = [spec for spec in specs if spec.claims and spec.claims_model(model)]
     for spec in claimants:
@@ -166,9 +171,9 @@ def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Ad
                 f"{type(model).__name__} needs the {spec.name!r} adapter, which is "
                 f"unavailable: {reason}"
             )
-        adapter = _make_adapter(spec, options)
-        if adapter.supports(model):
-            return adapter
+        cls = spec.load()
+        if cls.supports(model):
+            return _make_adapter(spec, cls, options)
     if claimants:
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__name__} is not supported: "
