@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -39,13 +39,17 @@ class _RootHook:
     counters): a whole-model ``torch.compile`` breaks the graph here, once, and nowhere else.
     """
 
+    #: ``_begin_call`` under ``torch.compiler.disable``, made at the first apply rather than by a
+    #: decorator: the decorator imports torch._dynamo, 0.9 s that ``import tokenmerge`` would pay.
+    #: A class attribute, as the decorator made it, so copies and pickles of a hook carry none.
+    _begin: Callable[[_RootHook, tuple, dict], None] | None = None
+
     def __init__(self, state: StepState, adapter: Adapter, patches: list[SitePatch]) -> None:
         self.state = state
         self.adapter = adapter
         self.patches = patches
-        # Wrapped here, at apply, not by a decorator at import: torch.compiler.disable imports
-        # torch._dynamo, about a second that `import tokenmerge` would otherwise pay.
-        self._begin = torch.compiler.disable(self._begin_call)
+        if _RootHook._begin is None:
+            _RootHook._begin = torch.compiler.disable(_RootHook._begin_call)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._begin(args, kwargs)
@@ -162,7 +166,7 @@ def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Ad
                 f"{spec.description or 'see its documentation'}"
             )
         return _make_adapter(spec, cls, options)
-    specs = registry.adapter_specs()
+    specs = list(registry.table("adapter").values())
     claimants = [spec for spec in specs if spec.claims and spec.claims_model(model)]
     for spec in claimants:
         reason = spec.unavailable_reason()

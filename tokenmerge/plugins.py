@@ -1,10 +1,6 @@
-"""The registry's machinery: plugins in, tables of strategies and adapters out, through one path.
-
-Built-ins (the modules in ``DEFAULT_PLUGINS``), entry points of the ``tokenmerge`` group and
-run-time plugins all register through the hooks of ``tokenmerge.hookspecs``, atomically, on the
-first use of the registry. A failing third-party plugin is skipped with a ``PluginWarning`` naming
-it; ``TOKENMERGE_DISABLE_PLUGIN_AUTOLOAD=1`` turns entry-point loading off. The public look-ups
-are in ``tokenmerge.registry``.
+"""The registry's machinery: built-ins (``DEFAULT_PLUGINS``), entry points and run-time plugins
+all register through the hooks of ``tokenmerge.hookspecs``, atomically, on first use; a failing
+third-party plugin is skipped with a ``PluginWarning``. Public look-ups: ``tokenmerge.registry``.
 """
 
 from __future__ import annotations
@@ -170,7 +166,8 @@ class Registry:
             self._ensure_loaded()
             return {name: item for name, (_, item) in self._table(kind).items()}
 
-    def _get(self, kind: str, name: str) -> Any:
+    def get(self, kind: str, name: str) -> Any:
+        """The strategy class or adapter spec registered as ``name`` (errors list the known)."""
         table = self.table(kind)
         if name not in table:
             raise _UNKNOWN[kind](unknown_name_message(kind, name, table))
@@ -206,18 +203,13 @@ class Registry:
             self._entries = [entry for entry in self._entries if entry[0] != name]
 
     def strategy(self, name: str) -> type[Strategy]:
-        """The strategy class registered as ``name``."""
-        return self._get("strategy", name)
+        return self.get("strategy", name)
 
     def adapter(self, name: str) -> AdapterSpec:
-        """The adapter spec registered as ``name``."""
-        return self._get("adapter", name)
+        return self.get("adapter", name)
 
     def strategy_names(self) -> list[str]:
         return list(self.table("strategy"))
-
-    def adapter_specs(self) -> list[AdapterSpec]:
-        return list(self.table("adapter").values())
 
     def config_classes(self) -> list[type[MergeConfig]]:
         """The config class of every strategy: the members of the discriminated union."""
