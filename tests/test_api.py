@@ -776,18 +776,16 @@ class _ExplodingAdapter(GenericAdapter):
 
 
 def _tiny_unet() -> nn.Module:
+    """A one-level UNet: the smallest the diffusers_unet adapter patches."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
+    blocks = {
+        "down_block_types": ("CrossAttnDownBlock2D",),
+        "up_block_types": ("CrossAttnUpBlock2D",),
+    }
     return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-        sample_size=16,
+        block_out_channels=(32,), cross_attention_dim=32, norm_num_groups=8, **blocks
     ).eval()
 
 
