@@ -6,8 +6,8 @@ model library is imported until a model needs it.
 
 from __future__ import annotations
 
+from tokenmerge.adapter_spec import AdapterSpec
 from tokenmerge.hookspecs import hookimpl
-from tokenmerge.registry import AdapterSpec
 
 
 @hookimpl

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from tokenmerge.hookspecs import hookimpl
+from tokenmerge.strategies.random import RandomStrategy
+from tokenmerge.strategies.retom import ReToMStrategy
+from tokenmerge.strategies.tome import ToMeStrategy
 
 
 @hookimpl
 def tokenmerge_register_strategies(register):
-    from tokenmerge.strategies.random import RandomStrategy
-    from tokenmerge.strategies.retom import ReToMStrategy
-    from tokenmerge.strategies.tome import ToMeStrategy
-
     for strategy in (ToMeStrategy, ReToMStrategy, RandomStrategy):
         register(strategy)

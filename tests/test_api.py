@@ -28,7 +28,7 @@ from tokenmerge import (
 )
 from tokenmerge.adapter import SiteCandidate
 from tokenmerge.adapters.generic import GenericAdapter
-from tokenmerge.registry import AdapterSpec
+from tokenmerge.extend import AdapterSpec
 from tokenmerge.site import Site
 from tokenmerge.testing import ADAPTER_CHECKS
 
@@ -593,11 +593,11 @@ def two_target_adapter(monkeypatch: pytest.MonkeyPatch) -> str:
     module = types.ModuleType("_tokenmerge_test_two_target")
     module.TwoTargetAdapter = _TwoTargetAdapter
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    tokenmerge.register_adapter(
+    tokenmerge.extend.register_adapter(
         AdapterSpec(name="two-target-test", target=f"{module.__name__}:TwoTargetAdapter")
     )
     yield "two-target-test"
-    tokenmerge.unregister_plugin("adapter:two-target-test")
+    tokenmerge.extend.unregister_plugin("adapter:two-target-test")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -748,3 +748,71 @@ def test_autograd_reaches_every_token(strategy: str) -> None:
     assert (per_token.gather(1, merged_away) > 0).all()
     assert model.blocks[0].attn.qkv.weight.grad is not None
     handle.remove()
+
+
+# ---------------------------------------------------------------------------- adapter choice
+
+
+class _ExplodingAdapter(GenericAdapter):
+    """Claims diffusers models but supports none of them, and cannot even be built (as a DiT
+    adapter whose signature check fails after a diffusers release)."""
+
+    name = "diffusers_aaa_exploding"  # sorts before the built-in diffusers adapters
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        return False
+
+    def __init__(self) -> None:
+        raise RuntimeError("exploding adapter constructed")
+
+
+def _tiny_unet() -> nn.Module:
+    """A one-level UNet: the smallest the diffusers_unet adapter patches."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    blocks = {
+        "down_block_types": ("CrossAttnDownBlock2D",),
+        "up_block_types": ("CrossAttnUpBlock2D",),
+    }
+    return UNet2DConditionModel(
+        block_out_channels=(32,), cross_attention_dim=32, norm_num_groups=8, **blocks
+    ).eval()
+
+
+def test_adapters_are_asked_before_one_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("_tokenmerge_test_exploding")
+    module.ExplodingAdapter = _ExplodingAdapter
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    spec = AdapterSpec(
+        name=_ExplodingAdapter.name,
+        target=f"{module.__name__}:ExplodingAdapter",
+        claims=("diffusers.",),
+    )
+    tokenmerge.extend.register_adapter(spec)
+    try:
+        assert tokenmerge.list_adapters("diffusers_*")[0] == _ExplodingAdapter.name
+        unet = _tiny_unet()
+        with tokenmerge.apply(unet, "tome", ratio=0.5, min_tokens=1) as handle:
+            assert handle.adapter.name == "diffusers_unet"
+            out = unet(torch.randn(1, 4, 16, 16), 999, encoder_hidden_states=torch.randn(1, 7, 32))
+            assert out.sample.shape == (1, 4, 16, 16)
+        # named explicitly, it is asked first too: an unsupported model, not its constructor
+        with pytest.raises(UnsupportedModelError, match=_ExplodingAdapter.name):
+            tokenmerge.apply(unet, "tome", adapter=_ExplodingAdapter.name)
+    finally:
+        tokenmerge.extend.unregister_plugin(f"adapter:{_ExplodingAdapter.name}")
+
+
+def test_a_broken_dit_adapter_does_not_break_unets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The case behind the rule: a changed signature in a DiT class of diffusers."""
+    from tokenmerge.adapters import diffusers_dit
+
+    def changed_signature() -> None:
+        raise UnsupportedModelError("DiT signature changed")
+
+    monkeypatch.setattr(diffusers_dit, "_check_signatures", changed_signature)
+    unet = _tiny_unet()
+    with tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1) as handle:
+        assert handle.adapter.name == "diffusers_unet"

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import tokenmerge
 from tokenmerge import ConfigError, MergeConfig, UnknownStrategyError, load_config
-from tokenmerge.config import config_union, resolve_per_site
+from tokenmerge.config import resolve_per_site
+from tokenmerge.load import config_union
 from tokenmerge.registry import registry
 from tokenmerge.site import Site, module_glob
 from tokenmerge.strategies.random import RandomConfig

@@ -27,8 +27,8 @@ from transformer_models import FAMILIES, inputs
 from vit_models import FAMILIES as VIT_FAMILIES
 
 import tokenmerge
-from tokenmerge import AdapterSpec, Plan
 from tokenmerge.adapters.generic import GenericAdapter
+from tokenmerge.extend import AdapterSpec, Plan
 from tokenmerge.registry import registry
 from tokenmerge.strategies.random import RandomConfig, RandomStrategy
 from tokenmerge.strategies.tome import ToMeConfig, ToMeStrategy
@@ -427,12 +427,12 @@ def broken_adapters(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     for name, cls in BROKEN_ADAPTERS.items():
         setattr(module, cls.__name__, cls)
-        tokenmerge.register_adapter(
+        tokenmerge.extend.register_adapter(
             AdapterSpec(name=name, target=f"{module.__name__}:{cls.__name__}")
         )
     yield
     for name in BROKEN_ADAPTERS:
-        tokenmerge.unregister_plugin(f"adapter:{name}")
+        tokenmerge.extend.unregister_plugin(f"adapter:{name}")
 
 
 TOY_OVERRIDES = TINY_MODELS["generic"][0].overrides

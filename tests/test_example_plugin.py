@@ -20,7 +20,7 @@ from toy_models import Attention
 
 import tokenmerge
 from tokenmerge.cli import main
-from tokenmerge.config import config_union
+from tokenmerge.load import config_union
 from tokenmerge.registry import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, registry
 from tokenmerge_bench.presets import get_preset
 

@@ -146,6 +146,12 @@ def test_every_public_name_is_in_the_api_reference():
     assert not missing, f"names in tokenmerge.__all__ without a directive in docs/api/: {missing}"
 
 
+def test_every_plugin_author_name_is_in_the_api_reference():
+    targets = {target for _, target, _ in api_directives()}
+    missing = [n for n in tokenmerge.extend.__all__ if f"tokenmerge.extend.{n}" not in targets]
+    assert not missing, f"tokenmerge.extend names without a directive in docs/api/: {missing}"
+
+
 def test_every_api_directive_resolves(griffe_tokenmerge):
     # what mkdocstrings renders: a target griffe cannot find fails the build, and a member name
     # that does not exist is silently left out, so both are checked here
@@ -295,11 +301,11 @@ def test_config_reference_lists_a_plugins_config():
         config_class = DemoConfig
 
     class Plugin:
-        @tokenmerge.hookimpl
+        @tokenmerge.extend.hookimpl
         def tokenmerge_register_strategies(self, register):
             register(Demo)
 
-    tokenmerge.register_plugin(Plugin(), name="demo-reference-plugin")
+    tokenmerge.extend.register_plugin(Plugin(), name="demo-reference-plugin")
     markdown = docs_hooks.config_reference()
     check_reference_lists(markdown)
     section = reference_sections(markdown)["`demo_reference`"]

@@ -22,19 +22,22 @@ from torch import nn
 
 import tokenmerge
 from tokenmerge import (
-    AdapterSpec,
     ConfigError,
-    DuplicateNameError,
     MergeConfig,
+    UnknownAdapterError,
+    UnknownStrategyError,
+    UnsupportedModelError,
+    extend,
+)
+from tokenmerge.extend import (
+    AdapterSpec,
+    DuplicateNameError,
     Plan,
     PluginError,
     Strategy,
-    UnknownAdapterError,
     UnknownNameError,
-    UnknownStrategyError,
-    UnsupportedModelError,
 )
-from tokenmerge.config import config_union
+from tokenmerge.load import config_union
 from tokenmerge.registry import DISABLE_AUTOLOAD_ENV, registry
 from tokenmerge.strategies.random import RandomConfig, RandomStrategy
 from tokenmerge.strategies.retom import ReToMConfig, ReToMStrategy
@@ -96,7 +99,7 @@ class PairsStrategy(Strategy):
 
 
 class PairsPlugin:
-    @tokenmerge.hookimpl
+    @extend.hookimpl
     def tokenmerge_register_strategies(self, register):
         register(PairsStrategy)
 
@@ -111,13 +114,13 @@ def plugin_with(strategies=(), adapters=(), raise_after=None):
     """A plugin object registering the given strategies (with replace flags) and adapters."""
 
     class Plugin:
-        @tokenmerge.hookimpl
+        @extend.hookimpl
         def tokenmerge_register_strategies(self, register):
             for item in strategies:
                 cls, replace = item if isinstance(item, tuple) else (item, False)
                 register(cls, replace=replace)
 
-        @tokenmerge.hookimpl
+        @extend.hookimpl
         def tokenmerge_register_adapters(self, register):
             for spec in adapters:
                 register(spec)
@@ -184,7 +187,7 @@ def test_list_plugins_builtin_info_and_filtering():
 
 
 def test_reset_reloads_builtins_lazily():
-    tokenmerge.register_plugin(PairsPlugin(), name="pairs-plugin")
+    extend.register_plugin(PairsPlugin(), name="pairs-plugin")
     assert "pairs" in tokenmerge.list_strategies()
     registry.reset()
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
@@ -223,7 +226,7 @@ def test_unknown_adapter_lists_known_and_close_matches():
 
 def test_unknown_plugin_name_lists_plugins():
     with pytest.raises(UnknownNameError) as info:
-        tokenmerge.unregister_plugin("tokenmerge.strategy")
+        extend.unregister_plugin("tokenmerge.strategy")
     message = str(info.value)
     assert "tokenmerge.adapters, tokenmerge.strategies" in message
     assert "did you mean 'tokenmerge.strategies'" in message
@@ -233,7 +236,7 @@ def test_unknown_plugin_name_lists_plugins():
 
 
 def test_runtime_plugin_is_listed_validated_serialised_and_usable():
-    assert tokenmerge.register_plugin(PairsPlugin(), name="pairs-plugin") == "pairs-plugin"
+    assert extend.register_plugin(PairsPlugin(), name="pairs-plugin") == "pairs-plugin"
     assert tokenmerge.list_strategies() == ["pairs", "random", "retom", "tome"]
     assert tokenmerge.list_strategies("p*") == ["pairs"]
     (info,) = tokenmerge.list_plugins("pairs-plugin")
@@ -280,12 +283,12 @@ def test_runtime_plugin_is_listed_validated_serialised_and_usable():
 
 
 def test_unregister_plugin_removes_everything_it_registered():
-    tokenmerge.register_plugin(PairsPlugin(), name="pairs-plugin")
+    extend.register_plugin(PairsPlugin(), name="pairs-plugin")
     spec = AdapterSpec(name="extra", target="tokenmerge.adapters.generic:GenericAdapter")
-    tokenmerge.register_plugin(plugin_with(adapters=[spec]), name="adapter-plugin")
+    extend.register_plugin(plugin_with(adapters=[spec]), name="adapter-plugin")
     assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "extra"])
-    tokenmerge.unregister_plugin("pairs-plugin")
-    tokenmerge.unregister_plugin("adapter-plugin")
+    extend.unregister_plugin("pairs-plugin")
+    extend.unregister_plugin("adapter-plugin")
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
     assert tokenmerge.list_adapters() == BUILTIN_ADAPTERS
     assert [p.name for p in tokenmerge.list_plugins()] == BUILTIN_PLUGINS
@@ -295,7 +298,7 @@ def test_unregister_plugin_removes_everything_it_registered():
         config_union().validate_python({"strategy": "pairs"})
     assert registry.plugin_manager.get_plugin("pairs-plugin") is None
     # the name is free again
-    tokenmerge.register_plugin(PairsPlugin(), name="pairs-plugin")
+    extend.register_plugin(PairsPlugin(), name="pairs-plugin")
     assert "pairs" in tokenmerge.list_strategies()
 
 
@@ -315,7 +318,7 @@ def test_module_plugin_named_after_the_module(tmp_path, monkeypatch):
                 name = "mod"
                 config_class = ModConfig
 
-            @tokenmerge.hookimpl
+            @tokenmerge.extend.hookimpl
             def tokenmerge_register_strategies(register):
                 register(ModStrategy)
             """
@@ -325,7 +328,7 @@ def test_module_plugin_named_after_the_module(tmp_path, monkeypatch):
     import tm_test_module_plugin
 
     try:
-        assert tokenmerge.register_plugin(tm_test_module_plugin) == "tm_test_module_plugin"
+        assert extend.register_plugin(tm_test_module_plugin) == "tm_test_module_plugin"
         assert tokenmerge.list_strategies("mod") == ["mod"]
         assert type(tokenmerge.load_config("mod")).__name__ == "ModConfig"
     finally:
@@ -333,13 +336,13 @@ def test_module_plugin_named_after_the_module(tmp_path, monkeypatch):
 
 
 def test_register_strategy_convenience():
-    tokenmerge.register_strategy(PairsStrategy)
+    extend.register_strategy(PairsStrategy)
     assert "pairs" in tokenmerge.list_strategies()
     assert tokenmerge.list_plugins("strategy:pairs")[0].strategies == ["pairs"]
     assert isinstance(tokenmerge.get_strategy("pairs", ratio=0.25), PairsStrategy)
     with pytest.raises((DuplicateNameError, PluginError)):
-        tokenmerge.register_strategy(PairsStrategy)
-    tokenmerge.unregister_plugin("strategy:pairs")
+        extend.register_strategy(PairsStrategy)
+    extend.unregister_plugin("strategy:pairs")
     assert "pairs" not in tokenmerge.list_strategies()
 
 
@@ -349,20 +352,20 @@ def test_register_strategy_again_with_replace_takes_over():
     class PairsV2(PairsStrategy):
         pass
 
-    tokenmerge.register_strategy(PairsStrategy)
-    tokenmerge.register_strategy(PairsV2, replace=True)
+    extend.register_strategy(PairsStrategy)
+    extend.register_strategy(PairsV2, replace=True)
     assert registry.strategy("pairs") is PairsV2
 
 
 def test_register_adapter_convenience():
     spec = AdapterSpec(name="generic2", target="tokenmerge.adapters.generic:GenericAdapter")
-    tokenmerge.register_adapter(spec)
+    extend.register_adapter(spec)
     assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "generic2"])
     model = tiny_model()
     with tokenmerge.apply(model, "tome", adapter="generic2", include=["0"], min_tokens=1) as h:
         assert h.adapter.name == "generic"  # the class the spec names
     with pytest.raises(DuplicateNameError):
-        tokenmerge.register_adapter(AdapterSpec(name="generic", target="a:B"))
+        extend.register_adapter(AdapterSpec(name="generic", target="a:B"))
 
 
 # ---------------------------------------------------------------------------- duplicates
@@ -373,7 +376,7 @@ def test_duplicate_strategy_name_is_an_error():
         pass
 
     with pytest.raises(DuplicateNameError) as info:
-        tokenmerge.register_plugin(plugin_with(strategies=[OtherRetom]), name="dup")
+        extend.register_plugin(plugin_with(strategies=[OtherRetom]), name="dup")
     message = str(info.value)
     assert "'retom'" in message and "'tokenmerge.strategies'" in message
     assert "replace=True" in message
@@ -383,9 +386,9 @@ def test_duplicate_strategy_name_is_an_error():
 
 
 def test_duplicate_between_two_runtime_plugins():
-    tokenmerge.register_plugin(PairsPlugin(), name="first")
+    extend.register_plugin(PairsPlugin(), name="first")
     with pytest.raises(DuplicateNameError, match="'first'"):
-        tokenmerge.register_plugin(PairsPlugin(), name="second")
+        extend.register_plugin(PairsPlugin(), name="second")
     assert tokenmerge.list_plugins("first")[0].strategies == ["pairs"]
     assert tokenmerge.list_plugins("second") == []
 
@@ -393,7 +396,7 @@ def test_duplicate_between_two_runtime_plugins():
 def test_duplicate_adapter_name_is_an_error():
     spec = AdapterSpec(name="generic", target="somewhere:Else")
     with pytest.raises(DuplicateNameError, match="adapter 'generic'"):
-        tokenmerge.register_plugin(plugin_with(adapters=[spec]), name="dup-adapter")
+        extend.register_plugin(plugin_with(adapters=[spec]), name="dup-adapter")
     assert registry.adapter("generic").target == "tokenmerge.adapters.generic:GenericAdapter"
 
 
@@ -401,12 +404,12 @@ def test_replace_true_takes_over_a_name():
     class OtherRetom(ReToMStrategy):
         pass
 
-    tokenmerge.register_plugin(plugin_with(strategies=[(OtherRetom, True)]), name="override")
+    extend.register_plugin(plugin_with(strategies=[(OtherRetom, True)]), name="override")
     assert registry.strategy("retom") is OtherRetom
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
     assert tokenmerge.list_plugins("override")[0].strategies == ["retom"]
     spec = AdapterSpec(name="generic", target="tokenmerge.adapters.generic:GenericAdapter")
-    tokenmerge.register_adapter(spec, replace=True)
+    extend.register_adapter(spec, replace=True)
     assert registry.adapter("generic") is spec
 
 
@@ -414,25 +417,25 @@ def test_unregistering_a_replacing_plugin_restores_the_replaced_strategy():
     class OtherRetom(ReToMStrategy):
         pass
 
-    tokenmerge.register_plugin(plugin_with(strategies=[(OtherRetom, True)]), name="override")
-    tokenmerge.unregister_plugin("override")
+    extend.register_plugin(plugin_with(strategies=[(OtherRetom, True)]), name="override")
+    extend.unregister_plugin("override")
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
     assert registry.strategy("retom") is ReToMStrategy
 
 
 def test_plugin_name_taken_is_a_plugin_error():
-    tokenmerge.register_plugin(PairsPlugin(), name="same")
+    extend.register_plugin(PairsPlugin(), name="same")
     with pytest.raises(PluginError, match="already registered"):
-        tokenmerge.register_plugin(plugin_with(), name="same")
+        extend.register_plugin(plugin_with(), name="same")
     with pytest.raises(PluginError, match="already registered"):
-        tokenmerge.register_plugin(plugin_with(), name="tokenmerge.strategies")
+        extend.register_plugin(plugin_with(), name="tokenmerge.strategies")
 
 
 def test_same_plugin_object_twice_is_a_plugin_error():
     plugin = PairsPlugin()
-    tokenmerge.register_plugin(plugin, name="once")
+    extend.register_plugin(plugin, name="once")
     with pytest.raises(PluginError):
-        tokenmerge.register_plugin(plugin, name="twice")
+        extend.register_plugin(plugin, name="twice")
 
 
 # ---------------------------------------------------------------------------- atomic plugins
@@ -444,12 +447,12 @@ class BadName(PairsStrategy):
 
 def test_plugin_with_a_bad_second_strategy_registers_nothing():
     with pytest.raises(PluginError, match="lower-case name"):
-        tokenmerge.register_plugin(plugin_with(strategies=[PairsStrategy, BadName]), name="half")
+        extend.register_plugin(plugin_with(strategies=[PairsStrategy, BadName]), name="half")
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
     assert tokenmerge.list_plugins("half") == []
     assert registry.plugin_manager.get_plugin("half") is None
     # nothing is left behind: the same name and strategy register cleanly afterwards
-    tokenmerge.register_plugin(PairsPlugin(), name="half")
+    extend.register_plugin(PairsPlugin(), name="half")
     assert "pairs" in tokenmerge.list_strategies()
 
 
@@ -459,20 +462,20 @@ def test_plugin_with_a_duplicate_second_strategy_registers_nothing():
         config_class = ToMeConfig
 
     with pytest.raises(DuplicateNameError):
-        tokenmerge.register_plugin(plugin_with(strategies=[PairsStrategy, OtherTome]), name="h")
+        extend.register_plugin(plugin_with(strategies=[PairsStrategy, OtherTome]), name="h")
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
     assert tokenmerge.list_plugins("h") == []
 
 
 def test_plugin_whose_adapter_hook_fails_registers_no_strategy_either():
     with pytest.raises(PluginError, match="AdapterSpec"):
-        tokenmerge.register_plugin(
+        extend.register_plugin(
             plugin_with(strategies=[PairsStrategy], adapters=["not a spec"]), name="h"
         )
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
     spec = AdapterSpec(name="fine", target="a:B")
     with pytest.raises(RuntimeError, match="boom"):
-        tokenmerge.register_plugin(
+        extend.register_plugin(
             plugin_with(
                 strategies=[PairsStrategy], adapters=[spec], raise_after=RuntimeError("boom")
             ),
@@ -508,9 +511,9 @@ def _strategy(name, config_class, **attrs):
         (_strategy("pairs", dict), "config_class must subclass tokenmerge.MergeConfig"),
         (_strategy("pairs", RandomConfig), "default 'random'"),
         (_strategy("pairs", MismatchedConfig), "Literal['pairs']"),
-        (RandomConfig, "subclass of tokenmerge.Strategy"),
-        (int, "subclass of tokenmerge.Strategy"),
-        ("pairs", "subclass of tokenmerge.Strategy"),
+        (RandomConfig, "subclass of tokenmerge.extend.Strategy"),
+        (int, "subclass of tokenmerge.extend.Strategy"),
+        ("pairs", "subclass of tokenmerge.extend.Strategy"),
     ],
     ids=[
         "upper",
@@ -527,7 +530,7 @@ def _strategy(name, config_class, **attrs):
 )
 def test_bad_strategy_class_rejected_with_plugin_error(cls, message):
     with pytest.raises(PluginError, match=re.escape(message)):
-        tokenmerge.register_plugin(plugin_with(strategies=[cls]), name="bad")
+        extend.register_plugin(plugin_with(strategies=[cls]), name="bad")
     assert tokenmerge.list_plugins("bad") == []
     assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
 
@@ -543,20 +546,20 @@ def test_strategy_without_a_name_rejected_with_plugin_error():
             return Plan.identity(layout.num_image_tokens)
 
     with pytest.raises(PluginError, match="lower-case name"):
-        tokenmerge.register_plugin(plugin_with(strategies=[Nameless]), name="bad")
+        extend.register_plugin(plugin_with(strategies=[Nameless]), name="bad")
 
 
 @pytest.mark.parametrize("cls", [RandomConfig, int, "pairs"])
 def test_register_strategy_with_a_non_strategy_is_a_plugin_error(cls):
     with pytest.raises(PluginError):
-        tokenmerge.register_strategy(cls)
+        extend.register_strategy(cls)
 
 
 def test_config_whose_strategy_is_not_a_literal_is_rejected():
     """Such a config cannot join the discriminated union: registering it must fail (else
     config_union() breaks for every strategy)."""
     with pytest.raises(PluginError, match="Literal"):
-        tokenmerge.register_strategy(_strategy("loose", NoLiteralConfig))
+        extend.register_strategy(_strategy("loose", NoLiteralConfig))
     assert type(config_union().validate_python({"strategy": "retom"})) is ReToMConfig
 
 
@@ -598,7 +601,7 @@ def fake_spec(**requires) -> AdapterSpec:
 def test_adapter_with_missing_library_is_listed_as_unavailable():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tokenmerge.register_adapter(fake_spec())
+        extend.register_adapter(fake_spec())
         assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "fake"])
         assert tokenmerge.list_adapters(available=False) == ["fake"]
         assert tokenmerge.list_adapters(available=True) == BUILTIN_ADAPTERS
@@ -613,7 +616,7 @@ def test_adapter_with_missing_library_is_listed_as_unavailable():
 
 @pytest.mark.parametrize("model_class", [FakeLibModel, UserModel])
 def test_model_of_unavailable_adapter_names_the_extra(model_class):
-    tokenmerge.register_adapter(fake_spec())
+    extend.register_adapter(fake_spec())
     model = model_class()
     with pytest.raises(UnsupportedModelError) as info:
         tokenmerge.apply(model, "tome")
@@ -630,7 +633,7 @@ def test_model_of_unavailable_adapter_names_the_extra(model_class):
 
 
 def test_adapter_with_too_old_library_is_unavailable():
-    tokenmerge.register_adapter(fake_spec(torch="999.0"))
+    extend.register_adapter(fake_spec(torch="999.0"))
     assert tokenmerge.list_adapters(available=False) == ["fake"]
     status = tokenmerge.adapter_status("fake")
     assert f"torch {importlib.metadata.version('torch')} is older than 999.0" in status
@@ -641,12 +644,12 @@ def test_adapter_with_too_old_library_is_unavailable():
 
 def test_adapter_without_extra_hints_at_the_requirement():
     spec = AdapterSpec(name="fake2", target="x:Y", requires={"torch": "999.0"})
-    tokenmerge.register_adapter(spec)
+    extend.register_adapter(spec)
     assert "pip install 'torch>=999.0'" in tokenmerge.adapter_status("fake2")
 
 
 def test_adapter_with_installed_library_is_available():
-    tokenmerge.register_adapter(
+    extend.register_adapter(
         AdapterSpec(name="ok", target="x:Y", requires={"torch": "2.0", "pydantic": "2"})
     )
     assert tokenmerge.adapter_status("ok") == "available"

@@ -42,7 +42,8 @@ from vit_models import (
 
 import tokenmerge
 import tokenmerge.adapters as adapters_package
-from tokenmerge import ConfigError, Plan, TokenLayout, UnsupportedModelError
+from tokenmerge import ConfigError, UnsupportedModelError
+from tokenmerge.extend import Plan, TokenLayout
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site
 from tokenmerge.windows import grown_window, window_labels

@@ -1,5 +1,8 @@
 """tokenmerge: training-free token merging for attention-based image models.
 
+``tokenmerge.__all__`` is what users call; what plugin authors subclass and use (``Strategy``,
+``Adapter``, ``AdapterSpec``, ``hookimpl``, ``register_plugin``...) is in ``tokenmerge.extend``.
+
 Example:
     >>> import tokenmerge
     >>> tokenmerge.list_strategies()
@@ -8,83 +11,59 @@ Example:
 
 from __future__ import annotations
 
-from .adapter import Adapter, SiteCandidate
+import warnings
+from typing import Any
+
+from . import extend
+from ._version import __version__
 from .api import Handle, apply, get_strategy, remove
-from .config import MergeConfig, load_config, r_schedule
+from .config import MergeConfig, r_schedule
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
-    DuplicateNameError,
     NoSitesError,
-    PluginError,
-    PluginWarning,
     ShortfallWarning,
     TokenMergeError,
     TokenMergeWarning,
     UnknownAdapterError,
-    UnknownNameError,
     UnknownStrategyError,
     UnsupportedModelError,
 )
-from .hookspecs import hookimpl
-from .plan import Plan
-from .registry import (
-    AdapterSpec,
-    PluginInfo,
-    adapter_status,
-    list_adapters,
-    list_plugins,
-    list_strategies,
-    register_adapter,
-    register_plugin,
-    register_strategy,
-    unregister_plugin,
-)
-from .site import Site, SiteStats, TokenLayout
-from .state import StepState
-from .strategy import Strategy
-
-__version__ = "0.1.0"
+from .load import load_config
+from .registry import adapter_status, list_adapters, list_plugins, list_strategies
 
 __all__ = [
-    "Adapter",
-    "AdapterSpec",
     "AlreadyAppliedError",
     "ConfigError",
-    "DuplicateNameError",
     "Handle",
     "MergeConfig",
     "NoSitesError",
-    "Plan",
-    "PluginError",
-    "PluginInfo",
-    "PluginWarning",
     "ShortfallWarning",
-    "Site",
-    "SiteCandidate",
-    "SiteStats",
-    "StepState",
-    "Strategy",
-    "TokenLayout",
     "TokenMergeError",
     "TokenMergeWarning",
     "UnknownAdapterError",
-    "UnknownNameError",
     "UnknownStrategyError",
     "UnsupportedModelError",
     "__version__",
     "adapter_status",
     "apply",
     "get_strategy",
-    "hookimpl",
     "list_adapters",
     "list_plugins",
     "list_strategies",
     "load_config",
     "r_schedule",
-    "register_adapter",
-    "register_plugin",
-    "register_strategy",
     "remove",
-    "unregister_plugin",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The plugin-author names lived here until 0.1; they keep working for one release.
+    if name not in extend.__all__:
+        raise AttributeError(f"module 'tokenmerge' has no attribute {name!r}")
+    warnings.warn(
+        f"tokenmerge.{name} is deprecated; use tokenmerge.extend.{name}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(extend, name)

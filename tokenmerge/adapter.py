@@ -75,7 +75,11 @@ class Adapter(ABC):
     @classmethod
     @abstractmethod
     def supports(cls, model: Any) -> bool:
-        """True when this adapter knows how to patch ``model``."""
+        """True when this adapter knows how to patch ``model``.
+
+        A class-level check: ``apply`` asks each candidate adapter class before building any,
+        and constructs only the one it chooses, so keep it cheap and free of side effects.
+        """
 
     def root(self, model: Any) -> nn.Module:
         """The module that is patched (a pipeline's denoiser, for instance)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapter import Adapter, SiteCandidate
-from .config import MergeConfig, load_config
+from .config import MergeConfig
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedModelError,
     close_matches,
 )
+from .load import load_config
 from .observe import Observation, Observer
 from .patch import SitePatch
 from .registry import AdapterSpec, registry
@@ -39,16 +40,22 @@ class _RootHook:
     counters): a whole-model ``torch.compile`` breaks the graph here, once, and nowhere else.
     """
 
+    #: ``_begin_call`` under ``torch.compiler.disable``, made at the first apply rather than by a
+    #: decorator: the decorator imports torch._dynamo, 0.9 s that ``import tokenmerge`` would pay.
+    #: A class attribute, as the decorator made it, so copies and pickles of a hook carry none.
+    _begin: Callable[[_RootHook, tuple, dict], None] | None = None
+
     def __init__(self, state: StepState, adapter: Adapter, patches: list[SitePatch]) -> None:
         self.state = state
         self.adapter = adapter
         self.patches = patches
+        if _RootHook._begin is None:
+            _RootHook._begin = torch.compiler.disable(_RootHook._begin_call)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._begin(args, kwargs)
 
-    @torch.compiler.disable
-    def _begin(self, args: tuple, kwargs: dict) -> None:
+    def _begin_call(self, args: tuple, kwargs: dict) -> None:
         new_generation = self.state.begin_call(timestep_value(self.adapter.timestep(args, kwargs)))
         for patch in self.patches:
             patch.begin_call(new_generation)
@@ -161,8 +168,7 @@ def get_strategy(config: str | dict | MergeConfig = "retom", **overrides: Any) -
     return registry.strategy(config.strategy)(config)
 
 
-def _make_adapter(spec: AdapterSpec, options: dict[str, Any]) -> Adapter:
-    cls = spec.load()
+def _make_adapter(spec: AdapterSpec, cls: type[Adapter], options: dict[str, Any]) -> Adapter:
     try:
         inspect.signature(cls).bind(**options)
     except TypeError:
@@ -175,16 +181,19 @@ def _make_adapter(spec: AdapterSpec, options: dict[str, Any]) -> Adapter:
 
 
 def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Adapter:
+    """The adapter for ``model``: each candidate class is asked (``supports`` is a class-level
+    check) and only the chosen one is constructed, so an adapter whose construction fails (a
+    changed signature in its library, say) cannot break models it does not handle."""
     if name is not None:
         spec = registry.adapter(name)
-        adapter = _make_adapter(spec, options)
-        if not adapter.supports(model):
+        cls = spec.load()
+        if not cls.supports(model):
             raise UnsupportedModelError(
                 f"adapter {name!r} does not support {type(model).__name__}; "
                 f"{spec.description or 'see its documentation'}"
             )
-        return adapter
-    specs = registry.adapter_specs()
+        return _make_adapter(spec, cls, options)
+    specs = list(registry.table("adapter").values())
     claimants = [spec for spec in specs if spec.claims and spec.claims_model(model)]
     for spec in claimants:
         reason = spec.unavailable_reason()
@@ -193,9 +202,9 @@ def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Ad
                 f"{type(model).__name__} needs the {spec.name!r} adapter, which is "
                 f"unavailable: {reason}"
             )
-        adapter = _make_adapter(spec, options)
-        if adapter.supports(model):
-            return adapter
+        cls = spec.load()
+        if cls.supports(model):
+            return _make_adapter(spec, cls, options)
     if claimants:
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__name__} is not supported: "

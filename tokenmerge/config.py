@@ -19,32 +19,17 @@ sites, most specific first:
 
 from __future__ import annotations
 
-import json
 import math
-from functools import lru_cache
-from typing import Annotated, Any, Literal, Union
+import sys
+import warnings
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import ConfigError, UnknownStrategyError, close_matches, unknown_name_message
+from .errors import ConfigError
 from .site import Site
 
-__all__ = [
-    "MergeConfig",
-    "r_schedule",
-    "MAX_CELL",
-    "STAGES",
-    "load_config",
-    "resolve_per_site",
-]
+__all__ = ["MergeConfig", "r_schedule", "MAX_CELL", "STAGES", "resolve_per_site"]
 
 #: UNet stages, then the thirds of a transformer's depth (DiT, PixArt, SD3, Flux: no down / up)
 STAGES = ("down", "mid", "up", "first", "middle", "last")
@@ -393,101 +378,19 @@ def r_schedule(r: int, num_blocks: int, shape: str = "decreasing") -> tuple[int,
     return values if shape == "decreasing" else values[::-1]
 
 
-# ---------------------------------------------------------------------------- loading
+#: names that moved to ``tokenmerge.load`` (above the registry they read), kept here for a release
+_MOVED = ("load_config", "config_union")
 
 
-def _format_validation_error(title: str, error: ValidationError, fields: list[str]) -> str:
-    lines = [f"invalid {title}:"]
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(config)"
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            name = str(item["loc"][-1]) if item["loc"] else ""
-            message = f"unknown field; allowed fields: {', '.join(fields)}"
-            matches = close_matches(name, fields)
-            if matches:
-                message += f"; did you mean {' or '.join(repr(m) for m in matches)}?"
-        shown = repr(item.get("input"))
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"  - {where}: {message} (got {shown})")
-    return "\n".join(lines)
-
-
-def _validate(cls: type[MergeConfig], data: dict[str, Any]) -> MergeConfig:
-    try:
-        return cls.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(
-            _format_validation_error(cls.__name__, error, list(cls.model_fields))
-        ) from None
-
-
-@lru_cache(maxsize=8)
-def _union_adapter(classes: tuple[type[MergeConfig], ...]) -> TypeAdapter:
-    if len(classes) == 1:
-        return TypeAdapter(classes[0])
-    union = Annotated[Union[classes], Field(discriminator="strategy")]  # noqa: UP007
-    return TypeAdapter(union)
-
-
-def config_union() -> TypeAdapter:
-    """A pydantic ``TypeAdapter`` for the discriminated union of every registered config."""
-    from .registry import registry
-
-    return _union_adapter(tuple(registry.config_classes()))
-
-
-def load_config(config: str | dict | MergeConfig = "retom", **overrides: Any) -> MergeConfig:
-    """Turn a strategy name, a dict (or JSON string of one) or a config into a validated config.
-
-    Args:
-        config: a strategy name (``"retom"``), a mapping with a ``strategy`` key, its JSON text,
-            or a ``MergeConfig`` instance.
-        **overrides: fields to set on top (e.g. ``ratio=0.5``).
-
-    Raises:
-        UnknownStrategyError: the strategy is not registered (lists known names).
-        ConfigError: a field is invalid, unknown or impossible (says what is allowed).
-
-    Example:
-        >>> from tokenmerge import load_config
-        >>> load_config("retom", ratio=0.5).ratio
-        0.5
-        >>> load_config('{"strategy": "tome", "ratio": 0.25}').strategy
-        'tome'
-    """
-    from .registry import registry
-
-    if isinstance(config, MergeConfig):
-        if not overrides:
-            return config
-        data = {**config.model_dump(), **overrides}
-        return _validate(type(config), data)
-    if isinstance(config, str):
-        text = config.strip()
-        if text.startswith("{"):
-            try:
-                config = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"config text is not valid JSON: {error}") from None
-        else:
-            cls = registry.strategy(text).config_class
-            return _validate(cls, {"strategy": text, **overrides})
-    if not isinstance(config, dict):
-        raise ConfigError(
-            "config must be a strategy name, a dict with a 'strategy' key, its JSON text or a "
-            f"MergeConfig; got {type(config).__name__}"
-        )
-    data = {**config, **overrides}
-    name = data.get("strategy")
-    if not isinstance(name, str):
-        raise ConfigError(
-            "a config dict needs a 'strategy' key naming a registered strategy "
-            f"({', '.join(registry.strategy_names())}); got {name!r}"
-        )
-    if name not in registry.strategy_names():
-        raise UnknownStrategyError(
-            unknown_name_message("strategy", name, registry.strategy_names())
-        )
-    return _validate(registry.strategy(name).config_class, data)
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"tokenmerge.config.{name} is deprecated; import it from tokenmerge.load"
+        + (" (or use tokenmerge.load_config)" if name == "load_config" else ""),
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    # No import: this module sits below the registry, and tokenmerge.load above it; importing
+    # tokenmerge (always done before any of its modules) has loaded tokenmerge.load already.
+    return getattr(sys.modules["tokenmerge.load"], name)

@@ -29,10 +29,10 @@ def tokenmerge_register_strategies(register: Callable[..., None]) -> None:
 
     Call ``register(StrategyClass)`` once per strategy (``register(cls, replace=True)`` to take
     over a name that is already registered). A strategy class subclasses
-    ``tokenmerge.Strategy`` and names its config class.
+    ``tokenmerge.extend.Strategy`` and names its config class.
 
     Example:
-        >>> from tokenmerge import hookimpl
+        >>> from tokenmerge.extend import hookimpl
         >>> class MyPlugin:
         ...     @hookimpl
         ...     def tokenmerge_register_strategies(self, register):
@@ -50,7 +50,7 @@ def tokenmerge_register_adapters(register: Callable[..., None]) -> None:
     it needs, so a missing library makes the adapter show as unavailable instead of failing.
 
     Example:
-        >>> from tokenmerge import hookimpl, AdapterSpec
+        >>> from tokenmerge.extend import hookimpl, AdapterSpec
         >>> class MyPlugin:
         ...     @hookimpl
         ...     def tokenmerge_register_adapters(self, register):
@@ -73,7 +73,7 @@ def tokenmerge_register_commands(register: Callable[..., None]) -> None:
         bench = "tokenmerge_bench.commands"
 
     Example:
-        >>> from tokenmerge import hookimpl
+        >>> from tokenmerge.extend import hookimpl
         >>> from tokenmerge.cli import Command
         >>> class MyCommands:
         ...     @hookimpl

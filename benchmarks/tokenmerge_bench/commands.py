@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenmerge.cli import Command, Listing, UsageError
-from tokenmerge.config import load_config
 from tokenmerge.hookspecs import hookimpl
+from tokenmerge.load import load_config
 from tokenmerge.registry import list_strategies, registry
 
 # light: torch and the core. The runners (report, runner, classify, visualize) are imported by

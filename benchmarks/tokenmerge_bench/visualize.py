@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenmerge.api import apply
-from tokenmerge.config import load_config
 from tokenmerge.errors import (
     OutputPathError,
     TokenMergeError,
     UnknownNameError,
     unknown_name_message,
 )
+from tokenmerge.load import load_config
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.registry import list_strategies

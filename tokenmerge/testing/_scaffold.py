@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from tokenmerge.api import Handle, apply
-from tokenmerge.config import load_config
 from tokenmerge.errors import ShortfallWarning
+from tokenmerge.load import load_config
 from tokenmerge.registry import registry
 
 #: an output's tensors with their paths (``output[0]``, ``output.sample``...)

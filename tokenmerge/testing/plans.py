@@ -35,7 +35,7 @@ def check_plan(plan: Plan, num_tokens: int, batch: int, num_out: int | None = No
         ...
         AssertionError: the plan leaves 2 tokens, expected 3
     """
-    require(isinstance(plan, Plan), f"expected a tokenmerge.Plan, got {type(plan).__name__}")
+    require(isinstance(plan, Plan), f"expected a tokenmerge.extend.Plan, got {type(plan).__name__}")
     n, rows, m, r = plan.num_tokens, plan.batch, plan.num_out, plan.num_merged
     require(n == num_tokens, f"the plan is over {n} tokens, expected {num_tokens}")
     require(rows in (1, batch), f"the plan has {rows} rows for a batch of {batch} (1 or {batch})")

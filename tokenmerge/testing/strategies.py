@@ -16,8 +16,8 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from tokenmerge.config import load_config
 from tokenmerge.errors import PluginError, ShortfallWarning
+from tokenmerge.load import load_config
 from tokenmerge.plan import Plan
 from tokenmerge.registry import registry
 from tokenmerge.strategy import Strategy

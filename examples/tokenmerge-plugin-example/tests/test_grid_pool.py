@@ -25,7 +25,7 @@ from tokenmerge.testing import check_adapter, check_strategy
 def grid_pool_registered(monkeypatch):
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
     registry.reset()
-    tokenmerge.register_plugin(plugin, name="example")
+    tokenmerge.extend.register_plugin(plugin, name="example")
     yield
     registry.reset()
 
@@ -95,10 +95,10 @@ def test_conforms_in_a_model_through_the_generic_adapter():
 def plan(grid, num_merge, **options):
     """A grid_pool plan and where every token went: ``origin`` as the grid, the kept tokens."""
     config = tokenmerge.load_config("grid_pool", **options)
-    layout = tokenmerge.TokenLayout(grid)
+    layout = tokenmerge.extend.TokenLayout(grid)
     n = layout.num_image_tokens
     made = GridPoolStrategy(config).make_plan(
-        torch.zeros(1, n, 0), layout, tokenmerge.Site("x"), num_merge, SiteRandom(seed=0)
+        torch.zeros(1, n, 0), layout, tokenmerge.extend.Site("x"), num_merge, SiteRandom(seed=0)
     )
     return made.origin.view(grid).tolist(), made.kept.flatten().tolist()
 
@@ -125,9 +125,9 @@ def test_partial_ratio_spreads_over_every_block():
 
 def test_blocks_cut_by_the_edge_and_capacity():
     strategy = GridPoolStrategy(tokenmerge.load_config("grid_pool", k=2))
-    site = tokenmerge.Site("x")
-    assert strategy.capacity(tokenmerge.TokenLayout((3, 5)), site) == 15 - 6
-    assert strategy.capacity(tokenmerge.TokenLayout((1, 7)), site) == 7 - 4  # 1 x 2 blocks
+    site = tokenmerge.extend.Site("x")
+    assert strategy.capacity(tokenmerge.extend.TokenLayout((3, 5)), site) == 15 - 6
+    assert strategy.capacity(tokenmerge.extend.TokenLayout((1, 7)), site) == 7 - 4  # 1 x 2 blocks
     origin, kept = plan((3, 5), 9, k=2)
     assert kept == [0, 2, 4, 10, 12, 14]
     origin, kept = plan((3, 5), 9, k=2, anchor="center")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tokenmerge
 
 
-@tokenmerge.hookimpl
+@tokenmerge.extend.hookimpl
 def tokenmerge_register_strategies(register):
     from tokenmerge_plugin_example.strategy import GridPoolStrategy
 

@@ -20,8 +20,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from tokenmerge import MergeConfig, Plan, Site, Strategy, TokenLayout
+from tokenmerge import MergeConfig
 from tokenmerge.config import MAX_CELL
+from tokenmerge.extend import Plan, Site, Strategy, TokenLayout
 from tokenmerge.rng import SiteRandom
 from tokenmerge.strategy import pick_top
 from tokenmerge.windows import clamp_window, num_windows, window_partition

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tokenmerge import hookimpl
+from tokenmerge.extend import hookimpl
 from tokenmerge.strategies.random import RandomConfig, RandomStrategy
 
 

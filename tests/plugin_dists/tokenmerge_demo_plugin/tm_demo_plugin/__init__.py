@@ -7,7 +7,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tokenmerge import MergeConfig, Plan, Strategy, hookimpl
+from tokenmerge import MergeConfig
+from tokenmerge.extend import Plan, Strategy, hookimpl
 
 
 class DemoPairsConfig(MergeConfig):
