@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tokenmerge import cli, hookimpl
+from tokenmerge import cli
 from tokenmerge.cli import Command, Listing, load_commands, main
 from tokenmerge.errors import PluginWarning
+from tokenmerge.extend import hookimpl
 
 TINY = ["--model", "tiny-unet", "--rounds", "1", "--timesteps", "500", "--trajectory-steps", "2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,8 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenmerge.config import MergeConfig, load_config
+from tokenmerge.config import MergeConfig
 from tokenmerge.errors import ConfigError
+from tokenmerge.load import load_config
 
 __all__ = ["StrategyVariant", "parse_variant", "parse_variants"]
 
