@@ -270,3 +270,28 @@ def test_an_options_object_is_handed_to_the_adapter():
                          sites={"include": ["1"]})  # fmt: skip
     with tokenmerge.apply(make_vit(), "tome", r=2, adapter_options=ViTOptions(mode="local")) as h:
         assert h.adapter.mode == "local" and isinstance(h.adapter.options, ViTOptions)
+
+
+def test_a_plugin_config_field_named_like_an_old_one_is_its_own():
+    from typing import Literal
+
+    from pydantic import Field
+
+    from tokenmerge.strategies.random import RandomConfig, RandomStrategy
+
+    class ModalConfig(RandomConfig):
+        strategy: Literal["modal"] = Field(default="modal", description="Always 'modal'.")
+        mode: Literal["a", "b"] = Field(default="a", description="A field of its own. Default a.")
+
+    class Modal(RandomStrategy):
+        name, config_class = "modal", ModalConfig
+
+    tokenmerge.extend.register_strategy(Modal)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            config = load_config("modal", mode="b")
+            assert config.mode == "b" and config.deprecated_adapter_options == {}
+            assert load_config({"strategy": "modal", "mode": "b"}) == config
+    finally:
+        tokenmerge.extend.unregister_plugin("strategy:modal")
