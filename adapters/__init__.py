@@ -16,7 +16,10 @@ def tokenmerge_register_adapters(register):
         AdapterSpec(
             name="generic",
             target="tokenmerge.adapters.generic:GenericAdapter",
-            description="any torch model: local merging around the modules include= names",
+            description=(
+                "any torch model: local merging around the modules named by "
+                "sites={'include': [globs]}"
+            ),
         )
     )
     register(

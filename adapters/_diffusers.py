@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import Adapter, depth_stage, parameter_index
+from tokenmerge.adapter import Adapter, AdapterOptions, depth_stage, parameter_index
 from tokenmerge.correction import ValueCorrection, corrects
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
@@ -158,7 +158,8 @@ class TransformerAdapter(Adapter):
     recording each site's block in ``_blocks``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, options: AdapterOptions | None = None) -> None:
+        super().__init__(options)
         self._root: nn.Module | None = None
         self._grid: GridHook | None = None
         self._grid_attached = False

@@ -12,21 +12,55 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import Adapter, SiteCandidate, depth_stage
-from tokenmerge.config import MergeConfig, per_site_values
+from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate, depth_stage
+from tokenmerge.config import MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.patch import Adjust, SitePatch
 from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenCarry, TokenTrack, attach_progressive
+from tokenmerge.selectors import per_site_values
 from tokenmerge.site import Site, TokenLayout
 
-__all__ = ["HeadMean", "ViTAdapter", "ViTBlock", "gather_rows"]
+__all__ = ["HeadMean", "ViTAdapter", "ViTBlock", "ViTOptions", "gather_rows"]
 
-MERGE_POINTS = ("mlp", "block")
+
+class ViTOptions(AdapterOptions):
+    """Options of the ViT adapters (``timm_vit``, ``transformers_vit``).
+
+    Example:
+        >>> import tokenmerge, timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+        >>> with tokenmerge.apply(vit, "tome", r=2, adapter_options={"merge_at": "block"}) as h:
+        ...     h.adapter.options.merge_at, h.adapter.mode
+        ('block', 'progressive')
+    """
+
+    mode: Literal["auto", "progressive", "local"] = Field(
+        default="auto",
+        description=(
+            "'progressive': tokens stay merged to the last block (ToMe); 'local': merge and "
+            "unmerge around each sub-module. Default 'auto': progressive."
+        ),
+    )
+    proportional_attention: bool = Field(
+        default=True,
+        description=(
+            "Progressive mode only: add log(size) of every key to the attention logits, so a "
+            "merged token weighs as much as the tokens it stands for (ToMe). Default on."
+        ),
+    )
+    merge_at: Literal["mlp", "block"] = Field(
+        default="mlp",
+        description=(
+            "Progressive mode only: 'mlp' merges at the MLP's input (its MLP runs on the merged "
+            "tokens, ToMe's saving); 'block' at the block's output. Default 'mlp'."
+        ),
+    )
 
 
 def gather_rows(table: Tensor, index: Tensor) -> Tensor:
@@ -84,26 +118,17 @@ class ViTBlock:
 
 
 class ViTAdapter(Adapter):
-    """Base of the ViT adapters.
+    """Base of the ViT adapters; their options are ``ViTOptions`` (mode, proportional attention,
+    where progressive mode merges)."""
 
-    Args:
-        merge_at: progressive mode only: ``"mlp"`` (default) merges at the MLP's input, so each
-            merging block's MLP runs on the merged tokens (ToMe's saving); ``"block"`` merges
-            at the block's output only (the merging block's MLP runs on all its tokens).
-    """
-
-    modes: ClassVar[tuple[str, ...]] = ("progressive", "local")
+    options_class: ClassVar[type[AdapterOptions]] = ViTOptions
+    options: ViTOptions
     default_min_tokens: ClassVar[int] = 1
     #: what ``supports`` accepts, for error messages
     supported_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, merge_at: str = "mlp") -> None:
-        if merge_at not in MERGE_POINTS:
-            raise ConfigError(
-                f"merge_at {merge_at!r} is unknown; use 'mlp' (merge at the MLP input, ToMe's "
-                "saving) or 'block' (merge at the block output)"
-            )
-        self.merge_at = merge_at
+    def __init__(self, options: ViTOptions | None = None) -> None:
+        super().__init__(options)
         self._blocks: dict[str, ViTBlock] = {}
         self._grid: tuple[int, int] | None = None
         self._num_prefix = 0
@@ -131,6 +156,10 @@ class ViTAdapter(Adapter):
         return None
 
     # ------------------------------------------------------------------ Adapter
+    @property
+    def mode(self) -> str:
+        return "progressive" if self.options.mode == "auto" else self.options.mode
+
     def candidates(self, root: nn.Module) -> list[SiteCandidate]:
         blocks = self.find_blocks(root)
         self._num_prefix = self.num_prefix(root)
@@ -144,7 +173,7 @@ class ViTAdapter(Adapter):
         ]
 
     def check_config(self, config: MergeConfig) -> None:
-        if config.mode == "local":
+        if self.mode == "local":
             return
         too_high = [v for v in per_site_values(config.ratio) if v > 0.5]
         if config.r is None and too_high:
@@ -152,13 +181,14 @@ class ViTAdapter(Adapter):
                 f"ratio {too_high[0]} merges more than half of a block's tokens; in progressive "
                 "mode (the default for vision transformers) a block merges at most 50 % of the "
                 "tokens reaching it, and the merges add up over the blocks. Use a ratio <= 0.5 "
-                "(or r=...), or mode='local'"
+                "(or r=...), or adapter_options={'mode': 'local'}"
             )
-        if config.merge_mlp or config.merge_cross_attn or not config.merge_attn:
+        if config.sites.targets() != ("attn",):
             raise ConfigError(
-                "merge_attn / merge_mlp / merge_cross_attn choose sub-modules in local mode; in "
+                "sites.attn / sites.mlp / sites.cross_attn choose sub-modules in local mode; in "
                 "progressive mode (the default for vision transformers) a site is a whole block "
-                "and its tokens stay merged. Leave them at their defaults, or pass mode='local'"
+                "and its tokens stay merged. Leave them at their defaults, or pass "
+                "adapter_options={'mode': 'local'}"
             )
 
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
@@ -174,8 +204,8 @@ class ViTAdapter(Adapter):
         if patch.site.mode == "progressive":
             handles = []
             if self.carry is None:
-                handles.append(self._start_tracking(patch.config))
-            at_mlp = self.merge_at == "mlp" and block.sequential
+                handles.append(self._start_tracking())
+            at_mlp = self.options.merge_at == "mlp" and block.sequential
             return handles + attach_progressive(
                 patch, self.carry.track, block.block, block.keys_module, block.keys,
                 block.mlp if at_mlp else None,
@@ -188,21 +218,20 @@ class ViTAdapter(Adapter):
             handles += patch.attach_local(module, adjust=adjust)
         return handles
 
-    def _start_tracking(self, config: MergeConfig) -> RemovableHandle:
+    def _start_tracking(self) -> RemovableHandle:
         """Create the token record of progressive mode; returns its restoring hook, which must
         be registered before the sites' hooks."""
         blocks = list(self._blocks.values())
         masks = {b.mask for b in blocks}
         mask = blocks[0].mask if len(masks) == 1 else None  # one call convention for all
-        if mask is None and config.proportional_attention:
+        proportional = self.options.proportional_attention
+        if mask is None and proportional:
             raise ConfigError(
                 f"{type(blocks[0].block).__name__} takes no attention mask, so proportional "
-                "attention cannot be passed; set proportional_attention=False"
+                "attention cannot be passed; set adapter_options={'proportional_attention': False}"
             )
         track = TokenTrack(self._num_prefix)
-        self.carry = TokenCarry(
-            track, self._current_grid, mask, config.proportional_attention, self.block_adjust()
-        )
+        self.carry = TokenCarry(track, self._current_grid, mask, proportional, self.block_adjust())
         return self.carry.attach_restore(blocks[-1].block)
 
     def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:

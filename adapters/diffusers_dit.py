@@ -11,7 +11,7 @@ torch hooks on those modules: no class is swapped and no attention processor rep
   image-only attention (``attn2``): it merges with the first (both are self-attention).
 - Grid: the root model's input ``(B, C, H, W)`` over its ``patch_size``, read by a pre-hook.
 - Stages: these models have no down / up path, so each block is in the ``"first"``,
-  ``"middle"`` or ``"last"`` third of the depth (for ``stages=`` and per-stage settings such
+  ``"middle"`` or ``"last"`` third of the depth (for ``sites.stages`` and per-stage settings such
   as ``ratio={"middle": 0.6, "*": 0.4}`` or ReToM's ``window_size``); every block is a site by
   default.
 - Metric: plans are made from the block's input, so one plan serves all of a block's targets.
@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import SiteCandidate
+from tokenmerge.adapter import AdapterOptions, SiteCandidate
 from tokenmerge.adapters._diffusers import (
     PatchGrid,
     TargetGuard,
@@ -86,7 +86,8 @@ class DiffusersDiTAdapter(TransformerAdapter):
         >>> dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8,
         ...                             in_channels=4, out_channels=4, num_layers=3,
         ...                             sample_size=16, num_embeds_ada_norm=10)
-        >>> handle = tokenmerge.apply(dit, "retom", ratio=0.5, merge_mlp=True, min_tokens=1)
+        >>> handle = tokenmerge.apply(dit, "retom", ratio=0.5,
+        ...                           sites={"mlp": True, "min_tokens": 1})
         >>> [(site.name, site.stage) for site in handle.sites]
         [('transformer_blocks.0', 'first'), ('transformer_blocks.1', 'middle'), \
 ('transformer_blocks.2', 'last')]
@@ -99,9 +100,9 @@ class DiffusersDiTAdapter(TransformerAdapter):
 
     name = "diffusers_dit"
 
-    def __init__(self) -> None:
+    def __init__(self, options: AdapterOptions | None = None) -> None:
         _check_signatures()
-        super().__init__()
+        super().__init__(options)
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:

@@ -10,11 +10,11 @@ Sites, in model order:
 
 - **Double-stream blocks** (``transformer_blocks``): image and text have their own weights and
   meet in a joint attention. The image tokens (``hidden_states``) merge around the attention
-  and, with ``merge_mlp``, around the image MLP (``ff``); text tokens are never merged.
+  and, with ``sites.mlp``, around the image MLP (``ff``); text tokens are never merged.
 - **Single-stream blocks** (``single_transformer_blocks``): the block concatenates text and
   image tokens itself, and runs its MLP in parallel with attention on the same normalised
-  tokens. With ``merge_attn`` alone, the image part merges around the attention; with
-  ``merge_mlp`` alone, around the MLP's input projection; with both, around the whole block
+  tokens. With ``sites.attn`` alone, the image part merges around the attention; with
+  ``sites.mlp`` alone, around the MLP's input projection; with both, around the whole block
   body: the normalised tokens merge once, attention and the MLP (input and output projections)
   run on the merged tokens, and the body's output is unmerged before the residual add.
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import SiteCandidate
+from tokenmerge.adapter import AdapterOptions, SiteCandidate
 from tokenmerge.adapters._diffusers import (
     GridHook,
     TargetGuard,
@@ -235,7 +235,8 @@ class DiffusersFluxAdapter(TransformerAdapter):
         >>> flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1,
         ...     num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         ...     joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
-        >>> handle = tokenmerge.apply(flux, "tome", ratio=0.5, merge_mlp=True, min_tokens=1)
+        >>> handle = tokenmerge.apply(flux, "tome", ratio=0.5,
+        ...                           sites={"mlp": True, "min_tokens": 1})
         >>> [site.name for site in handle.sites]
         ['transformer_blocks.0', 'single_transformer_blocks.0']
         >>> rows, cols = torch.meshgrid(torch.arange(8), torch.arange(6), indexing="ij")
@@ -250,9 +251,9 @@ class DiffusersFluxAdapter(TransformerAdapter):
 
     name = "diffusers_flux"
 
-    def __init__(self) -> None:
+    def __init__(self, options: AdapterOptions | None = None) -> None:
         _check_signatures()
-        super().__init__()
+        super().__init__(options)
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:

@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate
 from tokenmerge.adapters._diffusers import (
     PatchGrid,
     TargetGuard,
@@ -90,7 +90,7 @@ class DiffusersUNetAdapter(Adapter):
         ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         ...     attention_head_dim=8, norm_num_groups=8, sample_size=16)
-        >>> handle = tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1)
+        >>> handle = tokenmerge.apply(unet, "retom", ratio=0.5, sites={"min_tokens": 1})
         >>> [(site.name, site.stage, site.level) for site in handle.sites][:2]
         [('down_blocks.0.attentions.0.transformer_blocks.0', 'down', 1),
          ('up_blocks.1.attentions.0.transformer_blocks.0', 'up', 1)]
@@ -102,8 +102,9 @@ class DiffusersUNetAdapter(Adapter):
 
     name = "diffusers_unet"
 
-    def __init__(self) -> None:
+    def __init__(self, options: AdapterOptions | None = None) -> None:
         _check_signatures()
+        super().__init__(options)
         self._readers: dict[str, _GridReader] = {}  # site name -> its transformer's grid reader
         self._blocks: dict[str, nn.Module] = {}  # site name -> its BasicTransformerBlock
 

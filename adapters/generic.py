@@ -1,46 +1,88 @@
 """The generic adapter: merge around modules you name, in any PyTorch model.
 
-For research models and architectures without a dedicated adapter. Each module an ``include``
-glob matches becomes a site, merged in local mode: its first argument (or ``hidden_states=``) must
-be image tokens ``(B, N, C)`` - optionally behind ``num_prefix`` protected tokens - and its output
-a tensor of the same layout (or a tuple starting with one).
+For research models and architectures without a dedicated adapter. Each module a
+``sites={"include": [...]}`` glob matches becomes a site, merged in local mode: its first
+argument (or ``hidden_states=``) must be image tokens ``(B, N, C)`` - optionally behind
+``num_prefix`` protected tokens - and its output a tensor of the same layout (or a tuple starting
+with one).
 
-The grid is ``grid=(h, w)`` when given, else square when the image-token count is a perfect
-square, else ``1 x N``. Without ``timestep_arg`` every call of the model is a new generation (no
-plan reuse across calls); with it, plans are cached across denoising steps like in the diffusion
-adapters.
+Its options (``GenericOptions``): the grid is ``grid=(h, w)`` when given, else square when the
+image-token count is a perfect square, else ``1 x N``. Without ``timestep_arg`` every call of the
+model is a new generation (no plan reuse across calls); with it, plans are cached across
+denoising steps like in the diffusion adapters.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from tokenmerge.adapter import Adapter, SiteCandidate
+from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate
 from tokenmerge.config import MergeConfig
-from tokenmerge.errors import ConfigError, NoSitesError
+from tokenmerge.errors import NoSitesError
 from tokenmerge.site import Site, TokenLayout
 
-__all__ = ["GenericAdapter"]
+__all__ = ["GenericAdapter", "GenericOptions"]
+
+
+class GenericOptions(AdapterOptions):
+    """Options of the generic adapter.
+
+    Example:
+        >>> from tokenmerge.adapters.generic import GenericOptions
+        >>> GenericOptions(grid=(4, 8), num_prefix=1).grid
+        (4, 8)
+    """
+
+    grid: tuple[int, int] | None = Field(
+        default=None,
+        description=(
+            "(height, width) of the image tokens. Default None: square when the image-token "
+            "count is a perfect square, else 1 x N."
+        ),
+    )
+    num_prefix: Annotated[int, Field(strict=True, ge=0)] = Field(
+        default=0,
+        description=(
+            "Protected tokens before the image tokens (a class token...), never merged. Default 0."
+        ),
+    )
+    timestep_arg: str | int | None = Field(
+        default=None,
+        description=(
+            "Where the model's forward takes the diffusion timestep: a keyword name or a "
+            "positional index. Default None: no timestep, every call a new generation."
+        ),
+    )
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid_is_two_sides(cls, grid: Any) -> Any:
+        if grid is None:
+            return grid
+        if (
+            isinstance(grid, (str, bytes))
+            or not isinstance(grid, Sequence)
+            or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+        ):
+            raise ValueError(f"grid must be (height, width), two positive integers; got {grid!r}")
+        return tuple(grid)
 
 
 class GenericAdapter(Adapter):
-    """Local merging around the modules named by ``include`` globs; see the module docstring.
-
-    Args:
-        grid: ``(h, w)`` of the image tokens, if they are not a square grid.
-        num_prefix: protected tokens before the image tokens (a class token...), never merged.
-        timestep_arg: where the model's forward takes the diffusion timestep: a keyword name or
-            a positional index; None when the model has none.
+    """Local merging around the modules named by ``sites`` include globs; see the module
+    docstring. Options: ``GenericOptions``.
 
     Example:
         >>> import torch, tokenmerge
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
         >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
-        ...                           include=["1"], min_tokens=1,
+        ...                           sites={"include": ["1"], "min_tokens": 1},
         ...                           adapter_options={"grid": (4, 8)})
         >>> model(torch.randn(2, 32, 8)).shape, handle.stats()["1"].tokens_out
         (torch.Size([2, 32, 8]), 16)
@@ -48,28 +90,14 @@ class GenericAdapter(Adapter):
     """
 
     name = "generic"
+    options_class: ClassVar[type[AdapterOptions]] = GenericOptions
 
-    def __init__(
-        self,
-        grid: Sequence[int] | None = None,
-        num_prefix: int = 0,
-        timestep_arg: str | int | None = None,
-    ) -> None:
-        if grid is not None:
-            if (
-                isinstance(grid, (str, bytes))
-                or len(grid) != 2
-                or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-            ):
-                raise ConfigError(
-                    f"grid must be (height, width), two positive integers; got {grid!r}"
-                )
-            grid = (grid[0], grid[1])
-        if not isinstance(num_prefix, int) or isinstance(num_prefix, bool) or num_prefix < 0:
-            raise ConfigError(f"num_prefix must be 0 or more; got {num_prefix}")
-        self.grid = grid
-        self.num_prefix = num_prefix
-        self.timestep_arg = timestep_arg
+    def __init__(self, options: GenericOptions | None = None) -> None:
+        super().__init__(options)
+        # read on every call: plain attributes
+        self.grid = self.options.grid
+        self.num_prefix = self.options.num_prefix
+        self.timestep_arg = self.options.timestep_arg
 
     @classmethod
     def supports(cls, model: Any) -> bool:
@@ -85,10 +113,11 @@ class GenericAdapter(Adapter):
     def default_sites(
         self, candidates: list[SiteCandidate], config: MergeConfig
     ) -> list[SiteCandidate]:
-        if not config.include:
+        if not config.sites.include:
             raise NoSitesError(
-                "the generic adapter merges around the modules you name: pass include=[globs of "
-                "module names], e.g. include=['blocks.*.attn']; module names in this model: "
+                "the generic adapter merges around the modules you name: pass sites={'include': "
+                "[globs of module names]}, e.g. sites={'include': ['blocks.*.attn']}; module "
+                "names in this model: "
                 + ", ".join(c.site.name for c in candidates[:12])
                 + (" ..." if len(candidates) > 12 else "")
             )

@@ -32,6 +32,7 @@ from tokenmerge.adapter import parameter_index
 from tokenmerge.adapters._vit import (
     ViTAdapter,
     ViTBlock,
+    ViTOptions,
     gather_rows,
     keys_by_head,
 )
@@ -65,8 +66,8 @@ class TimmViTAdapter(ViTAdapter):
         "timm.models.eva.Eva (EVA, EVA-02)",
     )
 
-    def __init__(self, merge_at: str = "mlp") -> None:
-        super().__init__(merge_at)
+    def __init__(self, options: ViTOptions | None = None) -> None:
+        super().__init__(options)
         self._rope = False
 
     @classmethod
@@ -148,6 +149,7 @@ class RefuseIntermediates:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TokenMergeError(
             "forward_intermediates reads every block's output as the patch grid, but in "
-            "progressive mode tokens merge between blocks; apply with mode='local' for "
-            "intermediate feature maps (the token grid is kept), or remove the patch first"
+            "progressive mode tokens merge between blocks; apply with adapter_options="
+            "{'mode': 'local'} for intermediate feature maps (the token grid is kept), or remove "
+            "the patch first"
         )

@@ -83,7 +83,9 @@ class Timer:
 
 def run_ours(name: str, attn: Attention, x: Tensor, steps: int, timer: Timer) -> None:
     options = dict(CONFIGS[name])
-    config = tokenmerge.load_config(options.pop("config"), ratio=RATIO, min_tokens=1, **options)
+    config = tokenmerge.load_config(
+        options.pop("config"), ratio=RATIO, sites={"min_tokens": 1}, **options
+    )
     layout = TokenLayout((int(math.isqrt(x.shape[1])),) * 2)
     strategy = tokenmerge.get_strategy(config)
     patch = SitePatch(SITE, strategy, config, StepState(), lambda site, hidden: layout)

@@ -61,7 +61,7 @@ def _tokens(side: int) -> Tensor:
 
 
 def _patch(strategy: str, side: int) -> SitePatch:
-    config = tokenmerge.load_config(strategy, ratio=RATIO, min_tokens=1)
+    config = tokenmerge.load_config(strategy, ratio=RATIO, sites={"min_tokens": 1})
     layout = TokenLayout((side, side))
     return SitePatch(
         SITE, tokenmerge.get_strategy(config), config, StepState(), lambda site, x: layout

@@ -259,15 +259,25 @@ def config_reference() -> str:
     """
     from tokenmerge.config import MergeConfig
     from tokenmerge.registry import registry
+    from tokenmerge.selectors import Sites
 
     shared = {name: field_row(name, f) for name, f in MergeConfig.model_fields.items()}
+    # the selector's own table follows: its row points there instead of spelling out the default
+    shown = {**shared, "sites": ("`sites`", "[`Sites`](#sites)", "`Sites()`", shared["sites"][3])}
     owners = {name: plugin for plugin in registry.plugins() for name in plugin.strategies}
     lines = [
         "### Fields every config shares",
         "",
         "`tokenmerge.MergeConfig`, the base class of every strategy's config.",
         "",
-        *_table(list(shared.values())),
+        *_table(list(shown.values())),
+        "",
+        "### Sites",
+        "",
+        "`tokenmerge.Sites`, a config's `sites`: which sites merge, around which sub-modules. A",
+        'dict of its fields is accepted: `sites={"levels": (1, 2), "mlp": True}`.',
+        "",
+        *_table([field_row(name, f) for name, f in Sites.model_fields.items()]),
     ]
     for name in registry.strategy_names():
         cls = registry.strategy(name).config_class
@@ -300,4 +310,39 @@ def config_reference() -> str:
                 f"[Shared fields](#fields-every-config-shares) it keeps as they are: {names}.",
             ]
         lines += _ratio_limit(cls)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + adapter_options_reference()) + "\n"
+
+
+def adapter_options_reference() -> list[str]:
+    """One section per registered adapter: its options class and their fields (or none)."""
+    from tokenmerge.registry import registry
+
+    lines = [
+        "",
+        "### Adapter options",
+        "",
+        "What `tokenmerge.apply(..., adapter_options=...)` takes, per adapter: a dict of these",
+        "fields or the adapter's options object; unknown options and bad values are a",
+        "`ConfigError`.",
+    ]
+    for spec in registry.table("adapter").values():
+        try:
+            options = spec.load().options_class
+        except Exception as error:  # noqa: BLE001 - an adapter whose library is missing here
+            lines += [
+                "",
+                f"#### `{spec.name}`",
+                "",
+                f"Not loadable where the site was built: {error}",
+            ]
+            continue
+        lines += ["", f"#### `{spec.name}`", ""]
+        if not options.model_fields:
+            lines.append("No options.")
+            continue
+        lines += [
+            f"`{options.__module__}.{options.__qualname__}`:",
+            "",
+            *_table([field_row(name, f) for name, f in options.model_fields.items()]),
+        ]
+    return lines

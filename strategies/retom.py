@@ -24,18 +24,11 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from tokenmerge.config import (
-    MAX_CELL,
-    Levels,
-    MergeConfig,
-    not_empty,
-    per_site_values,
-    resolve_per_site,
-    selector_keys,
-)
+from tokenmerge.config import MAX_CELL, MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
+from tokenmerge.selectors import not_empty, per_site_values, resolve_per_site, selector_keys
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, merge_into_representatives, pick_top
 from tokenmerge.windows import (
@@ -90,13 +83,6 @@ class ReToMConfig(MergeConfig):
         ),
     )
 
-    levels: Levels | None = Field(
-        default=None,
-        description=(
-            "Only sites at these downsample levels (1 = full resolution, 2 = half...). Default "
-            "None: the adapter's choice, the finest level that has attention."
-        ),
-    )
     share_cfg_plan: bool = Field(
         default=False,
         description=(

@@ -115,13 +115,13 @@ def patch(
     options: dict[str, object] = {"timestep_arg": "timestep", "num_prefix": model.num_prefix}
     if grid is not None:
         options["grid"] = grid
-    overrides.setdefault("min_tokens", 1)
+    sites = {"include": list(include), "min_tokens": 1, **overrides.pop("sites", {})}
     return tokenmerge.apply(
         model,
         strategy,
         ratio=ratio,
         adapter="generic",
-        include=list(include),
+        sites=sites,
         adapter_options=options,
         **overrides,
     )
@@ -174,9 +174,8 @@ def assert_restored(model: nn.Module, before: dict, keys: list[str], x, expected
 # tokenmerge.remove and by the context manager (also when its body raises), second apply,
 # global RNG. tests/test_conformance.py runs them, and torch.compile, on every adapter.
 KIT_OVERRIDES = {
-    "include": ["blocks.*.attn"],
-    "min_tokens": 1,
     "adapter_options": {"grid": GRID, "num_prefix": 1, "timestep_arg": "timestep"},
+    "sites": {"include": ["blocks.*.attn"], "min_tokens": 1},
 }
 
 
@@ -287,14 +286,14 @@ def test_stats_skipped_below_min_tokens(strategy: str) -> None:
     x = make_input()
     with torch.no_grad():
         expected = model(x)
-    handle = patch(model, strategy, min_tokens=N + 1)
+    handle = patch(model, strategy, sites={"min_tokens": N + 1})
     with torch.no_grad():
         assert torch.equal(model(x), expected)
     stats = handle.stats()["blocks.0.attn"]
     assert stats.skipped is not None and "min_tokens" in stats.skipped
     assert stats.tokens_out == stats.tokens_in == N + 1
     handle.remove()
-    handle = patch(model, strategy, min_tokens=N)  # exactly N image tokens: merges
+    handle = patch(model, strategy, sites={"min_tokens": N})  # exactly N image tokens: merges
     with torch.no_grad():
         model(x)
     stats = handle.stats()["blocks.0.attn"]
@@ -448,7 +447,7 @@ def test_generic_without_include_says_how_to_fix() -> None:
     with pytest.raises(NoSitesError) as info:
         tokenmerge.apply(model, "tome", adapter="generic")
     message = str(info.value)
-    assert "include=" in message
+    assert "sites={'include'" in message
     assert "blocks.0.attn" in message
     assert hook_count(model) == 0
 
@@ -476,9 +475,9 @@ def test_nested_sites_detected_whatever_the_sibling_names() -> None:
 
 def test_all_targets_off_raise_config_error() -> None:
     model = make_model()
-    with pytest.raises(ConfigError, match="merge_attn") as info:
-        patch(model, "tome", merge_attn=False, merge_cross_attn=False, merge_mlp=False)
-    assert "merge_mlp" in str(info.value) and "merge_cross_attn" in str(info.value)
+    with pytest.raises(ConfigError, match="sites.attn") as info:
+        patch(model, "tome", sites={"attn": False, "cross_attn": False, "mlp": False})
+    assert "sites.mlp" in str(info.value) and "sites.cross_attn" in str(info.value)
     assert hook_count(model) == 0
 
 
@@ -489,11 +488,11 @@ def test_unknown_adapter_option_lists_accepted_options() -> None:
             model,
             "tome",
             adapter="generic",
-            include=["blocks.*.attn"],
+            sites={"include": ["blocks.*.attn"]},
             adapter_options={"grd": (4, 4)},
         )
     message = str(info.value)
-    assert "grd" in message
+    assert "grd: unknown option" in message and "did you mean 'grid'?" in message
     for option in ("grid", "num_prefix", "timestep_arg"):
         assert option in message
     assert hook_count(model) == 0
@@ -502,7 +501,7 @@ def test_unknown_adapter_option_lists_accepted_options() -> None:
 def test_unsupported_model_without_adapter() -> None:
     model = make_model()
     with pytest.raises(UnsupportedModelError) as info:
-        tokenmerge.apply(model, "tome", include=["blocks.*.attn"])
+        tokenmerge.apply(model, "tome", sites={"include": ["blocks.*.attn"]})
     message = str(info.value)
     assert "TinyModel" in message
     assert "adapter='generic'" in message
@@ -511,7 +510,7 @@ def test_unsupported_model_without_adapter() -> None:
 
 def test_generic_adapter_rejects_non_module() -> None:
     with pytest.raises(UnsupportedModelError, match="generic"):
-        tokenmerge.apply(object(), "tome", adapter="generic", include=["x"])
+        tokenmerge.apply(object(), "tome", adapter="generic", sites={"include": ["x"]})
 
 
 @pytest.mark.parametrize("grid", [(0, 4), (4,), (4, 4, 1), (-2, 8), (4, -1)])
@@ -539,7 +538,7 @@ def test_negative_num_prefix_raises_config_error() -> None:
             model,
             "tome",
             adapter="generic",
-            include=["blocks.*.attn"],
+            sites={"include": ["blocks.*.attn"]},
             adapter_options={"num_prefix": -1},
         )
 
@@ -611,8 +610,7 @@ def test_targets_of_one_site_share_one_plan(strategy: str, two_target_adapter: s
         strategy,
         ratio=0.5,
         adapter=two_target_adapter,
-        merge_mlp=True,
-        min_tokens=1,
+        sites={"mlp": True, "min_tokens": 1},
         adapter_options={"grid": GRID, "num_prefix": 1},
     )
     assert [s.targets for s in handle.sites] == [("attn", "mlp"), ("attn", "mlp")]
@@ -794,7 +792,7 @@ def test_adapters_are_asked_before_one_is_built(monkeypatch: pytest.MonkeyPatch)
     try:
         assert tokenmerge.list_adapters("diffusers_*")[0] == _ExplodingAdapter.name
         unet = _tiny_unet()
-        with tokenmerge.apply(unet, "tome", ratio=0.5, min_tokens=1) as handle:
+        with tokenmerge.apply(unet, "tome", ratio=0.5, sites={"min_tokens": 1}) as handle:
             assert handle.adapter.name == "diffusers_unet"
             out = unet(torch.randn(1, 4, 16, 16), 999, encoder_hidden_states=torch.randn(1, 7, 32))
             assert out.sample.shape == (1, 4, 16, 16)
@@ -814,5 +812,5 @@ def test_a_broken_dit_adapter_does_not_break_unets(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(diffusers_dit, "_check_signatures", changed_signature)
     unet = _tiny_unet()
-    with tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1) as handle:
+    with tokenmerge.apply(unet, "retom", ratio=0.5, sites={"min_tokens": 1}) as handle:
         assert handle.adapter.name == "diffusers_unet"

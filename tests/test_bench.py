@@ -427,22 +427,24 @@ def test_block_error_on_transformer_blocks(name):
 # ---------------------------------------------------------------------------------- variants
 def test_parse_variant_reads_json_fields():
     assert parse_variant("retom") == StrategyVariant("retom", {})
-    variant = parse_variant("retom:merge_mlp=true,levels=[1,2],scope=global")
-    assert variant.fields == {"merge_mlp": True, "levels": [1, 2], "scope": "global"}
-    assert variant.name == 'retom+merge_mlp+levels=[1,2]+scope="global"'
-    assert parse_variant("tome:merge_attn=false").label(0.5) == "tome-merge_attn 0.5"
+    variant = parse_variant("retom:sites.mlp=true,sites.levels=[1,2],scope=global")
+    assert variant.fields == {"sites.mlp": True, "sites.levels": [1, 2], "scope": "global"}
+    assert variant.name == 'retom+sites.mlp+sites.levels=[1,2]+scope="global"'
+    assert parse_variant("tome:sites.attn=false").label(0.5) == "tome-sites.attn 0.5"
+    config = variant.config(0.5)
+    assert (config.sites.mlp, config.sites.levels, config.scope) == (True, (1, 2), "global")
 
 
 @pytest.mark.parametrize(
     ("spec", "error", "message"),
     [
-        (":merge_mlp=true", ConfigError, "names no strategy"),
+        (":sites.mlp=true", ConfigError, "names no strategy"),
         ("retom:", ConfigError, "sets no field"),
-        ("retom:merge_mlp", ConfigError, "is not KEY=VALUE"),
-        ("retom:merge_mlp=true,merge_mlp=false", ConfigError, "sets 'merge_mlp' twice"),
+        ("retom:sites.mlp", ConfigError, "is not KEY=VALUE"),
+        ("retom:sites.mlp=true,sites.mlp=false", ConfigError, "sets 'sites.mlp' twice"),
         ("retom:ratio=0.3", ConfigError, "give ratios with --ratios"),
         ("retomm", UnknownStrategyError, "did you mean 'retom'"),
-        ("retom:merge_mlpp=true", ConfigError, "did you mean 'merge_mlp'"),
+        ("retom:sites.mlpp=true", ConfigError, "did you mean 'mlp'"),
         ("retom:cache_interval=0", ConfigError, "greater than or equal to 1"),
     ],
 )
@@ -452,36 +454,36 @@ def test_bad_variants_are_refused_with_the_reason(spec, error, message):
 
 
 def test_variants_take_their_validated_spelling_and_must_differ():
-    variants = parse_variants(["retom", "retom:merge_mlp=yes"], [0.5], {})
-    assert [v.name for v in variants] == ["retom", "retom+merge_mlp"]
-    for twins in (["retom:merge_mlp=true", "retom:merge_mlp=1"], ["tome", "tome:merge_mlp=false"]):
+    variants = parse_variants(["retom", "retom:sites.mlp=yes"], [0.5], {})
+    assert [v.name for v in variants] == ["retom", "retom+sites.mlp"]
+    for twins in (["retom:sites.mlp=true", "retom:sites.mlp=1"], ["tome", "tome:sites.mlp=false"]):
         with pytest.raises(ConfigError, match="configure the same merging"):
             parse_variants(twins, [0.5], {})
     # a variant's own fields win over --set
-    config = variants[1].config(0.3, {"merge_mlp": False, "cache_interval": 2})
-    assert (config.merge_mlp, config.cache_interval, config.ratio) == (True, 2, 0.3)
+    config = variants[1].config(0.3, {"cache_interval": 2, "sites.mlp": False})
+    assert (config.sites.mlp, config.cache_interval, config.ratio) == (True, 2, 0.3)
 
 
 # ---------------------------------------------------------------------------------- whole runs
 @pytest.mark.parametrize("name", TINY_TRANSFORMERS)
 def test_bench_runs_every_transformer_family(name):
     settings = BenchSettings(
-        model=name, strategies=["tome", "retom", "retom:merge_mlp=true"], rounds=1,
+        model=name, strategies=["tome", "retom", "retom:sites.mlp=true"], rounds=1,
         timesteps=[500], trajectory_steps=2, peers=None,
     )  # fmt: skip
     result = run_bench(settings, progress=False)
     rows = {row.label: row for row in result.rows}
-    assert list(rows) == ["none", "tome 0.5", "retom 0.5", "retom+merge_mlp 0.5"]  # no tomesd
+    assert list(rows) == ["none", "tome 0.5", "retom 0.5", "retom+sites.mlp 0.5"]  # no tomesd
     blocks = 4 if name == "tiny-flux" else 2  # every block is a site
-    for label in ("tome 0.5", "retom 0.5", "retom+merge_mlp 0.5"):
+    for label in ("tome 0.5", "retom 0.5", "retom+sites.mlp 0.5"):
         row = rows[label]
         assert row.speedup > 0 and row.tokens == "256->128"
         assert row.block_error > 0 and row.output_error > 0 and row.trajectory_error > 0
         assert row.merged_blocks == blocks
         assert row.overhead_ms["plan"] > 0 and row.overhead_ms["merge"] > 0
-    assert rows["retom+merge_mlp 0.5"].variant == "retom+merge_mlp"
-    assert rows["retom+merge_mlp 0.5"].config["merge_mlp"] is True
-    assert rows["retom 0.5"].config["merge_mlp"] is False
+    assert rows["retom+sites.mlp 0.5"].variant == "retom+sites.mlp"
+    assert rows["retom+sites.mlp 0.5"].config["sites"]["mlp"] is True
+    assert rows["retom 0.5"].config["sites"]["mlp"] is False
     assert rows["none"].config is None and rows["none"].variant == "none"
     sampler = "DDIM" if name in ("tiny-dit", "tiny-pixart") else "Euler (flow matching)"
     assert result.model["sampler"] == sampler

@@ -325,19 +325,19 @@ def test_bench_a_saved_checkpoint(tmp_path, capsys):
 
 def test_bench_strategy_variants_on_a_transformer(tmp_path, capsys):
     code = main(["bench", *TINY[2:], "--model", "tiny-dit", "--strategies", "tome", "retom",
-                 "retom:merge_mlp=true", "--no-plot", "--no-progress",
+                 "retom:sites.mlp=true", "--no-plot", "--no-progress",
                  "--json", str(tmp_path / "r.json")])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "retom+merge_mlp 0.5" in out and "tomesd" not in out  # auto: no tomesd on a DiT
+    assert "retom+sites.mlp 0.5" in out and "tomesd" not in out  # auto: no tomesd on a DiT
     assert "256 image tokens" in out and "DDIM steps" in out
     data = json.loads((tmp_path / "r.json").read_text())
     _check_schema(data)
     rows = {row["label"]: row for row in data["rows"]}
-    assert list(rows) == ["none", "tome 0.5", "retom 0.5", "retom+merge_mlp 0.5"]
-    assert rows["retom+merge_mlp 0.5"]["config"]["merge_mlp"] is True
-    assert rows["retom+merge_mlp 0.5"]["variant"] == "retom+merge_mlp"
-    assert data["settings"]["strategies"] == ["tome", "retom", "retom:merge_mlp=true"]
+    assert list(rows) == ["none", "tome 0.5", "retom 0.5", "retom+sites.mlp 0.5"]
+    assert rows["retom+sites.mlp 0.5"]["config"]["sites"]["mlp"] is True
+    assert rows["retom+sites.mlp 0.5"]["variant"] == "retom+sites.mlp"
+    assert data["settings"]["strategies"] == ["tome", "retom", "retom:sites.mlp=true"]
     assert data["model"]["sampler"] == "DDIM"
 
 
@@ -391,11 +391,11 @@ def test_bench_a_saved_transformer_checkpoint(tmp_path, capsys):
         ),
         (["--samples", "s.png"], "--samples saves images of the reference denoiser only"),
         (["--peer", "tomesdd"], "invalid choice"),
-        (["--strategies", "retom:merge_mlpp=true"], "did you mean 'merge_mlp'"),
-        (["--strategies", "retom:merge_mlp"], "'merge_mlp' is not KEY=VALUE"),
-        (["--strategies", "tomee:merge_mlp=true"], "unknown strategy 'tomee'"),
+        (["--strategies", "retom:sites.mlpp=true"], "did you mean 'mlp'"),
+        (["--strategies", "retom:sites.mlp"], "'sites.mlp' is not KEY=VALUE"),
+        (["--strategies", "tomee:sites.mlp=true"], "unknown strategy 'tomee'"),
         (["--strategies", "retom:ratio=0.2"], "give ratios with --ratios"),
-        (["--strategies", "retom", "retom:merge_mlp=false"], "configure the same merging"),
+        (["--strategies", "retom", "retom:sites.mlp=false"], "configure the same merging"),
         (["--model", "tiny-flux", "--peer", "tomesd"], "tomesd patches only diffusers UNet"),
     ],
 )
@@ -447,7 +447,7 @@ def test_classifier_bench_writes_table_json_and_plot(tmp_path, capsys):
         assert row["tokens"] == "65->17"  # 64 patches + class token, 12 merged in each of 4 blocks
         assert 0.0 < row["cosine_min"] <= row["cosine"] <= 1.0 + 1e-6
         assert 0.0 <= row["top1_agreement"] <= 1.0
-        assert row["config"]["r"] == 12 and row["config"]["mode"] == "auto"
+        assert row["config"]["r"] == 12 and row["config"]["sites"]["attn"] is True
         assert row["images_per_second"] == pytest.approx(2 / row["seconds"])
 
 

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 import tokenmerge
 from tokenmerge import ConfigError, MergeConfig, UnknownStrategyError, load_config
-from tokenmerge.config import resolve_per_site
+from tokenmerge.deprecated import ADAPTER_FIELDS, SITE_FIELDS
 from tokenmerge.load import config_union
 from tokenmerge.registry import registry
+from tokenmerge.selectors import resolve_per_site
 from tokenmerge.site import Site, module_glob
 from tokenmerge.strategies.random import RandomConfig
 from tokenmerge.strategies.retom import ReToMConfig
@@ -167,7 +168,7 @@ def test_cache_interval_below_one_rejected(strategy, value):
 
 @pytest.mark.parametrize("strategy", BUILTIN)
 def test_min_tokens_below_one_rejected(strategy):
-    message = rejected(strategy, min_tokens=0)
+    message = rejected(strategy, sites={"min_tokens": 0})
     assert "min_tokens" in message and "greater than or equal to 1" in message
 
 
@@ -216,7 +217,7 @@ def test_unknown_strategy_lists_known_names_and_close_matches(config):
 def test_unknown_strategy_through_apply_and_get_strategy():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(UnknownStrategyError, match="did you mean 'tome'"):
-        tokenmerge.apply(model, "tomee", adapter="generic", include=["0"])
+        tokenmerge.apply(model, "tomee", adapter="generic", sites={"include": ["0"]})
     with pytest.raises(UnknownStrategyError, match="random, retom, tome"):
         tokenmerge.get_strategy("rand")
     assert not hasattr(model, "_tokenmerge_handle")
@@ -245,18 +246,18 @@ def test_invalid_json_text_rejected():
         ("retom", "ratio", "abc", "valid number"),
         ("retom", "ratio", ["half"], "valid number"),
         ("retom", "ratio", [1.5], "less than 1"),
-        ("retom", "merge_attn", "maybe", "valid boolean"),
-        ("retom", "merge_mlp", 2, "valid boolean"),
-        ("retom", "min_tokens", "x", "valid integer"),
-        ("retom", "min_tokens", 2.5, "valid integer"),
+        ("retom", "sites.attn", "maybe", "valid boolean"),
+        ("retom", "sites.mlp", 2, "valid boolean"),
+        ("retom", "sites.min_tokens", "x", "valid integer"),
+        ("retom", "sites.min_tokens", 2.5, "valid integer"),
         ("retom", "seed", "x", "valid integer"),
-        ("retom", "levels", "down", "valid tuple"),
-        ("retom", "levels", [0], "greater than or equal to 1"),
-        ("retom", "stages", ["side"], "'first', 'middle' or 'last'"),
-        ("retom", "blocks", [1.5], "valid integer"),
-        ("retom", "include", "blocks.*", "valid tuple"),
-        ("retom", "include", [" "], "must not be empty"),
-        ("retom", "exclude", [""], "must not be empty"),
+        ("retom", "sites.levels", "down", "valid tuple"),
+        ("retom", "sites.levels", [0], "greater than or equal to 1"),
+        ("retom", "sites.stages", ["side"], "'first', 'middle' or 'last'"),
+        ("retom", "sites.blocks", [1.5], "valid integer"),
+        ("retom", "sites.include", "blocks.*", "valid tuple"),
+        ("retom", "sites.include", [" "], "must not be empty"),
+        ("retom", "sites.exclude", [""], "must not be empty"),
         ("retom", "window_size", "big", "valid integer"),
         ("retom", "window_size", 2.5, "valid integer"),
         ("retom", "window_size", [2, 1], "at least 2"),
@@ -268,7 +269,8 @@ def test_invalid_json_text_rejected():
     ],
 )
 def test_wrong_types_rejected_saying_what_is_allowed(strategy, field, value, allowed):
-    message = rejected(strategy, **{field: value})
+    owner, _, name = field.rpartition(".")
+    message = rejected(strategy, **({owner: {name: value}} if owner else {field: value}))
     assert field in message
     assert allowed in message
 
@@ -313,11 +315,11 @@ def test_load_config_default_is_retom():
 
 
 def test_load_config_instance_with_overrides_keeps_other_fields():
-    base = ReToMConfig(ratio=0.3, window_size=3, include=("a.*",))
+    base = ReToMConfig(ratio=0.3, window_size=3, sites={"include": ("a.*",)})
     config = load_config(base, ratio=0.6)
     assert isinstance(config, ReToMConfig)
     assert config.ratio == 0.6
-    assert (config.window_size, config.include) == (3, ("a.*",))
+    assert (config.window_size, config.sites.include) == (3, ("a.*",))
     assert base.ratio == 0.3  # the original is untouched
     assert load_config(base) is base
 
@@ -341,13 +343,21 @@ def test_load_config_dict_and_json_text_with_overrides():
 def test_apply_passes_overrides_to_load_config():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     base = ToMeConfig(ratio=0.25, sx=4, sy=1)
-    with tokenmerge.apply(model, base, ratio=0.5, adapter="generic", include=["0"]) as handle:
+    with tokenmerge.apply(
+        model, base, ratio=0.5, adapter="generic", sites={"include": ["0"]}
+    ) as handle:
         assert isinstance(handle.config, ToMeConfig)
-        assert (handle.config.ratio, handle.config.sx, handle.config.include) == (0.5, 4, ("0",))
-    with tokenmerge.apply(model, "retom", ratio=0.5, adapter="generic", include=["0"]) as handle:
+        assert (handle.config.ratio, handle.config.sx, handle.config.sites.include) == (
+            0.5,
+            4,
+            ("0",),
+        )
+    with tokenmerge.apply(
+        model, "retom", ratio=0.5, adapter="generic", sites={"include": ["0"]}
+    ) as handle:
         assert isinstance(handle.config, ReToMConfig) and handle.config.ratio == 0.5
     with pytest.raises(ConfigError, match="did you mean 'ratio'"):
-        tokenmerge.apply(model, "retom", raito=0.5, adapter="generic", include=["0"])
+        tokenmerge.apply(model, "retom", raito=0.5, adapter="generic", sites={"include": ["0"]})
     assert not hasattr(model, "_tokenmerge_handle")
 
 
@@ -360,7 +370,7 @@ def test_configs_are_frozen(strategy):
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.ratio = 0.1
     with pytest.raises(pydantic.ValidationError, match="frozen"):
-        config.min_tokens = 1
+        config.sites.min_tokens = 1
     assert config.ratio == 0.5
 
 
@@ -515,57 +525,61 @@ def test_ratio_globs_use_module_glob_semantics():
 
 def test_selects_everything_without_filters():
     config = load_config("tome")
-    assert all(config.selects(site) for site in (UP, DOWN, MID, FLAT))
+    assert all(config.sites.selects(site) for site in (UP, DOWN, MID, FLAT))
 
 
 def test_selects_by_level():
-    config = load_config("tome", levels=[1, 8])
-    assert config.selects(DOWN) and config.selects(MID)
-    assert not config.selects(UP)
-    assert not config.selects(FLAT)  # no level: not selected once levels are given
+    config = load_config("tome", sites={"levels": [1, 8]})
+    assert config.sites.selects(DOWN) and config.sites.selects(MID)
+    assert not config.sites.selects(UP)
+    assert not config.sites.selects(FLAT)  # no level: not selected once levels are given
 
 
 def test_selects_by_stage():
-    config = load_config("tome", stages=["up", "mid"])
-    assert config.selects(UP) and config.selects(MID)
-    assert not config.selects(DOWN) and not config.selects(FLAT)
+    config = load_config("tome", sites={"stages": ["up", "mid"]})
+    assert config.sites.selects(UP) and config.sites.selects(MID)
+    assert not config.sites.selects(DOWN) and not config.sites.selects(FLAT)
 
 
 def test_selects_by_block_index_with_negative_indices():
-    config = load_config("tome", blocks=[1, -1])
-    assert config.selects(DOWN, num_blocks=8)  # block 1
-    assert config.selects(UP, num_blocks=8)  # block 7 == -1
-    assert not config.selects(MID, num_blocks=8)  # block 4
-    assert not config.selects(UP, num_blocks=9)  # -1 is block 8 now
-    assert not config.selects(FLAT, num_blocks=8)  # no block index
-    assert not config.selects(UP)  # negative indices need num_blocks
-    assert load_config("tome", blocks=[-4]).selects(MID, num_blocks=8)
+    config = load_config("tome", sites={"blocks": [1, -1]})
+    assert config.sites.selects(DOWN, num_blocks=8)  # block 1
+    assert config.sites.selects(UP, num_blocks=8)  # block 7 == -1
+    assert not config.sites.selects(MID, num_blocks=8)  # block 4
+    assert not config.sites.selects(UP, num_blocks=9)  # -1 is block 8 now
+    assert not config.sites.selects(FLAT, num_blocks=8)  # no block index
+    assert not config.sites.selects(UP)  # negative indices need num_blocks
+    assert load_config("tome", sites={"blocks": [-4]}).sites.selects(MID, num_blocks=8)
 
 
 def test_negative_block_index_out_of_range_selects_nothing():
     """-9 of 8 blocks does not exist (Python indexing would raise): it must not wrap around."""
-    config = load_config("tome", blocks=[-9])
+    config = load_config("tome", sites={"blocks": [-9]})
     sites = [Site(f"b.{i}", block_index=i) for i in range(8)]
-    assert [s.block_index for s in sites if config.selects(s, num_blocks=8)] == []
+    assert [s.block_index for s in sites if config.sites.selects(s, num_blocks=8)] == []
 
 
 def test_selects_include_and_exclude():
-    config = load_config("tome", include=["up_blocks.**", "mid_block.*.*"])
-    assert config.selects(UP) and config.selects(MID)
-    assert not config.selects(DOWN)
-    config = load_config("tome", include=["**"], exclude=["*.1.**"])
-    assert not config.selects(UP)
-    assert config.selects(MID)
-    assert config.selects(DOWN)  # its second part is 0
-    assert not load_config("tome", exclude=["down_**"]).selects(DOWN)
-    assert load_config("tome", exclude=["down_*"]).selects(DOWN)  # * stays in one part
+    config = load_config("tome", sites={"include": ["up_blocks.**", "mid_block.*.*"]})
+    assert config.sites.selects(UP) and config.sites.selects(MID)
+    assert not config.sites.selects(DOWN)
+    config = load_config("tome", sites={"include": ["**"], "exclude": ["*.1.**"]})
+    assert not config.sites.selects(UP)
+    assert config.sites.selects(MID)
+    assert config.sites.selects(DOWN)  # its second part is 0
+    assert not load_config("tome", sites={"exclude": ["down_**"]}).sites.selects(DOWN)
+    assert load_config("tome", sites={"exclude": ["down_*"]}).sites.selects(
+        DOWN
+    )  # * stays in one part
 
 
 def test_selects_combines_filters():
-    config = load_config("tome", stages=["up", "down"], levels=[1, 2], exclude=["down_**"])
-    assert config.selects(UP)
-    assert not config.selects(DOWN)  # excluded
-    assert not config.selects(MID)  # wrong stage and level
+    config = load_config(
+        "tome", sites={"stages": ["up", "down"], "levels": [1, 2], "exclude": ["down_**"]}
+    )
+    assert config.sites.selects(UP)
+    assert not config.sites.selects(DOWN)  # excluded
+    assert not config.sites.selects(MID)  # wrong stage and level
 
 
 # ---------------------------------------------------------------------------- serialisation
@@ -579,23 +593,25 @@ EXAMPLES = [
             "window_size": {"mid": 4, 1: 3, "*": 2},
             "scope": "global",
             "cache_interval": 3,
-            "levels": [1, 2],
-            "stages": ["down", "up"],
-            "blocks": [0, -1],
-            "include": ["**"],
-            "exclude": ["mid_block.*"],
-            "merge_mlp": True,
-            "merge_cross_attn": True,
             "share_cfg_plan": True,
-            "min_tokens": 1,
             "seed": -12,
+            "sites": {
+                "levels": [1, 2],
+                "stages": ["down", "up"],
+                "blocks": [0, -1],
+                "include": ["**"],
+                "exclude": ["mid_block.*"],
+                "mlp": True,
+                "cross_attn": True,
+                "min_tokens": 1,
+            },
         },
     ),
     ("tome", {}),
     ("tome", {"ratio": 0.6, "sx": 3, "sy": 4, "random_destinations": False, "partition": "cells"}),
     (
         "tome",
-        {"ratio": {"*": 0.5}, "partition": "alternate", "merge_attn": False, "merge_mlp": True},
+        {"ratio": {"*": 0.5}, "partition": "alternate", "sites": {"attn": False, "mlp": True}},
     ),
     ("random", {}),
     ("random", {"ratio": 0.0, "sx": 1, "sy": 1, "seed": 2**40}),
@@ -708,20 +724,29 @@ PLAUSIBLE = {
     "window_size": st.one_of(
         st.integers(1, 6), st.dictionaries(SELECTOR_KEYS, st.integers(1, 6), max_size=3)
     ),
-    "levels": st.one_of(st.none(), st.lists(st.integers(0, 8), max_size=3)),
-    "stages": st.one_of(
-        st.none(), st.lists(st.sampled_from(["down", "mid", "up", "side"]), max_size=3)
-    ),
-    "blocks": st.one_of(st.none(), st.lists(st.integers(-5, 5), max_size=3)),
-    "include": GLOBS,
-    "exclude": GLOBS,
-    "min_tokens": st.integers(-1, 500),
     "cache_interval": st.integers(-1, 10),
     "seed": st.integers(),
     "sx": st.integers(0, 5),
     "sy": st.integers(0, 5),
     "scope": st.sampled_from(["auto", "window", "global", "local"]),
     "partition": st.sampled_from(["auto", "cells", "alternate", "rows"]),
+    "sites": st.fixed_dictionaries(
+        {},
+        optional={
+            "levels": st.one_of(st.none(), st.lists(st.integers(0, 8), max_size=3)),
+            "stages": st.one_of(
+                st.none(), st.lists(st.sampled_from(["down", "mid", "up", "side"]), max_size=3)
+            ),
+            "blocks": st.one_of(st.none(), st.lists(st.integers(-5, 5), max_size=3)),
+            "include": GLOBS,
+            "exclude": GLOBS,
+            "min_tokens": st.integers(-1, 500),
+            "attn": st.booleans(),
+            "cross_attn": st.booleans(),
+            "mlp": st.booleans(),
+            "levls": st.booleans(),  # a misspelt one now and then
+        },
+    ),
 }
 
 
@@ -751,7 +776,8 @@ def config_dicts(draw) -> dict:
     for field in draw(st.lists(st.sampled_from(own), max_size=6, unique=True)):
         data[field] = _value_for(draw, field)
     if draw(st.integers(0, 3)) == 0:  # a field of another strategy, or junk
-        key = draw(st.one_of(st.sampled_from(ALL_FIELDS), st.text(max_size=8)))
+        junk = st.text(max_size=8).filter(lambda k: k not in {*SITE_FIELDS, *ADAPTER_FIELDS})
+        key = draw(st.one_of(st.sampled_from(ALL_FIELDS), junk))
         data[key] = _value_for(draw, key)
     return data
 
@@ -763,7 +789,7 @@ def config_dicts(draw) -> dict:
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(config_dicts())
-@example({"strategy": "tome", "ratio": 0.3, "sx": 3, "levels": [1, 2]})
+@example({"strategy": "tome", "ratio": 0.3, "sx": 3, "sites": {"levels": [1, 2]}})
 @example({"strategy": "retom", "window_size": {"mid": 4, "*": 3}, "ratio": {"2": 0.8}})
 def test_fuzzed_config_dicts_are_accepted_and_round_trip_or_raise_config_error(data):
     try:

@@ -124,19 +124,25 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             toy_stack,
             run_toy,
             {
-                "include": ["blocks.*"],
-                "min_tokens": 1,
                 "adapter_options": {"grid": (3, 5), "num_prefix": 1},
+                "sites": {"include": ["blocks.*"], "min_tokens": 1},
             },
         )
     ],
-    "diffusers_unet": [TinyModel("tiny-unet", tiny_unet, run_unet, {"min_tokens": 1})],
+    "diffusers_unet": [TinyModel("tiny-unet", tiny_unet, run_unet, {"sites": {"min_tokens": 1}})],
     "diffusers_dit": [
-        TinyModel(f"tiny-{family}", FAMILIES[family], run_transformer(family), {"min_tokens": 1})
+        TinyModel(
+            f"tiny-{family}",
+            FAMILIES[family],
+            run_transformer(family),
+            {"sites": {"min_tokens": 1}},
+        )
         for family in ("dit", "pixart", "sd3")
     ],
     "diffusers_flux": [
-        TinyModel("tiny-flux", FAMILIES["flux"], run_transformer("flux"), {"min_tokens": 1})
+        TinyModel(
+            "tiny-flux", FAMILIES["flux"], run_transformer("flux"), {"sites": {"min_tokens": 1}}
+        )
     ],
     # progressive mode (the default) merges at most half of a block's tokens: the checks' 0.5
     "timm_vit": [
@@ -145,7 +151,7 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             "tiny-vit-registers-local",
             vit_model("registers"),
             run_vit("registers"),
-            {"mode": "local"},
+            {"adapter_options": {"mode": "local"}},
         ),
         TinyModel("tiny-eva02", vit_model("eva02"), run_vit("eva02")),
     ],

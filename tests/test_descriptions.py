@@ -10,6 +10,7 @@ import pytest
 
 from tokenmerge.config import MergeConfig
 from tokenmerge.registry import registry
+from tokenmerge.selectors import Sites
 
 #: two lines of the project's 100-character width
 MAX_DESCRIPTION = 200
@@ -19,7 +20,8 @@ MEASUREMENT = re.compile(r"\d{4}-\d{2}-\d{2}|\d %|\d%|\bx\d|\d\.\d{2,}")
 
 def _fields() -> list[tuple[str, str, str]]:
     registry.reset()
-    classes = [MergeConfig, *registry.config_classes()]
+    options = [spec.load().options_class for spec in registry.table("adapter").values()]
+    classes = [MergeConfig, Sites, *registry.config_classes(), *dict.fromkeys(options)]
     registry.reset()
     return [
         (cls.__name__, name, info.description or "")
@@ -51,10 +53,10 @@ def test_every_default_with_evidence_has_its_section_in_the_docs():
         "scope",
         "value_correction",
         "cache_interval",
-        "levels",
+        "sites.levels",
         "share_cfg_plan",
         "ratio",
-        "min_tokens",
-        "merge_mlp",
+        "sites.min_tokens",
+        "sites.mlp",
     ):
         assert field in headings, f"docs/defaults.md has no section for {field}"

@@ -115,7 +115,8 @@ def forward(unet: UNet2DConditionModel, **kwargs: Any) -> Tensor:
 
 
 def merge(model: Any, strategy: str, **overrides: Any) -> tokenmerge.Handle:
-    handle = tokenmerge.apply(model, strategy, ratio=RATIO, min_tokens=1, **overrides)
+    sites = {"min_tokens": 1, **overrides.pop("sites", {})}
+    handle = tokenmerge.apply(model, strategy, ratio=RATIO, sites=sites, **overrides)
     assert [site.name for site in handle.sites] == list(SITES)
     return handle
 
@@ -334,14 +335,14 @@ def _image_embeds() -> dict[str, list[Tensor]]:
 def test_ip_adapter_loaded_after_apply(strategy: str, cross: bool) -> None:
     targets = ("attn1", "attn2") if cross else ("attn1",)
     unet = make_unet()
-    handle = merge(unet, strategy, merge_cross_attn=cross)
+    handle = merge(unet, strategy, sites={"cross_attn": cross})
     _with_ip_adapter(unet)  # re-creates every attention processor under the hooks
     assert isinstance(unet.get_submodule(f"{SITES[0]}.attn2").processor, IPAdapterAttnProcessor2_0)
 
     # plain reference: the same IP-Adapter already in place when tokenmerge is applied, so no
     # processor is replaced under the hooks
     reference = _with_ip_adapter(make_unet())
-    merge(reference, strategy, merge_cross_attn=cross)
+    merge(reference, strategy, sites={"cross_attn": cross})
     check_merged(unet, reference, targets, **_image_embeds())
 
     twin = _with_ip_adapter(make_unet())

@@ -53,7 +53,7 @@ def _fresh_dynamo():
 
 
 def merge(unet: UNet2DConditionModel, strategy: str) -> tokenmerge.Handle:
-    return tokenmerge.apply(unet, strategy, ratio=0.5, min_tokens=1, cache_interval=3)
+    return tokenmerge.apply(unet, strategy, ratio=0.5, sites={"min_tokens": 1}, cache_interval=3)
 
 
 def compile_blocks(unet: UNet2DConditionModel, backend) -> int:

@@ -225,7 +225,7 @@ def test_pipeline_level_apply_merges_at_every_block(name: str, strategy: str) ->
     pipe = FACTORIES[name]()
     expected = run(pipe, steps=STEPS)
     before = snapshot(pipe.transformer)
-    handle = tokenmerge.apply(pipe, strategy, ratio=RATIO, min_tokens=1)
+    handle = tokenmerge.apply(pipe, strategy, ratio=RATIO, sites={"min_tokens": 1})
     assert handle.model is pipe.transformer
     assert vars(pipe.transformer)[HANDLE_ATTR] is handle
     assert {site.name for site in handle.sites} == block_names(pipe)  # every block by default
@@ -278,7 +278,7 @@ def test_pipeline_level_apply_merges_at_every_block(name: str, strategy: str) ->
 def test_ratio_zero_is_bit_identical(name: str, strategy: str) -> None:
     pipe = FACTORIES[name]()
     expected = run(pipe, steps=3)
-    options = dict(merge_mlp=True, min_tokens=1)
+    options = dict(sites={"mlp": True, "min_tokens": 1})
     with tokenmerge.apply(pipe, strategy, ratio=0.0, **options) as handle:
         with TokenCounter(pipe.transformer) as counter:
             assert torch.equal(run(pipe, steps=3), expected)
@@ -296,7 +296,9 @@ def test_merge_mlp_merges_around_the_mlp_too(name: str, strategy: str) -> None:
     """Flux single-stream blocks have no ``ff``: their parallel MLP (``proj_mlp``) merges."""
     pipe = FACTORIES[name]()
     expected = run(pipe, steps=2)
-    with tokenmerge.apply(pipe, strategy, ratio=RATIO, min_tokens=1, merge_mlp=True) as handle:
+    with tokenmerge.apply(
+        pipe, strategy, ratio=RATIO, sites={"min_tokens": 1, "mlp": True}
+    ) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=2)
         stats = handle.stats()
@@ -312,7 +314,7 @@ def test_merge_mlp_merges_around_the_mlp_too(name: str, strategy: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_merge_mlp_alone_leaves_attention_whole(name: str) -> None:
     pipe = FACTORIES[name]()
-    options = dict(ratio=RATIO, min_tokens=1, merge_attn=False, merge_mlp=True)
+    options = dict(ratio=RATIO, sites={"min_tokens": 1, "attn": False, "mlp": True})
     with tokenmerge.apply(pipe, "tome", **options):
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=2)
@@ -324,7 +326,7 @@ def test_merge_mlp_alone_leaves_attention_whole(name: str) -> None:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_pixart_cross_attention_merges_its_queries_only(strategy: str) -> None:
     pipe = FACTORIES["pixart"]()
-    options = dict(ratio=RATIO, min_tokens=1, merge_cross_attn=True)
+    options = dict(ratio=RATIO, sites={"min_tokens": 1, "cross_attn": True})
     with tokenmerge.apply(pipe, strategy, **options) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=2)  # the text tokens carry a padding mask
@@ -342,7 +344,7 @@ def test_flux_true_cfg_merges_both_calls_of_each_step(strategy: str) -> None:
     negative), each with batch 1: both merge, and plans are still reused across steps."""
     pipe = FACTORIES["flux"]()
     expected = run(pipe, steps=STEPS, true_cfg_scale=2.0)
-    with tokenmerge.apply(pipe, strategy, ratio=RATIO, min_tokens=1) as handle:
+    with tokenmerge.apply(pipe, strategy, ratio=RATIO, sites={"min_tokens": 1}) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=STEPS, true_cfg_scale=2.0)
         stats = handle.stats()
@@ -369,7 +371,7 @@ def test_sd35_skip_layer_guidance_merges_both_passes(strategy: str) -> None:
         skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0
     )
     expected = run(pipe, steps=3, **slg)
-    with tokenmerge.apply(pipe, strategy, ratio=RATIO, min_tokens=1) as handle:
+    with tokenmerge.apply(pipe, strategy, ratio=RATIO, sites={"min_tokens": 1}) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=3, **slg)
         stats = handle.stats()

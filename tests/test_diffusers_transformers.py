@@ -44,13 +44,13 @@ STRATEGIES = ["tome", "retom", "random"]
 
 def test_adapters_are_chosen_by_model_class() -> None:
     for family, make in FAMILIES.items():
-        with tokenmerge.apply(make(), "tome", min_tokens=1) as handle:
+        with tokenmerge.apply(make(), "tome", sites={"min_tokens": 1}) as handle:
             expected = "diffusers_flux" if family == "flux" else "diffusers_dit"
             assert handle.adapter.name == expected, family
 
 
 def test_sites_and_depth_stages() -> None:
-    with tokenmerge.apply(make_flux(), "tome", min_tokens=1) as handle:
+    with tokenmerge.apply(make_flux(), "tome", sites={"min_tokens": 1}) as handle:
         sites = handle.sites
     assert [s.name for s in sites] == [
         "transformer_blocks.0",
@@ -61,7 +61,9 @@ def test_sites_and_depth_stages() -> None:
     assert [s.stage for s in sites] == ["first", "first", "middle", "last"]
     assert [s.block_index for s in sites] == [0, 1, 2, 3]
     assert all(s.shared_plan for s in sites)  # the rotary table is shared by the batch
-    with tokenmerge.apply(make_dit(), "tome", min_tokens=1, stages=["middle", "last"]) as handle:
+    with tokenmerge.apply(
+        make_dit(), "tome", sites={"min_tokens": 1, "stages": ["middle", "last"]}
+    ) as handle:
         assert [(s.name, s.stage) for s in handle.sites] == [
             ("transformer_blocks.1", "middle"),
             ("transformer_blocks.2", "last"),
@@ -71,22 +73,22 @@ def test_sites_and_depth_stages() -> None:
 
 def test_targets_follow_the_config() -> None:
     with tokenmerge.apply(
-        make_pixart(), "tome", min_tokens=1, merge_mlp=True, merge_cross_attn=True
+        make_pixart(), "tome", sites={"min_tokens": 1, "mlp": True, "cross_attn": True}
     ) as handle:
         assert handle.sites[0].targets == ("attn", "cross_attn", "mlp")
     with pytest.raises(NoSitesError, match="merging around cross_attn"):
-        tokenmerge.apply(make_dit(), "tome", merge_attn=False, merge_cross_attn=True)
+        tokenmerge.apply(make_dit(), "tome", sites={"attn": False, "cross_attn": True})
 
 
 def test_unet_stages_select_nothing_in_a_transformer() -> None:
     with pytest.raises(NoSitesError, match="Stages present: \\['first', 'last', 'middle'\\]"):
-        tokenmerge.apply(make_sd3(), "tome", stages=["down"])
+        tokenmerge.apply(make_sd3(), "tome", sites={"stages": ["down"]})
 
 
 def test_per_block_window_and_ratio_schedules() -> None:
     model = make_dit()
     with tokenmerge.apply(
-        model, "retom", min_tokens=1, window_size=[2, 4, 2], ratio=[0.25, 0.5, 0.5]
+        model, "retom", sites={"min_tokens": 1}, window_size=[2, 4, 2], ratio=[0.25, 0.5, 0.5]
     ) as handle:
         assert [p.config.window_size for p in handle.patches] == [2, 4, 2]
         assert [p.ratio for p in handle.patches] == [0.25, 0.5, 0.5]
@@ -140,7 +142,7 @@ def test_every_hooked_module_sees_fewer_tokens(family: str, strategy: str) -> No
     model = FAMILIES[family]()
     kwargs = inputs(family)
     n = image_tokens(family)
-    handle = tokenmerge.apply(model, strategy, ratio=0.5, min_tokens=1, merge_mlp=True)
+    handle = tokenmerge.apply(model, strategy, ratio=0.5, sites={"min_tokens": 1, "mlp": True})
     counter = TokenCounter(hooked_modules(model, family))
     run(model, kwargs)
     counter.remove()
@@ -164,7 +166,7 @@ def test_every_hooked_module_sees_fewer_tokens(family: str, strategy: str) -> No
 def test_sd35_second_attention_merges_with_the_first() -> None:
     model = make_sd3()
     block = model.transformer_blocks[0]
-    with tokenmerge.apply(model, "retom", ratio=0.5, min_tokens=1):
+    with tokenmerge.apply(model, "retom", ratio=0.5, sites={"min_tokens": 1}):
         counter = TokenCounter({"attn": block.attn, "attn2": block.attn2})  # after our hooks
         run(model, inputs("sd3"))
     assert counter.seen == {"attn": [24], "attn2": [24]}
@@ -174,7 +176,7 @@ def test_pixart_cross_attention_merges_queries_only() -> None:
     model = make_pixart()
     attn2 = model.transformer_blocks[0].attn2
     seen = []
-    with tokenmerge.apply(model, "tome", ratio=0.5, min_tokens=1, merge_cross_attn=True):
+    with tokenmerge.apply(model, "tome", ratio=0.5, sites={"min_tokens": 1, "cross_attn": True}):
         attn2.register_forward_pre_hook(  # after tokenmerge's own pre-hook
             lambda m, a, k: seen.append((a[0].shape[1], k["encoder_hidden_states"].shape[1])),
             with_kwargs=True,
@@ -197,7 +199,7 @@ def test_flux_rotary_rows_are_those_of_the_kept_tokens() -> None:
         lambda m, a, k, out: calls.append((dict(k), out)), with_kwargs=True, prepend=False
     )
     handle = tokenmerge.apply(
-        model, "tome", ratio=0.5, min_tokens=1, include=["transformer_blocks.0"]
+        model, "tome", ratio=0.5, sites={"min_tokens": 1, "include": ["transformer_blocks.0"]}
     )
     run(model, kwargs)
     ((merged_kwargs, _),) = calls
@@ -229,10 +231,8 @@ def test_flux_single_block_body_matches_a_direct_computation() -> None:
     seen = {}
     block.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
     block.register_forward_hook(lambda m, a, k, out: seen.update(out=out), with_kwargs=True)
-    handle = tokenmerge.apply(
-        model, "retom", ratio=0.5, min_tokens=1, merge_mlp=True,
-        include=["single_transformer_blocks.0"],
-    )  # fmt: skip
+    sites = {"min_tokens": 1, "mlp": True, "include": ["single_transformer_blocks.0"]}
+    handle = tokenmerge.apply(model, "retom", ratio=0.5, sites=sites)
     run(model, kwargs)
     plan = handle.patches[0].last_plan
     handle.remove()
@@ -256,7 +256,7 @@ def test_flux_ids_that_are_not_one_grid_pass_through() -> None:
     model = make_flux()
     kwargs = inputs("flux")
     kwargs["img_ids"] = kwargs["img_ids"].flip(0)  # not row-major: positions unknown
-    with tokenmerge.apply(model, "tome", min_tokens=1) as handle:
+    with tokenmerge.apply(model, "tome", sites={"min_tokens": 1}) as handle:
         out = run(model, kwargs)
         stats = handle.stats()
     for name, site in stats.items():
@@ -274,7 +274,7 @@ def test_odd_batches_and_cfg_sharing(family: str, batch: int) -> None:
     model = FAMILIES[family]()
     kwargs = inputs(family, batch=batch)
     plain = run(model, kwargs)
-    with tokenmerge.apply(model, "tome", ratio=0.5, min_tokens=1, merge_mlp=True):
+    with tokenmerge.apply(model, "tome", ratio=0.5, sites={"min_tokens": 1, "mlp": True}):
         merged = run(model, kwargs)
     assert merged.shape == plain.shape and torch.isfinite(merged).all()
     assert not torch.equal(merged, plain)
@@ -285,7 +285,7 @@ def test_odd_batches_and_cfg_sharing(family: str, batch: int) -> None:
 def test_shared_cfg_plan_gives_both_halves_one_plan(family: str) -> None:
     model = FAMILIES[family]()
     kwargs = inputs(family, batch=2)
-    with tokenmerge.apply(model, "retom", min_tokens=1, share_cfg_plan=True) as handle:
+    with tokenmerge.apply(model, "retom", sites={"min_tokens": 1}, share_cfg_plan=True) as handle:
         run(model, kwargs)
         plan = handle.patches[0].last_plan
     assert plan.batch in (1, 2)
@@ -301,9 +301,11 @@ def test_half_precision(family: str, dtype: torch.dtype) -> None:
         for k, v in inputs(family).items()
     }
     plain = run(model, kwargs)
-    with tokenmerge.apply(model, "retom", ratio=0.0, min_tokens=1, merge_mlp=True):
+    with tokenmerge.apply(model, "retom", ratio=0.0, sites={"min_tokens": 1, "mlp": True}):
         assert torch.equal(run(model, kwargs), plain)
-    with tokenmerge.apply(model, "retom", ratio=0.5, min_tokens=1, merge_mlp=True) as handle:
+    with tokenmerge.apply(
+        model, "retom", ratio=0.5, sites={"min_tokens": 1, "mlp": True}
+    ) as handle:
         merged = run(model, kwargs)
         assert all(s.tokens_out < s.tokens_in for s in handle.stats().values())
     assert merged.dtype == dtype and torch.isfinite(merged).all()
@@ -319,7 +321,7 @@ def _timesteps(family: str, steps: int = 4) -> list[Tensor]:
 def test_plans_are_cached_across_denoising_steps(family: str) -> None:
     model = FAMILIES[family]()
     kwargs = inputs(family)
-    with tokenmerge.apply(model, "retom", min_tokens=1, cache_interval=2) as handle:
+    with tokenmerge.apply(model, "retom", sites={"min_tokens": 1}, cache_interval=2) as handle:
         for t in _timesteps(family):
             run(model, {**kwargs, "timestep": t.expand(BATCH)})
         stats = next(iter(handle.stats().values()))
@@ -334,14 +336,14 @@ def test_plans_are_cached_across_denoising_steps(family: str) -> None:
 def test_group_offloading(family: str, offload_type: str) -> None:
     kwargs = inputs(family)
     reference = FAMILIES[family]()
-    with tokenmerge.apply(reference, "tome", min_tokens=1, merge_mlp=True):
+    with tokenmerge.apply(reference, "tome", sites={"min_tokens": 1, "mlp": True}):
         expected = run(reference, kwargs)
     model = FAMILIES[family]()
     options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
     apply_group_offloading(
         model, onload_device=torch.device("cpu"), offload_type=offload_type, **options
     )
-    with tokenmerge.apply(model, "tome", min_tokens=1, merge_mlp=True) as handle:
+    with tokenmerge.apply(model, "tome", sites={"min_tokens": 1, "mlp": True}) as handle:
         got = run(model, kwargs)
         assert all(s.passed_through == 0 for s in handle.stats().values())
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
@@ -385,7 +387,9 @@ def test_first_block_cache(family: str, strategy: str) -> None:
     model = FAMILIES[family]()
     apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.2))
     kwargs = inputs(family)
-    handle = tokenmerge.apply(model, strategy, min_tokens=1, merge_mlp=True, cache_interval=2)
+    handle = tokenmerge.apply(
+        model, strategy, sites={"min_tokens": 1, "mlp": True}, cache_interval=2
+    )
     outputs = []
     for t in _timesteps(family, 6):
         with cache_context(model):
@@ -430,7 +434,7 @@ def compiled_frames(model: nn.Module, kwargs: dict[str, Any], family: str) -> li
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_regional_fullgraph_compile(family: str) -> None:
     kwargs = inputs(family)
-    options = {"min_tokens": 1, "merge_mlp": True, "cache_interval": 2}
+    options = {"cache_interval": 2, "sites": {"min_tokens": 1, "mlp": True}}
     # the unmerged model's own graphs (the first block's input has other strides, Flux has two
     # block types, SD 3.5's first block a second attention...): merging may add one variant of
     # each, the step that reuses its plan, and no more however long the loop runs
@@ -454,7 +458,7 @@ def test_regional_fullgraph_compile(family: str) -> None:
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_whole_model_compile_breaks_only_at_the_root_hooks() -> None:
     model = make_flux()
-    tokenmerge.apply(model, "tome", min_tokens=1, merge_mlp=True)
+    tokenmerge.apply(model, "tome", sites={"min_tokens": 1, "mlp": True})
     with torch.no_grad():
         explained = dynamo.explain(model)(**inputs("flux"))
     for reason in explained.break_reasons:
@@ -483,7 +487,7 @@ def test_removal_restores_vars_and_outputs() -> None:
         plain = run(model, kwargs)
         before = {name: dict(vars(m)) for name, m in model.named_modules()}
         twin = copy.deepcopy(model)
-        handle = tokenmerge.apply(model, "retom", min_tokens=1, merge_mlp=True)
+        handle = tokenmerge.apply(model, "retom", sites={"min_tokens": 1, "mlp": True})
         run(model, kwargs)
         handle.remove()
         after = {name: dict(vars(m)) for name, m in model.named_modules()}

@@ -271,28 +271,28 @@ def test_candidates_name_stage_and_level_of_every_block() -> None:
         # default: the finest level that has attention; a config that selects sites itself
         # (levels, stages, blocks or include) chooses among all of them
         ({}, names_at(1)),
-        ({"levels": (1, 2)}, names_at(1, 2)),
-        ({"levels": (2, 4)}, names_at(2, 4)),
-        ({"levels": (1, 2, 4)}, names_at(1, 2, 4)),
-        ({"stages": ("mid",), "levels": (4,)}, names_at(4, stages=("mid",))),
-        ({"stages": ("up",)}, names_at(1, 2, 4, stages=("up",))),
-        ({"stages": ("mid",)}, names_at(4, stages=("mid",))),
-        ({"include": ("mid_block.**",)}, names_at(4, stages=("mid",))),
+        ({"sites": {"levels": (1, 2)}}, names_at(1, 2)),
+        ({"sites": {"levels": (2, 4)}}, names_at(2, 4)),
+        ({"sites": {"levels": (1, 2, 4)}}, names_at(1, 2, 4)),
+        ({"sites": {"stages": ("mid",), "levels": (4,)}}, names_at(4, stages=("mid",))),
+        ({"sites": {"stages": ("up",)}}, names_at(1, 2, 4, stages=("up",))),
+        ({"sites": {"stages": ("mid",)}}, names_at(4, stages=("mid",))),
+        ({"sites": {"include": ("mid_block.**",)}}, names_at(4, stages=("mid",))),
         (
-            {"stages": ("down", "mid"), "levels": (1, 2, 4)},
+            {"sites": {"stages": ("down", "mid"), "levels": (1, 2, 4)}},
             names_at(1, 2, 4, stages=("down", "mid")),
         ),
-        ({"exclude": ("down_blocks.**",)}, names_at(1, stages=("up",))),
+        ({"sites": {"exclude": ("down_blocks.**",)}}, names_at(1, stages=("up",))),
         (
-            {"include": ("up_blocks.2.attentions.1.**",)},
+            {"sites": {"include": ("up_blocks.2.attentions.1.**",)}},
             {"up_blocks.2.attentions.1.transformer_blocks.0"},
         ),
         (
-            {"include": ("up_blocks.*.attentions.1.**",), "levels": (1, 2, 4)},
+            {"sites": {"include": ("up_blocks.*.attentions.1.**",), "levels": (1, 2, 4)}},
             {f"up_blocks.{i}.attentions.1.transformer_blocks.0" for i in range(3)},
         ),
         (
-            {"levels": (1, 2, 4), "exclude": ("up_blocks.**", "mid_block.**")},
+            {"sites": {"levels": (1, 2, 4), "exclude": ("up_blocks.**", "mid_block.**")}},
             names_at(1, 2, 4, stages=("down",)),
         ),
     ],
@@ -329,15 +329,15 @@ def test_no_site_error_lists_candidates_and_close_matches() -> None:
     unet = three_level_unet()
     typo = "down_blocks.0.attention.0.transformer_blocks.0"
     with pytest.raises(NoSitesError) as error:
-        tokenmerge.apply(unet, "retom", include=[typo])
+        tokenmerge.apply(unet, "retom", sites={"include": [typo]})
     message = str(error.value)
     assert typo in message
     assert "close names" in message
     assert "down_blocks.0.attentions.0.transformer_blocks.0" in message
     assert "Candidate sites" in message
     with pytest.raises(NoSitesError, match=r"Levels present: \[1, 2, 4\]") as error:
-        tokenmerge.apply(unet, "retom", levels=(8,))
-    assert "levels=(8,)" in str(error.value)
+        tokenmerge.apply(unet, "retom", sites={"levels": (8,)})
+    assert "sites={'levels': (8,)}" in str(error.value)
     assert "up_blocks.1.attentions.1.transformer_blocks.0" in str(error.value)
     assert "(10 in all)" in str(error.value)
     assert hook_count(unet) == 0 and HANDLE_ATTR not in vars(unet)
@@ -445,7 +445,9 @@ def test_ratio_zero_is_bit_identical(strategy: str) -> None:
     unet = make_unet()
     x, text = inputs(2)
     expected = [run(unet, x, text, t=t) for t in (999, 979)]
-    options = dict(ratio=0.0, levels=(1, 2), merge_cross_attn=True, merge_mlp=True, min_tokens=1)
+    options = dict(
+        ratio=0.0, sites={"levels": (1, 2), "cross_attn": True, "mlp": True, "min_tokens": 1}
+    )
     with tokenmerge.apply(unet, strategy, **options) as handle:
         assert len(handle.sites) == 4  # down 0, mid, up 1 x 2
         for t, out in zip((999, 979), expected, strict=True):
@@ -460,7 +462,7 @@ def test_output_shape_and_exact_removal(strategy: str) -> None:
     expected = run(unet, x, text)
     before = snapshot(unet)
     assert hook_count(unet) == 0
-    handle = tokenmerge.apply(unet, strategy, ratio=0.5, levels=(1, 2), min_tokens=1)
+    handle = tokenmerge.apply(unet, strategy, ratio=0.5, sites={"levels": (1, 2), "min_tokens": 1})
     assert hook_count(unet) > 0 and vars(unet)[HANDLE_ATTR] is handle
     merged = run(unet, x, text)
     assert merged.shape == expected.shape
@@ -480,11 +482,11 @@ def test_targets_attn1_by_default_cross_attention_and_mlp_on_request() -> None:
     other = "mid_block.attentions.0.transformer_blocks.0"  # level 2, not a default site
     cases = [
         ({}, ("attn",), half, n, n),
-        ({"merge_cross_attn": True}, ("attn", "cross_attn"), half, half, n),
-        ({"merge_mlp": True}, ("attn", "mlp"), half, n, half),
-        ({"merge_attn": False, "merge_mlp": True}, ("mlp",), n, n, half),
+        ({"sites": {"cross_attn": True}}, ("attn", "cross_attn"), half, half, n),
+        ({"sites": {"mlp": True}}, ("attn", "mlp"), half, n, half),
+        ({"sites": {"attn": False, "mlp": True}}, ("mlp",), n, n, half),
         (
-            {"merge_cross_attn": True, "merge_mlp": True},
+            {"sites": {"cross_attn": True, "mlp": True}},
             ("attn", "cross_attn", "mlp"),
             half,
             half,
@@ -492,7 +494,8 @@ def test_targets_attn1_by_default_cross_attention_and_mlp_on_request() -> None:
         ),
     ]
     for options, targets, attn1, attn2, ff in cases:
-        with tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1, **options) as handle:
+        sites = {"min_tokens": 1, **options.get("sites", {})}
+        with tokenmerge.apply(unet, "retom", ratio=0.5, sites=sites) as handle:
             assert all(set(s.targets) == set(targets) for s in handle.sites), options
             with TokenCounter(unet) as counter:
                 run(unet, x, text)
@@ -509,7 +512,7 @@ def test_a_deepcopy_of_a_patched_unet_is_patched_the_same_and_independently() ->
     unet = flat_unet()
     x, text = inputs(2)
     expected = run(unet, x, text)
-    handle = tokenmerge.apply(unet, "tome", ratio=0.5, min_tokens=1)
+    handle = tokenmerge.apply(unet, "tome", ratio=0.5, sites={"min_tokens": 1})
     twin = copy.deepcopy(unet)
     merged = run(unet, x, text)
     assert torch.equal(run(twin, x, text), merged)
@@ -558,7 +561,9 @@ def test_tome_configured_like_tomesd_reproduces_tomesd(
             # apply_patch removes its previous patch first
             tomesd.apply_patch(theirs, ratio=ratio, max_downsample=1, sx=2, sy=2, use_rand=False)
             expected = run(theirs, x, text, t=500)
-            options = dict(sx=2, sy=2, random_destinations=False, min_tokens=1, levels=(1,))
+            options = dict(
+                sx=2, sy=2, random_destinations=False, sites={"min_tokens": 1, "levels": (1,)}
+            )
             with tokenmerge.apply(unet, "tome", ratio=ratio, **options) as handle:
                 ours = run(unet, x, text, t=500)
                 stats = handle.stats()
@@ -583,7 +588,7 @@ def test_tomesd_parity_for_cfg_halves_run_as_separate_calls() -> None:
     tomesd.apply_patch(theirs, ratio=0.5, max_downsample=1, sx=2, sy=2, use_rand=False)
     uncond, text_u = inputs(1, seed=0)
     cond, text_c = inputs(1, seed=1)
-    options = dict(sx=2, sy=2, random_destinations=False, min_tokens=1, levels=(1,))
+    options = dict(sx=2, sy=2, random_destinations=False, sites={"min_tokens": 1, "levels": (1,)})
     with tokenmerge.apply(unet, "tome", ratio=0.5, **options) as handle:
         for t in (999, 979):
             for x, text in ((uncond, text_u), (cond, text_c)):
@@ -635,7 +640,7 @@ def test_batches_shapes_and_dtypes(case: str, strategy: str) -> None:
     x, text = inputs(batch, latent, dtype=dtype)
     expected = run(unet, x, text)
     before = snapshot(unet)
-    config = dict(ratio=ratio, share_cfg_plan=share, min_tokens=1)
+    config = dict(ratio=ratio, share_cfg_plan=share, sites={"min_tokens": 1})
     if strategy == "retom":
         # the 2 x 2 windows ``capacity`` counts; window scope, because the per-sample check
         # below compares with a batch of one, whose convolutions differ in the last bits, and a
@@ -750,7 +755,7 @@ def test_1920x1080_stand_in_sdxl_like_unet_on_a_240x135_latent() -> None:
 def test_plan_cache_across_denoising_steps() -> None:
     unet = flat_unet()
     x, text = inputs(2)
-    handle = tokenmerge.apply(unet, "retom", ratio=0.5, cache_interval=3, min_tokens=1)
+    handle = tokenmerge.apply(unet, "retom", ratio=0.5, cache_interval=3, sites={"min_tokens": 1})
     timesteps = list(range(999, 799, -20))  # 10 steps
     for t in timesteps:
         run(unet, x, text, t=t)
@@ -782,11 +787,11 @@ def test_a_cached_plan_is_really_reused() -> None:
     unet = flat_unet()
     x0, text = inputs(2, seed=0)
     x1, _ = inputs(2, seed=5)
-    with tokenmerge.apply(unet, "retom", cache_interval=2, min_tokens=1) as handle:
+    with tokenmerge.apply(unet, "retom", cache_interval=2, sites={"min_tokens": 1}) as handle:
         run(unet, x0, text, t=999)
         cached = run(unet, x1, text, t=979)  # reuses the plan made on x0
         assert {s.plans_reused for s in handle.stats().values()} == {1}
-    with tokenmerge.apply(unet, "retom", cache_interval=1, min_tokens=1):
+    with tokenmerge.apply(unet, "retom", cache_interval=1, sites={"min_tokens": 1}):
         fresh = run(unet, x1, text, t=979)  # plans on x1
     assert not torch.allclose(cached, fresh, atol=1e-4)
 
@@ -794,7 +799,7 @@ def test_a_cached_plan_is_really_reused() -> None:
 def test_plans_are_made_from_the_block_input(monkeypatch: pytest.MonkeyPatch) -> None:
     unet = flat_unet()
     x, text = inputs(2)
-    handle = tokenmerge.apply(unet, "tome", ratio=0.5, min_tokens=1)
+    handle = tokenmerge.apply(unet, "tome", ratio=0.5, sites={"min_tokens": 1})
     site = handle.sites[0].name
     block_inputs, features = [], []
 
@@ -829,9 +834,9 @@ def test_an_exception_inside_a_site_keeps_no_activation_and_the_patch_working() 
     x, text = inputs(2)
     expected_unmerged = run(unet, x, text)
     before = snapshot(unet)
-    with tokenmerge.apply(unet, "retom", min_tokens=1):
+    with tokenmerge.apply(unet, "retom", sites={"min_tokens": 1}):
         expected = run(unet, x, text)
-    handle = tokenmerge.apply(unet, "retom", min_tokens=1)
+    handle = tokenmerge.apply(unet, "retom", sites={"min_tokens": 1})
 
     def fail(module, args):
         raise RuntimeError("simulated out of memory")
@@ -861,7 +866,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_plan() -> None:
         out.square().mean().backward()
         return out.detach(), [p.grad.clone() for p in unet.parameters()]
 
-    with tokenmerge.apply(unet, "tome", ratio=0.5, min_tokens=1) as handle:
+    with tokenmerge.apply(unet, "tome", ratio=0.5, sites={"min_tokens": 1}) as handle:
         out, grads = loss_and_grads()
         unet.enable_gradient_checkpointing()
         handle.new_generation()  # the same random draws
@@ -893,7 +898,7 @@ def test_self_attention_with_a_mask_passes_through() -> None:
     with torch.no_grad():
         expected = attn1(hidden, attention_mask=mask)
         plain = attn1(hidden)
-    with tokenmerge.apply(unet, "retom", min_tokens=1) as handle:
+    with tokenmerge.apply(unet, "retom", sites={"min_tokens": 1}) as handle:
         run(unet, x, text)  # the grid is known
         with torch.no_grad():
             assert not torch.allclose(attn1(hidden), plain, atol=1e-4)  # unmasked: merged
@@ -916,7 +921,7 @@ def test_cross_attention_mask_with_a_row_per_query_passes_through() -> None:
         expected = attn2(hidden, encoder_hidden_states=text, attention_mask=per_query)
         plain = attn2(hidden, encoder_hidden_states=text, attention_mask=per_key)
     unmerged = run(unet, x, text, encoder_attention_mask=torch.ones(2, TEXT_TOKENS))
-    with tokenmerge.apply(unet, "retom", merge_cross_attn=True, min_tokens=1) as handle:
+    with tokenmerge.apply(unet, "retom", sites={"cross_attn": True, "min_tokens": 1}) as handle:
         # a text mask through the UNet is one row for every query: merged as usual
         mask = torch.ones(2, TEXT_TOKENS)
         mask[:, -2:] = 0
@@ -942,7 +947,7 @@ def test_four_dimensional_hidden_states_pass_through() -> None:
     image = torch.randn(2, 32, 16, 16)
     with torch.no_grad():
         expected = attn1(image)
-    with tokenmerge.apply(unet, "tome", min_tokens=1) as handle:
+    with tokenmerge.apply(unet, "tome", sites={"min_tokens": 1}) as handle:
         run(unet, x, text)
         with torch.no_grad():
             out = attn1(image)
@@ -957,12 +962,12 @@ def test_chunked_mlp_passes_through() -> None:
     siblings do): set every block's chunking the way those call it."""
     unet = flat_unet()
     x, text = inputs(2)
-    with tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1):
+    with tokenmerge.apply(unet, "retom", ratio=0.5, sites={"min_tokens": 1}):
         reference = run(unet, x, text)  # attention merged, MLP not
     for module in unet.modules():
         if isinstance(module, BasicTransformerBlock):
             module.set_chunk_feed_forward(64, dim=1)
-    with tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1, merge_mlp=True) as handle:
+    with tokenmerge.apply(unet, "retom", ratio=0.5, sites={"min_tokens": 1, "mlp": True}) as handle:
         with TokenCounter(unet) as counter:
             out = run(unet, x, text)
         stats = handle.stats()
@@ -991,17 +996,17 @@ def test_apply_remove_cycles_and_forwards_leave_memory_flat() -> None:
     expected = run(unet, x, text)
     before = snapshot(unet)
     for _ in range(20):  # warm caches (glob regexes, signatures)
-        tokenmerge.apply(unet, "retom", min_tokens=1).remove()
+        tokenmerge.apply(unet, "retom", sites={"min_tokens": 1}).remove()
     tensors, objects = _tensor_count(), len(gc.get_objects())
     for _ in range(1000):
-        tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1).remove()
+        tokenmerge.apply(unet, "retom", ratio=0.5, sites={"min_tokens": 1}).remove()
     assert_restored(unet, before)
     # no growth: the count covers every live tensor of the process, and objects left by earlier
     # tests may be freed meanwhile (seen once: 126 fewer), so only an increase is a leak
     assert _tensor_count() <= tensors
     assert len(gc.get_objects()) - objects < 50  # not one object per cycle
 
-    handle = tokenmerge.apply(unet, "retom", ratio=0.5, min_tokens=1, cache_interval=2)
+    handle = tokenmerge.apply(unet, "retom", ratio=0.5, sites={"min_tokens": 1}, cache_interval=2)
     for t in (999, 979, 959):
         run(unet, x, text, t=t)
     tensors = _tensor_count()
@@ -1154,7 +1159,7 @@ def test_sdxl_pipeline_merges_at_level_2_and_reuses_plans_across_steps() -> None
 
     expected = generate()
     before = snapshot(unet)
-    handle = tokenmerge.apply(pipe, "retom", ratio=0.5, cache_interval=2, min_tokens=1)
+    handle = tokenmerge.apply(pipe, "retom", ratio=0.5, cache_interval=2, sites={"min_tokens": 1})
     assert handle.model is unet
     assert {site.level for site in handle.sites} == {2}  # SDXL: no attention at level 1
     assert {site.name.split(".attentions")[0] for site in handle.sites} == {

@@ -108,7 +108,11 @@ def test_applied_to_a_model_through_the_generic_adapter():
     with torch.no_grad():
         reference = model(x)
         handle = tokenmerge.apply(
-            model, "grid_pool", adapter="generic", include=["blocks.*"], min_tokens=1, ratio=0.5
+            model,
+            "grid_pool",
+            adapter="generic",
+            sites={"include": ["blocks.*"], "min_tokens": 1},
+            ratio=0.5,
         )
         assert type(handle.patches[0].strategy).__name__ == "GridPoolStrategy"
         merged = model(x)
@@ -128,7 +132,12 @@ def test_every_token_of_a_block_shares_its_anchor_output():
     with (
         torch.no_grad(),
         tokenmerge.apply(
-            linear, "grid_pool", adapter="generic", include=["0"], min_tokens=1, ratio=0.75, k=2
+            linear,
+            "grid_pool",
+            adapter="generic",
+            sites={"include": ["0"], "min_tokens": 1},
+            ratio=0.75,
+            k=2,
         ),
     ):
         y = linear(x).view(2, 2, 2, 2, 4).permute(0, 2, 1, 3, 4).reshape(4, 4, 4)

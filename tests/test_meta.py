@@ -27,6 +27,7 @@ import tokenmerge
 from tokenmerge import hookspecs
 from tokenmerge.config import MergeConfig
 from tokenmerge.registry import registry
+from tokenmerge.selectors import Sites
 from tokenmerge.strategies.cells import CellConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,6 +249,12 @@ def check_reference_lists(markdown: str) -> None:
     sections = reference_sections(markdown)
     shared = table_rows(sections["Fields every config shares"])
     assert set(shared) == set(MergeConfig.model_fields)
+    assert set(table_rows(sections["Sites"])) == set(Sites.model_fields)
+    parts = re.split(r"^#### (.+)$", sections["Adapter options"], flags=re.M)
+    adapters = {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+    for spec in registry.table("adapter").values():
+        options = table_rows(adapters[f"`{spec.name}`"])
+        assert set(options) == set(spec.load().options_class.model_fields), spec.name
     names = registry.strategy_names()
     assert names, "no registered strategy"
     for name in names:
@@ -271,8 +278,9 @@ def check_reference_lists(markdown: str) -> None:
                 ), f"{name}: {field_name!r} differs from MergeConfig's but is listed as kept"
                 row = shared[field_name]
             default = field.get_default(call_default_factory=True)
+            shown = "Sites()" if default == Sites() else repr(default)  # its own table follows
             if not field.is_required():
-                assert f"`{default!r}`" in row, f"{name}.{field_name}: default {default!r}"
+                assert f"`{shown}`" in row, f"{name}.{field_name}: default {default!r}"
             for value in allowed_literals(field.annotation):
                 assert f"`{value!r}`" in row, f"{name}.{field_name}: allowed value {value!r}"
             description = " ".join(field.description.split()).replace("|", "\\|")
@@ -324,10 +332,11 @@ def test_describe_type():
         "`float` in [0, 1), or mapping `str` -> (`float` in [0, 1)), "
         "or tuple of (`float` in [0, 1))"
     )
-    assert describe(fields["min_tokens"].annotation, fields["min_tokens"].metadata) == (
+    sites = Sites.model_fields
+    assert describe(sites["min_tokens"].annotation, sites["min_tokens"].metadata) == (
         "`int` >= 1, or `None`"
     )
-    assert describe(fields["stages"].annotation) == (
+    assert describe(sites["stages"].annotation) == (
         "tuple of (one of `'down'`, `'mid'`, `'up'`, `'first'`, `'middle'`, `'last'`), or `None`"
     )
     assert describe(bool) == "`True` or `False`"

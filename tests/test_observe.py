@@ -98,7 +98,7 @@ def test_progressive_sites_report_their_merges():
 
 def test_flux_single_stream_blocks_report_their_merges():
     flux = make_flux()
-    handle = tokenmerge.apply(flux, "tome", ratio=0.5, merge_mlp=True, min_tokens=1)
+    handle = tokenmerge.apply(flux, "tome", ratio=0.5, sites={"mlp": True, "min_tokens": 1})
     with handle.observe(Journal()) as journal, torch.no_grad():
         flux(**transformer_inputs("flux"))
     single = [site.name for site in handle.sites if site.name.startswith("single")]

@@ -218,7 +218,7 @@ def test_unknown_adapter_lists_known_and_close_matches():
     assert "did you mean 'generic'" in message
     model = tiny_model()
     with pytest.raises(UnknownAdapterError, match="did you mean 'generic'"):
-        tokenmerge.apply(model, "tome", adapter="generc", include=["0"])
+        tokenmerge.apply(model, "tome", adapter="generc", sites={"include": ["0"]})
     with pytest.raises(UnknownAdapterError, match="generic"):
         tokenmerge.adapter_status("timm")
     assert not hasattr(model, "_tokenmerge_handle")
@@ -268,7 +268,7 @@ def test_runtime_plugin_is_listed_validated_serialised_and_usable():
     x = torch.randn(2, 16, 8)
     reference = model(x)
     handle = tokenmerge.apply(
-        model, "pairs", adapter="generic", include=["2"], min_tokens=1, ratio=0.5
+        model, "pairs", adapter="generic", sites={"include": ["2"], "min_tokens": 1}, ratio=0.5
     )
     assert isinstance(handle.config, PairsConfig)
     assert isinstance(handle.patches[0].strategy, PairsStrategy)
@@ -362,7 +362,9 @@ def test_register_adapter_convenience():
     extend.register_adapter(spec)
     assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "generic2"])
     model = tiny_model()
-    with tokenmerge.apply(model, "tome", adapter="generic2", include=["0"], min_tokens=1) as h:
+    with tokenmerge.apply(
+        model, "tome", adapter="generic2", sites={"include": ["0"], "min_tokens": 1}
+    ) as h:
         assert h.adapter.name == "generic"  # the class the spec names
     with pytest.raises(DuplicateNameError):
         extend.register_adapter(AdapterSpec(name="generic", target="a:B"))
@@ -628,7 +630,9 @@ def test_model_of_unavailable_adapter_names_the_extra(model_class):
         tokenmerge.apply(model, "tome", adapter="fake")
     assert not hasattr(model, "_tokenmerge_handle")
     # the generic adapter, named explicitly, still handles it
-    with tokenmerge.apply(model, "tome", adapter="generic", include=["block"], min_tokens=1):
+    with tokenmerge.apply(
+        model, "tome", adapter="generic", sites={"include": ["block"], "min_tokens": 1}
+    ):
         assert model(torch.randn(1, 16, 8)).shape == (1, 16, 8)
 
 

@@ -185,8 +185,7 @@ def patch(
         model,
         strategy,
         adapter="generic",
-        include=["blocks.*.attn"],
-        min_tokens=1,
+        sites={"include": ["blocks.*.attn"], "min_tokens": 1, **overrides.pop("sites", {})},
         adapter_options=options,
         **overrides,
     )

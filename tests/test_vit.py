@@ -140,13 +140,13 @@ def test_strategy_mode_matrix(family: str, mode: str, strategy: str) -> None:
     hooks, before = hook_count(model), snapshot(model)
     plain = fam.run(model)
     for zero in ({"ratio": 0.0}, {"r": 0}):
-        with tokenmerge.apply(model, strategy, mode=mode, **zero) as handle:
+        with tokenmerge.apply(model, strategy, adapter_options={"mode": mode}, **zero) as handle:
             assert handle.adapter.name == fam.adapter
             assert_equal(fam.run(model), plain, f"{zero}, first call")
             assert_equal(fam.run(model), plain, f"{zero}, second call")
             assert all(s.tokens_in == s.tokens_out for s in handle.stats().values())
         assert hook_count(model) == hooks
-    handle = tokenmerge.apply(model, strategy, mode=mode, ratio=0.25)
+    handle = tokenmerge.apply(model, strategy, adapter_options={"mode": mode}, ratio=0.25)
     assert hook_count(model) > hooks
     merged = fam.run(model)
     stats = handle.stats()
@@ -202,7 +202,7 @@ def test_token_counts_in_local_mode() -> None:
     """Local mode: every block receives the whole token set; the attention runs merged."""
     fam = FAMILIES["vit"]
     model = fam.build()
-    with tokenmerge.apply(model, "tome", mode="local", r=[8, 16, 4]) as handle:
+    with tokenmerge.apply(model, "tome", adapter_options={"mode": "local"}, r=[8, 16, 4]) as handle:
         blocks = fam.blocks(model)
         seen_blocks = Recorder(blocks, tokens_of)
         seen_attn = Recorder([b.attn for b in blocks], tokens_of)
@@ -316,7 +316,9 @@ def _block_one_call(proportional: bool) -> tuple[Tensor, Tensor, dict, Plan, nn.
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
         captured["output"] = output
 
-    with tokenmerge.apply(model, "tome", r=[16, 0, 0], proportional_attention=proportional) as h:
+    with tokenmerge.apply(
+        model, "tome", r=[16, 0, 0], adapter_options={"proportional_attention": proportional}
+    ) as h:
         recorder = PlanRecorder(h)
         hooks = [
             block.register_forward_pre_hook(before, with_kwargs=True),
@@ -467,7 +469,9 @@ def test_merging_duplicates_keeps_the_pooled_output(pool: str, split: int | None
         plain, plain_features = model(x), model.forward_features(x)
     results = {}
     for proportional in (True, False):
-        with tokenmerge.apply(model, strategy, r=8, proportional_attention=proportional) as h:
+        with tokenmerge.apply(
+            model, strategy, r=8, adapter_options={"proportional_attention": proportional}
+        ) as h:
             with torch.no_grad():
                 results[proportional] = model(x), model.forward_features(x)
             assert [s.tokens_out for s in h.stats().values()] == [57, 49, 41]
@@ -488,9 +492,9 @@ def test_eva_rotary_rows_follow_the_tokens(mode: str, strategy: str) -> None:
     fam = FAMILIES["eva02"]
     model = fam.build()
     plain = fam.run(model)
-    with tokenmerge.apply(model, strategy, mode=mode, ratio=0.0):
+    with tokenmerge.apply(model, strategy, adapter_options={"mode": mode}, ratio=0.0):
         assert_equal(fam.run(model), plain, "ratio 0")
-    with tokenmerge.apply(model, strategy, mode=mode, ratio=0.25) as handle:
+    with tokenmerge.apply(model, strategy, adapter_options={"mode": mode}, ratio=0.25) as handle:
         recorder = PlanRecorder(handle)
         seen = Recorder(
             [b.attn for b in model.blocks], lambda args, kwargs: (args[0], kwargs["rope"])
@@ -523,7 +527,7 @@ def test_eva_rotary_rows_follow_the_tokens(mode: str, strategy: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_dynamic_img_size_follows_the_grid(mode: str) -> None:
     model = make_dynamic()
-    with tokenmerge.apply(model, "tome", mode=mode, ratio=0.25) as handle:
+    with tokenmerge.apply(model, "tome", adapter_options={"mode": mode}, ratio=0.25) as handle:
         seen = Recorder(list(model.blocks), tokens_of)
         for height, width in ((64, 64), (48, 80), (64, 64)):
             x = pixels(BATCH, height, width=width)
@@ -671,9 +675,9 @@ def test_half_precision_on_cpu(dtype: torch.dtype, family: str, mode: str) -> No
     model = fam.build().to(dtype)
     x = fam.inputs().to(dtype)
     plain = fam.run(model, x)
-    with tokenmerge.apply(model, "tome", mode=mode, ratio=0.0):
+    with tokenmerge.apply(model, "tome", adapter_options={"mode": mode}, ratio=0.0):
         assert_equal(fam.run(model, x), plain, "ratio 0")
-    with tokenmerge.apply(model, "tome", mode=mode, ratio=0.25) as handle:
+    with tokenmerge.apply(model, "tome", adapter_options={"mode": mode}, ratio=0.25) as handle:
         merged = fam.run(model, x)
         assert all(s.tokens_out < s.tokens_in for s in handle.stats().values())
     for m, p in zip(merged, plain, strict=True):
@@ -690,7 +694,7 @@ def test_batches(batch: int, family: str, mode: str, strategy: str) -> None:
     fam = FAMILIES[family]
     model = fam.build()
     x = fam.inputs(batch=batch)
-    with tokenmerge.apply(model, strategy, mode=mode, ratio=0.25) as handle:
+    with tokenmerge.apply(model, strategy, adapter_options={"mode": mode}, ratio=0.25) as handle:
         together = fam.run(model, x)
         stats = [(s.tokens_in, s.tokens_out) for s in handle.stats().values()]
         alone = [fam.run(model, x[i : i + 1]) for i in range(batch)]
@@ -802,23 +806,25 @@ def test_config_errors() -> None:
     with pytest.raises(ConfigError) as info:
         tokenmerge.apply(model, "tome", ratio=0.6)
     assert "50 %" in str(info.value) and "0.5" in str(info.value)
-    assert "mode='local'" in str(info.value)
+    assert "adapter_options={'mode': 'local'}" in str(info.value)
     with pytest.raises(ConfigError, match="progressive"):
         tokenmerge.apply(model, "tome", ratio={"first": 0.3, "*": 0.7})
-    with pytest.raises(ConfigError, match="mode='local'"):
-        tokenmerge.apply(model, "tome", merge_mlp=True)
-    with pytest.raises(ConfigError, match="merge_at 'x'"):
+    with pytest.raises(ConfigError, match=r"adapter_options=\{'mode': 'local'\}"):
+        tokenmerge.apply(model, "tome", sites={"mlp": True})
+    with pytest.raises(ConfigError, match="merge_at: Input should be 'mlp' or 'block'"):
         tokenmerge.apply(model, "tome", adapter_options={"merge_at": "x"})
+    with pytest.raises(ConfigError, match="merge_att: unknown option.*did you mean 'merge_at'"):
+        tokenmerge.apply(model, "tome", adapter_options={"merge_att": "mlp"})
     assert hook_count(model) == 0 and tokenmerge.remove(model) is False
     # what is allowed: 0.5 in progressive mode, more in local mode, r overriding the ratio
-    for allowed in ({"ratio": 0.5}, {"ratio": 0.6, "mode": "local"}, {"ratio": 0.6, "r": 4}):
+    local = {"adapter_options": {"mode": "local"}}
+    for allowed in ({"ratio": 0.5}, {"ratio": 0.6, **local}, {"ratio": 0.6, "r": 4}):
         with tokenmerge.apply(model, "tome", **allowed):
             model(pixels())
     unet = get_preset("tiny-unet").build()
     with pytest.raises(ConfigError) as info:
-        tokenmerge.apply(unet, "tome", mode="progressive")
-    assert "'progressive' is not available" in str(info.value)
-    assert "supports 'local'" in str(info.value)
+        tokenmerge.apply(unet, "tome", adapter_options={"mode": "progressive"})
+    assert "mode: unknown option; allowed options: (none)" in str(info.value)
 
 
 # ---------------------------------------------------------------------------- local mode
@@ -829,7 +835,13 @@ def test_local_mode_keeps_the_token_grid_and_plans_every_call() -> None:
     x1, x2 = pixels(seed=1), pixels(seed=2)
     with torch.no_grad():
         plain_final, plain_inter = model.forward_intermediates(x1)
-    with tokenmerge.apply(model, "tome", mode="local", ratio=0.5, merge_mlp=True) as handle:
+    with tokenmerge.apply(
+        model,
+        "tome",
+        sites={"mlp": True},
+        adapter_options={"mode": "local"},
+        ratio=0.5,
+    ) as handle:
         with torch.no_grad():
             final, inter = model.forward_intermediates(x1)
         assert final.shape == plain_final.shape
@@ -854,7 +866,9 @@ def test_progressive_mode_refuses_forward_intermediates() -> None:
     model = make_vit()
     before = dict(vars(model))
     with tokenmerge.apply(model, "tome", ratio=0.25):
-        with pytest.raises(tokenmerge.TokenMergeError, match="mode='local'"):
+        with pytest.raises(
+            tokenmerge.TokenMergeError, match=r"adapter_options=\{'mode': 'local'\}"
+        ):
             model.forward_intermediates(pixels())
         with torch.no_grad():  # the other entry points still work
             assert model.forward_features(pixels()).shape == (BATCH, 65, 32)

@@ -31,6 +31,7 @@ from .errors import (
 )
 from .load import load_config
 from .registry import adapter_status, list_adapters, list_plugins, list_strategies
+from .selectors import Sites
 
 __all__ = [
     "AlreadyAppliedError",
@@ -39,6 +40,7 @@ __all__ = [
     "MergeConfig",
     "NoSitesError",
     "ShortfallWarning",
+    "Sites",
     "TokenMergeError",
     "TokenMergeWarning",
     "UnknownAdapterError",

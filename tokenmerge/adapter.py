@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -21,10 +22,36 @@ from .config import MergeConfig
 from .patch import SitePatch
 from .site import Site, TokenLayout
 
-__all__ = ["Adapter", "SiteCandidate", "TARGET_KINDS", "depth_stage", "parameter_index"]
+__all__ = [
+    "Adapter",
+    "AdapterOptions",
+    "SiteCandidate",
+    "TARGET_KINDS",
+    "depth_stage",
+    "parameter_index",
+]
 
-#: the kinds of sub-module a site can merge around (MergeConfig.merge_attn / _cross_attn / _mlp)
+#: the kinds of sub-module a site can merge around (``Sites.attn`` / ``cross_attn`` / ``mlp``)
 TARGET_KINDS = ("attn", "cross_attn", "mlp")
+
+
+class AdapterOptions(BaseModel):
+    """Base of the options an adapter takes (``apply(..., adapter_options=...)``): none.
+
+    An adapter with options subclasses it (frozen, unknown options rejected, every field
+    described) and names the subclass as its ``options_class``; ``apply`` validates the options
+    against the chosen adapter's class and hands the adapter the validated object.
+
+    Example:
+        >>> from pydantic import Field
+        >>> from tokenmerge.extend import AdapterOptions
+        >>> class MyOptions(AdapterOptions):
+        ...     patch_size: int = Field(default=2, ge=1, description="Pixels per token side.")
+        >>> MyOptions(patch_size=4).patch_size
+        4
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 def parameter_index(cls: type, name: str) -> int | None:
@@ -62,15 +89,25 @@ class Adapter(ABC):
 
     Subclasses set ``name`` and implement ``supports``, ``candidates`` and ``layout``; the other
     methods have defaults that fit models whose sites merge in local mode around modules taking
-    ``hidden_states`` first. Options passed as ``apply(..., adapter_options={...})`` arrive as
-    keyword arguments of ``__init__``.
+    ``hidden_states`` first. Options passed as ``apply(..., adapter_options={...})`` are
+    validated against ``options_class`` and arrive as ``options``, the first argument of
+    ``__init__`` (kept as ``self.options``).
     """
 
     name: ClassVar[str]
-    #: the merge modes the adapter implements; the first is its choice for ``mode="auto"``
-    modes: ClassVar[tuple[str, ...]] = ("local",)
-    #: ``min_tokens`` when the config leaves it None
+    #: the adapter's options (``apply(..., adapter_options=...)``); the base class has none
+    options_class: ClassVar[type[AdapterOptions]] = AdapterOptions
+    #: ``sites.min_tokens`` when the config leaves it None
     default_min_tokens: ClassVar[int] = 256
+
+    def __init__(self, options: AdapterOptions | None = None) -> None:
+        self.options = self.options_class() if options is None else options
+
+    @property
+    def mode(self) -> str:
+        """How every site merges: ``"local"`` (merge, run, unmerge around each sub-module; the
+        default) or ``"progressive"`` (tokens stay merged to the last block: ViT adapters)."""
+        return "local"
 
     @classmethod
     @abstractmethod
@@ -92,8 +129,8 @@ class Adapter(ABC):
     def default_sites(
         self, candidates: list[SiteCandidate], config: MergeConfig
     ) -> list[SiteCandidate]:
-        """The sites used when the config selects none itself (no levels, stages, blocks or
-        include); default: all."""
+        """The sites used when ``config.sites`` selects none itself (no levels, stages, blocks
+        or include); default: all."""
         return candidates
 
     @abstractmethod

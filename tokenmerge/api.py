@@ -8,10 +8,11 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapter import Adapter, SiteCandidate
+from .adapter import Adapter, AdapterOptions, SiteCandidate
 from .config import MergeConfig
 from .errors import (
     AlreadyAppliedError,
@@ -20,7 +21,7 @@ from .errors import (
     UnsupportedModelError,
     close_matches,
 )
-from .load import load_config
+from .load import format_validation_error, load_config
 from .observe import Observation, Observer
 from .patch import SitePatch
 from .registry import AdapterSpec, registry
@@ -68,7 +69,7 @@ class Handle:
         >>> import torch, tokenmerge
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> with tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
-        ...                       include=["0"], min_tokens=1) as handle:
+        ...                       sites={"include": ["0"], "min_tokens": 1}) as handle:
         ...     y = model(torch.randn(2, 64, 8))
         ...     handle.stats()["0"].tokens_out
         32
@@ -112,7 +113,7 @@ class Handle:
             >>> from tokenmerge.observe import Observer
             >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
             >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
-            ...                           include=["0"], min_tokens=1)
+            ...                           sites={"include": ["0"], "min_tokens": 1})
             >>> class Tally(Observer):  # counts the parts; times, logs... as you need
             ...     def __init__(self):
             ...         self.parts = collections.Counter()
@@ -168,19 +169,66 @@ def get_strategy(config: str | dict | MergeConfig = "retom", **overrides: Any) -
     return registry.strategy(config.strategy)(config)
 
 
-def _make_adapter(spec: AdapterSpec, cls: type[Adapter], options: dict[str, Any]) -> Adapter:
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError:
-        accepted = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
+def _options(
+    spec: AdapterSpec,
+    cls: type[Adapter],
+    given: AdapterOptions | dict[str, Any] | None,
+    deprecated: dict[str, Any],
+) -> AdapterOptions:
+    """``given`` validated against the adapter's options class, with the options the config
+    gave the deprecated way (``mode``, ``proportional_attention``) where the adapter takes them."""
+    options_class = cls.options_class
+    if isinstance(given, AdapterOptions):
+        if not isinstance(given, options_class):
+            raise ConfigError(
+                f"adapter {spec.name!r} takes {options_class.__name__} options (or a dict of "
+                f"them); got {type(given).__name__}"
+            )
+        if not deprecated:
+            return given
+        given = given.model_dump(exclude_unset=True)
+    elif given is not None and not isinstance(given, dict):
         raise ConfigError(
-            f"adapter {spec.name!r} does not take the options {sorted(options)}; it accepts: "
-            f"{', '.join(accepted) or 'no options'}"
-        ) from None
-    return cls(**options)
+            f"adapter_options must be a dict or a {options_class.__name__}; got "
+            f"{type(given).__name__}"
+        )
+    data = dict(given or {})
+    for name, value in deprecated.items():
+        if name in data:
+            raise ConfigError(
+                f"{name} given both ways, on the config and in adapter_options; give it once, in "
+                f"adapter_options (the config field {name!r} is deprecated)"
+            )
+        if name in options_class.model_fields:
+            data[name] = value
+        elif name == "mode" and value not in ("auto", "local"):
+            raise ConfigError(
+                f"mode {value!r} is not available with the {spec.name!r} adapter; it merges "
+                "locally only (mode 'local' or 'auto')"
+            )
+    try:
+        return options_class.model_validate(data)
+    except ValidationError as error:
+        title = f"options of adapter {spec.name!r} ({options_class.__name__})"
+        fields = list(options_class.model_fields) or ["(none)"]
+        raise ConfigError(format_validation_error(title, error, fields, kind="option")) from None
 
 
-def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Adapter:
+def _build(cls: type[Adapter], options: AdapterOptions) -> Adapter:
+    """The adapter, given its validated options. An adapter without options may define an
+    ``__init__`` that takes none: it is built without, and handed the (empty) options after."""
+    try:
+        inspect.signature(cls).bind(options)
+    except TypeError:
+        adapter = cls()
+        adapter.options = options
+        return adapter
+    return cls(options)
+
+
+def _choose_adapter(
+    model: Any, name: str | None, options: Any, deprecated: dict[str, Any]
+) -> Adapter:
     """The adapter for ``model``: each candidate class is asked (``supports`` is a class-level
     check) and only the chosen one is constructed, so an adapter whose construction fails (a
     changed signature in its library, say) cannot break models it does not handle."""
@@ -192,7 +240,7 @@ def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Ad
                 f"adapter {name!r} does not support {type(model).__name__}; "
                 f"{spec.description or 'see its documentation'}"
             )
-        return _make_adapter(spec, cls, options)
+        return _build(cls, _options(spec, cls, options, deprecated))
     specs = list(registry.table("adapter").values())
     claimants = [spec for spec in specs if spec.claims and spec.claims_model(model)]
     for spec in claimants:
@@ -204,56 +252,38 @@ def _choose_adapter(model: Any, name: str | None, options: dict[str, Any]) -> Ad
             )
         cls = spec.load()
         if cls.supports(model):
-            return _make_adapter(spec, cls, options)
+            return _build(cls, _options(spec, cls, options, deprecated))
     if claimants:
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__name__} is not supported: "
             + "; ".join(f"adapter {s.name!r} supports {s.description}" for s in claimants)
-            + ". For another model, pass adapter='generic' with include=[module-name globs of "
-            "the attention modules] (see the generic adapter's documentation)."
+            + ". For another model, pass adapter='generic' with sites={'include': [module-name "
+            "globs of the attention modules]} (see the generic adapter's documentation)."
         )
     raise UnsupportedModelError(
         f"no adapter supports {type(model).__module__}.{type(model).__name__}; registered "
         f"adapters: {', '.join(s.name for s in specs)}. For your own model, pass "
-        "adapter='generic' with include=[module-name globs of the attention modules] "
-        "(see the generic adapter's documentation)."
+        "adapter='generic' with sites={'include': [module-name globs of the attention "
+        "modules]} (see the generic adapter's documentation)."
     )
-
-
-def _mode(adapter: Adapter, config: MergeConfig) -> str:
-    """The merge mode of every site: the config's, or the adapter's choice for ``"auto"``."""
-    if config.mode == "auto":
-        return adapter.modes[0]
-    if config.mode not in adapter.modes:
-        raise ConfigError(
-            f"mode {config.mode!r} is not available with the {adapter.name!r} adapter; it "
-            f"supports {', '.join(repr(m) for m in adapter.modes)} (or 'auto' for "
-            f"{adapter.modes[0]!r})"
-        )
-    return config.mode
 
 
 def _select(
     adapter: Adapter, candidates: list[SiteCandidate], config: MergeConfig
 ) -> list[SiteCandidate]:
-    kinds = config.targets()
+    sites = config.sites
+    kinds = sites.targets()
     if not kinds:
         raise ConfigError(
-            "merge_attn, merge_cross_attn and merge_mlp are all off: nothing would merge; "
+            "sites.attn, sites.cross_attn and sites.mlp are all off: nothing would merge; "
             "turn at least one on"
         )
     # the adapter's default applies only when the config selects no sites itself
-    explicit = (
-        config.levels is not None
-        or config.stages is not None
-        or config.blocks is not None
-        or bool(config.include)
-    )
-    pool = candidates if explicit else adapter.default_sites(candidates, config)
+    pool = candidates if sites.explicit else adapter.default_sites(candidates, config)
     num_blocks = max((c.site.block_index or 0 for c in candidates), default=-1) + 1
     chosen = []
     for candidate in pool:
-        if not config.selects(candidate.site, num_blocks):
+        if not sites.selects(candidate.site, num_blocks):
             continue
         modules = {kind: m for kind, m in candidate.modules.items() if kind in kinds}
         if modules:
@@ -284,14 +314,8 @@ def _no_sites_message(
     adapter: Adapter, candidates: list[SiteCandidate], config: MergeConfig, kinds: Sequence[str]
 ) -> str:
     names = [c.site.name for c in candidates]
-    filters = {
-        "levels": config.levels,
-        "stages": config.stages,
-        "blocks": config.blocks,
-        "include": config.include or None,
-        "exclude": config.exclude or None,
-    }
-    given = ", ".join(f"{k}={v!r}" for k, v in filters.items() if v is not None) or "defaults"
+    filters = config.sites.filters()
+    given = "sites=" + repr(filters) if filters else "default sites"
     lines = [
         f"the config selects no site in this model (adapter {adapter.name!r}, {given}, "
         f"merging around {', '.join(kinds)})."
@@ -307,11 +331,11 @@ def _no_sites_message(
             lines.append(f"Levels present: {levels}.")
         if stages:
             lines.append(f"Stages present: {stages}.")
-        for pattern in config.include:
+        for pattern in config.sites.include:
             matches = close_matches(pattern, names)
             if matches:
                 lines.append(f"include {pattern!r} matches nothing; close names: {matches}.")
-    lines.append("Fix the filters (include / exclude globs match full module names).")
+    lines.append("Fix the filters in sites (its include / exclude globs match full module names).")
     return " ".join(lines)
 
 
@@ -320,7 +344,7 @@ def apply(
     config: str | dict | MergeConfig = "retom",
     *,
     adapter: str | None = None,
-    adapter_options: dict[str, Any] | None = None,
+    adapter_options: AdapterOptions | dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Handle:
     """Patch ``model`` to merge tokens, and return the handle that undoes it.
@@ -329,8 +353,10 @@ def apply(
         model: the model (or a pipeline holding it) to patch.
         config: a strategy name, a config dict / JSON text, or a ``MergeConfig``.
         adapter: an adapter name; default: the registered adapter that supports the model.
-        adapter_options: keyword options for the adapter (see its documentation).
-        **overrides: config fields set on top of ``config`` (``ratio=0.5``...).
+        adapter_options: the adapter's options, a dict or its options object (the adapter's
+            ``options_class``; see its documentation), validated against the chosen adapter.
+        **overrides: config fields set on top of ``config`` (``ratio=0.5``,
+            ``sites={"mlp": True}``...).
 
     Raises:
         ConfigError: an invalid config or adapter option.
@@ -342,7 +368,7 @@ def apply(
         >>> import torch, tokenmerge
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
         >>> handle = tokenmerge.apply(model, "retom", ratio=0.5, adapter="generic",
-        ...                           include=["0"], min_tokens=1)
+        ...                           sites={"include": ["0"], "min_tokens": 1})
         >>> model(torch.randn(1, 16, 4)).shape
         torch.Size([1, 16, 4])
         >>> [site.name for site in handle.sites]
@@ -350,7 +376,9 @@ def apply(
         >>> handle.remove()
     """
     config = load_config(config, **overrides)
-    chosen_adapter = _choose_adapter(model, adapter, dict(adapter_options or {}))
+    chosen_adapter = _choose_adapter(
+        model, adapter, adapter_options, config.deprecated_adapter_options
+    )
     root = chosen_adapter.root(model)
     existing = root.__dict__.get(HANDLE_ATTR)
     if existing is not None:
@@ -359,11 +387,11 @@ def apply(
             "tokenmerge.remove(model) before applying again"
         )
     strategy_class = registry.strategy(config.strategy)
-    mode = _mode(chosen_adapter, config)
+    mode = chosen_adapter.mode
     chosen_adapter.check_config(config)
     selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)
-    if config.min_tokens is None:
-        config = config.model_copy(update={"min_tokens": chosen_adapter.default_min_tokens})
+    if config.sites.min_tokens is None:
+        config = config.with_min_tokens(chosen_adapter.default_min_tokens)
     state = StepState(cache_interval=config.cache_interval)
     patches: list[SitePatch] = []
     removables = [
@@ -396,7 +424,8 @@ def remove(model: Any) -> bool:
     Example:
         >>> import torch, tokenmerge
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-        >>> _ = tokenmerge.apply(model, "tome", adapter="generic", include=["0"])
+        >>> _ = tokenmerge.apply(model, "tome", adapter="generic",
+        ...                      sites={"include": ["0"]})
         >>> tokenmerge.remove(model), tokenmerge.remove(model)
         (True, False)
     """

@@ -1,20 +1,12 @@
 """Merge configurations: pydantic v2 models, frozen, extra fields forbidden, every field described.
 
-``MergeConfig`` holds what every strategy shares (how much to merge, where, around which
-sub-modules); each strategy subclasses it with its own fields and a ``strategy`` literal that
-discriminates the union. The union is built from the registry, so a plugin's config validates and
-serialises exactly like a built-in one.
-
-Per-site values (``ratio``, ReToM's ``window_size``) are a single value, a list with one value
-per block (a depth schedule, indexed by the site's block index), or a mapping whose keys select
-sites, most specific first:
-
-1. a module-name glob (``"up_blocks.1.**"``; ``*`` stays within one name part, ``**`` crosses
-   dots), the first matching key in the mapping's order;
-2. a stage: ``"down"``, ``"mid"`` or ``"up"`` in a UNet, ``"first"``, ``"middle"`` or ``"last"``
-   (the thirds of the blocks) in a DiT-style transformer;
-3. a level, the downsample factor as digits: ``"1"``, ``"2"``, ``"4"``...;
-4. ``"*"``, the default for every other site.
+A config holds what the strategy decides: ``strategy``, how much to merge (``ratio`` / ``r``), the
+plan cache, value correction, the seed, and each strategy's own fields (subclasses of
+``MergeConfig`` with a ``strategy`` literal that discriminates the union). Which sites merge is
+its ``sites`` (a ``tokenmerge.Sites``, in ``tokenmerge.selectors``, which also says how per-site
+values such as ``ratio={"up": 0.6, "*": 0.3}`` resolve); what an adapter does is its own options
+(``apply(..., adapter_options=...)``). The union is built from the registry, so a plugin's config
+validates and serialises exactly like a built-in one.
 """
 
 from __future__ import annotations
@@ -22,128 +14,40 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
+from .deprecated import ADAPTER_FIELDS, SITE_FIELDS, split_flat, warn_deprecated, with_sites
 from .errors import ConfigError
+from .selectors import STAGES, Sites, not_empty, per_site_values, resolve_per_site, selector_keys
 from .site import Site
 
 __all__ = ["MergeConfig", "r_schedule", "MAX_CELL", "STAGES", "resolve_per_site"]
 
-#: UNet stages, then the thirds of a transformer's depth (DiT, PixArt, SD3, Flux: no down / up)
-STAGES = ("down", "mid", "up", "first", "middle", "last")
-Stage = Literal["down", "mid", "up", "first", "middle", "last"]
 #: largest window / cell side accepted: far beyond any grid, and keeps the ratio limits finite
 MAX_CELL = 1024
 
 Ratio = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
-#: downsample levels of the sites that merge (1 = full resolution)
-Levels = tuple[Annotated[int, Field(ge=1)], ...]
-
-
-def _selector_kind(key: str) -> str:
-    if key == "*":
-        return "default"
-    if key in STAGES:
-        return "stage"
-    if key.isascii() and key.isdigit():
-        return "level"
-    return "glob"
-
-
-def resolve_per_site(value: Any, site: Site) -> Any:
-    """The value of a per-site setting at ``site``, or None when no key of the mapping selects it.
-
-    Raises:
-        ConfigError: a per-block list has no entry for the site's block.
-
-    Example:
-        >>> from tokenmerge.site import Site
-        >>> site = Site("up_blocks.1.attentions.0.transformer_blocks.0", stage="up", level=2)
-        >>> resolve_per_site({"down": 2, "up": 3, "*": 4}, site)
-        3
-        >>> resolve_per_site({"2": 0.3, "up_blocks.1.**": 0.6}, site)
-        0.6
-        >>> resolve_per_site([2, 2, 4], Site("transformer_blocks.2", block_index=2))
-        4
-    """
-    if isinstance(value, (list, tuple)):
-        index = site.block_index
-        if index is None or not 0 <= index < len(value):
-            raise ConfigError(
-                f"a per-block list of {len(value)} values has no entry for site {site.name!r} "
-                f"(block index {index}); give one value per block of the model, or use a "
-                "mapping of site selectors ('first' / 'middle' / 'last', globs, '*')"
-            )
-        return value[index]
-    if not isinstance(value, dict):
-        return value
-    by_kind: dict[str, list[tuple[str, Any]]] = {}
-    for key, item in value.items():
-        by_kind.setdefault(_selector_kind(key), []).append((key, item))
-    for key, item in by_kind.get("glob", []):
-        if site.matches(key):
-            return item
-    for key, item in by_kind.get("stage", []):
-        if key == site.stage:
-            return item
-    for key, item in by_kind.get("level", []):
-        if site.level is not None and int(key) == site.level:
-            return item
-    for _, item in by_kind.get("default", []):
-        return item
-    return None
-
-
-def per_site_values(value: Any) -> list[Any]:
-    """Every value a per-site setting can take (a mapping's values, a list's items, or itself)."""
-    if isinstance(value, dict):
-        return list(value.values())
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
-def not_empty(value: Any, field: str) -> Any:
-    """Reject an empty per-site mapping or list (it would select nothing, silently)."""
-    if isinstance(value, (dict, list, tuple)) and not value:
-        raise ValueError(
-            f"an empty {type(value).__name__} of {field} values selects no site; give one value, "
-            "one per block, or a mapping with a '*' default"
-        )
-    return value
-
-
-def selector_keys(value: Any, field: str) -> Any:
-    """Validate the keys of a per-site mapping (integer keys are levels); other values pass."""
-    if not isinstance(value, dict):
-        return value
-    allowed = (
-        f"{field} keys select sites: a module-name glob, a stage ({', '.join(STAGES)}), a level "
-        "as a positive integer or digits ('1', '2', '4'...) or '*'"
-    )
-    checked = {}
-    for key, item in value.items():
-        original = key
-        if isinstance(key, int) and not isinstance(key, bool) and key >= 1:
-            key = str(key)
-        bad_level = isinstance(key, str) and _selector_kind(key) == "level" and int(key) < 1
-        if not isinstance(key, str) or not key or key != key.strip() or bad_level:
-            raise ValueError(f"{allowed}; got {original!r}")
-        if key in checked:
-            raise ValueError(f"{field} keys {key!r} and {original!r} select the same sites")
-        checked[key] = item
-    return checked
 
 
 class MergeConfig(BaseModel):
-    """What every strategy shares: how much to merge, where, and around which sub-modules.
+    """What every strategy shares: how much to merge, at which sites, how plans are kept.
 
     Example:
         >>> from tokenmerge import load_config
         >>> load_config("tome", ratio={"1": 0.6, "*": 0.3}).ratio
         {'1': 0.6, '*': 0.3}
+        >>> load_config("tome", sites={"levels": (1, 2), "mlp": True}).sites.targets()
+        ('attn', 'mlp')
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -156,68 +60,11 @@ class MergeConfig(BaseModel):
             "value, one per block, or a mapping of site selectors. Default 0.5."
         ),
     )
-    merge_attn: bool = Field(
-        default=True,
-        description="Merge around self-attention, the largest cost at high resolution. Default on.",
-    )
-    merge_cross_attn: bool = Field(
-        default=False,
+    sites: Sites = Field(
+        default=Sites(),
         description=(
-            "Merge around cross-attention too (its queries only; text keys never merge). Default "
-            "off, as tomesd."
-        ),
-    )
-    merge_mlp: bool = Field(
-        default=False,
-        description=(
-            "Merge around the MLP / feed-forward too; where attention is cheap (SDXL at 1024 px, "
-            "DiTs, ViTs) that is where the speed is. Default off, as tomesd."
-        ),
-    )
-    levels: Levels | None = Field(
-        default=None,
-        description=(
-            "Only sites at these downsample levels (1 = full resolution, 2 = half...). Default "
-            "None: the adapter's choice, the finest level that has attention."
-        ),
-    )
-    stages: tuple[Stage, ...] | None = Field(
-        default=None,
-        description=(
-            "Only sites in these stages: 'down', 'mid', 'up' in a UNet; 'first', 'middle', 'last' "
-            "(thirds of the blocks) in a transformer. Default None: every stage."
-        ),
-    )
-    blocks: tuple[int, ...] | None = Field(
-        default=None,
-        description=(
-            "Only these block indices (negative counts from the end). Default None: every block."
-        ),
-    )
-    include: tuple[str, ...] = Field(
-        default=(),
-        description=(
-            "Module-name globs; when given, only sites whose name matches one of them. "
-            "Default: no filter."
-        ),
-    )
-    exclude: tuple[str, ...] = Field(
-        default=(),
-        description="Module-name globs of sites never merged. Default: none excluded.",
-    )
-    min_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description=(
-            "Calls with fewer image tokens are left alone (shown as skipped in stats()). Default "
-            "None: the adapter's choice (256 in diffusion models, none in ViTs)."
-        ),
-    )
-    mode: Literal["auto", "local", "progressive"] = Field(
-        default="auto",
-        description=(
-            "'local': merge and unmerge around each sub-module; 'progressive': tokens stay merged "
-            "to the last block (ToMe on ViTs). Default 'auto': the adapter's choice."
+            "Which sites merge, around which sub-modules: a tokenmerge.Sites or a dict of its "
+            "fields. Default Sites(): the adapter's sites, around self-attention."
         ),
     )
     r: int | tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
@@ -226,13 +73,6 @@ class MergeConfig(BaseModel):
             "Tokens merged at each site, overriding ratio: one number or one per block (see "
             "tokenmerge.r_schedule); capped by what the strategy can merge. Default None: ratio "
             "decides."
-        ),
-    )
-    proportional_attention: bool = Field(
-        default=True,
-        description=(
-            "Progressive mode only: add log(size) of every key to the attention logits, so a "
-            "merged token weighs as much as the tokens it stands for (ToMe). Default on."
         ),
     )
     value_correction: bool = Field(
@@ -265,6 +105,51 @@ class MergeConfig(BaseModel):
         ),
     )
 
+    #: ``mode`` / ``proportional_attention`` given the old way (on the config): ``apply`` hands
+    #: them to the adapter. Not a field: they are adapter options, and dumps leave them out.
+    _adapter_options: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _upgrade_flat_fields(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        options: dict[str, Any] = {}
+        if isinstance(data, dict):
+            data, sites, options = split_flat(data, cls.model_fields)
+            if sites:
+                data = {**data, "sites": with_sites(data.get("sites"), sites)}
+        config = handler(data)
+        if options:
+            config._adapter_options = {**config._adapter_options, **options}
+        return config
+
+    @property
+    def deprecated_adapter_options(self) -> dict[str, Any]:
+        """Adapter options given the deprecated way, as config fields (``mode``,
+        ``proportional_attention``); ``apply`` passes them on to the adapter."""
+        return dict(self._adapter_options)
+
+    def with_deprecated_adapter_options(self, options: dict[str, Any]) -> MergeConfig:
+        """A copy carrying ``options`` (old-style ``mode`` / ``proportional_attention``) too."""
+        if not options:
+            return self
+        copy = self.model_copy()
+        copy._adapter_options = {**self._adapter_options, **options}
+        return copy
+
+    def __getattr__(self, name: str) -> Any:
+        # Attribute reads of the old flat fields keep working for one release.
+        if name in SITE_FIELDS:
+            new = SITE_FIELDS[name]
+            warn_deprecated(f"config.{name} is deprecated; read config.sites.{new}")
+            return getattr(self.sites, new)
+        if name in ADAPTER_FIELDS:
+            warn_deprecated(
+                f"config.{name} is deprecated; it is an adapter option now "
+                f"(adapter_options={{{name!r}: ...}}, read from the adapter's options)"
+            )
+            return self._adapter_options.get(name, ADAPTER_FIELDS[name])
+        return super().__getattr__(name)
+
     @field_validator("ratio", mode="before")
     @classmethod
     def _ratio_keys(cls, value: Any) -> Any:
@@ -281,14 +166,6 @@ class MergeConfig(BaseModel):
         if isinstance(value, int) and value < 0:
             raise ValueError(f"r {value} is negative: give the tokens to merge per site, >= 0")
         return not_empty(value, "r")
-
-    @field_validator("include", "exclude")
-    @classmethod
-    def _globs_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            if not pattern.strip():
-                raise ValueError("module-name globs must not be empty")
-        return value
 
     @model_validator(mode="after")
     def _ratio_within_capacity(self) -> MergeConfig:
@@ -310,6 +187,12 @@ class MergeConfig(BaseModel):
         """Why ``ratio_limit`` is what it is, for error messages."""
         return "a ratio must stay below 1"
 
+    def with_min_tokens(self, min_tokens: int) -> MergeConfig:
+        """This config with ``sites.min_tokens`` set (the adapter's default, when it was None)."""
+        return self.model_copy(
+            update={"sites": self.sites.model_copy(update={"min_tokens": min_tokens})}
+        )
+
     def for_site(self, site: Site) -> MergeConfig:
         """This config with its per-site settings resolved to plain values for ``site``.
 
@@ -326,31 +209,6 @@ class MergeConfig(BaseModel):
         """The ratio at ``site`` (0.0 where a ratio mapping selects nothing)."""
         value = resolve_per_site(self.ratio, site)
         return 0.0 if value is None else float(value)
-
-    def selects(self, site: Site, num_blocks: int | None = None) -> bool:
-        """True when the site filters (levels, stages, blocks, include, exclude) keep ``site``."""
-        if self.levels is not None and site.level not in self.levels:
-            return False
-        if self.stages is not None and site.stage not in self.stages:
-            return False
-        if self.blocks is not None:
-            if site.block_index is None:
-                return False
-            wanted = {b + num_blocks if (num_blocks and b < 0) else b for b in self.blocks}
-            if site.block_index not in wanted:
-                return False
-        if self.include and not any(site.matches(p) for p in self.include):
-            return False
-        return not any(site.matches(p) for p in self.exclude)
-
-    def targets(self) -> tuple[str, ...]:
-        """Which sub-module kinds merge: a subset of ``("attn", "cross_attn", "mlp")``."""
-        chosen = (
-            ("attn", self.merge_attn),
-            ("cross_attn", self.merge_cross_attn),
-            ("mlp", self.merge_mlp),
-        )
-        return tuple(name for name, on in chosen if on)
 
 
 def r_schedule(r: int, num_blocks: int, shape: str = "decreasing") -> tuple[int, ...]:

@@ -22,7 +22,7 @@ Example:
 # No ``from __future__ import annotations``: doctests inherit a module's future flags, and the
 # example above defines a config class whose annotations pydantic must see evaluated.
 
-from .adapter import Adapter, SiteCandidate
+from .adapter import Adapter, AdapterOptions, SiteCandidate
 from .adapter_spec import AdapterSpec
 from .errors import DuplicateNameError, PluginError, PluginWarning, UnknownNameError
 from .hookspecs import hookimpl
@@ -35,6 +35,7 @@ from .strategy import Strategy
 
 __all__ = [
     "Adapter",
+    "AdapterOptions",
     "AdapterSpec",
     "DuplicateNameError",
     "Plan",

@@ -13,23 +13,33 @@ from typing import Annotated, Any, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from .config import MergeConfig
+from .deprecated import split_flat, with_sites
 from .errors import ConfigError, UnknownStrategyError, close_matches, unknown_name_message
 from .registry import registry
+from .selectors import Sites
 
-__all__ = ["config_union", "load_config"]
+__all__ = ["config_union", "format_validation_error", "load_config"]
 
 
-def _format_validation_error(title: str, error: ValidationError, fields: list[str]) -> str:
+def format_validation_error(
+    title: str, error: ValidationError, fields: list[str], kind: str = "field"
+) -> str:
+    """A pydantic error as a list of what was wrong where, naming the allowed fields (and the
+    close matches) of an unknown one; ``kind`` names them (``"field"``, ``"option"``)."""
     lines = [f"invalid {title}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(config)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             name = str(item["loc"][-1]) if item["loc"] else ""
-            message = f"unknown field; allowed fields: {', '.join(fields)}"
-            matches = close_matches(name, fields)
+            nested = item["loc"][:1] == ("sites",) and len(item["loc"]) == 2
+            allowed = list(Sites.model_fields) if nested else fields
+            message = f"unknown {kind}; allowed {kind}s: {', '.join(allowed)}"
+            matches = close_matches(name, allowed)
             if matches:
                 message += f"; did you mean {' or '.join(repr(m) for m in matches)}?"
+            if not nested and kind == "field" and name in Sites.model_fields:
+                message += f" ({name} selects sites: use sites={{{name!r}: ...}})"
         shown = repr(item.get("input"))
         if len(shown) > 80:
             shown = shown[:77] + "..."
@@ -42,7 +52,7 @@ def _validate(cls: type[MergeConfig], data: dict[str, Any]) -> MergeConfig:
         return cls.model_validate(data)
     except ValidationError as error:
         raise ConfigError(
-            _format_validation_error(cls.__name__, error, list(cls.model_fields))
+            format_validation_error(cls.__name__, error, list(cls.model_fields))
         ) from None
 
 
@@ -84,28 +94,48 @@ def load_config(config: str | dict | MergeConfig = "retom", **overrides: Any) ->
         >>> load_config('{"strategy": "tome", "ratio": 0.25}').strategy
         'tome'
     """
+    if isinstance(config, str) and not config.strip().startswith("{"):
+        name = config.strip()
+        registry.strategy(name)  # an unknown name: the registry's error, with close matches
+        config = {"strategy": name}
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"config text is not valid JSON: {error}") from None
     if isinstance(config, MergeConfig):
         if not overrides:
             return config
-        data = {**config.model_dump(), **overrides}
-        return _validate(type(config), data)
-    if isinstance(config, str):
-        text = config.strip()
-        if text.startswith("{"):
-            try:
-                config = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"config text is not valid JSON: {error}") from None
-        else:
-            cls = registry.strategy(text).config_class
-            return _validate(cls, {"strategy": text, **overrides})
-    if not isinstance(config, dict):
+        cls, base, options = type(config), config.model_dump(), config.deprecated_adapter_options
+    elif isinstance(config, dict):
+        cls = _config_class({**config, **overrides}.get("strategy"))
+        base, options = _upgrade(config, {}, cls)
+    else:
         raise ConfigError(
             "config must be a strategy name, a dict with a 'strategy' key, its JSON text or a "
             f"MergeConfig; got {type(config).__name__}"
         )
-    data = {**config, **overrides}
-    name = data.get("strategy")
+    data, options = _upgrade(overrides, options, cls, under=base)
+    return _validate(cls, data).with_deprecated_adapter_options(options)
+
+
+def _upgrade(
+    data: dict[str, Any],
+    options: dict[str, Any],
+    cls: type[MergeConfig],
+    under: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` in the new shape (old flat fields warn and move into ``sites``), laid over
+    ``under``, and the adapter options the old fields gave, on top of ``options``."""
+    data, sites, given = split_flat(data, cls.model_fields)
+    if sites and "sites" not in data and under is not None:
+        data = {**data, "sites": with_sites(under.get("sites"), sites, layered=True)}
+    elif sites:
+        data = {**data, "sites": with_sites(data.get("sites"), sites)}
+    return {**(under or {}), **data}, {**options, **given}
+
+
+def _config_class(name: Any) -> type[MergeConfig]:
     if not isinstance(name, str):
         raise ConfigError(
             "a config dict needs a 'strategy' key naming a registered strategy "
@@ -115,4 +145,4 @@ def load_config(config: str | dict | MergeConfig = "retom", **overrides: Any) ->
         raise UnknownStrategyError(
             unknown_name_message("strategy", name, registry.strategy_names())
         )
-    return _validate(registry.strategy(name).config_class, data)
+    return registry.strategy(name).config_class

@@ -49,7 +49,7 @@ class Observer:
         ...         yield
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
-        ...                           include=["0"], min_tokens=1)
+        ...                           sites={"include": ["0"], "min_tokens": 1})
         >>> with handle.observe(Journal()) as journal:
         ...     _ = model(torch.randn(2, 64, 8))
         >>> journal.seen

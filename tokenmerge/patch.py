@@ -210,7 +210,7 @@ class SitePatch:
                 f"site {self.site.name!r}: the layout says {prefix} prefix + {n} image tokens "
                 f"(grid {layout.grid}), but hidden_states has {x.shape[1]} tokens"
             )
-        min_tokens = self.config.min_tokens or 1
+        min_tokens = self.config.sites.min_tokens or 1
         wanted = int(self.ratio * n) if self.config.r is None else self.config.r
         if n < min_tokens or wanted == 0:
             reason = f"{n} image tokens < min_tokens {min_tokens}" if n < min_tokens else None

@@ -25,7 +25,7 @@ from .peers import PEERS, peer_available
 from .photos import PHOTOS
 from .presets import PRESETS, get_preset
 from .reference.data import REFERENCE_PHOTOS
-from .variants import parse_variants
+from .variants import nested, parse_variants
 
 __all__ = ["tokenmerge_register_commands"]
 
@@ -120,7 +120,8 @@ def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a merge-config field for every strategy, e.g. --set cache_interval=1 "
-        "--set 'levels=[1,2]' (values are JSON; repeatable)",
+        "--set 'sites.levels=[1,2]' (values are JSON; a dotted key sets a field of sites; "
+        "repeatable)",
     )
 
 
@@ -129,7 +130,7 @@ def _configure_bench(bench: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--strategies", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
         help="strategies, each optionally with config fields of its own, one row per variant "
-        "and ratio: e.g. tome retom retom:merge_mlp=true (values are JSON, applied on top of "
+        "and ratio: e.g. tome retom retom:sites.mlp=true (values are JSON, applied on top of "
         "--set; default: every registered strategy)",
     )  # fmt: skip
     bench.add_argument(
@@ -228,7 +229,7 @@ def _check_configs(strategies: list[str], ratios: list[float], overrides: dict) 
     """Every (strategy, ratio) validates before anything long starts."""
     for strategy in strategies:
         for ratio in ratios:
-            load_config(strategy, ratio=ratio, **overrides)
+            load_config(strategy, ratio=ratio, **nested(overrides))
 
 
 def _check_peer(peer: str, model: str) -> None:

@@ -54,7 +54,7 @@ class OverheadTimers(Observer):
         >>> import tokenmerge
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
         >>> handle = tokenmerge.apply(model, "tome", ratio=0.5, adapter="generic",
-        ...                           include=["0"], min_tokens=1)
+        ...                           sites={"include": ["0"], "min_tokens": 1})
         >>> with handle.observe(OverheadTimers(torch.device("cpu"))) as timers:
         ...     _ = model(torch.randn(2, 64, 8))
         >>> sorted(timers.calls.items())

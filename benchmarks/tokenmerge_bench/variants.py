@@ -3,11 +3,12 @@
 A variant is a strategy with some of its config fields set, so one run can compare, say, ReToM
 merging around attention only with ReToM merging around attention and the MLP::
 
-    tokenmerge bench --strategies tome retom retom:merge_mlp=true
+    tokenmerge bench --strategies tome retom retom:sites.mlp=true
 
 Values are JSON (``true``, ``4``, ``[1,2]``, ``{"down": 2}``); a bare word is a string. Fields are
-those of the strategy's config (``--set`` sets a field for every variant; a variant's own fields
-win). The ratio is not a variant field: ``--ratios`` gives it to every variant.
+those of the strategy's config, a dotted key reaching into a nested one (``sites.levels=[1,2]``
+sets ``sites={"levels": [1, 2]}``; ``--set`` sets a field for every variant; a variant's own
+fields win). The ratio is not a variant field: ``--ratios`` gives it to every variant.
 """
 
 from __future__ import annotations
@@ -21,11 +22,34 @@ from tokenmerge.config import MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.load import load_config
 
-__all__ = ["StrategyVariant", "parse_variant", "parse_variants"]
+__all__ = ["StrategyVariant", "nested", "parse_variant", "parse_variants"]
 
 #: a comma starts a new field only where ``KEY=`` follows, so JSON lists and objects keep theirs
-_FIELD_BOUNDARY = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
-_FORMAT = "NAME[:KEY=VALUE[,KEY=VALUE...]], e.g. retom or retom:merge_mlp=true,cache_interval=2"
+_FIELD_BOUNDARY = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_.]*\s*=)")
+_FORMAT = "NAME[:KEY=VALUE[,KEY=VALUE...]], e.g. retom or retom:sites.mlp=true,cache_interval=2"
+
+
+def nested(fields: dict[str, Any]) -> dict[str, Any]:
+    """Config fields with dotted keys (``sites.mlp``) turned into nested dicts.
+
+    Example:
+        >>> nested({"sites.mlp": True, "sites.levels": [1, 2], "seed": 1})
+        {'sites': {'mlp': True, 'levels': [1, 2]}, 'seed': 1}
+    """
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        *path, last = key.split(".")
+        where = out
+        for part in path:
+            where = where.setdefault(part, {})
+        where[last] = value
+    return out
+
+
+def _dotted(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
 
 
 @dataclass(frozen=True)
@@ -33,9 +57,9 @@ class StrategyVariant:
     """A strategy with some config fields set (the fields apply on top of ``--set``).
 
     Example:
-        >>> variant = parse_variant("retom:merge_mlp=true")
+        >>> variant = parse_variant("retom:sites.mlp=true")
         >>> variant.strategy, variant.fields, variant.name
-        ('retom', {'merge_mlp': True}, 'retom+merge_mlp')
+        ('retom', {'sites.mlp': True}, 'retom+sites.mlp')
     """
 
     strategy: str
@@ -43,8 +67,8 @@ class StrategyVariant:
 
     @property
     def name(self) -> str:
-        """The variant in a few characters: ``retom``, ``retom+merge_mlp``,
-        ``retom-merge_attn+merge_mlp``, ``retom+window_size=4``."""
+        """The variant in a few characters: ``retom``, ``retom+sites.mlp``,
+        ``retom-sites.attn+sites.mlp``, ``retom+window_size=4``."""
         parts = [self.strategy]
         for key, value in self.fields.items():
             if value is True:
@@ -56,7 +80,7 @@ class StrategyVariant:
         return "".join(parts)
 
     def label(self, ratio: float) -> str:
-        """The row label the bench prints: ``retom+merge_mlp 0.5``."""
+        """The row label the bench prints: ``retom+sites.mlp 0.5``."""
         return f"{self.name} {ratio:g}"
 
     def config(self, ratio: float, overrides: dict[str, Any] | None = None) -> MergeConfig:
@@ -66,7 +90,8 @@ class StrategyVariant:
             UnknownStrategyError: the strategy is not registered (lists the known ones).
             ConfigError: a field is unknown or invalid (lists the allowed fields).
         """
-        return load_config(self.strategy, **{**(overrides or {}), **self.fields, "ratio": ratio})
+        fields = nested({**(overrides or {}), **self.fields})
+        return load_config(self.strategy, **fields, ratio=ratio)
 
 
 def parse_variant(spec: str) -> StrategyVariant:
@@ -78,8 +103,8 @@ def parse_variant(spec: str) -> StrategyVariant:
         ConfigError: the text is not of that form, sets a field twice, or sets the ratio.
 
     Example:
-        >>> parse_variant("retom:window_size=4,levels=[1,2]").fields
-        {'window_size': 4, 'levels': [1, 2]}
+        >>> parse_variant("retom:window_size=4,sites.levels=[1,2]").fields
+        {'window_size': 4, 'sites.levels': [1, 2]}
         >>> parse_variant("tome").fields
         {}
     """
@@ -96,7 +121,7 @@ def parse_variant(spec: str) -> StrategyVariant:
         for item in _FIELD_BOUNDARY.split(rest):
             key, eq, raw = item.partition("=")
             key = key.strip()
-            if not eq or not key.isidentifier():
+            if not eq or not all(part.isidentifier() for part in key.split(".")):
                 raise ConfigError(
                     f"strategy variant {spec!r}: {item.strip()!r} is not KEY=VALUE; "
                     f"expected {_FORMAT}"
@@ -128,15 +153,15 @@ def parse_variants(
             also when two specs configure the same merging (their rows would measure one thing).
 
     Example:
-        >>> [v.name for v in parse_variants(["tome", "retom:merge_mlp=true"], [0.5], {})]
-        ['tome', 'retom+merge_mlp']
+        >>> [v.name for v in parse_variants(["tome", "retom:sites.mlp=true"], [0.5], {})]
+        ['tome', 'retom+sites.mlp']
     """
     variants = []
     seen: list[tuple[list[MergeConfig], str]] = []  # configs may hold dicts: no hashing
     for spec in specs:
         parsed = parse_variant(spec)
         configs = [parsed.config(ratio, overrides) for ratio in ratios]
-        # two specs that configure the same thing ("retom" and "retom:merge_mlp=false") would
+        # two specs that configure the same thing ("retom" and "retom:sites.mlp=false") would
         # give two rows measuring one configuration
         for other_configs, other in seen:
             if other_configs == configs:
@@ -148,6 +173,6 @@ def parse_variants(
         # the fields as the config holds them ("yes" validates as true): one spelling per label
         dumped = configs[0].model_dump(mode="json") if configs else parsed.fields
         variants.append(
-            StrategyVariant(parsed.strategy, {key: dumped[key] for key in parsed.fields})
+            StrategyVariant(parsed.strategy, {key: _dotted(dumped, key) for key in parsed.fields})
         )
     return variants

@@ -49,6 +49,7 @@ from tokenmerge.windows import clamp_window
 from tokenmerge_bench.photos import load_photo, patch_tokens, tokens_to_image
 from tokenmerge_bench.report import check_writable
 from tokenmerge_bench.runner import BenchSettings, load_bench_model, sharing_weights
+from tokenmerge_bench.variants import nested
 from tokenmerge_bench.workload import make_workload
 
 __all__ = ["StrategyView", "Visualization", "collect", "psnr", "visualize"]
@@ -290,7 +291,7 @@ def collect(
     views = []
     for strategy in strategies:
         copy = sharing_weights(base)  # its own hooks, the same weights
-        handle = apply(copy, load_config(strategy, ratio=ratio, **overrides))
+        handle = apply(copy, load_config(strategy, ratio=ratio, **nested(overrides)))
         try:
             known = {patch.site.name: patch for patch in handle.patches}
             site = site or handle.sites[0].name
@@ -301,7 +302,7 @@ def collect(
                         site,
                         known,
                         hint="(the sites the merge config selects; select others with --set, "
-                        "e.g. --set 'levels=[1,2]')",
+                        "e.g. --set 'sites.levels=[1,2]')",
                     )
                 )
             with torch.no_grad():

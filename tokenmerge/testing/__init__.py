@@ -29,7 +29,8 @@ Example:
         ...     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(),
         ...                                torch.nn.Linear(8, 8))
         >>> check_adapter(tiny_model, lambda model: model(x), adapter="generic",
-        ...               strategies=["random"], overrides={"include": ["2"], "min_tokens": 1})
+        ...               strategies=["random"],
+        ...               overrides={"sites": {"include": ["2"], "min_tokens": 1}})
 
     Under pytest, one test per check reports every failing check at once::
 
@@ -44,7 +45,8 @@ Example:
         @pytest.mark.parametrize("check", ADAPTER_CHECKS)
         @pytest.mark.parametrize("strategy", tokenmerge.list_strategies())
         def test_my_adapter(check, strategy):
-            ADAPTER_CHECKS[check](tiny_model, run, strategy, "my_adapter", {"min_tokens": 1})
+            overrides = {"sites": {"min_tokens": 1}}
+            ADAPTER_CHECKS[check](tiny_model, run, strategy, "my_adapter", overrides)
 """
 
 from .adapters import (

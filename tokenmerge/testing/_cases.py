@@ -158,7 +158,7 @@ class StrategyTrial:
 
     def site_patch(self, case: Case, **fields: Any) -> SitePatch:
         """A site's runtime as ``apply`` builds it, with the layout of ``case``."""
-        fields = {"ratio": case.ratio, "seed": case.seed, "min_tokens": 1, **fields}
+        fields = {"ratio": case.ratio, "seed": case.seed, "sites": {"min_tokens": 1}, **fields}
         config = self.config(**fields).for_site(case.site)
         layout = case.layout
         return SitePatch(case.site, self.cls(config), config, StepState(), lambda s, x: layout)

@@ -46,7 +46,7 @@ def check_ratio_zero_is_bit_identical(
             or dataclass holding them: all are compared).
         strategy: a registered strategy's name.
         adapter: the adapter's name (``None``: the one ``apply`` chooses).
-        overrides: keyword arguments for ``tokenmerge.apply`` (``include``, ``min_tokens``,
+        overrides: keyword arguments for ``tokenmerge.apply`` (``sites``,
             ``adapter_options``...); the checks set ``ratio`` themselves.
 
     Raises:
@@ -389,7 +389,7 @@ def check_adapter(
             mapping or dataclass holding tensors (every tensor is compared).
         adapter: the adapter's registered name (``None``: the one ``apply`` chooses).
         strategies: strategy names (``None``: every registered strategy).
-        overrides: keyword arguments for ``tokenmerge.apply`` (``include``, ``min_tokens``,
+        overrides: keyword arguments for ``tokenmerge.apply`` (``sites``,
             ``adapter_options``...); the checks set ``ratio`` themselves.
         compile: also run ``works_under_torch_compile`` (seconds per strategy).
 
@@ -403,7 +403,7 @@ def check_adapter(
         >>> x = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
         >>> check_adapter(lambda: torch.nn.Sequential(torch.nn.Linear(4, 4)),
         ...               lambda model: model(x), adapter="generic", strategies=["tome"],
-        ...               overrides={"include": ["0"], "min_tokens": 1})
+        ...               overrides={"sites": {"include": ["0"], "min_tokens": 1}})
     """
     names = list(strategies) if strategies is not None else registry.strategy_names()
     checks = {

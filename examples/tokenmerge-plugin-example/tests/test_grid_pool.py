@@ -84,7 +84,7 @@ def test_conforms_in_a_model_through_the_generic_adapter():
         run,
         adapter="generic",
         strategies=["grid_pool"],
-        overrides={"include": ["blocks.*"], "min_tokens": 1},
+        overrides={"sites": {"include": ["blocks.*"], "min_tokens": 1}},
         compile=True,  # a fixed, random-free plan: torch.compile runs it like eager
     )
 
