@@ -207,7 +207,7 @@ def test_top_level_holds_what_users_call():
         assert getattr(extend, name) is not None
 
 
-@pytest.mark.parametrize("name", extend.__all__)
+@pytest.mark.parametrize("name", tokenmerge._MOVED_TO_EXTEND)
 def test_old_top_level_spelling_warns_and_names_the_new_one(name):
     with pytest.warns(DeprecationWarning, match=rf"tokenmerge\.extend\.{name}\b"):
         value = getattr(tokenmerge, name)
@@ -225,6 +225,8 @@ def test_unknown_attribute_is_still_an_attribute_error():
         warnings.simplefilter("error")
         with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
             _ = tokenmerge.nothing_here
+        with pytest.raises(AttributeError, match="no attribute 'AdapterOptions'"):
+            _ = tokenmerge.AdapterOptions  # new in tokenmerge.extend: never a top-level name
         assert not hasattr(tokenmerge.config, "nothing_here")
 
 

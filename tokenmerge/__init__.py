@@ -59,9 +59,32 @@ __all__ = [
 ]
 
 
+#: the plugin-author names that lived here until 0.1; they keep working for one release
+_MOVED_TO_EXTEND = (
+    "Adapter",
+    "AdapterSpec",
+    "DuplicateNameError",
+    "Plan",
+    "PluginError",
+    "PluginInfo",
+    "PluginWarning",
+    "Site",
+    "SiteCandidate",
+    "SiteStats",
+    "StepState",
+    "Strategy",
+    "TokenLayout",
+    "UnknownNameError",
+    "hookimpl",
+    "register_adapter",
+    "register_plugin",
+    "register_strategy",
+    "unregister_plugin",
+)
+
+
 def __getattr__(name: str) -> Any:
-    # The plugin-author names lived here until 0.1; they keep working for one release.
-    if name not in extend.__all__:
+    if name not in _MOVED_TO_EXTEND:
         raise AttributeError(f"module 'tokenmerge' has no attribute {name!r}")
     warnings.warn(
         f"tokenmerge.{name} is deprecated; use tokenmerge.extend.{name}",
