@@ -27,8 +27,13 @@ from .adapter_spec import AdapterSpec
 from .errors import DuplicateNameError, PluginError, PluginWarning, UnknownNameError
 from .hookspecs import hookimpl
 from .plan import Plan
-from .plugins import PluginInfo
-from .registry import register_adapter, register_plugin, register_strategy, unregister_plugin
+from .registry import (
+    PluginInfo,
+    register_adapter,
+    register_plugin,
+    register_strategy,
+    unregister_plugin,
+)
 from .site import Site, SiteStats, TokenLayout
 from .state import StepState
 from .strategy import Strategy
