@@ -56,7 +56,7 @@ class TimmViTAdapter(ViTAdapter):
     distilled model); every block is a site. Progressive mode by default.
 
     Args:
-        merge_at: progressive mode: ``"mlp"`` (default) or ``"block"``; see ``ViTAdapter``.
+        options: its ``ViTOptions`` (``mode``, ``proportional_attention``, ``merge_at``).
     """
 
     name = "timm_vit"

@@ -61,7 +61,7 @@ class TransformersViTAdapter(ViTAdapter):
     layer is a site. Progressive mode by default.
 
     Args:
-        merge_at: progressive mode: ``"mlp"`` (default) or ``"block"``; see ``ViTAdapter``.
+        options: its ``ViTOptions`` (``mode``, ``proportional_attention``, ``merge_at``).
     """
 
     name = "transformers_vit"
