@@ -59,7 +59,9 @@ __all__ = [
 ]
 
 
-#: the plugin-author names that lived here until 0.1; they keep working for one release
+#: the plugin-author names that lived here until 0.1; they keep working for one release. A
+#: fixed list, not derived from extend.__all__: names new in extend (AdapterOptions) never
+#: were top-level spellings, so they must not become deprecated aliases here.
 _MOVED_TO_EXTEND = (
     "Adapter",
     "AdapterSpec",
