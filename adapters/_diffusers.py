@@ -14,6 +14,7 @@ from tokenmerge.adapter import Adapter, AdapterOptions, depth_stage, parameter_i
 from tokenmerge.correction import ValueCorrection, corrects
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
+from tokenmerge.proportional import SizeBias
 from tokenmerge.site import Site, TokenLayout
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "check_signatures",
     "depth_stage",
     "parameter_index",
+    "size_bias",
     "value_correction",
 ]
 
@@ -107,6 +109,24 @@ def value_correction(patch: SitePatch, kind: str, module: nn.Module) -> ValueCor
     if kind != "attn" or not patch.config.value_correction or not corrects(module):
         return None
     return ValueCorrection(module)
+
+
+#: diffusers processors that pass ``attention_mask`` through ``Attention.prepare_attention_mask``
+#: to the attention product as an additive mask over the keys
+_MASKED_PROCESSORS = frozenset(
+    {"AttnProcessor", "AttnProcessor2_0", "AttnProcessorNPU", "FusedAttnProcessor2_0",
+     "XFormersAttnProcessor"}
+)  # fmt: skip
+
+
+def size_bias(patch: SitePatch, kind: str, module: nn.Module) -> SizeBias | None:
+    """Proportional attention for a target, when the config asks for it and the target is a
+    self-attention whose processor adds ``attention_mask`` to its logits."""
+    if kind != "attn" or not patch.config.proportional_attention:
+        return None
+    if type(getattr(module, "processor", None)).__name__ not in _MASKED_PROCESSORS:
+        return None
+    return SizeBias("attention_mask", "diffusers")
 
 
 class GridHook(ABC):

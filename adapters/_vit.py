@@ -23,6 +23,7 @@ from tokenmerge.config import MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.patch import Adjust, SitePatch
 from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenCarry, TokenTrack, attach_progressive
+from tokenmerge.proportional import SizeBias
 from tokenmerge.selectors import per_site_values
 from tokenmerge.site import Site, TokenLayout
 
@@ -157,6 +158,10 @@ class ViTAdapter(Adapter):
 
     # ------------------------------------------------------------------ Adapter
     @property
+    def local_size_bias(self) -> SizeBias | None:
+        """How a local-mode attention call takes proportional attention (None: it cannot)."""
+        return None
+
     def mode(self) -> str:
         return "progressive" if self.options.mode == "auto" else self.options.mode
 
@@ -214,8 +219,11 @@ class ViTAdapter(Adapter):
         # cache over), once for both the attention and the MLP
         handles = patch.watch_block_input(block.block, fresh=True)
         for kind, module in modules.items():
-            adjust = self.local_adjust() if kind == "attn" else None
-            handles += patch.attach_local(module, adjust=adjust)
+            if kind != "attn":
+                handles += patch.attach_local(module)
+                continue
+            bias = self.local_size_bias() if patch.config.proportional_attention else None
+            handles += patch.attach_local(module, adjust=self.local_adjust(), bias=bias)
         return handles
 
     def _start_tracking(self) -> RemovableHandle:

@@ -34,6 +34,7 @@ from tokenmerge.adapters._diffusers import (
     TransformerAdapter,
     check_signatures,
     depth_stage,
+    size_bias,
     value_correction,
 )
 from tokenmerge.patch import SitePatch
@@ -140,5 +141,6 @@ class DiffusersDiTAdapter(TransformerAdapter):
                 module,
                 guard=TargetGuard(module, kind, block),
                 correction=value_correction(patch, kind, module),
+                bias=size_bias(patch, kind, module),
             )
         return handles

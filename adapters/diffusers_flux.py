@@ -44,6 +44,7 @@ from tokenmerge.adapters._diffusers import (
 )
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
+from tokenmerge.proportional import SizeBias
 from tokenmerge.site import Site
 
 __all__ = ["DiffusersFluxAdapter"]
@@ -174,6 +175,14 @@ _SINGLE_BLOCK_ARGS = (
 )
 
 
+def _size_bias(patch: SitePatch, context: str | None = None) -> SizeBias | None:
+    """Proportional attention through Flux's ``attention_mask``, which its processor hands to
+    the attention product as an additive mask, when the config asks for it."""
+    if not patch.config.proportional_attention:
+        return None
+    return SizeBias("attention_mask", "sdpa", context=context)
+
+
 class SingleBlockBody:
     """Merges a single-stream block's body: the normalised tokens merge at the norm's output,
     attention (with its rotary rows gathered) and the parallel MLP run merged, and the output
@@ -182,6 +191,7 @@ class SingleBlockBody:
     def __init__(self, patch: SitePatch, block: nn.Module) -> None:
         self.patch = patch
         self.guard = RotaryGuard(block.attn, "attn", block, watched=(block.norm, block.proj_out))
+        self.bias = _size_bias(patch)
         self.plan: Plan | None = None  # the plan of the call under way
         self.reason: str | None = None  # why the call under way passes through, if it does
 
@@ -219,7 +229,10 @@ class SingleBlockBody:
     def rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.plan is None:
             return None
-        return args, gather_rotary(self.plan, kwargs)
+        kwargs = gather_rotary(self.plan, kwargs)
+        if self.bias is not None:
+            kwargs = self.bias(self.plan, args[0] if args else kwargs["hidden_states"], kwargs)
+        return args, kwargs
 
     def unmerge(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         plan, self.plan = self.plan, None
@@ -289,7 +302,9 @@ class DiffusersFluxAdapter(TransformerAdapter):
         for kind, module in modules.items():
             if kind == "attn":
                 guard = RotaryGuard(module, kind, block)
-                handles += patch.attach_local(module, guard=guard, adjust=gather_rotary)
+                # double-stream attention puts its own text tokens before the merged image ones
+                bias = _size_bias(patch, context=None if single else "encoder_hidden_states")
+                handles += patch.attach_local(module, guard=guard, adjust=gather_rotary, bias=bias)
             else:
                 handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
         return handles

@@ -37,6 +37,7 @@ from tokenmerge.adapters._diffusers import (
     PatchGrid,
     TargetGuard,
     check_signatures,
+    size_bias,
     value_correction,
 )
 from tokenmerge.config import MergeConfig
@@ -192,6 +193,7 @@ class DiffusersUNetAdapter(Adapter):
                 module,
                 guard=TargetGuard(module, kind, block),
                 correction=value_correction(patch, kind, module),
+                bias=size_bias(patch, kind, module),
             )
         return handles
 

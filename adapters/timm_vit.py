@@ -40,6 +40,7 @@ from tokenmerge.errors import TokenMergeError, UnsupportedModelError
 from tokenmerge.patch import Adjust, SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenTrack
+from tokenmerge.proportional import SizeBias
 
 __all__ = ["TimmViTAdapter"]
 
@@ -125,6 +126,9 @@ class TimmViTAdapter(ViTAdapter):
 
     def block_adjust(self) -> BlockAdjust | None:
         return _rope_of_present_tokens if self._rope else None
+
+    def local_size_bias(self) -> SizeBias | None:
+        return SizeBias("attn_mask", "sdpa")  # timm's Attention adds attn_mask to its logits
 
     def local_adjust(self) -> Adjust | None:
         return self._rope_of_kept_tokens if self._rope else None

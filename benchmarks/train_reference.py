@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tokenmerge_bench.reference import data, metrics, models
+from tokenmerge_bench.reference import data, digits, metrics, models
 
 #: per model: steps, batch, peak learning rate, weight decay, and the fraction of the peak the
 #: cosine decay ends at. The classifier's rate ends at half its peak: on the way down its
@@ -37,6 +37,10 @@ from tokenmerge_bench.reference import data, metrics, models
 DEFAULTS = {
     "denoiser": dict(steps=2400, batch=32, lr=5e-4, weight_decay=0.0, lr_floor=0.1),
     "classifier": dict(steps=4000, batch=128, lr=1e-3, weight_decay=0.05, lr_floor=0.5),
+    "digit-flux": dict(steps=1200, batch=64, lr=1e-3, weight_decay=0.0, lr_floor=0.1),
+    "digit-dit": dict(steps=1200, batch=64, lr=1e-3, weight_decay=0.0, lr_floor=0.1),
+    "digit-vit": dict(steps=2000, batch=128, lr=1e-3, weight_decay=0.05, lr_floor=0.1),
+    "digit-judge": dict(steps=1500, batch=64, lr=2e-3, weight_decay=0.01, lr_floor=0.05),
 }
 WARMUP = 200
 
@@ -91,8 +95,63 @@ def _classifier_loss(model, photos, batch: int, generator: torch.Generator) -> t
     return F.cross_entropy(model(crops.to(device)), labels.to(device))
 
 
+def _digit_batch(images, labels, batch: int, generator: torch.Generator, shift: int):
+    """A random batch, each digit moved by up to ``shift`` pixels (a blank border is padded)."""
+    index = torch.randint(0, len(labels), (batch,), generator=generator)
+    chosen = images[index]
+    if shift:
+        padded = F.pad(chosen, (shift,) * 4, value=-1.0)
+        dy, dx = torch.randint(0, 2 * shift + 1, (2,), generator=generator).tolist()
+        chosen = padded[..., dy : dy + chosen.shape[-2], dx : dx + chosen.shape[-1]]
+    return chosen, labels[index]
+
+
+def _digit_flow_loss(model, split, batch: int, generator: torch.Generator) -> torch.Tensor:
+    clean, labels = _digit_batch(*split, batch, generator, shift=0)
+    return digits.flow_loss(model, clean, labels, generator)
+
+
+def _digit_class_loss(model, split, batch: int, generator: torch.Generator) -> torch.Tensor:
+    images, labels = _digit_batch(*split, batch, generator, shift=2)
+    device = next(model.parameters()).device
+    return F.cross_entropy(model(images.to(device)), labels.to(device), label_smoothing=0.05)
+
+
+def _evaluate_digits(kind: str, model) -> dict:
+    if kind in ("digit-vit", "digit-judge"):
+        # the judge learned from the held-out digits: it is measured on the training ones
+        images, labels = digits.digit_split("train" if kind == "digit-judge" else "held_out")
+        result = {"held_out_accuracy": metrics.accuracy(model, images, labels)}
+
+        def run():
+            with torch.no_grad():
+                model(images[:256])
+
+    else:
+        result = digits.sample_quality(model)
+
+        def run():
+            labels = torch.arange(10).repeat(2)
+            noise = torch.randn(20, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+            digits.sample(model, labels, noise, steps=4)
+
+    if kind != "digit-judge":
+        result["attention_entropy"] = _entropy(model, run)
+    return result
+
+
+def _entropy(model, run) -> dict:
+    entropy = metrics.attention_entropy(model, run)
+    return {
+        name: {"nats": value, "keys": keys, "fraction_of_log_n": value / math.log(keys)}
+        for name, (value, keys) in entropy.items()
+    }
+
+
 def _evaluate(kind: str, model, photos) -> dict:
     model.eval()
+    if kind.startswith("digit-"):
+        return _evaluate_digits(kind, model)
     if kind == "denoiser":
         held_out = data.denoiser_held_out(photos)
         losses = metrics.denoising_losses(model, held_out)
@@ -111,11 +170,7 @@ def _evaluate(kind: str, model, photos) -> dict:
             with torch.no_grad():
                 model(crops)
 
-    entropy = metrics.attention_entropy(model, run)
-    result["attention_entropy"] = {
-        name: {"nats": value, "keys": keys, "fraction_of_log_n": value / math.log(keys)}
-        for name, (value, keys) in entropy.items()
-    }
+    result["attention_entropy"] = _entropy(model, run)
     return result
 
 
@@ -125,10 +180,13 @@ def train(kind: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = models.build_reference(kind)
-    if kind == "classifier":
+    if kind in ("classifier", "digit-vit"):
         _sincos_positions(model)
     model.to(args.device)
-    photos = data.load_photo_set()
+    if kind.startswith("digit-"):
+        photos = digits.digit_split("held_out" if kind == "digit-judge" else "train")
+    else:
+        photos = data.load_photo_set()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     checkpoint = Path(args.checkpoint or f"reference-checkpoints/{kind}.pt")
     start, elapsed, history = 0, 0.0, []
@@ -137,7 +195,14 @@ def train(kind: str, args: argparse.Namespace) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed, history = state["step"], state["seconds"], state["history"]
-    step_loss = _denoiser_loss if kind == "denoiser" else _classifier_loss
+    step_loss = {
+        "denoiser": _denoiser_loss,
+        "classifier": _classifier_loss,
+        "digit-flux": _digit_flow_loss,
+        "digit-dit": _digit_flow_loss,
+        "digit-vit": _digit_class_loss,
+        "digit-judge": _digit_class_loss,
+    }[kind]
     model.train()
     began = time.perf_counter() - elapsed
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=kind)

@@ -67,11 +67,25 @@ class ReToMConfig(MergeConfig):
             "one anywhere. Default 'auto': window in diffusion, global in ViTs."
         ),
     )
+    destinations: Literal["detail", "representatives"] = Field(
+        default="detail",
+        description=(
+            "'representatives': merged tokens join window representatives only; 'detail': also "
+            "the tokens least like any representative stay and take merges. Default 'detail'."
+        ),
+    )
     value_correction: bool = Field(
         default=True,
         description=(
             "Value-corrected unmerge at self-attention sites (see MergeConfig.value_correction). "
             "Default on for retom."
+        ),
+    )
+    proportional_attention: bool = Field(
+        default=True,
+        description=(
+            "Add log(size) of each merged token to the attention logits at local-mode "
+            "self-attention sites (see MergeConfig.proportional_attention). Default on for retom."
         ),
     )
     cache_interval: int = Field(
@@ -170,6 +184,43 @@ def representatives(features: Tensor, windows: Tensor) -> tuple[Tensor, Tensor]:
     return rep_slot, torch.where(valid & ~is_rep, to_rep, blocked)
 
 
+def _detail_plan(
+    features: Tensor, rep_token: Tensor, num_merge: int, labels: Tensor | None = None
+) -> Plan:
+    """Merge the ``num_merge`` tokens most like a representative, each into its most similar
+    token that stays.
+
+    ``rep_token (P, W)``: each window's representative (an index past the end marks a window
+    with no token). The tokens that stay are the representatives and the tokens least like the
+    representatives: the detail that one token per window would not stand for. Plain regions
+    thus give up many tokens and detailed ones few. With ``labels`` (``(P or 1, n)``, every
+    token's window: the window scope) a token is measured against its own window's
+    representative and merges within its window; without, against the most similar
+    representative, and it merges anywhere.
+    """
+    rows, n, channels = features.shape
+    valid = rep_token < n
+    rep_token = rep_token.clamp(max=n - 1)
+    rep_features = features.gather(1, rep_token.unsqueeze(-1).expand(-1, -1, channels))
+    blocked = float("-inf")  # a Python scalar: no host-to-device copy
+    to_reps = torch.where(valid.unsqueeze(1), features @ rep_features.transpose(1, 2), blocked)
+    if labels is None:
+        likeness = to_reps.amax(dim=-1)
+    else:
+        labels = labels.expand(rows, -1)
+        likeness = to_reps.gather(2, labels.unsqueeze(-1)).squeeze(-1)
+    is_rep = torch.zeros(rows, n, dtype=torch.bool, device=features.device)
+    is_rep.scatter_(1, rep_token, True)
+    chosen = pick_top(torch.where(is_rep, blocked, likeness), num_merge)  # (P, r)
+    is_src = torch.zeros_like(is_rep).scatter_(1, chosen, True)
+    unreachable = is_src.unsqueeze(1)
+    if labels is not None:
+        unreachable = unreachable | (labels.gather(1, chosen).unsqueeze(-1) != labels.unsqueeze(1))
+    sources = features.gather(1, chosen.unsqueeze(-1).expand(-1, -1, channels))
+    to_kept = torch.where(unreachable, blocked, sources @ features.transpose(1, 2))
+    return Plan.from_assignment(chosen, to_kept.argmax(dim=-1), n)
+
+
 def _dots(members: Tensor, one: Tensor) -> Tensor:
     """``(P, W, K, C) . (P, W, 1, C) -> (P, W, K)``: each member's dot product with its window's
     one vector."""
@@ -211,7 +262,14 @@ class ReToMStrategy(Strategy):
         rows = features.shape[0]
         rep_slot, to_rep = representatives(features, windows)
         rep_token = windows.expand(rows, -1, -1).gather(2, rep_slot.unsqueeze(-1)).squeeze(-1)
-        if self.config.scope_in(progressive=False) == "window":
+        window_scope = self.config.scope_in(progressive=False) == "window"
+        if self.config.destinations == "detail":
+            if not window_scope:
+                return _detail_plan(features, rep_token, num_merge)
+            tokens = torch.arange(n, device=features.device).unsqueeze(0)
+            labels, _ = window_labels(tokens, layout.grid, self._window(site))
+            return _detail_plan(features, rep_token, num_merge, labels)
+        if window_scope:
             chosen = pick_top(to_rep.flatten(1), num_merge)
             src = windows.flatten().expand(rows, -1).gather(1, chosen)
             dst = rep_token.gather(1, chosen // windows.shape[1])
@@ -252,7 +310,10 @@ class ReToMStrategy(Strategy):
         own_count = members.gather(1, labels)
         mean_similarity = ((features * own_sum).sum(-1) - 1) / (own_count - 1).clamp(min=1)
         rep_token = best_per_window(mean_similarity, labels, count)  # (P, windows)
-        if self.config.scope_in(progressive=True) == "global":
+        window_scope = self.config.scope_in(progressive=True) == "window"
+        if self.config.destinations == "detail":
+            return _detail_plan(features, rep_token, num_merge, labels if window_scope else None)
+        if not window_scope:
             return self._global_plan(features, rep_token, num_merge)
         rep_of = rep_token.gather(1, labels)  # (P, n): every token's representative
         rep_features = features.gather(1, rep_of.unsqueeze(-1).expand(-1, -1, channels))

@@ -300,11 +300,13 @@ def test_retom_representatives_are_the_brute_force_argmax(grid, size, batch, see
                     assert value == pytest.approx(expected, abs=TOL)
 
 
-def _retom_case(scope, grid, size, batch, seed, data):
+def _retom_case(scope, grid, size, batch, seed, data, destinations="representatives"):
     """A retom plan at a drawn ``num_merge`` and the brute-force facts to check it against
     (None when nothing merged)."""
     n = grid[0] * grid[1]
-    strategy = tokenmerge.get_strategy("retom", ratio=0.0, window_size=size, scope=scope)
+    strategy = tokenmerge.get_strategy(
+        "retom", ratio=0.0, window_size=size, scope=scope, destinations=destinations
+    )
     layout = TokenLayout(grid)
     capacity = strategy.capacity(layout, SITE)
     num_merge = data.draw(st.integers(0, capacity), label="num_merge")
@@ -371,6 +373,44 @@ def test_retom_global_scope_merges_into_most_similar_representative(grid, size, 
             assert chosen >= max(others) - TOL
         if num_merge == capacity:
             assert set(plan.kept[p].tolist()) == set(reps)
+
+
+@FAST
+@given(
+    grid=grids,
+    size=st.integers(2, 4),
+    batch=batches,
+    seed=seeds,
+    scope=st.sampled_from(["window", "global"]),
+    data=st.data(),
+)
+def test_retom_detail_destinations(grid, size, batch, seed, scope, data):
+    """Representatives stay; the sources are the tokens most like a representative (their own
+    window's in the window scope, any in the global one); each joins its most similar token
+    that stays (within its window in the window scope)."""
+    case = _retom_case(scope, grid, size, batch, seed, data, destinations="detail")
+    if case is None:
+        return
+    n, plan, num_merge, capacity, ids, means, windows, rep_slot, f64 = case
+    for p in range(batch):
+        rep_of = {w: windows[w, rep_slot[p, w]].item() for w in range(windows.shape[0])}
+        reps = set(rep_of.values())
+        kept = plan.kept[p].tolist()
+        assert reps <= set(kept)
+        sources = plan.src[p].tolist()
+
+        def likeness(t, p=p, rep_of=rep_of):
+            candidates = [rep_of[ids[t]]] if scope == "window" else list(rep_of.values())
+            return max((f64[p, t] @ f64[p, r]).item() for r in candidates)
+
+        others = [likeness(t) for t in range(n) if t not in reps and t not in sources]
+        if others:
+            assert min(likeness(t) for t in sources) >= max(others) - TOL
+        for s, d in zip(sources, dst_tokens(plan)[p].tolist(), strict=True):
+            reachable = [k for k in kept if scope == "global" or ids[k] == ids[s]]
+            assert d in reachable
+            best = max((f64[p, s] @ f64[p, k]).item() for k in reachable)
+            assert (f64[p, s] @ f64[p, d]).item() >= best - TOL
 
 
 @pytest.mark.parametrize("progressive", [False, True])

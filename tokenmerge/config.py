@@ -82,6 +82,13 @@ class MergeConfig(BaseModel):
             "weight fitted per plan (stats() shows it). Default off, as tomesd."
         ),
     )
+    proportional_attention: bool = Field(
+        default=False,
+        description=(
+            "At local-mode self-attention sites, add log(size) of each merged token to the "
+            "attention logits, so it weighs as much as the tokens it stands for. Default off."
+        ),
+    )
     share_cfg_plan: bool = Field(
         default=False,
         description=(

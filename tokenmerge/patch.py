@@ -24,6 +24,7 @@ from .correction import ValueCorrection
 from .errors import ShortfallWarning
 from .observe import Observer, Part
 from .plan import Plan
+from .proportional import SizeBias
 from .rng import SiteRandom
 from .site import Site, SiteStats, TokenLayout
 from .state import StepState
@@ -292,6 +293,7 @@ class SitePatch:
         guard: Guard | None = None,
         adjust: Adjust | None = None,
         correction: ValueCorrection | None = None,
+        bias: SizeBias | None = None,
     ) -> list[RemovableHandle]:
         """Merge ``module``'s hidden states before its forward and unmerge its output after.
 
@@ -302,9 +304,11 @@ class SitePatch:
         given, returns the keyword arguments of a merged call (e.g. a rotary table reduced to
         the kept tokens' rows). ``guard`` and ``adjust`` must be module-level functions or bound
         methods (``copy.deepcopy`` copies the hooks). ``correction``, when given, corrects the
-        copy-unmerged output of a self-attention (``tokenmerge.correction``).
+        copy-unmerged output of a self-attention (``tokenmerge.correction``). ``bias``, when
+        given, adds each merged slot's log size to the attention logits of a merged call
+        (``tokenmerge.proportional``).
         """
-        hook = _LocalHook(self, arg_name, guard, adjust, correction)
+        hook = _LocalHook(self, arg_name, guard, adjust, correction, bias)
         if correction is not None:
             self._corrections.append(correction)
         return [
@@ -340,12 +344,14 @@ class _LocalHook:
         guard: Guard | None,
         adjust: Adjust | None,
         correction: ValueCorrection | None,
+        bias: SizeBias | None = None,
     ) -> None:
         self.patch = patch
         self.arg_name = arg_name
         self.guard = guard
         self.adjust = adjust
         self.correction = correction
+        self.bias = bias
         #: the call's plan, with its ``(x, merged)`` when a correction needs them
         self.plans: list[tuple[Plan | None, tuple[Tensor, Tensor] | None]] = []
 
@@ -380,6 +386,8 @@ class _LocalHook:
         self.plans.append((plan, (x, merged) if self.correction is not None else None))
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
+        if self.bias is not None:
+            kwargs = self.bias(plan, merged, kwargs)
         if args:
             return (merged, *args[1:]), kwargs
         return args, {**kwargs, self.arg_name: merged}

@@ -13,6 +13,7 @@ batch size of a per-sample plan or 1 for a plan shared by the whole batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -165,6 +166,12 @@ class Plan:
         """``(P, M)`` how many original tokens each slot stands for (local mode)."""
         ones = torch.ones(self.origin.shape, device=self.device)
         return torch.zeros(self.kept.shape, device=self.device).scatter_add(1, self.origin, ones)
+
+    @cached_property
+    def log_counts(self) -> Tensor:
+        """``(P, M)`` float32 ``log`` of ``counts``: computed once per plan, as every call the plan
+        serves adds it to its attention logits (``tokenmerge.proportional``)."""
+        return self.counts.log()
 
     # ------------------------------------------------------------------ transforms
     def with_prefix(self, num_prefix: int) -> Plan:

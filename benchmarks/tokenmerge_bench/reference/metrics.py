@@ -121,7 +121,11 @@ def attention_entropy(model: nn.Module, run) -> dict[str, tuple[float, int]]:
 
         def hook(module, args, kwargs, output, name=name, rows=rows):
             x = args[0] if args else kwargs["hidden_states"]
-            entropy, keys = rows(module, x)
+            if rows is _flux_rows:
+                context, rotary = kwargs.get("encoder_hidden_states"), kwargs["image_rotary_emb"]
+                entropy, keys = rows(module, x, context, rotary)
+            else:
+                entropy, keys = rows(module, x)
             total = sums.setdefault(name, [0.0, 0.0, keys])
             total[0] += float(entropy.sum())
             total[1] += entropy.numel()
@@ -145,6 +149,8 @@ def _row_entropy(query: Tensor, key: Tensor, scale: float) -> Tensor:
 def _entropy_reader(module: nn.Module):
     """A function computing the attention-row entropy of ``module`` on its input, or None when
     it is not a self-attention this knows."""
+    if type(module).__name__ == "FluxAttention":
+        return _flux_rows
     if type(module).__name__ == "Attention" and hasattr(module, "to_q"):
         if getattr(module, "is_cross_attention", False):
             return None
@@ -171,3 +177,22 @@ def _entropy_reader(module: nn.Module):
 
         return timm_rows
     return None
+
+
+def _flux_rows(module: nn.Module, x: Tensor, context: Tensor | None = None, rotary=None):
+    """Attention-row entropy of a diffusers ``FluxAttention``: the text tokens (double-stream
+    blocks: ``context``) first, normalised queries and keys, rotary positions applied."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def heads(t: Tensor) -> Tensor:
+        return t.unflatten(-1, (module.heads, -1))
+
+    query, key = module.norm_q(heads(module.to_q(x))), module.norm_k(heads(module.to_k(x)))
+    if context is not None:
+        query = torch.cat([module.norm_added_q(heads(module.add_q_proj(context))), query], 1)
+        key = torch.cat([module.norm_added_k(heads(module.add_k_proj(context))), key], 1)
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    scale = query.shape[-1] ** -0.5
+    return _row_entropy(query.transpose(1, 2), key.transpose(1, 2), scale), key.shape[1]

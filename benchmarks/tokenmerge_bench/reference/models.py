@@ -78,7 +78,14 @@ CLASSIFIER_CONFIG: dict[str, Any] = dict(
     mlp_ratio=2.0,
 )
 
-_WEIGHTS = {"denoiser": "reference_denoiser.safetensors", "classifier": "reference_vit.safetensors"}
+_WEIGHTS = {
+    "denoiser": "reference_denoiser.safetensors",
+    "classifier": "reference_vit.safetensors",
+    "digit-flux": "digit_flux.safetensors",
+    "digit-dit": "digit_dit.safetensors",
+    "digit-vit": "digit_vit.safetensors",
+    "digit-judge": "digit_judge.safetensors",
+}
 
 
 def fold(images: Tensor) -> Tensor:
@@ -118,8 +125,12 @@ def _known(kind: str) -> str:
 
 
 def build_reference(kind: str) -> nn.Module:
-    """``build_denoiser`` or ``build_classifier``, by ``kind`` (fresh random weights)."""
-    return build_denoiser() if _known(kind) == "denoiser" else build_classifier()
+    """The architecture of ``kind`` (a key of ``_WEIGHTS``) with fresh random weights."""
+    if _known(kind).startswith("digit-"):
+        from .digits import build_digit_model
+
+        return build_digit_model(kind)
+    return build_denoiser() if kind == "denoiser" else build_classifier()
 
 
 def weights_file(kind: str) -> Any:
