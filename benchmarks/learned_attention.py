@@ -69,7 +69,8 @@ def _table(kind: str, rows: list[dict[str, Any]]) -> str:
             cells.append(cell)
         mean = f"{math.exp(sum(logs) / len(logs)):.2f}x" if logs else "-"
         extra = f", recognised {row['recognised']:.2f}" if "recognised" in row else ""
-        lines.append(f"| {row['variant']}{extra} | {row['ratio']} | " + " | ".join(cells) + f" | {mean} |")
+        row_cells = " | ".join(cells)
+        lines.append(f"| {row['variant']}{extra} | {row['ratio']} | {row_cells} | {mean} |")
     return "\n".join(lines)
 
 
@@ -102,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         options = {"adapter_options": {"mode": "local"}} if kind == "digit-vit" else {}
         variants = parse_variants(args.strategies, args.ratios, overrides)
         model = _load(kind, checkpoints.get(kind))
-        probe = ClassifierProbe(model) if kind == "digit-vit" else DenoiserProbe(
-            model, per_class=args.per_class
+        probe = (
+            ClassifierProbe(model)
+            if kind == "digit-vit"
+            else DenoiserProbe(model, per_class=args.per_class)
         )
         rows = []
         jobs = [(v, r) for v in variants for r in args.ratios]

@@ -235,7 +235,7 @@ def sample(
     batch = len(labels)
     both = torch.cat([torch.full_like(labels, NULL_CLASS), labels])
     times = torch.linspace(1.0, 0.0, steps + 1, device=noise.device)
-    for now, after in zip(times[:-1], times[1:]):
+    for now, after in zip(times[:-1], times[1:], strict=True):
         t = now.expand(2 * batch)
         empty, conditional = velocity(model, torch.cat([x, x]), t, both).chunk(2)
         guided = empty + guidance * (conditional - empty)
