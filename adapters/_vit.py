@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate, depth_stage
+from tokenmerge.adapters._views import value_correction
 from tokenmerge.config import MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.patch import Adjust, SitePatch
@@ -215,7 +216,8 @@ class ViTAdapter(Adapter):
         handles = patch.watch_block_input(block.block, fresh=True)
         for kind, module in modules.items():
             adjust = self.local_adjust() if kind == "attn" else None
-            handles += patch.attach_local(module, adjust=adjust)
+            correction = value_correction(patch, kind, module)
+            handles += patch.attach_local(module, adjust=adjust, correction=correction)
         return handles
 
     def _start_tracking(self) -> RemovableHandle:

@@ -18,6 +18,11 @@ Sites, in model order:
   body: the normalised tokens merge once, attention and the MLP (input and output projections)
   run on the merged tokens, and the body's output is unmerged before the residual add.
 
+Value correction (``value_correction``): at the attention of both kinds of blocks when it merges
+on its own (``tokenmerge.adapters._views.FluxAttentionView``). Not around a single-stream
+block's whole body: there the MLP, which runs on the merged tokens too, shares the unmerged
+output, and its part of the copy's error is not linear in the merged-away tokens' offsets.
+
 Grid: from ``img_ids`` (``[0, row, col]`` per image token, row-major), read by a pre-hook on the
 model; when the ids are not one row-major grid (e.g. Kontext's reference-image tokens), the calls
 pass through unmerged, counted in ``stats()``. Stages: ``"first"`` / ``"middle"`` / ``"last"``
@@ -41,6 +46,7 @@ from tokenmerge.adapters._diffusers import (
     check_signatures,
     depth_stage,
     parameter_index,
+    value_correction,
 )
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
@@ -289,7 +295,10 @@ class DiffusersFluxAdapter(TransformerAdapter):
         for kind, module in modules.items():
             if kind == "attn":
                 guard = RotaryGuard(module, kind, block)
-                handles += patch.attach_local(module, guard=guard, adjust=gather_rotary)
+                correction = value_correction(patch, kind, module)
+                handles += patch.attach_local(
+                    module, guard=guard, adjust=gather_rotary, correction=correction
+                )
             else:
                 handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
         return handles

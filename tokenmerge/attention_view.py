@@ -42,6 +42,8 @@ __all__ = [
     "NamedProjections",
     "QKVView",
     "corrects",
+    "heads_first",
+    "heads_last",
     "linear_part",
 ]
 
@@ -73,12 +75,12 @@ def linear_part(layer: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return layer(x) - layer(x.new_zeros(1, x.shape[-1]))
 
 
-def _heads_first(t: Tensor, heads: int) -> Tensor:
+def heads_first(t: Tensor, heads: int) -> Tensor:
     """``(B, n, H d) -> (B, H, n, d)``."""
     return t.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _heads_last(t: Tensor) -> Tensor:
+def heads_last(t: Tensor) -> Tensor:
     """``(B, H, n, d) -> (B, n, H d)``."""
     return t.transpose(1, 2).flatten(2)
 
@@ -202,13 +204,13 @@ class QKVView(AttentionView):
 
     def queries(self, rows: Tensor, index: Tensor, call: Call) -> Tensor:
         """Queries of ``rows``, the tokens ``index``: ``(B, H, k, d)``, normalised."""
-        query = _heads_first(self.query(rows), self.heads)
+        query = heads_first(self.query(rows), self.heads)
         return query if self.norm_q is None else self.norm_q(query)
 
     def keys_values(self, x: Tensor, call: Call) -> tuple[Tensor, Tensor]:
         """Every key and value the call attends to, ``(B, H, L, d)`` each."""
         _, key, value = self.qkv(x)
-        key, value = _heads_first(key, self.heads), _heads_first(value, self.heads)
+        key, value = heads_first(key, self.heads), heads_first(value, self.heads)
         return (key if self.norm_k is None else self.norm_k(key)), value
 
     def exact_rows(self, x: Tensor, index: Tensor, call: Call, rows: Tensor) -> Tensor:
@@ -217,7 +219,7 @@ class QKVView(AttentionView):
             return self._input_space_rows(query, rows, x, call)
         key, value = self.keys_values(x, call)
         out = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
-        return self.out(_heads_last(out).to(rows.dtype), call)
+        return self.out(heads_last(out).to(rows.dtype), call)
 
     def _input_space_rows(self, query: Tensor, rows: Tensor, x: Tensor, call: Call) -> Tensor:
         batch, count, channels = rows.shape
