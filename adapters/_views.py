@@ -232,7 +232,13 @@ class TimmAttentionView(FusedProjections):
 
     def __init__(self, attention: nn.Module) -> None:
         super().__init__(
-            attention, "qkv", "proj", attention.num_heads, attention.scale, "q_norm", "k_norm"
+            attention,
+            "qkv",
+            "proj",
+            attention.num_heads,
+            scale=attention.scale,
+            norm_q="q_norm",
+            norm_k="k_norm",
         )
 
     def usable(self, call: Call) -> bool:
@@ -331,7 +337,7 @@ class TransformersAttentionView(NamedProjections):
         out = "o_proj" if hasattr(attention, "o_proj") else "out_proj"
         heads = getattr(attention, "num_attention_heads", None) or attention.num_heads
         scale = getattr(attention, "scaling", None) or getattr(attention, "scale", None)
-        super().__init__(attention, "q_proj", "k_proj", "v_proj", out, heads, scale)
+        super().__init__(attention, "q_proj", "k_proj", "v_proj", out, heads, scale=scale)
 
     def usable(self, call: Call) -> bool:
         return call.get("attention_mask", 1) is None and not getattr(

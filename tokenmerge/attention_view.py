@@ -142,8 +142,9 @@ class QKVView(AttentionView):
         module: the attention module.
         heads: the number of heads.
         scale: the logit scale; None for ``1 / sqrt(head_dim)``.
-        norm_q, norm_k: attribute names of per-head query / key norms, where it has them (an
-            ``Identity`` counts as none).
+        norm_q: attribute name of a per-head query norm, where it has one (an ``Identity``
+            counts as none).
+        norm_k: the same for the keys.
         verify: check the view against the module's output at every fit (see
             ``AttentionView.verify``).
     """
@@ -243,8 +244,12 @@ class NamedProjections(QKVView):
 
     Args:
         module: the attention module.
-        q, k, v, out: names of its projections (dotted for nested ones, e.g. ``"to_out.0"``).
-        heads, scale, norm_q, norm_k, verify: as for ``QKVView``.
+        q: name of its query projection (dotted for a nested one, e.g. ``"to_out.0"``).
+        k: of its key projection.
+        v: of its value projection.
+        out: of its output projection.
+        heads: the number of heads.
+        **options: ``scale``, ``norm_q``, ``norm_k``, ``verify``, as for ``QKVView``.
 
     Example:
         >>> import torch
@@ -274,12 +279,9 @@ class NamedProjections(QKVView):
         v: str,
         out: str,
         heads: int,
-        scale: float | None = None,
-        norm_q: str | None = None,
-        norm_k: str | None = None,
-        verify: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(module, heads, scale, norm_q, norm_k, verify)
+        super().__init__(module, heads, **options)
         self.to_q, self.to_k, self.to_v = (module.get_submodule(n) for n in (q, k, v))
         self.to_out = module.get_submodule(out)
 
@@ -305,8 +307,10 @@ class FusedProjections(QKVView):
 
     Args:
         module: the attention module.
-        qkv, out: names of its fused and output projections.
-        heads, scale, norm_q, norm_k, verify: as for ``QKVView``.
+        qkv: name of its fused projection.
+        out: name of its output projection.
+        heads: the number of heads.
+        **options: ``scale``, ``norm_q``, ``norm_k``, ``verify``, as for ``QKVView``.
     """
 
     def __init__(
@@ -315,12 +319,9 @@ class FusedProjections(QKVView):
         qkv: str,
         out: str,
         heads: int,
-        scale: float | None = None,
-        norm_q: str | None = None,
-        norm_k: str | None = None,
-        verify: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(module, heads, scale, norm_q, norm_k, verify)
+        super().__init__(module, heads, **options)
         self.to_qkv = module.get_submodule(qkv)
         self.to_out = module.get_submodule(out)
 
