@@ -10,7 +10,8 @@ imported here):
   processor (IP-Adapter, PAG, fused joint, a user's) computes something else: no view.
 - diffusers ``FluxAttention`` with ``FluxAttnProcessor``: ``FluxAttentionView`` (per-head RMS norms,
   rotary table over text then image tokens, text tokens first in double-stream blocks; the
-  single-stream attention's output is taken before the block's shared output projection).
+  single-stream attention's output is taken before the block's shared output projection). A
+  single-stream block merged around its whole body: ``FluxBodyView`` (``body_correction``).
 - timm ``Attention`` (fused ``qkv``, ``q_norm`` / ``k_norm``): ``TimmAttentionView``; timm
   ``EvaAttention`` (fused or separate projections, separate q / v biases, rotary embeddings
   behind the prefix tokens): ``EvaAttentionView``. Not with a norm or a gate between the
@@ -46,6 +47,7 @@ from tokenmerge.attention_view import (
     corrects,
     diffusers_self_attention,
     heads_first,
+    linear_part,
     processor_name,
 )
 from tokenmerge.correction import ValueCorrection
@@ -54,10 +56,12 @@ from tokenmerge.patch import SitePatch
 __all__ = [
     "EvaAttentionView",
     "FluxAttentionView",
+    "FluxBodyView",
     "JointAttentionView",
     "TimmAttentionView",
     "TransformersAttentionView",
     "attention_view",
+    "body_correction",
     "value_correction",
 ]
 
@@ -179,6 +183,38 @@ class FluxAttentionView(QKVView):
 
             key = apply_rotary_emb(key, tuple(table), sequence_dim=2)
         return key, value
+
+
+class FluxBodyView(AttentionView):
+    """A Flux single-stream block's body merged as one (attention and MLP both merged): the
+    attention (``FluxAttentionView``, its output taken before any projection) and the parallel
+    MLP run on the same normalised tokens, and ``proj_out`` projects both together.
+
+    ``W_o`` is the attention's columns of ``proj_out``; the exact rows are the body's output
+    (attention and MLP) for the sampled tokens. The MLP's share of the copy's error is not linear
+    in the offsets and stays: the fit of ``beta`` sees it as noise.
+
+    Args:
+        block: the ``FluxSingleTransformerBlock``.
+        attention: the view of its attention.
+    """
+
+    def __init__(self, block: nn.Module, attention: FluxAttentionView) -> None:
+        super().__init__(block)
+        self.attention = attention
+
+    def usable(self, call: Call) -> bool:
+        return self.attention.usable(call)
+
+    def project(self, offsets: Tensor, call: Call) -> Tensor:
+        values = self.attention.project(offsets, call)
+        mlp = values.new_zeros(*values.shape[:-1], self.module.mlp_hidden_dim)
+        return linear_part(self.module.proj_out, torch.cat([values, mlp], dim=-1))
+
+    def exact_rows(self, x: Tensor, index: Tensor, call: Call, rows: Tensor) -> Tensor:
+        block = self.module
+        attended = self.attention.exact_rows(x, index, call, rows)
+        return block.proj_out(torch.cat([attended, block.act_mlp(block.proj_mlp(rows))], dim=-1))
 
 
 def _rotary_pair(table: Any) -> bool:
@@ -427,6 +463,15 @@ def _known(module: nn.Module) -> bool:
             *_TRANSFORMERS,
         )
     )
+
+
+def body_correction(patch: SitePatch, block: nn.Module) -> ValueCorrection | None:
+    """The value-corrected unmerge around a Flux single-stream block's body (``FluxBodyView``),
+    when the config asks for it and the block's attention has a view."""
+    attention = value_correction(patch, "attn", block.attn)
+    if attention is None or not isinstance(attention.view, FluxAttentionView):
+        return None
+    return ValueCorrection(FluxBodyView(block, attention.view))
 
 
 def value_correction(patch: SitePatch, kind: str, module: nn.Module) -> ValueCorrection | None:

@@ -33,6 +33,7 @@ from vit_models import FAMILIES as VITS
 
 import tokenmerge
 import tokenmerge.adapters._views as views
+from tokenmerge.adapters._views import FluxBodyView
 from tokenmerge.attention_view import NO_CALL, Call
 from tokenmerge.correction import ValueCorrection
 from tokenmerge.plan import Plan
@@ -181,6 +182,13 @@ KINDS = [
     Kind(name, lambda n=name: _seeded(TRANSFORMERS[n], 3.0), _transformer(name), DIFFUSION, True)
     for name in ("dit", "pixart", "sd3", "flux")
 ] + [
+    Kind(
+        "flux-body",  # single-stream blocks merged around attention and MLP together
+        lambda: _seeded(TRANSFORMERS["flux"], 3.0),
+        _transformer("flux"),
+        {"sites": {"mlp": True, "min_tokens": 1}},
+        True,
+    ),
     Kind("timm-vit", lambda: _seeded(VITS["vit"].build, VIT_SCALE), _timm_features("vit"), LOCAL),
     Kind(
         "timm-qk-norm",
@@ -339,24 +347,28 @@ def test_correction_queues_no_host_sync_and_few_kernels_per_cached_call(kind):
 
 
 def test_where_it_cannot_correct_stats_show_none_and_nothing_warns():
+    """Progressive mode keeps tokens merged: nothing is unmerged, nothing to correct. A module
+    the generic adapter cannot see into (here an MLP) is merged around without it."""
     cases = [
-        # Flux single-stream blocks merged around their whole body (attention and MLP)
-        (make_flux(), "retom", {"sites": {"mlp": True, "min_tokens": 1}}, "single_transformer"),
-        # progressive mode keeps tokens merged: nothing is unmerged, nothing to correct
-        (VITS["vit"].build(), "retom", {}, "blocks"),
+        (VITS["vit"].build(), {}, lambda m: VITS["vit"].run(m)),
+        (
+            Stack(lambda: nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))),
+            GENERIC,
+            lambda m: _tokens(m, 500),
+        ),
     ]
-    runs = [_transformer("flux"), lambda m, t: VITS["vit"].run(m)]
-    mha = Stack(lambda: nn.MultiheadAttention(16, 2, batch_first=True))
-    for (model, config, options, prefix), run in zip(cases, runs, strict=True):
+    for model, options, run in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with tokenmerge.apply(model, config, value_correction=True, **options) as handle:
-                run(model, 500)
-                run(model, 400)
-                stats = {n: s for n, s in handle.stats().items() if n.startswith(prefix)}
-        assert stats and all(s.value_correction is None for s in stats.values())
-        assert any(s.tokens_out < s.tokens_in for s in stats.values())
-    assert views.attention_view(mha.blocks[0]) is None  # keys and values stay unmerged
+            with tokenmerge.apply(model, "retom", value_correction=True, **options) as handle:
+                run(model)
+                run(model)
+                stats = handle.stats().values()
+        assert all(s.value_correction is None for s in stats)
+        assert any(s.tokens_out < s.tokens_in for s in stats)
+    # nn.MultiheadAttention: the generic adapter merges its first argument only, so keys and
+    # values stay unmerged and no token's own value went missing
+    assert views.attention_view(nn.MultiheadAttention(16, 2, batch_first=True)) is None
 
 
 def test_a_view_by_names_that_does_not_match_its_module_corrects_nothing():
@@ -404,10 +416,18 @@ def _exact_case(name: str) -> tuple[nn.Module, Tensor, Call, Callable[[], Tensor
                 attention.fuse_projections()
             kwargs = {"encoder_hidden_states": text, "image_rotary_emb": rope}
             return attention, image, Call((image,), kwargs), lambda: attention(image, **kwargs)[0]
-        attention = flux.single_transformer_blocks[0].attn
+        block = flux.single_transformer_blocks[0]
         both = torch.cat([text, image], 1)
         kwargs = {"image_rotary_emb": rope}
-        return attention, both, Call((both,), kwargs), lambda: attention(both, **kwargs)
+        if name == "flux-body":
+            view = FluxBodyView(block, views.attention_view(block.attn))
+
+            def body() -> Tensor:
+                mlp = block.act_mlp(block.proj_mlp(both))
+                return block.proj_out(torch.cat([block.attn(both, **kwargs), mlp], -1))
+
+            return view, both, Call((both,), kwargs), body
+        return block.attn, both, Call((both,), kwargs), lambda: block.attn(both, **kwargs)
     model = _eva02()
     attention = model.blocks[0].attn
     x = torch.randn(2, 65, attention.qkv.in_features)
@@ -416,20 +436,30 @@ def _exact_case(name: str) -> tuple[nn.Module, Tensor, Call, Callable[[], Tensor
 
 
 @pytest.mark.parametrize(
-    "name", ["sd3-joint", "sd3-attn2", "flux-double", "flux-double-fused", "flux-single", "eva"]
+    "name",
+    [
+        "sd3-joint",
+        "sd3-attn2",
+        "flux-double",
+        "flux-double-fused",
+        "flux-single",
+        "flux-body",
+        "eva",
+    ],
 )
 def test_exact_rows_are_the_modules_own_output(name):
     """The views that project every key (text tokens, rotary tables, per-head norms) against the
     module: rows of its unmerged output, at positions that carry rotary angles of their own."""
     attention, x, call, own = _exact_case(name)
-    view = views.attention_view(attention)
+    view = attention if isinstance(attention, FluxBodyView) else views.attention_view(attention)
     assert view is not None
-    index = torch.tensor([[3, 7, 11, 20, 39]]) + (5 if name == "flux-single" else 0)
+    index = torch.tensor([[3, 7, 11, 20, 39]]) + (5 if name in ("flux-single", "flux-body") else 0)
     rows = x[:, index[0]]
     with torch.no_grad():
         torch.testing.assert_close(view.exact_rows(x, index, call, rows), own()[:, index[0]])
     # SD 3's image-only attention has no key norm in this config: keys linear in the tokens
-    assert view.input_space(call) == (name == "sd3-attn2")
+    attention_view = getattr(view, "attention", view)
+    assert attention_view.input_space(call) == (name == "sd3-attn2")
 
 
 def test_the_input_space_path_gives_the_projected_one():

@@ -310,11 +310,17 @@ class SitePatch:
         """
         hook = _LocalHook(self, arg_name, guard, adjust, correction)
         if correction is not None:
-            self._corrections.append(correction)
+            self.report_correction(correction)
         return [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after, with_kwargs=True),
         ]
+
+    def report_correction(self, correction: ValueCorrection) -> None:
+        """Show ``correction``'s fitted weight in this site's ``stats()`` (``attach_local`` does
+        it for the corrections it is given; adapters that unmerge in hooks of their own call
+        it for theirs)."""
+        self._corrections.append(correction)
 
 
 class _BlockInput:
