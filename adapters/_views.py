@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokenmerge.adapters._tables import gather_rows
 from tokenmerge.attention_view import (
     AttentionView,
     Call,
@@ -331,8 +332,6 @@ class EvaAttentionView(QKVView):
         rope = call.get("rope", 1)
         if rope is None:
             return query
-        from tokenmerge.adapters._vit import gather_rows  # _vit imports this module
-
         positions = index - self.module.num_prefix_tokens  # prefix tokens are not rotated
         rotated = self._rotate(query, gather_rows(rope, positions.clamp_min(0)))
         return torch.where((positions >= 0)[:, None, :, None], rotated, query).type_as(query)

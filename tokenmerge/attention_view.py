@@ -161,10 +161,18 @@ class QKVView(AttentionView):
         super().__init__(module)
         self.heads = heads
         self.scale = scale
-        #: per-head norms of queries and keys, on ``(B, H, n, d)`` (None: none)
-        self.norm_q: Callable[[Tensor], Tensor] | None = _norm(module, norm_q)
-        self.norm_k: Callable[[Tensor], Tensor] | None = _norm(module, norm_k)
+        self._norms = (norm_q, norm_k)
         self.verify = verify
+
+    @property
+    def norm_q(self) -> Callable[[Tensor], Tensor] | None:
+        """The per-head query norm, on ``(B, H, n, d)`` (None: none)."""
+        return _norm(self.module, self._norms[0])
+
+    @property
+    def norm_k(self) -> Callable[[Tensor], Tensor] | None:
+        """The per-head key norm (None: none)."""
+        return _norm(self.module, self._norms[1])
 
     # ------------------------------------------------------------------ primitives
     @abstractmethod
@@ -282,23 +290,28 @@ class NamedProjections(QKVView):
         **options: Any,
     ) -> None:
         super().__init__(module, heads, **options)
-        self.to_q, self.to_k, self.to_v = (module.get_submodule(n) for n in (q, k, v))
-        self.to_out = module.get_submodule(out)
+        # names, looked up at every use: a LoRA loaded after applying replaces the projections
+        self.names = (q, k, v, out)
+        for name in self.names:
+            module.get_submodule(name)  # fails now, naming what is missing, not at a call
+
+    def _layer(self, index: int) -> nn.Module:
+        return self.module.get_submodule(self.names[index])
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.to_q(x), self.to_k(x), self.to_v(x)
+        return self.query(x), self.key(x), self.value(x)
 
     def query(self, x: Tensor) -> Tensor:
-        return self.to_q(x)
+        return self._layer(0)(x)
 
     def key(self, x: Tensor) -> Tensor:
-        return self.to_k(x)
+        return self._layer(1)(x)
 
     def value(self, x: Tensor) -> Tensor:
-        return self.to_v(x)
+        return self._layer(2)(x)
 
     def out(self, o: Tensor, call: Call) -> Tensor:
-        return self.to_out(o)
+        return self._layer(3)(o)
 
 
 class FusedProjections(QKVView):
@@ -322,18 +335,19 @@ class FusedProjections(QKVView):
         **options: Any,
     ) -> None:
         super().__init__(module, heads, **options)
-        self.to_qkv = module.get_submodule(qkv)
-        self.to_out = module.get_submodule(out)
+        self.names = (qkv, out)  # looked up at every use, as for NamedProjections
+        for name in self.names:
+            module.get_submodule(name)
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        query, key, value = self.to_qkv(x).chunk(3, dim=-1)
+        query, key, value = self.module.get_submodule(self.names[0])(x).chunk(3, dim=-1)
         return query, key, value
 
     def query(self, x: Tensor) -> Tensor:
         return self.qkv(x)[0]
 
     def out(self, o: Tensor, call: Call) -> Tensor:
-        return self.to_out(o)
+        return self.module.get_submodule(self.names[1])(o)
 
 
 #: diffusers attention processors that compute plain scaled dot-product self-attention of the
