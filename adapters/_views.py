@@ -129,10 +129,10 @@ class FluxAttentionView(QKVView):
         super().__init__(attention, attention.heads, None, "norm_q", "norm_k")
 
     def usable(self, call: Call) -> bool:
-        table = call.get("image_rotary_emb", 4)
+        table = call.get("image_rotary_emb", 3)
         return (
             processor_name(self.module) == "FluxAttnProcessor"
-            and call.get("attention_mask", 3) is None
+            and call.get("attention_mask", 2) is None
             and call.kwargs.get("ip_hidden_states") is None
             and (table is None or _rotary_pair(table))
         )
@@ -159,7 +159,7 @@ class FluxAttentionView(QKVView):
 
     def queries(self, rows: Tensor, index: Tensor, call: Call) -> Tensor:
         query = super().queries(rows, index, call)
-        table = call.get("image_rotary_emb", 4)
+        table = call.get("image_rotary_emb", 3)
         if table is None:
             return query
         text = self._text(call)
@@ -178,7 +178,7 @@ class FluxAttentionView(QKVView):
             text_key = attention.norm_added_k(heads_first(text_key, self.heads))
             key = torch.cat([text_key, key], dim=2)
             value = torch.cat([heads_first(text_value, self.heads), value], dim=2)
-        table = call.get("image_rotary_emb", 4)
+        table = call.get("image_rotary_emb", 3)
         if table is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 

@@ -414,8 +414,8 @@ def _exact_case(name: str) -> tuple[nn.Module, Tensor, Call, Callable[[], Tensor
             attention = flux.transformer_blocks[0].attn
             if name == "flux-double-fused":
                 attention.fuse_projections()
-            kwargs = {"encoder_hidden_states": text, "image_rotary_emb": rope}
-            return attention, image, Call((image,), kwargs), lambda: attention(image, **kwargs)[0]
+            args = (image, text, None, rope)  # positionally: hidden states, text, mask, rotary
+            return attention, image, Call(args, {}), lambda: attention(*args)[0]
         block = flux.single_transformer_blocks[0]
         both = torch.cat([text, image], 1)
         kwargs = {"image_rotary_emb": rope}
