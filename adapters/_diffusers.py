@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, AdapterOptions, depth_stage, parameter_index
-from tokenmerge.correction import ValueCorrection, corrects
+from tokenmerge.adapters._views import value_correction
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
 from tokenmerge.proportional import SizeBias
@@ -101,14 +101,6 @@ class TargetGuard:
         if isinstance(mask, Tensor) and mask.dim() >= 3 and mask.shape[-2] != 1:
             return "cross-attention mask with a row per query"
         return None
-
-
-def value_correction(patch: SitePatch, kind: str, module: nn.Module) -> ValueCorrection | None:
-    """The value-corrected unmerge for a target, when the config asks for it and the target is
-    a self-attention it can correct (``tokenmerge.correction.corrects``)."""
-    if kind != "attn" or not patch.config.value_correction or not corrects(module):
-        return None
-    return ValueCorrection(module)
 
 
 #: diffusers processors that pass ``attention_mask`` through ``Attention.prepare_attention_mask``

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate, depth_stage
+from tokenmerge.adapters._tables import gather_rows
+from tokenmerge.adapters._views import value_correction
 from tokenmerge.config import MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.patch import Adjust, SitePatch
@@ -62,18 +64,6 @@ class ViTOptions(AdapterOptions):
             "tokens, ToMe's saving); 'block' at the block's output. Default 'mlp'."
         ),
     )
-
-
-def gather_rows(table: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index (P, n)`` of a per-token table ``(N, D)``, ``(H, N, D)`` or ``(B, H, N, D)``
-    (rotary embeddings): ``(P or B, 1 or H, n, D)``, broadcastable over heads."""
-    if table.dim() == 2:
-        table = table[None, None]
-    elif table.dim() == 3:
-        table = table[None]
-    rows = max(table.shape[0], index.shape[0])
-    index = index[:, None, :, None].expand(rows, table.shape[1], -1, table.shape[-1])
-    return table.expand(rows, -1, -1, -1).gather(2, index)
 
 
 class HeadMean:
@@ -223,7 +213,10 @@ class ViTAdapter(Adapter):
                 handles += patch.attach_local(module)
                 continue
             bias = self.local_size_bias() if patch.config.proportional_attention else None
-            handles += patch.attach_local(module, adjust=self.local_adjust(), bias=bias)
+            correction = value_correction(patch, kind, module)
+            handles += patch.attach_local(
+                module, adjust=self.local_adjust(), correction=correction, bias=bias
+            )
         return handles
 
     def _start_tracking(self) -> RemovableHandle:

@@ -18,6 +18,11 @@ Sites, in model order:
   body: the normalised tokens merge once, attention and the MLP (input and output projections)
   run on the merged tokens, and the body's output is unmerged before the residual add.
 
+Value correction (``value_correction``): at the attention of both kinds of blocks
+(``tokenmerge.adapters._views.FluxAttentionView``); around a single-stream block's whole body,
+its attention's share of the body's output (``FluxBodyView``): the MLP, merged too, keeps the
+copy's error, which is not linear in the merged-away tokens' offsets.
+
 Grid: from ``img_ids`` (``[0, row, col]`` per image token, row-major), read by a pre-hook on the
 model; when the ids are not one row-major grid (e.g. Kontext's reference-image tokens), the calls
 pass through unmerged, counted in ``stats()``. Stages: ``"first"`` / ``"middle"`` / ``"last"``
@@ -41,7 +46,10 @@ from tokenmerge.adapters._diffusers import (
     check_signatures,
     depth_stage,
     parameter_index,
+    value_correction,
 )
+from tokenmerge.adapters._views import body_correction
+from tokenmerge.attention_view import Call
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.proportional import SizeBias
@@ -186,17 +194,23 @@ def _size_bias(patch: SitePatch, context: str | None = None) -> SizeBias | None:
 class SingleBlockBody:
     """Merges a single-stream block's body: the normalised tokens merge at the norm's output,
     attention (with its rotary rows gathered) and the parallel MLP run merged, and the output
-    projection's result is unmerged before the block's residual add."""
+    projection's result is unmerged (and value-corrected, when asked) before the block's
+    residual add."""
 
     def __init__(self, patch: SitePatch, block: nn.Module) -> None:
         self.patch = patch
         self.guard = RotaryGuard(block.attn, "attn", block, watched=(block.norm, block.proj_out))
         self.bias = _size_bias(patch)
+        self.correction = body_correction(patch, block)
+        if self.correction is not None:
+            patch.report_correction(self.correction)
         self.plan: Plan | None = None  # the plan of the call under way
         self.reason: str | None = None  # why the call under way passes through, if it does
+        #: the merged call's input, merged input and attention arguments, for the correction
+        self.inputs: tuple[Tensor, Tensor, Call | None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "plan": None}
+        return {**self.__dict__, "plan": None, "inputs": None}
 
     def attach(self, block: nn.Module) -> list[RemovableHandle]:
         return [
@@ -212,7 +226,7 @@ class SingleBlockBody:
         self.reason = self.guard((), {**(given.get("joint_attention_kwargs") or {}), **given})
 
     def merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        self.plan = None
+        self.plan, self.inputs = None, None
         x = output[0]
         if self.reason is not None:
             self.patch.count_pass_through(self.reason)
@@ -224,11 +238,15 @@ class SingleBlockBody:
         if plan.is_identity:
             return None
         self.plan = plan
-        return (self.patch.observed("merge", plan.merge, x), *output[1:])
+        merged = self.patch.observed("merge", plan.merge, x)
+        self.inputs = (x, merged, None) if self.correction is not None else None
+        return (merged, *output[1:])
 
     def rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.plan is None:
             return None
+        if self.inputs is not None:  # the attention's own arguments: its full rotary table
+            self.inputs = (*self.inputs[:2], Call(args, kwargs))
         kwargs = gather_rotary(self.plan, kwargs)
         if self.bias is not None:
             kwargs = self.bias(self.plan, args[0] if args else kwargs["hidden_states"], kwargs)
@@ -236,7 +254,19 @@ class SingleBlockBody:
 
     def unmerge(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         plan, self.plan = self.plan, None
-        return None if plan is None else self.patch.observed("unmerge", plan.unmerge, output)
+        inputs, self.inputs = self.inputs, None
+        if plan is None:
+            return None
+        return self.patch.observed("unmerge", self._unmerge, plan, output, inputs)
+
+    def _unmerge(
+        self, plan: Plan, y: Tensor, inputs: tuple[Tensor, Tensor, Call | None] | None
+    ) -> Tensor:
+        unmerged = plan.unmerge(y)
+        if inputs is None or inputs[2] is None:
+            return unmerged
+        x, merged, call = inputs
+        return self.correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)
 
 
 class DiffusersFluxAdapter(TransformerAdapter):
@@ -304,7 +334,10 @@ class DiffusersFluxAdapter(TransformerAdapter):
                 guard = RotaryGuard(module, kind, block)
                 # double-stream attention puts its own text tokens before the merged image ones
                 bias = _size_bias(patch, context=None if single else "encoder_hidden_states")
-                handles += patch.attach_local(module, guard=guard, adjust=gather_rotary, bias=bias)
+                correction = value_correction(patch, kind, module)
+                handles += patch.attach_local(
+                    module, guard=guard, adjust=gather_rotary, correction=correction, bias=bias
+                )
             else:
                 handles += patch.attach_local(module, guard=TargetGuard(module, kind, block))
         return handles

@@ -6,6 +6,13 @@ argument (or ``hidden_states=``) must be image tokens ``(B, N, C)`` - optionally
 ``num_prefix`` protected tokens - and its output a tensor of the same layout (or a tuple starting
 with one).
 
+Value correction (``value_correction``): where a named module is an attention the correction
+knows (diffusers, timm, transformers) or shows its projections by name (``to_q`` / ``to_k`` /
+``to_v`` / ``to_out``, ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``, ``qkv`` / ``proj``, with
+a head count), checked against the module's own output at every fit
+(``tokenmerge.adapters._views``); elsewhere, ``torch.nn.MultiheadAttention`` included, none, and
+``stats()`` shows None.
+
 Its options (``GenericOptions``): the grid is ``grid=(h, w)`` when given, else square when the
 image-token count is a perfect square, else ``1 x N``. Without ``timestep_arg`` every call of the
 model is a new generation (no plan reuse across calls); with it, plans are cached across
@@ -20,10 +27,13 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate
+from tokenmerge.adapters._views import value_correction
 from tokenmerge.config import MergeConfig
 from tokenmerge.errors import NoSitesError
+from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site, TokenLayout
 
 __all__ = ["GenericAdapter", "GenericOptions"]
@@ -141,6 +151,13 @@ class GenericAdapter(Adapter):
         side = math.isqrt(n)
         grid = (side, side) if side * side == n else (1, n)
         return TokenLayout(grid, self.num_prefix)
+
+    def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
+        handles: list[RemovableHandle] = []
+        for kind, module in modules.items():
+            correction = value_correction(patch, kind, module)
+            handles += patch.attach_local(module, correction=correction)
+        return handles
 
     def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         where = self.timestep_arg

@@ -614,11 +614,13 @@ def test_targets_of_one_site_share_one_plan(strategy: str, two_target_adapter: s
         adapter_options={"grid": GRID, "num_prefix": 1},
     )
     assert [s.targets for s in handle.sites] == [("attn", "mlp"), ("attn", "mlp")]
-    # attn and mlp of one site: one plan, and both merge with it
+    # attn and mlp of one site: one plan, and both merge with it (the attention's unmerge
+    # fits the value correction's weight to the new plan where the strategy corrects)
+    fit = ("fit",) if tokenmerge.load_config(strategy).value_correction else ()
     one_plan_each = [
         (part, site)
         for site in ("blocks.0", "blocks.1")
-        for part in ("plan", "merge", "unmerge", "merge", "unmerge")
+        for part in ("plan", "merge", "unmerge", *fit, "merge", "unmerge")
     ]
     with torch.no_grad(), handle.observe(Journal()) as journal:
         y = model(x)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache, apply_group_offloading
+from snapshots import counting, watch_fits
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounter
 from transformer_models import (
@@ -102,11 +103,13 @@ def test_per_block_window_and_ratio_schedules() -> None:
 
 
 class TokenCounter:
-    """Records the tokens each watched module's hidden states hold, call by call."""
+    """Records the tokens each watched module's hidden states hold, call by call (not the value
+    correction's own calls, made while it fits; ``model``: the patched model, when it is)."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], model: nn.Module | None = None) -> None:
         self.seen: dict[str, list[int]] = {name: [] for name in modules}
-        self.handles = [
+        self.handles = [] if model is None else watch_fits(model)
+        self.handles += [
             module.register_forward_pre_hook(self._hook(name), with_kwargs=True)
             for name, module in modules.items()
         ]
@@ -114,7 +117,8 @@ class TokenCounter:
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs["hidden_states"]
-            self.seen[name].append(x.shape[1])
+            if counting():
+                self.seen[name].append(x.shape[1])
 
         return hook
 
@@ -143,7 +147,7 @@ def test_every_hooked_module_sees_fewer_tokens(family: str, strategy: str) -> No
     kwargs = inputs(family)
     n = image_tokens(family)
     handle = tokenmerge.apply(model, strategy, ratio=0.5, sites={"min_tokens": 1, "mlp": True})
-    counter = TokenCounter(hooked_modules(model, family))
+    counter = TokenCounter(hooked_modules(model, family), model)
     run(model, kwargs)
     counter.remove()
     text = 5  # Flux single-stream blocks carry the text tokens in front

@@ -78,8 +78,9 @@ class MergeConfig(BaseModel):
     value_correction: bool = Field(
         default=False,
         description=(
-            "Add back each merged-away token's own value at diffusers self-attention sites, with a "
-            "weight fitted per plan (stats() shows it). Default off, as tomesd."
+            "Add back each merged-away token's own value at self-attention merged in local mode, "
+            "weight fitted per plan; stats() shows it, None where not applied. Default off, as "
+            "tomesd."
         ),
     )
     proportional_attention: bool = Field(

@@ -12,15 +12,23 @@ difference is projected), ``beta`` one number per sample and site, fitted by lea
 exact output rows of sampled merged tokens whenever the site makes a new plan (reused with it),
 and clamped to ``[0, 1]`` (it stands for an attention weight). Where a model's attention gives
 tokens little weight on themselves, the fit drives ``beta`` to 0 and the correction vanishes. The
-tokens kept as destinations are left as they are: correcting them too lowered SD 1.5's block
-error by 4 % only (0.215 -> 0.207) for twice the work.
+tokens kept as destinations are left as they are (correcting them too gained little for twice the
+work; docs/benchmarks.md).
 
-Cost per call: one ``(r, C) x (C, C)`` product with ``beta W_o W_v`` (formed once per plan).
-Per new plan, also the exact outputs of ``samples`` (16) merged tokens against all keys, computed
-in input space (``_exact_rows``), so the fit never projects the keys and values of all N tokens:
-at SD 1.5's 4096-token level, 6.7 ms per fit instead of 13 (64 rows, every key and value
-projected), with the same block error (0.2707 against 0.2704) and, on the reference DiT, the same
-held-out loss to 0.3 points.
+What the correction needs from the attention - ``W_o W_v`` applied to offsets, and the exact
+output rows of sampled queries - comes from a view of the module (``tokenmerge.attention_view``),
+so the maths here is the same for every library.
+
+Cost per call with a reused plan: one ``(r, C) x (C, C)`` product with ``beta W_o W_v`` (formed
+once per plan) and one ``index_add``, on row indices also kept with the plan. Per new plan, also
+the exact outputs of ``samples`` (16) merged tokens against all keys (in input space where the
+keys allow it, see ``QKVView``). A plan used for one call only (a ViT in local mode plans at
+every call) applies ``W_o W_v`` to the offsets directly where that is cheaper than forming the
+``C x C`` product.
+
+Gradients: the correction is applied through autograd (the offsets and, when a weight is
+trained, the projections themselves) whenever autograd records; ``beta`` is a constant of the
+plan, fitted without gradients, like the plan itself.
 """
 
 from __future__ import annotations
@@ -28,176 +36,187 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention_view import NO_CALL, AttentionView, Call, DiffusersAttentionView, corrects
 from .observe import unobserved
-from .plan import Plan, _flat_index, _rows
+from .plan import Plan, _flat_index
 
 __all__ = ["ValueCorrection", "corrects"]
 
 _NOT_FITTED = Plan.identity(1)
 
-#: diffusers attention processors that compute plain scaled dot-product self-attention of the
-#: ``to_q`` / ``to_k`` / ``to_v`` projections (fused ones from the same weights), the function
-#: ``_exact_rows`` recomputes for sampled rows; joint, paired, perturbed or adapter processors
-#: compute something else
-_PLAIN_PROCESSORS = frozenset(
-    {
-        "AttnProcessor",
-        "AttnProcessor2_0",
-        "AttnProcessorNPU",
-        "FusedAttnProcessor2_0",
-        "XFormersAttnProcessor",
-    }
-)
 
-
-def _plain_processor(attention: nn.Module) -> bool:
-    return type(getattr(attention, "processor", None)).__name__ in _PLAIN_PROCESSORS
-
-
-def corrects(attention: nn.Module) -> bool:
-    """Whether ``attention`` is a diffusers self-attention the correction can fit and apply:
-    a plain processor, ``to_q`` / ``to_k`` / ``to_v`` / ``to_out`` projections, not a
-    cross-attention, and nothing around the attention product (group or spatial norm, residual
-    connection, output rescaling)."""
-    to_out = getattr(attention, "to_out", None)
-    return (
-        _plain_processor(attention)
-        and all(
-            isinstance(getattr(attention, name, None), nn.Module)
-            for name in ("to_q", "to_k", "to_v")
-        )
-        and isinstance(to_out, nn.ModuleList)
-        and len(to_out) > 0
-        and not getattr(attention, "is_cross_attention", False)
-        and getattr(attention, "group_norm", None) is None
-        and getattr(attention, "spatial_norm", None) is None
-        and not getattr(attention, "residual_connection", False)
-        and getattr(attention, "rescale_output_factor", 1.0) == 1.0
-    )
-
-
-def _linear_part(layer: nn.Module, x: Tensor) -> Tensor:
-    """``layer(x)`` without its bias (the output for a zero row taken off), which also holds for
-    LoRA or quantised linear layers."""
-    return layer(x) - layer(x.new_zeros(1, x.shape[-1]))
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far a view's exact rows may be from the module's own output and still count as the
+    same computation (relative): a few rounding errors of the dtype, at least 1e-3."""
+    return max(1e-3, 16 * torch.finfo(dtype).eps)
 
 
 class ValueCorrection:
-    """The correction at one diffusers self-attention (see the module docstring); a deep copy
-    keeps the fitted weight with the copied plan it belongs to.
+    """The correction at one self-attention (see the module docstring); a deep copy keeps the
+    fitted weight with the copied plan it belongs to.
 
     Args:
-        attention: the attention module (``corrects(attention)`` must hold).
+        attention: a view of the attention (``tokenmerge.attention_view``), or a diffusers
+            ``Attention`` with a plain processor (``corrects(attention)`` must hold).
         samples: merged tokens per sample whose exact output rows fit ``beta``.
     """
 
-    def __init__(self, attention: nn.Module, samples: int = 16) -> None:
-        self.attention = attention
+    def __init__(self, attention: nn.Module | AttentionView, samples: int = 16) -> None:
+        if not isinstance(attention, AttentionView):
+            if not corrects(attention):
+                raise TypeError(
+                    f"ValueCorrection got a {type(attention).__name__}, which is not a diffusers "
+                    "self-attention with a plain processor; pass a view of it instead "
+                    "(tokenmerge.attention_view, or tokenmerge.adapters._views.attention_view)"
+                )
+            attention = DiffusersAttentionView(attention)
+        self.view = attention
         self.samples = samples
         self.beta: Tensor | None = None  # (B,): one weight per sample
-        self._weighted: Tensor | None = None  # (B, C, C): beta * (W_o W_v)^T per sample
+        #: False (a 0-dim tensor) where a view that verifies itself did not match its module
+        self.verified: Tensor | None = None
+        self._weighted: Tensor | None = None  # (B, C, C_out): beta * (W_o W_v)^T per sample
+        self._rows: tuple[Tensor, Tensor] | None = None  # flat rows of the sources, their slots
         # always a Plan (never None), so torch.compile sees one type here at every call
         self._fitted_for: Plan = _NOT_FITTED
 
-    def _projected(self, offsets: Tensor) -> Tensor:
-        """``W_o W_v offsets``: both projections without their biases."""
-        values = _linear_part(self.attention.to_v, offsets)
-        return _linear_part(self.attention.to_out[0], values)
+    @property
+    def attention(self) -> nn.Module:
+        """The attention module corrected."""
+        return self.view.module
+
+    def reported(self) -> Tensor | None:
+        """The fitted weight averaged over the batch, as ``stats()`` reports it: NaN where the
+        view failed its check, None before a fit."""
+        if self.beta is None:
+            return None
+        mean = self.beta.mean()
+        return mean if self.verified is None else torch.where(self.verified, mean, torch.nan)
+
+    def _forget(self) -> None:
+        self.beta, self.verified, self._weighted, self._rows = None, None, None, None
+        self._fitted_for = _NOT_FITTED
 
     def __call__(
-        self, plan: Plan, x: Tensor, merged: Tensor, y: Tensor, observed: Callable = unobserved
+        self,
+        plan: Plan,
+        x: Tensor,
+        merged: Tensor,
+        y: Tensor,
+        observed: Callable = unobserved,
+        call: Call = NO_CALL,
     ) -> Tensor:
         """``y``, the copy-unmerged output for input ``x`` (``merged``: ``plan.merge(x)``),
         corrected in place (it is ``plan.unmerge``'s fresh tensor); ``beta`` is refitted when
-        ``plan`` is not the one it was fitted for. ``y`` comes back as it is when the attention's
-        processor was changed to one the correction does not know (an adapter's or PAG's, set
-        after applying). Only the processor can change after ``corrects`` held at attach time,
-        so only it is checked here, per call. A new fit runs through ``observed("fit", ...)``
-        (the site's ``SitePatch.observed``, so observers see it)."""
-        if not _plain_processor(self.attention):
-            self.beta, self._weighted, self._fitted_for = None, None, _NOT_FITTED
+        ``plan`` is not the one it was fitted for. ``call`` holds the call's own arguments
+        (text tokens, rotary tables...). ``y`` comes back as it is when the view says the call
+        computes something it does not describe (a processor changed after applying, a mask).
+        A new fit runs through ``observed("fit", ...)`` (the site's ``SitePatch.observed``, so
+        observers see it)."""
+        view = self.view
+        if not view.usable(call):
+            self._forget()
             return y
         batch, tokens, channels = y.shape
-        with torch.no_grad():
-            offsets = _rows(x, plan.src) - _rows(merged, plan.dst)  # (B, r, C)
-            if self._fitted_for is not plan:
-                product, self.beta = observed("fit", self._fit, plan, x, y, offsets)
-                # each sample's beta folded into its own copy of the product
-                self._weighted = product * self.beta.to(product.dtype)[:, None, None]
-                self._fitted_for = plan
-            correction = torch.bmm(offsets, self._weighted)
-        rows = _flat_index(plan.src, batch, tokens)
-        y.view(batch * tokens, channels).index_add_(0, rows, correction.view(-1, channels))
+        fresh = self._fitted_for is not plan or self.beta is None or len(self.beta) != batch
+        if fresh:
+            # kept with the plan: index arithmetic is a few kernels per call otherwise
+            self._rows = (
+                _flat_index(plan.src, batch, tokens),
+                _flat_index(plan.dst, batch, merged.shape[1]),
+            )
+        src_rows, dst_rows = self._rows
+        width = x.shape[-1]
+        sources = x.reshape(-1, width).index_select(0, src_rows)
+        offsets = (sources - merged.reshape(-1, width).index_select(0, dst_rows)).view(
+            batch, -1, width
+        )  # (B, r, C)
+        if fresh:
+            with torch.no_grad():
+                self.beta, self._weighted, self.verified = observed(
+                    "fit", self._fit, plan, x, merged, y, offsets.detach(), call
+                )
+            self._fitted_for = plan
+        weighted = self._weighted
+        if torch.is_grad_enabled() and (offsets.requires_grad or view.requires_grad()):
+            # through autograd: the offsets and the projections; beta stays a constant
+            correction = self._projected(offsets, call)
+        elif weighted is None and fresh:
+            with torch.no_grad():  # the plan's only call so far: W_o W_v on the offsets
+                correction = self._projected(offsets, call)
+        else:
+            if weighted is None:  # the plan is used again: now worth forming the product
+                with torch.no_grad():
+                    weighted = self._weighted = self._weighted_product(x, call)
+            correction = torch.bmm(offsets, weighted)
+        y.view(batch * tokens, channels).index_add_(0, src_rows, correction.view(-1, channels))
         return y
 
-    def _fit(self, plan: Plan, x: Tensor, y: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-        """``(W_o W_v)^T`` and each sample's ``beta``, by least squares on the exact outputs of
-        evenly spread merged-away tokens (per sample, so a sample's output never depends on the
-        rest of the batch)."""
+    def _projected(self, offsets: Tensor, call: Call) -> Tensor:
+        """``beta W_o W_v offsets``, the projections applied to the offsets themselves."""
+        return self.view.project(offsets, call) * self.beta.to(offsets.dtype)[:, None, None]
+
+    def _product(self, x: Tensor, call: Call) -> Tensor:
+        """``(W_o W_v)^T``: row c is ``W_o W_v e_c``, so ``offsets @ product = W_o W_v offsets``."""
+        eye = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
+        return self.view.project(eye[None], call)[0]
+
+    def _weighted_product(self, x: Tensor, call: Call) -> Tensor:
+        """Each sample's ``beta`` folded into its own copy of the product."""
+        product = self._product(x, call)
+        return product * self.beta.to(product.dtype)[:, None, None]
+
+    def _fit(
+        self, plan: Plan, x: Tensor, merged: Tensor, y: Tensor, offsets: Tensor, call: Call
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Each sample's ``beta``, by least squares on the exact outputs of evenly spread
+        merged-away tokens (per sample, so a sample's output never depends on the rest of the
+        batch); ``beta W_o W_v`` as a product when forming it costs less than applying the
+        projections to this call's offsets; and the view's check where it verifies itself."""
         batch, _, channels = x.shape
         step = max(1, plan.num_merged // self.samples)
         columns = slice(0, step * self.samples, step)
-        rows = plan.src[:, columns].expand(batch, -1)  # (B, k)
-        index = rows.unsqueeze(-1).expand(-1, -1, channels)
-        exact = self._exact_rows(x.gather(1, index), x)
-        residual = (exact - y.gather(1, index)).double()
-        # row i: W_o W_v e_i, so that offsets @ product = W_o W_v offsets
-        product = self._projected(torch.eye(channels, device=x.device, dtype=x.dtype)[None])[0]
-        column = (offsets[:, columns] @ product).double()
+        index = plan.src[:, columns]  # (P, k)
+        rows = index.expand(batch, -1)
+        exact = self.view.exact_rows(x, index, call, _gather(x, rows))
+        residual = (exact - _gather(y, rows)).double()
+        # the product is the cheaper route once the offsets outnumber the channels
+        product = self._product(x, call) if batch * plan.num_merged >= channels else None
+        sampled = offsets[:, columns]
+        column = sampled @ product if product is not None else self.view.project(sampled, call)
+        column = column.double()
         fit = (column * residual).sum((1, 2)) / (column * column).sum((1, 2)).clamp_min(1e-30)
-        return product, fit.clamp(0.0, 1.0).float()
+        beta = fit.clamp(0.0, 1.0).float()
+        verified = None
+        if self.view.verify:
+            verified = self._matches_module(plan, merged, y, call)
+            beta = beta * verified
+        weighted = None if product is None else product * beta.to(product.dtype)[:, None, None]
+        return beta, weighted, verified
+
+    def _matches_module(self, plan: Plan, merged: Tensor, y: Tensor, call: Call) -> Tensor:
+        """Whether the view's exact rows for sampled kept tokens of the merged call are what the
+        module returned for them (``y`` at a kept token is its slot's output; the correction
+        has not touched it): a 0-dim boolean tensor, read by ``stats()``, never by the call."""
+        batch = merged.shape[0]
+        step = max(1, plan.num_out // self.samples)
+        slots = torch.arange(0, step * self.samples, step, device=merged.device)
+        slots = slots[: min(self.samples, plan.num_out)].clamp_max(plan.num_out - 1)[None]
+        exact = self.view.exact_rows(merged, slots, call, _gather(merged, slots.expand(batch, -1)))
+        kept = plan.kept.gather(1, slots.expand(plan.batch, -1)).expand(batch, -1)
+        actual = _gather(y, kept).float()
+        error = (exact.float() - actual).norm() / actual.norm().clamp_min(1e-12)
+        return error <= _tolerance(merged.dtype)
 
     def _exact_rows(self, rows: Tensor, x: Tensor) -> Tensor:
         """The attention's output for the queries ``rows (B, k, C)`` against every token of
-        ``x``: what a plain processor computes (``corrects``), for k rows only.
+        ``x``, for a call without further arguments (rows taken at any place: no positions)."""
+        index = torch.zeros(1, rows.shape[1], dtype=torch.long, device=rows.device)
+        return self.view.exact_rows(x, index, NO_CALL, rows)
 
-        Keys and values are linear in ``x``, so the k rows never need them for all N tokens:
-        head h's scores are ``(q_h W_k,h) . x_j`` (the key bias adds the same number to a row's
-        scores, which the softmax ignores), and its output is ``W_v,h`` applied to the
-        attention-weighted mean of ``x`` (the weights sum to 1, so the value bias passes
-        through). That costs ``2 k H N C`` multiply-adds against ``2 N C^2`` for projecting
-        every key and value: a few times less with 16 rows. Keys normalised per head
-        (``norm_k``) are not linear in ``x`` and take the direct path.
-        """
-        attention = self.attention
-        if getattr(attention, "norm_k", None) is not None:
-            return self._exact_rows_projected(rows, x)
-        batch, count, channels = rows.shape
-        heads = attention.heads
-        query = self._split(attention.to_q(rows), heads)  # (B, H, k, d)
-        if getattr(attention, "norm_q", None) is not None:
-            query = attention.norm_q(query)
-        eye = torch.eye(channels, device=x.device, dtype=x.dtype)
-        keys = _linear_part(attention.to_k, eye)  # (C, H d): row c is W_k e_c
-        per_head = keys.t().reshape(heads, -1, channels)  # (H, d, C): W_k,h
-        folded = (query @ per_head).float().reshape(batch, heads * count, channels)
-        inputs = x.float()
-        weights = (folded @ inputs.transpose(1, 2) * attention.scale).softmax(dim=-1)
-        means = (weights @ inputs).to(x.dtype)  # (B, H k, C): each head's weighted mean of x
-        values = attention.to_v(means).view(batch, heads, count, heads, -1)
-        own = values.diagonal(dim1=1, dim2=3)  # (B, k, d, H): head h's values of head h's mean
-        out = own.permute(0, 1, 3, 2).reshape(batch, count, -1)
-        return attention.to_out[0](out.to(rows.dtype))
 
-    def _exact_rows_projected(self, rows: Tensor, x: Tensor) -> Tensor:
-        """``_exact_rows`` by projecting every key and value of ``x``."""
-        attention = self.attention
-        heads = attention.heads
-        query = self._split(attention.to_q(rows), heads)
-        key = self._split(attention.to_k(x), heads)
-        value = self._split(attention.to_v(x), heads)
-        if getattr(attention, "norm_q", None) is not None:
-            query = attention.norm_q(query)
-        if getattr(attention, "norm_k", None) is not None:
-            key = attention.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
-        out = out.transpose(1, 2).reshape(rows.shape[0], rows.shape[1], -1)
-        return attention.to_out[0](out.to(rows.dtype))
-
-    @staticmethod
-    def _split(t: Tensor, heads: int) -> Tensor:
-        """``(B, n, H d) -> (B, H, n, d)``."""
-        return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
+def _gather(t: Tensor, rows: Tensor) -> Tensor:
+    """Tokens ``rows (B, k)`` of ``t (B, N, C)``: ``(B, k, C)``."""
+    return t.gather(1, rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))

@@ -8,6 +8,7 @@ the strategy) -> ``plan.merge(x)`` -> the sub-module's own forward on ``N - r`` 
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .attention_view import Call
 from .config import MergeConfig
 from .correction import ValueCorrection
 from .errors import ShortfallWarning
@@ -117,8 +119,10 @@ class SitePatch:
     def stats(self) -> SiteStats:
         """What happened at this site so far (a snapshot)."""
         counters = dict(zip(_COUNTERS, self._counters.tolist(), strict=True))
-        fitted = [c.beta.mean() for c in self._corrections if c.beta is not None]
-        beta = round(float(torch.stack(fitted).mean()), 4) if fitted else None
+        fitted = [w for c in self._corrections if (w := c.reported()) is not None]
+        # NaN: a correction whose view did not match its module, which corrects nothing
+        mean = float(torch.stack(fitted).nanmean()) if fitted else float("nan")
+        beta = None if math.isnan(mean) else round(mean, 4)
         return replace(self._info, **counters, value_correction=beta)
 
     @property
@@ -310,11 +314,17 @@ class SitePatch:
         """
         hook = _LocalHook(self, arg_name, guard, adjust, correction, bias)
         if correction is not None:
-            self._corrections.append(correction)
+            self.report_correction(correction)
         return [
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after, with_kwargs=True),
         ]
+
+    def report_correction(self, correction: ValueCorrection) -> None:
+        """Show ``correction``'s fitted weight in this site's ``stats()`` (``attach_local`` does
+        it for the corrections it is given; adapters that unmerge in hooks of their own call
+        it for theirs)."""
+        self._corrections.append(correction)
 
 
 class _BlockInput:
@@ -352,8 +362,8 @@ class _LocalHook:
         self.adjust = adjust
         self.correction = correction
         self.bias = bias
-        #: the call's plan, with its ``(x, merged)`` when a correction needs them
-        self.plans: list[tuple[Plan | None, tuple[Tensor, Tensor] | None]] = []
+        #: the call's plan, with its ``(x, merged, call)`` when a correction needs them
+        self.plans: list[tuple[Plan | None, tuple[Tensor, Tensor, Call] | None]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "plans": []}
@@ -383,7 +393,9 @@ class _LocalHook:
             self.plans.append((plan, None))
             return None
         merged = self.patch.observed("merge", plan.merge, x)
-        self.plans.append((plan, (x, merged) if self.correction is not None else None))
+        # the call's own arguments (the full rotary table, text tokens) for the correction's fit
+        inputs = (x, merged, Call(args, kwargs)) if self.correction is not None else None
+        self.plans.append((plan, inputs))
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
         if self.bias is not None:
@@ -410,8 +422,9 @@ class _LocalHook:
             "whose first element is the hidden states"
         )
 
-    def _unmerge(self, plan: Plan, y: Tensor, inputs: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _unmerge(self, plan: Plan, y: Tensor, inputs: tuple[Tensor, Tensor, Call] | None) -> Tensor:
         unmerged = plan.unmerge(y)
         if inputs is None:
             return unmerged
-        return self.correction(plan, *inputs, unmerged, observed=self.patch.observed)
+        x, merged, call = inputs
+        return self.correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)

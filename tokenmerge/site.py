@@ -131,7 +131,10 @@ class SiteStats:
             them (an attention mask over the merged tokens, 4-D hidden states, chunked MLP...).
         pass_reason: why the last such call was passed through.
         value_correction: the fitted weight of the value-corrected unmerge at the site's
-            self-attention (``MergeConfig.value_correction``), None where it is not applied.
+            self-attention (``MergeConfig.value_correction``), averaged over the batch and the
+            site's corrected attentions; None where it is not applied: not asked for, before a
+            fit, progressive mode, or an attention it cannot describe (see
+            ``tokenmerge.adapters._views``).
     """
 
     name: str
