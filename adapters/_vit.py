@@ -146,12 +146,12 @@ class ViTAdapter(Adapter):
         """Local mode: rewrites an attention call's keyword arguments for the merged tokens."""
         return None
 
-    # ------------------------------------------------------------------ Adapter
-    @property
     def local_size_bias(self) -> SizeBias | None:
         """How a local-mode attention call takes proportional attention (None: it cannot)."""
         return None
 
+    # ------------------------------------------------------------------ Adapter
+    @property
     def mode(self) -> str:
         return "progressive" if self.options.mode == "auto" else self.options.mode
 
