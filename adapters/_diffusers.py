@@ -114,7 +114,7 @@ _MASKED_PROCESSORS = frozenset(
 def size_bias(patch: SitePatch, kind: str, module: nn.Module) -> SizeBias | None:
     """Proportional attention for a target, when the config asks for it and the target is a
     self-attention whose processor adds ``attention_mask`` to its logits."""
-    if kind != "attn" or not patch.config.proportional_attention:
+    if kind != "attn" or not patch.config.local_proportional_attention:
         return None
     if type(getattr(module, "processor", None)).__name__ not in _MASKED_PROCESSORS:
         return None

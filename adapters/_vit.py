@@ -212,7 +212,7 @@ class ViTAdapter(Adapter):
             if kind != "attn":
                 handles += patch.attach_local(module)
                 continue
-            bias = self.local_size_bias() if patch.config.proportional_attention else None
+            bias = self.local_size_bias() if patch.config.local_proportional_attention else None
             correction = value_correction(patch, kind, module)
             handles += patch.attach_local(
                 module, adjust=self.local_adjust(), correction=correction, bias=bias

@@ -186,7 +186,7 @@ _SINGLE_BLOCK_ARGS = (
 def _size_bias(patch: SitePatch, context: str | None = None) -> SizeBias | None:
     """Proportional attention through Flux's ``attention_mask``, which its processor hands to
     the attention product as an additive mask, when the config asks for it."""
-    if not patch.config.proportional_attention:
+    if not patch.config.local_proportional_attention:
         return None
     return SizeBias("attention_mask", "sdpa", context=context)
 

@@ -6,10 +6,17 @@
 2. In each window the *representative* is the token with the highest average cosine similarity to
    the window's other tokens. With unit features and ``S_W`` the window's feature sum, that average
    is ``(f_i . S_W - 1) / (|W| - 1)``: one dot product per token, ``O(N C)`` for the whole grid.
-3. The ``r`` non-representatives most similar to their own window's representative merge into it
-   (``scope="window"``, the default for diffusion models), or each non-representative joins the
-   most similar representative anywhere (``scope="global"``, the default for ViTs). The
-   representative is a real token, so positions stay exact.
+3. Which tokens merge, and into what (``destinations``):
+
+   - ``"detail"`` (the default): the representatives stay, and so do the tokens least like
+     them (the detail one token per window cannot stand for); the ``r`` tokens most like a
+     representative merge, each into its most similar token that stays. Plain regions give up
+     many tokens, detailed ones few.
+   - ``"representatives"``: the ``r`` non-representatives most like a representative merge into
+     it; only representatives take merges.
+
+   ``scope="global"`` (the default) lets a token merge anywhere; ``scope="window"`` keeps it in
+   its own window. The destination is always a real token, so positions stay exact.
 4. Plans are cached for ``cache_interval`` denoising steps (the framework's plan cache).
 5. Progressive mode (ViTs): windows over the tokens' *original* grid positions (a merged token
    keeps its representative's position); a window's side doubles when the tokens left cannot
@@ -49,22 +56,22 @@ class ReToMConfig(MergeConfig):
         >>> import tokenmerge
         >>> config = tokenmerge.load_config("retom", ratio=0.5, window_size={"mid": 4, "*": 2})
         >>> config.scope_in(progressive=False), config.cache_interval
-        ('window', 5)
+        ('global', 2)
     """
 
     strategy: Literal["retom"] = Field(default="retom", description="Always 'retom'.")
     window_size: int | dict[str, int] | tuple[int, ...] = Field(
-        default={"down": 6, "mid": 8, "up": 6, "*": 2},
+        default={"down": 6, "mid": 8, "up": 6, "*": 4},
         description=(
             "Side of the square windows, at least 2: one value, one per block, or a mapping of "
-            "site selectors. Default {'down': 6, 'mid': 8, 'up': 6, '*': 2}."
+            "site selectors. Default {'down': 6, 'mid': 8, 'up': 6, '*': 4}."
         ),
     )
     scope: Literal["auto", "window", "global"] = Field(
-        default="auto",
+        default="global",
         description=(
-            "'window': merge into the own window's representative; 'global': into the most similar "
-            "one anywhere. Default 'auto': window in diffusion, global in ViTs."
+            "'window': a token merges within its own window; 'global': anywhere. 'auto': window "
+            "in diffusion, global in ViTs. Default 'global'."
         ),
     )
     destinations: Literal["detail", "representatives"] = Field(
@@ -77,23 +84,23 @@ class ReToMConfig(MergeConfig):
     value_correction: bool = Field(
         default=True,
         description=(
-            "Value-corrected unmerge at self-attention sites (see MergeConfig.value_correction). "
-            "Default on for retom."
+            "Value-corrected unmerge at self-attention sites merged in local mode (see "
+            "MergeConfig.value_correction). Default on for retom."
         ),
     )
-    proportional_attention: bool = Field(
+    local_proportional_attention: bool = Field(
         default=True,
         description=(
-            "Add log(size) of each merged token to the attention logits at local-mode "
-            "self-attention sites (see MergeConfig.proportional_attention). Default on for retom."
+            "Add log(size) of each merged token to its attention logit at local-mode "
+            "self-attention (see MergeConfig.local_proportional_attention). Default on for retom."
         ),
     )
     cache_interval: int = Field(
-        default=5,
+        default=2,
         ge=1,
         description=(
             "Make a site's plan once every this many denoising steps and reuse it in between (new "
-            "generations and shape changes replan). Default 5."
+            "generations and shape changes replan). Default 2."
         ),
     )
 

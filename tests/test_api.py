@@ -310,7 +310,9 @@ def test_retom_shortfall_reported_and_warned_once(grid, ratio, wanted, capacity)
     model = make_model(num_prefix=1)
     tokens = grid[0] * grid[1]
     x = make_input(tokens=tokens)
-    handle = patch(model, "retom", ratio=ratio, grid=grid, include=("blocks.0.attn",))
+    handle = patch(
+        model, "retom", ratio=ratio, window_size=2, grid=grid, include=("blocks.0.attn",)
+    )
     with pytest.warns(ShortfallWarning, match="blocks.0.attn") as record:
         with torch.no_grad():
             model(x)
@@ -329,7 +331,8 @@ def test_retom_shortfall_reported_and_warned_once(grid, ratio, wanted, capacity)
 
 def test_no_shortfall_when_capacity_suffices() -> None:
     model = make_model()
-    handle = patch(model, "retom", ratio=0.7)  # 4 x 4 grid, 2 x 2 windows: 12 can merge
+    # 4 x 4 grid, 2 x 2 windows: 12 can merge
+    handle = patch(model, "retom", ratio=0.7, window_size=2)
     with torch.no_grad():
         model(make_input())
     assert all(s.shortfall == 0 for s in handle.stats().values())
@@ -563,7 +566,7 @@ def test_unknown_strategy_and_bad_ratio_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="tome"):
         patch(model, "tomee")
     with pytest.raises(ConfigError, match="ratio"):
-        patch(model, "retom", ratio=0.8)  # above 1 - 1/4 for 2 x 2 windows
+        patch(model, "retom", ratio=0.95)  # above 1 - 1/16 for 4 x 4 windows
     assert hook_count(model) == 0
 
 

@@ -100,9 +100,9 @@ def test_retom_limit_uses_the_smallest_window_of_a_mapping():
     assert "at most 0.8889" in rejected("retom", window_size={"*": 3}, ratio=0.9)
 
 
-def test_retom_default_windows_include_two_so_default_limit_is_three_quarters():
-    assert ReToMConfig().smallest_window() == 2
-    assert "at most 0.75" in rejected("retom", ratio=0.8)
+def test_retom_default_windows_are_four_or_more_so_default_limit_is_fifteen_sixteenths():
+    assert ReToMConfig().smallest_window() == 4
+    assert "at most 0.9375" in rejected("retom", ratio=0.95)
 
 
 def test_retom_ratio_mapping_checked_value_by_value():
@@ -476,7 +476,7 @@ def test_integer_ratio_keys_are_levels():
 def test_retom_window_for_sites():
     config = load_config("retom")
     assert config.window_for(MID) == 8 and config.window_for(UP) == 6
-    assert config.window_for(DOWN) == 6 and config.window_for(FLAT) == 2
+    assert config.window_for(DOWN) == 6 and config.window_for(FLAT) == 4
     config = load_config("retom", window_size={"mid": 4, "down": 2}, ratio=0.5)
     with pytest.raises(ConfigError, match="add a '\\*' key"):
         config.window_for(UP)

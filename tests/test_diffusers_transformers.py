@@ -247,7 +247,10 @@ def test_flux_single_block_body_matches_a_direct_computation() -> None:
         normed, gate = block.norm(x, emb=seen["temb"])
         merged = plan.merge(normed)
         mlp = block.act_mlp(block.proj_mlp(merged))
-        attn = block.attn(hidden_states=merged, image_rotary_emb=model.pos_embed(kept_ids))
+        # retom's proportional attention: each slot's log size added to its logits
+        bias = plan.slot_log_sizes()[:, None, None, :]
+        rotary = model.pos_embed(kept_ids)
+        attn = block.attn(hidden_states=merged, image_rotary_emb=rotary, attention_mask=bias)
         body = gate.unsqueeze(1) * block.proj_out(torch.cat([attn, mlp], dim=2))
         expected = x + plan.unmerge(body)
     assert plan.num_tokens == 5 + 48 and plan.num_merged == 24

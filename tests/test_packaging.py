@@ -59,7 +59,9 @@ def test_the_bench_wheel_holds_the_bench_and_its_data(tmp_path):
     assert _top_level(list(names)) == {"tokenmerge_bench"}
     data = {f"tokenmerge_bench/data/{name}" for name in (
         "astronaut_256.pt", "coffee_256.pt", "chelsea_256.pt", "reference_photos.pt",
-        "reference_denoiser.safetensors", "reference_vit.safetensors", "PHOTOS.md")}  # fmt: skip
+        "reference_denoiser.safetensors", "reference_vit.safetensors", "PHOTOS.md",
+        "digit_flux.safetensors", "digit_dit.safetensors", "digit_vit.safetensors",
+        "digit_judge.safetensors", "DIGITS.md")}  # fmt: skip
     assert data <= names, sorted(data - names)
     assert {"tokenmerge_bench/commands.py", "tokenmerge_bench/reference/models.py"} <= names
     metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))

@@ -40,9 +40,11 @@ def test_size_bias_shapes_and_values() -> None:
     assert torch.equal(out["attention_mask"][..., :4], torch.zeros(1, 1, 1, 4))
 
 
-def test_log_counts_computed_once_per_plan() -> None:
+def test_log_counts_made_with_the_plan_and_kept_by_its_transforms() -> None:
     plan = Plan.from_assignment(torch.tensor([[1]]), torch.tensor([[0]]), 3)
-    assert plan.log_counts is plan.log_counts
+    assert plan.slot_log_sizes() is plan.log_counts
+    for other in (plan.with_prefix(2), plan.repeat(3), plan.to("cpu")):
+        assert torch.equal(other.slot_log_sizes(), other.counts.log())
 
 
 @pytest.mark.parametrize("strategy", ["tome", "retom"])
@@ -60,7 +62,7 @@ def test_timm_local_merge_of_identical_tokens_is_exact_with_proportional_attenti
     errors = {}
     for proportional in (False, True):
         config = tokenmerge.load_config(
-            strategy, ratio=0.5, proportional_attention=proportional, sites={"min_tokens": 1}
+            strategy, ratio=0.5, local_proportional_attention=proportional, sites={"min_tokens": 1}
         )
         with tokenmerge.apply(vit, config, adapter_options={"mode": "local"}) as handle:
             with torch.no_grad():
@@ -84,7 +86,7 @@ def test_diffusers_attention_takes_the_size_bias() -> None:
     errors = {}
     for proportional in (False, True):
         config = tokenmerge.load_config(
-            "tome", ratio=0.5, proportional_attention=proportional, sites={"min_tokens": 1}
+            "tome", ratio=0.5, local_proportional_attention=proportional, sites={"min_tokens": 1}
         )
         with tokenmerge.apply(dit, config):
             with torch.no_grad():
@@ -97,7 +99,7 @@ def test_ratio_zero_with_proportional_attention_is_bit_identical() -> None:
     images = pixels()
     with torch.no_grad():
         reference = vit(images)
-    config = tokenmerge.load_config("retom", ratio=0.0, proportional_attention=True)
+    config = tokenmerge.load_config("retom", ratio=0.0, local_proportional_attention=True)
     with tokenmerge.apply(vit, config, adapter_options={"mode": "local"}):
         with torch.no_grad():
             assert torch.equal(vit(images), reference)
@@ -134,7 +136,7 @@ def test_detail_destinations_take_merges_where_the_content_is_plain() -> None:
 
 def test_representative_destinations_keep_one_token_per_window() -> None:
     features = torch.nn.functional.normalize(torch.randn(1, 64, 16, generator=_gen()), dim=-1)
-    plan = _detail_plan(features, 15 / 16, destinations="representatives")
+    plan = _detail_plan(features, 15 / 16, destinations="representatives", scope="window")
     # at capacity one token per 4 x 4 window stays, and every source joins its own window's
     src_window = (plan.src[0] // 8 // 4) * 2 + (plan.src[0] % 8) // 4
     dst_token = plan.kept[0][plan.dst[0]]

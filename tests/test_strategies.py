@@ -267,7 +267,7 @@ def test_retom_window_size_follows_the_stage():
     assert strategy.capacity(layout, Site("mid", stage="mid")) == 64 - 1  # one 8 x 8 window
     assert strategy.capacity(layout, Site("down", stage="down")) == 64 - 4  # 6 x 6, cut at 8
     assert strategy.capacity(layout, Site("up", stage="up")) == 64 - 4
-    assert strategy.capacity(TokenLayout((7, 5)), Site("x")) == 35 - 4 * 3
+    assert strategy.capacity(TokenLayout((7, 5)), Site("x")) == 35 - 2 * 2  # 4 x 4, cut
 
 
 # ---------------------------------------------------------------------------- retom
@@ -419,8 +419,8 @@ def test_retom_auto_scope_is_window_for_diffusion_and_global_for_vits(progressiv
     positions = torch.arange(64).unsqueeze(0) if progressive else None
     layout = TokenLayout(grid, positions=positions)
     features = features_for(2, 64, seed=3)
-    auto = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2)
-    assert auto.config.scope == "auto"
+    assert tokenmerge.get_strategy("retom").config.scope == "global"  # the default
+    auto = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2, scope="auto")
     expected = "global" if progressive else "window"
     assert auto.config.scope_in(progressive) == expected
     explicit = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2, scope=expected)

@@ -59,8 +59,8 @@ def test_summary_names_every_strategy_with_a_psnr(drawn):
     for tokens_in, tokens_out, value in lines.values():
         assert (tokens_in, tokens_out) == (256, 128)
         assert 5.0 < value < 60.0
-    # retom's default scope in a UNet keeps merges inside its 6 x 6 windows; only it has windows
-    assert summary.count("windows 6 x 6") == 1
+    # retom's default scope is global: no strategy keeps its merges inside windows here
+    assert "windows" not in summary
 
 
 def test_ratio_zero_is_the_identity_plan():
@@ -74,9 +74,11 @@ def test_ratio_zero_is_the_identity_plan():
 
 
 def test_plan_is_drawn_on_the_site_grid():
-    view = collect(model="tiny-unet", strategies=["retom"], ratio=0.5).views[0]
+    # the first wave's retom: merges into the representative of their window, drawn with the plan
+    overrides = {"scope": "window", "destinations": "representatives"}
+    view = collect(model="tiny-unet", strategies=["retom"], ratio=0.5, overrides=overrides).views[0]
     assert view.grid == (16, 16)
-    assert view.window == (6, 6)  # the default scope in a UNet: merges stay in their window
+    assert view.window == (6, 6)  # the UNet's down stage
     plan = view.plan
     assert plan.batch == 1 and plan.num_tokens == 256 and plan.num_merged == 128
 

@@ -894,7 +894,9 @@ def test_progressive_windows_over_original_positions(strategy: str, num_merge: i
     positions = positions[:rows]
     features = F.normalize(torch.randn(rows, 40, 8, generator=g), dim=-1)
     layout = TokenLayout(grid, 0, positions=positions)
-    options = {"scope": "window"} if strategy == "retom" else {}  # merges inside windows
+    # retom as the first wave had it: merges into representatives inside windows grown from 2
+    first_wave = {"scope": "window", "destinations": "representatives", "window_size": 2}
+    options = first_wave if strategy == "retom" else {}
     strategy_obj = tokenmerge.get_strategy(strategy, **options)
     site = Site("blocks.0", mode="progressive")
     assert strategy_obj.capacity(layout, site) == 39

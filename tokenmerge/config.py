@@ -83,7 +83,7 @@ class MergeConfig(BaseModel):
             "tomesd."
         ),
     )
-    proportional_attention: bool = Field(
+    local_proportional_attention: bool = Field(
         default=False,
         description=(
             "At local-mode self-attention sites, add log(size) of each merged token to the "

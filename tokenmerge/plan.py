@@ -13,7 +13,6 @@ batch size of a per-sample plan or 1 for a plan shared by the whole batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -52,6 +51,10 @@ class Plan:
             the source's share of the slot's mean when every token has size 1 (local mode), taken
             in the input's dtype at merge time.
         num_tokens: ``N``.
+        log_counts: ``(P, M)`` float32 log of how many tokens each slot stands for, made with
+            the plan (``from_assignment``) because every merged attention call with
+            proportional attention adds it to its logits (``tokenmerge.proportional``); None
+            in plans built field by field, where ``slot_log_sizes`` computes it.
 
     Example:
         >>> import torch
@@ -69,6 +72,7 @@ class Plan:
     origin: Tensor
     dst_count: Tensor
     num_tokens: int
+    log_counts: Tensor | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -129,6 +133,7 @@ class Plan:
             origin=origin,
             dst_count=counts.gather(1, dst),
             num_tokens=num_tokens,
+            log_counts=counts.log(),
         )
 
     # ------------------------------------------------------------------ properties
@@ -167,11 +172,9 @@ class Plan:
         ones = torch.ones(self.origin.shape, device=self.device)
         return torch.zeros(self.kept.shape, device=self.device).scatter_add(1, self.origin, ones)
 
-    @cached_property
-    def log_counts(self) -> Tensor:
-        """``(P, M)`` float32 ``log`` of ``counts``: computed once per plan, as every call the plan
-        serves adds it to its attention logits (``tokenmerge.proportional``)."""
-        return self.counts.log()
+    def slot_log_sizes(self) -> Tensor:
+        """``(P, M)`` float32 ``log`` of ``counts``: ``log_counts`` when the plan carries it."""
+        return self.log_counts if self.log_counts is not None else self.counts.log()
 
     # ------------------------------------------------------------------ transforms
     def with_prefix(self, num_prefix: int) -> Plan:
@@ -187,6 +190,9 @@ class Plan:
             origin=torch.cat([prefix, self.origin + num_prefix], dim=1),
             dst_count=self.dst_count,
             num_tokens=self.num_tokens + num_prefix,
+            log_counts=None
+            if self.log_counts is None
+            else torch.cat([self.log_counts.new_zeros(rows, num_prefix), self.log_counts], 1),
         )
 
     def repeat(self, times: int) -> Plan:
@@ -200,6 +206,7 @@ class Plan:
             origin=self.origin.repeat(times, 1),
             dst_count=self.dst_count.repeat(times, 1),
             num_tokens=self.num_tokens,
+            log_counts=None if self.log_counts is None else self.log_counts.repeat(times, 1),
         )
 
     def to(self, device: torch.device | str) -> Plan:
@@ -211,6 +218,7 @@ class Plan:
             origin=self.origin.to(device),
             dst_count=self.dst_count.to(device),
             num_tokens=self.num_tokens,
+            log_counts=None if self.log_counts is None else self.log_counts.to(device),
         )
 
     # ------------------------------------------------------------------ application

@@ -7,7 +7,7 @@ exp(q . k) = exp(q . k + log n)``. ToMe does this in progressive mode; here it i
 merge-attend-unmerge of local mode, through the additive attention mask the attention module
 already takes, so no attention code is replaced.
 
-The per-slot ``log n`` is computed once per plan (``Plan.log_counts``) and reused by every call
+The per-slot ``log n`` is made with the plan (``Plan.log_counts``) and reused by every call
 that plan serves.
 """
 
@@ -52,7 +52,7 @@ class SizeBias:
 
     def __call__(self, plan: Plan, merged: Tensor, kwargs: dict) -> dict:
         """``kwargs`` of the call on ``merged`` (``(B, M, C)``) with the mask added."""
-        bias = plan.log_counts.to(merged.dtype)  # (P, M)
+        bias = plan.slot_log_sizes().to(merged.dtype)  # (P, M)
         context = kwargs.get(self.context) if self.context is not None else None
         if isinstance(context, Tensor):
             bias = torch.cat([bias.new_zeros(bias.shape[0], context.shape[1]), bias], dim=1)

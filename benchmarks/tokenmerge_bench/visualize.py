@@ -220,7 +220,7 @@ def visualize(
         >>> out = pathlib.Path(tempfile.mkdtemp()) / "merges.png"
         >>> print(visualize("tiny-unet", ["retom"], output=out))  # doctest: +ELLIPSIS
         tokenmerge visualize: tiny-unet, ...
-          retom  256 -> 128 tokens  PSNR ... dB  (windows 6 x 6)
+          retom  256 -> 128 tokens  PSNR ... dB
         >>> out.read_bytes()[:4]
         b'\\x89PNG'
     """
