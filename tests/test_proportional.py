@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformer_models import make_dit
+from vit_models import make_vit, pixels
 
 import tokenmerge
 from tokenmerge.plan import Plan
 from tokenmerge.proportional import SizeBias
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
-
-from .transformer_models import make_dit
-from .vit_models import make_vit, pixels
 
 
 def _blocky_pixels(size: int, block: int, batch: int = 2, channels: int = 3) -> torch.Tensor:
