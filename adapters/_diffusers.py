@@ -12,6 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, AdapterOptions, depth_stage, parameter_index
 from tokenmerge.adapters._views import value_correction
+from tokenmerge.attention_view import PLAIN_PROCESSORS, processor_name
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
 from tokenmerge.proportional import SizeBias
@@ -103,20 +104,13 @@ class TargetGuard:
         return None
 
 
-#: diffusers processors that pass ``attention_mask`` through ``Attention.prepare_attention_mask``
-#: to the attention product as an additive mask over the keys
-_MASKED_PROCESSORS = frozenset(
-    {"AttnProcessor", "AttnProcessor2_0", "AttnProcessorNPU", "FusedAttnProcessor2_0",
-     "XFormersAttnProcessor"}
-)  # fmt: skip
-
-
 def size_bias(patch: SitePatch, kind: str, module: nn.Module) -> SizeBias | None:
     """Proportional attention for a target, when the config asks for it and the target is a
-    self-attention whose processor adds ``attention_mask`` to its logits."""
+    self-attention whose processor adds ``attention_mask`` to its logits (the plain processors
+    pass it through ``Attention.prepare_attention_mask`` as an additive mask over the keys)."""
     if kind != "attn" or not patch.config.local_proportional_attention:
         return None
-    if type(getattr(module, "processor", None)).__name__ not in _MASKED_PROCESSORS:
+    if processor_name(module) not in PLAIN_PROCESSORS:
         return None
     return SizeBias("attention_mask", "diffusers")
 

@@ -22,18 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tokenmerge
+from tokenmerge_bench.fidelity import relative_error
 
 from .digits import digit_split, judge_digits, sample, velocity
 
-__all__ = ["ClassifierProbe", "DenoiserProbe", "relative_error"]
+__all__ = ["ClassifierProbe", "DenoiserProbe"]
 
 ONE_STEP_TIMES = (0.25, 0.5, 0.75)
-
-
-def relative_error(value: Tensor, reference: Tensor) -> float:
-    """``||value - reference|| / ||reference||`` (float64)."""
-    reference = reference.double()
-    return float((value.double() - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
 def _merged(model: nn.Module, config: Any, run: Callable[[], Any], **options: Any) -> Any:
