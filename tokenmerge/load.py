@@ -15,6 +15,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from .config import MergeConfig
 from .deprecated import split_flat, with_sites
 from .errors import ConfigError, UnknownStrategyError, close_matches, unknown_name_message
+from .peer_names import peer_hint
 from .registry import registry
 from .selectors import Sites
 
@@ -35,8 +36,11 @@ def format_validation_error(
             nested = item["loc"][:1] == ("sites",) and len(item["loc"]) == 2
             allowed = list(Sites.model_fields) if nested else fields
             message = f"unknown {kind}; allowed {kind}s: {', '.join(allowed)}"
+            hint = peer_hint(name) if not nested else None
             matches = close_matches(name, allowed)
-            if matches:
+            if hint is not None:
+                message += f"; {hint}"
+            elif matches:
                 message += f"; did you mean {' or '.join(repr(m) for m in matches)}?"
             if not nested and kind == "field" and name in Sites.model_fields:
                 message += f" ({name} selects sites: use sites={{{name!r}: ...}})"
