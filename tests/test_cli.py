@@ -168,7 +168,7 @@ def test_a_broken_command_plugin_warns_with_its_name_and_is_skipped(
 def test_command_plugins_ignore_the_strategy_autoload_switch():
     # the suite sets it (tests/conftest.py) to keep strategy listings hermetic; the commands stay
     assert os.environ["TOKENMERGE_DISABLE_PLUGIN_AUTOLOAD"] == "1"
-    assert list(load_commands()) == ["list", "bench", "visualize"]
+    assert list(load_commands()) == ["list", "bench", "compare", "visualize"]
 
 
 def test_bench_without_tokenmerge_bench_says_what_is_missing_in_one_line(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The ``tokenmerge bench`` and ``tokenmerge visualize`` commands: a command plugin.
+"""The ``tokenmerge bench``, ``compare`` and ``visualize`` commands: a command plugin.
 
 Registered with the core's ``tokenmerge`` command through the ``tokenmerge_register_commands``
 hook (entry-point group ``tokenmerge.commands``, see this distribution's pyproject.toml). This
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -428,6 +429,93 @@ def _run_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+#: prompts when none are given: two scenes for pipelines, two digits for the digit models
+_DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a red apple on a wooden table")
+_DEFAULT_DIGITS = ("3", "7")
+
+
+def _configure_compare(compare: argparse.ArgumentParser) -> None:
+    compare.add_argument(
+        "--model", default="digit-dit",
+        help="the folder of a diffusers text-to-image pipeline (saved with save_pretrained), "
+        "or a built-in digit denoiser: digit-dit or digit-flux (default digit-dit)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--prompt", dest="prompts", action="append", metavar="TEXT",
+        help="a prompt (repeatable); the digit models take the digits 0-9 (default: two "
+        "scenes, or the digits 3 and 7)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--seeds", nargs="+", type=_non_negative, default=[0, 1],
+        help="one image per prompt and seed (default 0 1)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--strategies", nargs="+", default=["retom", "tome"], metavar="NAME[:KEY=VALUE,...]",
+        help="strategies, each optionally with config fields of its own (default retom tome)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--ratios", nargs="+", type=_ratio, default=[0.5], metavar="R",
+        help="ratios, 0 <= r < 1 (default 0.5)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--steps", type=_positive, default=20, help="denoising steps per image (default 20)"
+    )
+    compare.add_argument("--size", type=_positive, help="image size in px (pipelines)")
+    compare.add_argument("--guidance", type=float, help="guidance scale (default: the model's own)")
+    compare.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    compare.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+        help="model dtype (default float32)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--set", dest="overrides", type=_setting, action="append", default=[],
+        metavar="KEY=VALUE", help="a merge-config field for every strategy (repeatable)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--output", "-o", default="tokenmerge-compare",
+        help="folder for grid.png, index.html and results.json (default tokenmerge-compare)",
+    )  # fmt: skip
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import DIGIT_MODELS, CompareSettings, compare, format_table, write_outputs
+
+    if args.model not in DIGIT_MODELS and not Path(args.model).is_dir():
+        raise UsageError(
+            f"--model {args.model}: not a folder; give the folder of a diffusers pipeline "
+            f"(saved with save_pretrained) or one of {', '.join(DIGIT_MODELS)}"
+        )
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance {args.guidance}: must be a finite number")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output}: is a file; give a folder (it is created)")
+    overrides = dict(args.overrides)
+    variants = parse_variants(list(args.strategies), list(args.ratios), overrides)
+    default = _DEFAULT_DIGITS if args.model in DIGIT_MODELS else _DEFAULT_PROMPTS
+    settings = CompareSettings(
+        model=args.model,
+        prompts=tuple(args.prompts or default),
+        seeds=tuple(args.seeds),
+        variants=tuple(variants),
+        ratios=tuple(args.ratios),
+        steps=args.steps,
+        size=args.size,
+        guidance=args.guidance,
+        device=args.device,
+        dtype=args.dtype,
+        overrides=overrides,
+    )
+    columns, rows, notes = compare(settings, progress=not args.no_progress)
+    print(format_table(columns))
+    for note in notes:
+        print(note)
+    for path in write_outputs(settings, columns, rows, notes, output):
+        print(f"wrote {path}")
+    return 0
+
+
 def _presets() -> Listing:
     return Listing(
         key="presets",
@@ -441,14 +529,14 @@ def _presets() -> Listing:
 
 @hookimpl
 def tokenmerge_register_commands(register: Callable[[Command], None]) -> None:
-    """``tokenmerge bench`` (with the presets in ``tokenmerge list``) and ``tokenmerge
-    visualize``.
+    """``tokenmerge bench`` (with the presets in ``tokenmerge list``), ``tokenmerge compare``
+    and ``tokenmerge visualize``.
 
     Example:
         >>> found = []
         >>> tokenmerge_register_commands(found.append)
         >>> [command.name for command in found]
-        ['bench', 'visualize']
+        ['bench', 'compare', 'visualize']
     """
     register(
         Command(
@@ -461,6 +549,18 @@ def tokenmerge_register_commands(register: Callable[[Command], None]) -> None:
             configure=_configure_bench,
             run=_run_bench,
             listing=_presets,
+        )
+    )
+    register(
+        Command(
+            name="compare",
+            help="images unmerged and merged, side by side, with PSNR / SSIM and timings",
+            description="Generate the same prompts and seeds with the unmerged model and with "
+            "each strategy at each ratio; write an image grid (grid.png), a page with the grid "
+            "and a table (index.html) and the figures (results.json): seconds per image, PSNR "
+            "and SSIM against the unmerged images, LPIPS where its weights are on disk.",
+            configure=_configure_compare,
+            run=_run_compare,
         )
     )
     register(
