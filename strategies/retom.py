@@ -35,9 +35,10 @@ from tokenmerge.config import MAX_CELL, MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
-from tokenmerge.selectors import not_empty, per_site_values, resolve_per_site, selector_keys
+from tokenmerge.selectors import PerSite, per_site_values, resolve_per_site
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, merge_into_representatives, pick_top
+from tokenmerge.strict import Integer, StrictBool
 from tokenmerge.windows import (
     best_per_window,
     grown_window,
@@ -60,7 +61,7 @@ class ReToMConfig(MergeConfig):
     """
 
     strategy: Literal["retom"] = Field(default="retom", description="Always 'retom'.")
-    window_size: int | dict[str, int] | tuple[int, ...] = Field(
+    window_size: PerSite[Integer] = Field(
         default={"down": 6, "mid": 8, "up": 6, "*": 4},
         description=(
             "Side of the square windows, at least 2: one value, one per block, or a mapping of "
@@ -81,21 +82,21 @@ class ReToMConfig(MergeConfig):
             "the tokens least like any representative stay and take merges. Default 'detail'."
         ),
     )
-    value_correction: bool = Field(
+    value_correction: StrictBool = Field(
         default=True,
         description=(
             "Value-corrected unmerge at self-attention sites merged in local mode (see "
             "MergeConfig.value_correction). Default on for retom."
         ),
     )
-    local_proportional_attention: bool = Field(
+    local_proportional_attention: StrictBool = Field(
         default=True,
         description=(
             "Add log(size) of each merged token to its attention logit at local-mode "
             "self-attention (see MergeConfig.local_proportional_attention). Default on for retom."
         ),
     )
-    cache_interval: int = Field(
+    cache_interval: Integer = Field(
         default=2,
         ge=1,
         description=(
@@ -104,7 +105,7 @@ class ReToMConfig(MergeConfig):
         ),
     )
 
-    share_cfg_plan: bool = Field(
+    share_cfg_plan: StrictBool = Field(
         default=False,
         description=(
             "With an even batch, plan on its second half (the conditional half in most pipelines) "
@@ -112,15 +113,9 @@ class ReToMConfig(MergeConfig):
         ),
     )
 
-    @field_validator("window_size", mode="before")
-    @classmethod
-    def _window_keys(cls, value: object) -> object:
-        return selector_keys(value, "window_size")
-
     @field_validator("window_size")
     @classmethod
     def _window_at_least_two(cls, value: int | dict[str, int] | tuple[int, ...]) -> object:
-        not_empty(value, "window_size")
         for size in per_site_values(value):
             if size < 2:
                 raise ValueError(

@@ -22,6 +22,7 @@ from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
+from tokenmerge.strict import StrictBool
 from tokenmerge.windows import clamp_window
 
 __all__ = ["ToMeConfig", "ToMeStrategy"]
@@ -37,7 +38,7 @@ class ToMeConfig(CellConfig):
     """
 
     strategy: Literal["tome"] = Field(default="tome", description="Always 'tome'.")
-    random_destinations: bool = Field(
+    random_destinations: StrictBool = Field(
         default=True,
         description=(
             "Pick each cell's destination at random (from the site's private random stream, shared "
