@@ -38,7 +38,7 @@ from tokenmerge.rng import SiteRandom
 from tokenmerge.selectors import PerSite, per_site_values, resolve_per_site
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, merge_into_representatives, pick_top
-from tokenmerge.strict import Integer, StrictBool
+from tokenmerge.strict import Integer
 from tokenmerge.windows import (
     best_per_window,
     grown_window,
@@ -82,14 +82,14 @@ class ReToMConfig(MergeConfig):
             "the tokens least like any representative stay and take merges. Default 'detail'."
         ),
     )
-    value_correction: StrictBool = Field(
+    value_correction: bool = Field(
         default=True,
         description=(
             "Value-corrected unmerge at self-attention sites merged in local mode (see "
             "MergeConfig.value_correction). Default on for retom."
         ),
     )
-    local_proportional_attention: StrictBool = Field(
+    local_proportional_attention: bool = Field(
         default=True,
         description=(
             "Add log(size) of each merged token to its attention logit at local-mode "
@@ -105,7 +105,7 @@ class ReToMConfig(MergeConfig):
         ),
     )
 
-    share_cfg_plan: StrictBool = Field(
+    share_cfg_plan: bool = Field(
         default=False,
         description=(
             "With an even batch, plan on its second half (the conditional half in most pipelines) "

@@ -22,7 +22,6 @@ from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
-from tokenmerge.strict import StrictBool
 from tokenmerge.windows import clamp_window
 
 __all__ = ["ToMeConfig", "ToMeStrategy"]
@@ -38,7 +37,7 @@ class ToMeConfig(CellConfig):
     """
 
     strategy: Literal["tome"] = Field(default="tome", description="Always 'tome'.")
-    random_destinations: StrictBool = Field(
+    random_destinations: bool = Field(
         default=True,
         description=(
             "Pick each cell's destination at random (from the site's private random stream, shared "

@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .frozen import FrozenDict, FrozenModel
 from .selectors import STAGES, PerBlock, PerSite, Sites, per_site_values, resolve_per_site
 from .site import Site
-from .strict import Integer, Number, StrictBool
+from .strict import Integer, Number
 
 __all__ = ["MergeConfig", "r_schedule", "MAX_CELL", "STAGES", "resolve_per_site"]
 
@@ -72,7 +72,7 @@ class MergeConfig(FrozenModel):
             "decides."
         ),
     )
-    value_correction: StrictBool = Field(
+    value_correction: bool = Field(
         default=False,
         description=(
             "Add back each merged-away token's own value at self-attention merged in local mode, "
@@ -80,14 +80,14 @@ class MergeConfig(FrozenModel):
             "tomesd."
         ),
     )
-    local_proportional_attention: StrictBool = Field(
+    local_proportional_attention: bool = Field(
         default=False,
         description=(
             "At local-mode self-attention sites, add log(size) of each merged token to the "
             "attention logits, so it weighs as much as the tokens it stands for. Default off."
         ),
     )
-    share_cfg_plan: StrictBool = Field(
+    share_cfg_plan: bool = Field(
         default=False,
         description=(
             "With an even batch, plan on its second half (the conditional half in most pipelines) "

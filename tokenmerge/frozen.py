@@ -62,6 +62,10 @@ class FrozenDict(dict):
         equal = self.__eq__(other)
         return equal if equal is NotImplemented else not equal
 
+    @classmethod
+    def fromkeys(cls, keys: Any, value: Any = None) -> FrozenDict:  # type: ignore[override]
+        return cls(dict.fromkeys(keys, value))  # dict's would fill an empty one item by item
+
     def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[Any, Any]]]:
         # dict's own pickling fills an empty instance item by item, which __setitem__ refuses
         return type(self), (dict(self),)

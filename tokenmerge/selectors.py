@@ -35,7 +35,7 @@ from pydantic import (
 from .errors import ConfigError
 from .frozen import FrozenDict, FrozenModel
 from .site import Site
-from .strict import Integer, StrictBool
+from .strict import Integer
 
 __all__ = [
     "PER_SITE",
@@ -310,18 +310,18 @@ class Sites(FrozenModel):
         default=(),
         description="Module-name globs of sites never merged. Default: none excluded.",
     )
-    attn: StrictBool = Field(
+    attn: bool = Field(
         default=True,
         description="Merge around self-attention, the largest cost at high resolution. Default on.",
     )
-    cross_attn: StrictBool = Field(
+    cross_attn: bool = Field(
         default=False,
         description=(
             "Merge around cross-attention too (its queries only; text keys never merge). Default "
             "off, as tomesd."
         ),
     )
-    mlp: StrictBool = Field(
+    mlp: bool = Field(
         default=False,
         description=(
             "Merge around the MLP / feed-forward too; where attention is cheap (SDXL at 1024 px, "

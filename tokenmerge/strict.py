@@ -1,5 +1,9 @@
 """Strict number types for config fields: no bools, strings or fractional floats slip through.
 
+(Switches stay pydantic ``bool``: it takes ``True`` / ``False`` and the unambiguous spellings
+``1`` / ``0``, ``"true"`` / ``"false"``, ``"yes"`` / ``"no"``, which the command line relies on,
+and refuses anything else.)
+
 pydantic's lax mode turns ``False`` into a ratio of 0.0 and ``True`` into a ``seed`` of 1, and its
 strict mode refuses NumPy scalars; these take what is a number in Python (``int``, ``float``,
 NumPy scalars) and refuse the rest, saying what they got. A ``Number`` is finite too.
@@ -12,10 +16,10 @@ import numbers
 import operator
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, StrictBool
+from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["Integer", "Number", "StrictBool"]
+__all__ = ["Integer", "Number"]
 
 
 def _refused(kind: str, value: Any) -> PydanticCustomError:
