@@ -168,6 +168,13 @@ def _constraints(metadata: list[Any]) -> str:
     return ", ".join(words)
 
 
+def _unwrapped(annotation: Any) -> Any:
+    """``annotation`` without its ``Annotated`` layers."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
 def describe_type(annotation: Any, metadata: list[Any] = ()) -> str:  # type: ignore[assignment]
     """A field's type with its allowed values, in words and code spans.
 
@@ -187,9 +194,12 @@ def describe_type(annotation: Any, metadata: list[Any] = ()) -> str:  # type: ig
         text = "one of " + ", ".join(f"`{value!r}`" for value in args)
     elif origin in (typing.Union, types.UnionType):
         # a field's limits apply to its numeric arms (``int | None`` with ``ge=1``)
-        numeric = list(metadata) if any(a in (int, float) for a in args) else []
+        # (an arm may be Annotated: the strict ``Integer`` / ``Number`` of tokenmerge.strict)
+        is_number = [_unwrapped(arm) in (int, float) for arm in args]
+        numeric = list(metadata) if any(is_number) else []
         return ", or ".join(
-            describe_type(arm, numeric if arm in (int, float) else []) for arm in args
+            describe_type(arm, numeric if number else [])
+            for arm, number in zip(args, is_number, strict=True)
         ) + (f" {limits}" if limits and not numeric else "")
     elif origin in (tuple, list, set, frozenset):
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:

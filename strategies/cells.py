@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from tokenmerge.config import MAX_CELL, MergeConfig
+from tokenmerge.strict import Integer
 
 __all__ = ["CellConfig"]
 
@@ -12,10 +13,10 @@ __all__ = ["CellConfig"]
 class CellConfig(MergeConfig):
     """A merge config with a cell size; at most ``1 - 1 / (sx * sy)`` of the tokens can merge."""
 
-    sx: int = Field(
+    sx: Integer = Field(
         default=2, ge=1, le=MAX_CELL, description="Cell width in tokens. Default 2, as tomesd."
     )
-    sy: int = Field(
+    sy: Integer = Field(
         default=2, ge=1, le=MAX_CELL, description="Cell height in tokens. Default 2, as tomesd."
     )
 

@@ -35,9 +35,10 @@ from tokenmerge.config import MAX_CELL, MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
-from tokenmerge.selectors import not_empty, per_site_values, resolve_per_site, selector_keys
+from tokenmerge.selectors import PerSite, per_site_values, resolve_per_site
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategy import Strategy, merge_into_representatives, pick_top
+from tokenmerge.strict import Integer
 from tokenmerge.windows import (
     best_per_window,
     grown_window,
@@ -60,7 +61,7 @@ class ReToMConfig(MergeConfig):
     """
 
     strategy: Literal["retom"] = Field(default="retom", description="Always 'retom'.")
-    window_size: int | dict[str, int] | tuple[int, ...] = Field(
+    window_size: PerSite[Integer] = Field(
         default={"down": 6, "mid": 8, "up": 6, "*": 4},
         description=(
             "Side of the square windows, at least 2: one value, one per block, or a mapping of "
@@ -95,7 +96,7 @@ class ReToMConfig(MergeConfig):
             "self-attention (see MergeConfig.local_proportional_attention). Default on for retom."
         ),
     )
-    cache_interval: int = Field(
+    cache_interval: Integer = Field(
         default=2,
         ge=1,
         description=(
@@ -112,15 +113,9 @@ class ReToMConfig(MergeConfig):
         ),
     )
 
-    @field_validator("window_size", mode="before")
-    @classmethod
-    def _window_keys(cls, value: object) -> object:
-        return selector_keys(value, "window_size")
-
     @field_validator("window_size")
     @classmethod
     def _window_at_least_two(cls, value: int | dict[str, int] | tuple[int, ...]) -> object:
-        not_empty(value, "window_size")
         for size in per_site_values(value):
             if size < 2:
                 raise ValueError(

@@ -16,25 +16,12 @@ import torch
 import torch._dynamo as dynamo
 from diffusers import UNet2DConditionModel  # noqa: E402
 from torch._dynamo.testing import CompileCounter
+from unet_models import tiny_unet as make_unet
 
 import tokenmerge
 
 STRATEGIES = ["tome", "retom", "random"]
 TIMESTEPS = torch.linspace(999, 0, 10).round()
-
-
-def make_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
 
 
 @pytest.fixture

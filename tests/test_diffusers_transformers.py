@@ -95,7 +95,7 @@ def test_per_block_window_and_ratio_schedules() -> None:
         assert [p.ratio for p in handle.patches] == [0.25, 0.5, 0.5]
         run(model, inputs("dit"))
         assert [s.tokens_out for s in handle.stats().values()] == [48, 32, 32]
-    with pytest.raises(tokenmerge.ConfigError, match="no entry for site 'transformer_blocks.2'"):
+    with pytest.raises(tokenmerge.ConfigError, match="2 values, but this model has 3 blocks"):
         tokenmerge.apply(make_dit(), "retom", window_size=[2, 4])
 
 

@@ -25,7 +25,8 @@ from .load import format_validation_error, load_config
 from .observe import Observation, Observer
 from .patch import SitePatch
 from .registry import AdapterSpec, registry
-from .site import Site, SiteStats
+from .selector_check import check_selectors
+from .site import GLOB_RULE, Site, SiteStats
 from .state import StepState, timestep_value
 from .strategy import Strategy
 
@@ -292,6 +293,7 @@ def _select(
     if not chosen:
         raise NoSitesError(_no_sites_message(adapter, candidates, config, kinds))
     _check_not_nested(chosen)
+    check_selectors(config, [c.site for c in candidates], [c.site for c in chosen])
     return chosen
 
 
@@ -335,7 +337,7 @@ def _no_sites_message(
             matches = close_matches(pattern, names)
             if matches:
                 lines.append(f"include {pattern!r} matches nothing; close names: {matches}.")
-    lines.append("Fix the filters in sites (its include / exclude globs match full module names).")
+    lines.append(f"Fix the filters in sites (include / exclude: {GLOB_RULE}).")
     return " ".join(lines)
 
 

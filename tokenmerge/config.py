@@ -17,29 +17,28 @@ import warnings
 from typing import Annotated, Any
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidatorFunctionWrapHandler,
-    field_validator,
     model_validator,
 )
 
 from .deprecated import ADAPTER_FIELDS, SITE_FIELDS, split_flat, warn_deprecated, with_sites
 from .errors import ConfigError
-from .selectors import STAGES, Sites, not_empty, per_site_values, resolve_per_site, selector_keys
+from .frozen import FrozenDict, FrozenModel
+from .selectors import STAGES, PerBlock, PerSite, Sites, per_site_values, resolve_per_site
 from .site import Site
+from .strict import Integer, Number
 
 __all__ = ["MergeConfig", "r_schedule", "MAX_CELL", "STAGES", "resolve_per_site"]
 
 #: largest window / cell side accepted: far beyond any grid, and keeps the ratio limits finite
 MAX_CELL = 1024
 
-Ratio = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+Ratio = Annotated[Number, Field(ge=0.0, lt=1.0)]
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(FrozenModel):
     """What every strategy shares: how much to merge, at which sites, how plans are kept.
 
     Example:
@@ -50,10 +49,8 @@ class MergeConfig(BaseModel):
         ('attn', 'mlp')
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
     strategy: str = Field(description="Name of the registered strategy this config is for.")
-    ratio: Ratio | dict[str, Ratio] | tuple[Ratio, ...] = Field(
+    ratio: PerSite[Ratio] = Field(
         default=0.5,
         description=(
             "Fraction of a site's image tokens merged away, in [0, 1); 0 is bit-identical. One "
@@ -67,7 +64,7 @@ class MergeConfig(BaseModel):
             "fields. Default Sites(): the adapter's sites, around self-attention."
         ),
     )
-    r: int | tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
+    r: PerBlock[Annotated[Integer, Field(ge=0)]] | None = Field(
         default=None,
         description=(
             "Tokens merged at each site, overriding ratio: one number or one per block (see "
@@ -97,7 +94,7 @@ class MergeConfig(BaseModel):
             "and use that plan for both halves. Default off: samples plan on themselves."
         ),
     )
-    cache_interval: int = Field(
+    cache_interval: Integer = Field(
         default=1,
         ge=1,
         description=(
@@ -105,7 +102,7 @@ class MergeConfig(BaseModel):
             "generations and shape changes replan). Default 1: plan every step."
         ),
     )
-    seed: int = Field(
+    seed: Integer = Field(
         default=0,
         description=(
             "Seed of the private random generators (one per site); the global RNG is never used. "
@@ -115,7 +112,7 @@ class MergeConfig(BaseModel):
 
     #: ``mode`` / ``proportional_attention`` given the old way (on the config): ``apply`` hands
     #: them to the adapter. Not a field: they are adapter options, and dumps leave them out.
-    _adapter_options: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _adapter_options: FrozenDict = PrivateAttr(default_factory=FrozenDict)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -127,7 +124,7 @@ class MergeConfig(BaseModel):
                 data = {**data, "sites": with_sites(data.get("sites"), sites)}
         config = handler(data)
         if options:
-            config._adapter_options = {**config._adapter_options, **options}
+            config._adapter_options = FrozenDict({**config._adapter_options, **options})
         return config
 
     @property
@@ -141,7 +138,11 @@ class MergeConfig(BaseModel):
         if not options:
             return self
         copy = self.model_copy()
-        copy._adapter_options = {**self._adapter_options, **options}
+        copy._adapter_options = FrozenDict({**self._adapter_options, **options})
+        return copy
+
+    def _carry_private(self, copy: MergeConfig) -> MergeConfig:
+        copy._adapter_options = FrozenDict({**self._adapter_options, **copy._adapter_options})
         return copy
 
     def __getattr__(self, name: str) -> Any:
@@ -157,23 +158,6 @@ class MergeConfig(BaseModel):
             )
             return self._adapter_options.get(name, ADAPTER_FIELDS[name])
         return super().__getattr__(name)
-
-    @field_validator("ratio", mode="before")
-    @classmethod
-    def _ratio_keys(cls, value: Any) -> Any:
-        return selector_keys(value, "ratio")
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio_not_empty(cls, value: Any) -> Any:
-        return not_empty(value, "ratio")
-
-    @field_validator("r")
-    @classmethod
-    def _r_valid(cls, value: Any) -> Any:
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"r {value} is negative: give the tokens to merge per site, >= 0")
-        return not_empty(value, "r")
 
     @model_validator(mode="after")
     def _ratio_within_capacity(self) -> MergeConfig:

@@ -48,6 +48,12 @@ class NoSitesError(TokenMergeError, ValueError):
     """The configuration selected no merge site in the model."""
 
 
+class UnmatchedSelectorError(NoSitesError, ConfigError):
+    """A selector the user wrote (a per-site mapping key, an include / exclude glob, a level,
+    stage or block) selects no site of the model being patched, or a per-block list does not
+    have one value per block."""
+
+
 class AlreadyAppliedError(TokenMergeError, RuntimeError):
     """``apply`` was called on a model that is already patched."""
 

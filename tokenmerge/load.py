@@ -14,41 +14,11 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from .config import MergeConfig
 from .deprecated import split_flat, with_sites
-from .errors import ConfigError, UnknownStrategyError, close_matches, unknown_name_message
-from .peer_names import peer_hint
+from .errors import ConfigError, UnknownStrategyError, unknown_name_message
 from .registry import registry
-from .selectors import Sites
+from .validation import format_validation_error
 
 __all__ = ["config_union", "format_validation_error", "load_config"]
-
-
-def format_validation_error(
-    title: str, error: ValidationError, fields: list[str], kind: str = "field"
-) -> str:
-    """A pydantic error as a list of what was wrong where, naming the allowed fields (and the
-    close matches) of an unknown one; ``kind`` names them (``"field"``, ``"option"``)."""
-    lines = [f"invalid {title}:"]
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(config)"
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            name = str(item["loc"][-1]) if item["loc"] else ""
-            nested = item["loc"][:1] == ("sites",) and len(item["loc"]) == 2
-            allowed = list(Sites.model_fields) if nested else fields
-            message = f"unknown {kind}; allowed {kind}s: {', '.join(allowed)}"
-            hint = peer_hint(name) if not nested else None
-            matches = close_matches(name, allowed)
-            if hint is not None:
-                message += f"; {hint}"
-            elif matches:
-                message += f"; did you mean {' or '.join(repr(m) for m in matches)}?"
-            if not nested and kind == "field" and name in Sites.model_fields:
-                message += f" ({name} selects sites: use sites={{{name!r}: ...}})"
-        shown = repr(item.get("input"))
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"  - {where}: {message} (got {shown})")
-    return "\n".join(lines)
 
 
 def _validate(cls: type[MergeConfig], data: dict[str, Any]) -> MergeConfig:
@@ -56,7 +26,7 @@ def _validate(cls: type[MergeConfig], data: dict[str, Any]) -> MergeConfig:
         return cls.model_validate(data)
     except ValidationError as error:
         raise ConfigError(
-            format_validation_error(cls.__name__, error, list(cls.model_fields))
+            format_validation_error(cls.__name__, error, list(cls.model_fields), model=cls)
         ) from None
 
 

@@ -2,31 +2,50 @@
 
 A config's ``sites`` (a ``Sites``) filters the candidate sites an adapter finds (levels, stages,
 blocks, include / exclude globs) and says around which sub-modules they merge (attention,
-cross-attention, MLP). Per-site values (``ratio``, ReToM's ``window_size``) are a single value,
-a list with one value per block (a depth schedule, indexed by the site's block index), or a
-mapping whose keys select sites, most specific first:
+cross-attention, MLP). Per-site values (``ratio``, ReToM's ``window_size``; fields typed
+``PerSite[...]``) are a single value, a tuple with one value per block (a depth schedule, indexed
+by the site's block index), or a mapping whose keys select sites, most specific first:
 
-1. a module-name glob (``"up_blocks.1.**"``; ``*`` stays within one name part, ``**`` crosses
-   dots), the first matching key in the mapping's order;
+1. a module-name glob (``"up_blocks.1.**"``; see ``tokenmerge.site.GLOB_RULE``), the first
+   matching key in the mapping's order;
 2. a stage: ``"down"``, ``"mid"`` or ``"up"`` in a UNet, ``"first"``, ``"middle"`` or ``"last"``
    (the thirds of the blocks) in a DiT-style transformer;
 3. a level, the downsample factor as digits: ``"1"``, ``"2"``, ``"4"``...;
 4. ``"*"``, the default for every other site.
+
+``apply`` checks every selector the user wrote against the model (``tokenmerge.selector_check``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 
 from .errors import ConfigError
+from .frozen import FrozenDict, FrozenModel
 from .site import Site
+from .strict import Integer
 
 __all__ = [
+    "PER_SITE",
     "STAGES",
+    "PerBlock",
+    "PerSite",
     "Sites",
+    "deciding_key",
     "not_empty",
+    "per_site_fields",
     "per_site_values",
     "resolve_per_site",
     "selector_keys",
@@ -36,10 +55,16 @@ __all__ = [
 STAGES = ("down", "mid", "up", "first", "middle", "last")
 Stage = Literal["down", "mid", "up", "first", "middle", "last"]
 #: downsample levels of the sites that merge (1 = full resolution)
-Levels = tuple[Annotated[int, Field(ge=1)], ...]
+Levels = tuple[Annotated[Integer, Field(ge=1)], ...]
 
 
-def _selector_kind(key: str) -> str:
+def selector_kind(key: str) -> str:
+    """``"default"`` (``"*"``), ``"stage"``, ``"level"`` or ``"glob"``: what a mapping key selects.
+
+    Example:
+        >>> [selector_kind(k) for k in ("*", "up", "2", "blocks.*")]
+        ['default', 'stage', 'level', 'glob']
+    """
     if key == "*":
         return "default"
     if key in STAGES:
@@ -47,6 +72,35 @@ def _selector_kind(key: str) -> str:
     if key.isascii() and key.isdigit():
         return "level"
     return "glob"
+
+
+def selects(key: str, site: Site) -> bool:
+    """True when the mapping key ``key`` selects ``site`` (alone, before precedence)."""
+    kind = selector_kind(key)
+    if kind == "glob":
+        return site.matches(key)
+    if kind == "stage":
+        return key == site.stage
+    if kind == "level":
+        return site.level is not None and int(key) == site.level
+    return True
+
+
+def deciding_key(mapping: Mapping[str, Any], site: Site) -> str | None:
+    """The key of ``mapping`` whose value applies at ``site`` (globs in order, then a stage, a
+    level, ``"*"``), or None when no key selects it.
+
+    Example:
+        >>> from tokenmerge.site import Site
+        >>> site = Site("up_blocks.1.attentions.0", stage="up", level=2)
+        >>> deciding_key({"*": 1, "2": 2, "up": 3}, site), deciding_key({"down": 1}, site)
+        ('up', None)
+    """
+    for kind in ("glob", "stage", "level", "default"):
+        for key in mapping:
+            if selector_kind(key) == kind and selects(key, site):
+                return key
+    return None
 
 
 def resolve_per_site(value: Any, site: Site) -> Any:
@@ -74,23 +128,10 @@ def resolve_per_site(value: Any, site: Site) -> Any:
                 "mapping of site selectors ('first' / 'middle' / 'last', globs, '*')"
             )
         return value[index]
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         return value
-    by_kind: dict[str, list[tuple[str, Any]]] = {}
-    for key, item in value.items():
-        by_kind.setdefault(_selector_kind(key), []).append((key, item))
-    for key, item in by_kind.get("glob", []):
-        if site.matches(key):
-            return item
-    for key, item in by_kind.get("stage", []):
-        if key == site.stage:
-            return item
-    for key, item in by_kind.get("level", []):
-        if site.level is not None and int(key) == site.level:
-            return item
-    for _, item in by_kind.get("default", []):
-        return item
-    return None
+    key = deciding_key(value, site)
+    return None if key is None else value[key]
 
 
 def per_site_values(value: Any) -> list[Any]:
@@ -100,7 +141,7 @@ def per_site_values(value: Any) -> list[Any]:
         >>> per_site_values({"up": 0.3, "*": 0.5}), per_site_values(0.4)
         ([0.3, 0.5], [0.4])
     """
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return list(value.values())
     if isinstance(value, (list, tuple)):
         return list(value)
@@ -109,7 +150,7 @@ def per_site_values(value: Any) -> list[Any]:
 
 def not_empty(value: Any, field: str) -> Any:
     """Reject an empty per-site mapping or list (it would select nothing, silently)."""
-    if isinstance(value, (dict, list, tuple)) and not value:
+    if isinstance(value, (Mapping, list, tuple)) and not value:
         raise ValueError(
             f"an empty {type(value).__name__} of {field} values selects no site; give one value, "
             "one per block, or a mapping with a '*' default"
@@ -119,7 +160,7 @@ def not_empty(value: Any, field: str) -> Any:
 
 def selector_keys(value: Any, field: str) -> Any:
     """Validate the keys of a per-site mapping (integer keys are levels); other values pass."""
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         return value
     allowed = (
         f"{field} keys select sites: a module-name glob, a stage ({', '.join(STAGES)}), a level "
@@ -130,7 +171,7 @@ def selector_keys(value: Any, field: str) -> Any:
         original = key
         if isinstance(key, int) and not isinstance(key, bool) and key >= 1:
             key = str(key)
-        bad_level = isinstance(key, str) and _selector_kind(key) == "level" and int(key) < 1
+        bad_level = isinstance(key, str) and selector_kind(key) == "level" and int(key) < 1
         if not isinstance(key, str) or not key or key != key.strip() or bad_level:
             raise ValueError(f"{allowed}; got {original!r}")
         if key in checked:
@@ -139,13 +180,90 @@ def selector_keys(value: Any, field: str) -> Any:
     return checked
 
 
+class _PerSiteMarker:
+    """Marks a config field as per-site (``PerSite`` / ``PerBlock``): ``apply`` checks its
+    selectors and its per-block length against the model."""
+
+    def __repr__(self) -> str:
+        return "PER_SITE"
+
+
+PER_SITE = _PerSiteMarker()
+T = TypeVar("T")
+
+
+def _per_site_kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "mapping"
+    return "per-block" if isinstance(value, (list, tuple)) else "value"
+
+
+def _per_block_kind(value: Any) -> str:
+    return "per-block" if isinstance(value, (list, tuple)) else "value"
+
+
+def _keys(value: Any, info: ValidationInfo) -> Any:
+    return selector_keys(value, info.field_name or "per-site")
+
+
+def _frozen(value: Any, info: ValidationInfo) -> Any:
+    not_empty(value, info.field_name or "per-site")
+    return FrozenDict(value) if isinstance(value, dict) else value
+
+
+#: the type of a per-site config field of ``T`` values: one value, a tuple of one per block, or
+#: a mapping of site selectors (validated keys, frozen). A plugin's config declares its own
+#: per-site fields with it (``window: PerSite[int] = Field(...)``) and gets the same checks.
+PerSite = Annotated[
+    Union[  # noqa: UP007 - tagged arms of a generic alias
+        Annotated[T, Tag("value")],
+        Annotated[dict[str, T], Tag("mapping")],
+        Annotated[tuple[T, ...], Tag("per-block")],
+    ],
+    Discriminator(_per_site_kind),
+    PER_SITE,
+    BeforeValidator(_keys),
+    AfterValidator(_frozen),
+]
+#: a per-site field without selector mappings: one value or a tuple of one per block
+PerBlock = Annotated[
+    Union[Annotated[T, Tag("value")], Annotated[tuple[T, ...], Tag("per-block")]],  # noqa: UP007
+    Discriminator(_per_block_kind),
+    PER_SITE,
+    AfterValidator(_frozen),
+]
+
+
+def _marked(annotation: Any) -> bool:
+    if get_origin(annotation) is Annotated:
+        if any(item is PER_SITE for item in annotation.__metadata__):
+            return True
+        annotation = get_args(annotation)[0]
+    return any(_marked(arm) for arm in get_args(annotation)) if get_origin(annotation) else False
+
+
+def per_site_fields(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The names of ``cls``'s per-site fields (typed ``PerSite[...]`` or ``PerBlock[...]``).
+
+    Example:
+        >>> from tokenmerge import load_config
+        >>> per_site_fields(type(load_config("retom")))
+        ('ratio', 'r', 'window_size')
+    """
+    return tuple(
+        name
+        for name, info in cls.model_fields.items()
+        if PER_SITE in info.metadata or _marked(info.annotation)
+    )
+
+
 #: the filters of ``Sites``: given any of them, the adapter's default choice of sites is off
 FILTERS = ("levels", "stages", "blocks", "include", "exclude")
 #: the sub-module kinds a site can merge around, as ``Sites`` fields
 TARGETS = ("attn", "cross_attn", "mlp")
 
 
-class Sites(BaseModel):
+class Sites(FrozenModel):
     """Which sites merge (filters on the adapter's candidate sites) and around what.
 
     Every filter given must keep a site; with none of ``levels``, ``stages``, ``blocks`` or
@@ -161,8 +279,6 @@ class Sites(BaseModel):
         ('up_blocks.**',)
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
     levels: Levels | None = Field(
         default=None,
         description=(
@@ -177,7 +293,7 @@ class Sites(BaseModel):
             "(thirds of the blocks) in a transformer. Default None: every stage."
         ),
     )
-    blocks: tuple[int, ...] | None = Field(
+    blocks: tuple[Integer, ...] | None = Field(
         default=None,
         description=(
             "Only these block indices (negative counts from the end). Default None: every block."
@@ -212,7 +328,7 @@ class Sites(BaseModel):
             "DiTs, ViTs) that is where the speed is. Default off, as tomesd."
         ),
     )
-    min_tokens: int | None = Field(
+    min_tokens: Integer | None = Field(
         default=None,
         ge=1,
         description=(

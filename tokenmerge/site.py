@@ -8,7 +8,15 @@ from functools import lru_cache
 
 from torch import Tensor
 
-__all__ = ["Site", "SiteStats", "TokenLayout", "module_glob"]
+__all__ = ["GLOB_RULE", "Site", "SiteStats", "TokenLayout", "module_glob"]
+
+#: the one rule of every module-name glob (``sites.include`` / ``exclude``, per-site mapping
+#: keys), as error messages state it
+GLOB_RULE = (
+    "a module-name glob matches the whole dotted name: '*' and '?' stay within one name part, "
+    "'**' crosses dots ('up_blocks.1.**' is everything under up_blocks.1), '[...]' is a "
+    "character class"
+)
 
 
 @lru_cache(maxsize=1024)
@@ -40,8 +48,8 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def module_glob(name: str, pattern: str) -> bool:
-    """Glob match on a dotted module name: ``*`` and ``?`` stay within one name part, ``**``
-    crosses dots, ``[...]`` is a character class.
+    """Glob match on a dotted module name (``GLOB_RULE``): the whole name must match; ``*`` and
+    ``?`` stay within one name part, ``**`` crosses dots, ``[...]`` is a character class.
 
     Example:
         >>> module_glob("blocks.3.attn", "blocks.*.attn")

@@ -102,6 +102,10 @@ def check_config_class_validates(
                 pass
             else:
                 raise AssertionError(f"a ratio above ratio_limit() {limit!r} was accepted")
+        try:
+            require(hash(config) == hash(trial.config()), "equal configs hash differently")
+        except TypeError as error:
+            raise AssertionError(f"the config is not hashable: {error}") from None
         text = config.model_dump_json()
         require(
             config_class.model_validate_json(text) == config,
