@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -117,6 +116,10 @@ def size_bias(patch: SitePatch, kind: str, module: nn.Module) -> SizeBias | None
     return SizeBias("attention_mask", "diffusers")
 
 
+def _grid_call() -> CallValues:
+    return CallValues(grid=None, key=None)
+
+
 class GridHook(ABC):
     """A pre-hook that reads the token grid of each call; it also serves as the layout of the
     sites under it (one object, so the hot path does no look-up). Subclasses set
@@ -126,7 +129,11 @@ class GridHook(ABC):
     text_first: bool = False
 
     def __init__(self) -> None:
-        self.calls = PerThread(partial(CallValues, grid=None, key=None))
+        self.calls = PerThread(_grid_call)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the grid is read afresh at every call; a copy starts without one
+        return {**self.__dict__, "calls": PerThread(_grid_call)}
 
     @property
     def grid(self) -> tuple[int, int] | None:

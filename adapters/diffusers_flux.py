@@ -32,6 +32,7 @@ mask pass through unmerged.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -118,9 +119,11 @@ class IdsGrid(GridHook):
         if not isinstance(ids, Tensor):
             call.grid, call.key = None, None
             return
-        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
-        if key != call.key:
-            call.key = key
+        # the same tensor object, unchanged since (a weak reference: an address can be reused
+        # by the ids of another grid once these are freed, with the same shape: 8 x 6 and 6 x 8)
+        known = call.key is not None and call.key[0]() is ids and call.key[1] == ids._version
+        if not known:
+            call.key = (weakref.ref(ids), ids._version)
             call.grid = _grid_of(ids)
 
 

@@ -447,3 +447,24 @@ def test_checkpointed_site_calls_replay_their_own_plans():
     for grad, grad_ckpt in zip(*grads, strict=True):
         torch.testing.assert_close(grad_ckpt, grad, atol=1e-6, rtol=1e-5)
     assert handle.stats()["attn"].plans_computed == 2  # none made in the backward pass
+
+
+DETERMINISTIC = {"random_destinations": False}  # the same timestep again continues the stream
+
+
+def test_flux_grid_is_read_again_for_new_ids_at_a_reused_address():
+    """New ids at the address of earlier ones (freed ids' memory handed out again), with the
+    same shape (6 x 8 after 8 x 6): a new grid. The grid cache follows the tensor object, not
+    its address."""
+    model = FAMILIES["flux"]()
+    handle = tokenmerge.apply(model, "tome", ratio=0.5, sites={"min_tokens": 1}, **DETERMINISTIC)
+    first = transformer_inputs("flux", grid=(8, 6))
+    run(model, first)
+    second = transformer_inputs("flux", grid=(6, 8))
+    old_ids = first["img_ids"]
+    old_ids.numpy()[:] = second["img_ids"].numpy()  # the memory reused, as an allocator does
+    got = run(model, {**second, "img_ids": old_ids.view(old_ids.shape)})  # a new tensor there
+    assert handle.patches[0].last_layout.grid == (6, 8)
+    fresh = FAMILIES["flux"]()
+    tokenmerge.apply(fresh, "tome", ratio=0.5, sites={"min_tokens": 1}, **DETERMINISTIC)
+    torch.testing.assert_close(got, run(fresh, second), rtol=0, atol=0)
