@@ -13,6 +13,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenmerge.adapter import Adapter, AdapterOptions, depth_stage, parameter_index
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.attention_view import PLAIN_PROCESSORS, processor_name
+from tokenmerge.calls import CallValues, PerThread
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
 from tokenmerge.proportional import SizeBias
@@ -115,21 +116,41 @@ def size_bias(patch: SitePatch, kind: str, module: nn.Module) -> SizeBias | None
     return SizeBias("attention_mask", "diffusers")
 
 
+def _grid_call() -> CallValues:
+    return CallValues(grid=None, key=None)
+
+
 class GridHook(ABC):
     """A pre-hook that reads the token grid of each call; it also serves as the layout of the
-    sites under it (one object, so the hot path does no look-up). Subclasses set ``grid``."""
+    sites under it (one object, so the hot path does no look-up). Subclasses set
+    ``calls.value.grid``: the grid is the calling thread's (``tokenmerge.calls``)."""
 
-    grid: tuple[int, int] | None = None
     #: whether tokens beyond the grid may come first (Flux's text tokens), protected from merging
     text_first: bool = False
 
+    def __init__(self) -> None:
+        self.calls = PerThread(_grid_call)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the grid is read afresh at every call; a copy starts without one
+        return {**self.__dict__, "calls": PerThread(_grid_call)}
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The grid of the calling thread's call under way (None: unknown)."""
+        return self.calls.value.grid
+
+    @grid.setter
+    def grid(self, grid: tuple[int, int] | None) -> None:
+        self.calls.value.grid = grid
+
     @abstractmethod
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Read the grid of this call into ``grid`` (None when it is unknown)."""
+        """Read the grid of this call into ``calls.value.grid`` (None when it is unknown)."""
 
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
         """Image tokens on ``grid``, behind the text tokens where ``text_first`` allows them."""
-        grid = self.grid
+        grid = self.calls.value.grid
         if grid is None:
             return None
         extra = hidden_states.shape[1] - grid[0] * grid[1]
@@ -143,16 +164,16 @@ class PatchGrid(GridHook):
     ``Transformer2DModel``): the token grid of a call is the input's size over the patch size."""
 
     def __init__(self, patch_size: int) -> None:
+        super().__init__()
         self.patch_size = patch_size
-        self.grid = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states")
         p = self.patch_size
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[-2] % p == 0 and x.shape[-1] % p == 0:
-            self.grid = (x.shape[-2] // p, x.shape[-1] // p)
+            self.calls.value.grid = (x.shape[-2] // p, x.shape[-1] // p)
         else:
-            self.grid = None
+            self.calls.value.grid = None
 
 
 class TransformerAdapter(Adapter):
@@ -171,6 +192,7 @@ class TransformerAdapter(Adapter):
         self._grid_attached = False
         self._blocks: dict[str, nn.Module] = {}  # site name -> its block
         self._timestep_index: int | None = None
+        self._conditioning_index: dict[str, int | None] = {}
 
     @staticmethod
     @abstractmethod
@@ -190,6 +212,10 @@ class TransformerAdapter(Adapter):
         self._root = root
         self._grid = grid
         self._timestep_index = parameter_index(type(root), "timestep")
+        self._conditioning_index = {
+            name: parameter_index(type(root), name)
+            for name in ("encoder_hidden_states", "class_labels")
+        }
 
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
         return self._grid.layout(site, hidden_states) if self._grid is not None else None
@@ -202,6 +228,17 @@ class TransformerAdapter(Adapter):
             return kwargs["timestep"]
         index = self._timestep_index
         return args[index] if index is not None and len(args) > index else None
+
+    def conditioning(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
+        # text embeddings, or a class-conditional DiT's labels
+        for name in ("encoder_hidden_states", "class_labels"):
+            value = kwargs.get(name)
+            index = self._conditioning_index.get(name)
+            if value is None and index is not None and len(args) > index:
+                value = args[index]
+            if isinstance(value, Tensor):
+                return value
+        return None
 
     def attach_block(self, patch: SitePatch) -> tuple[nn.Module, list[RemovableHandle]]:
         """The site's block, and the hooks every site needs: the root's grid hook (installed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -21,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate, depth_stage
 from tokenmerge.adapters._tables import gather_rows
 from tokenmerge.adapters._views import value_correction
+from tokenmerge.calls import CallValues, PerThread
 from tokenmerge.config import MergeConfig
 from tokenmerge.errors import ConfigError
 from tokenmerge.patch import Adjust, SitePatch
@@ -121,7 +123,8 @@ class ViTAdapter(Adapter):
     def __init__(self, options: ViTOptions | None = None) -> None:
         super().__init__(options)
         self._blocks: dict[str, ViTBlock] = {}
-        self._grid: tuple[int, int] | None = None
+        # the patch grid of the calling thread's call (tokenmerge.calls)
+        self._grids = PerThread(partial(CallValues, grid=None))
         self._num_prefix = 0
         self.carry: TokenCarry | None = None  # progressive mode's token record and hooks
 
@@ -189,7 +192,7 @@ class ViTAdapter(Adapter):
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
         if site.mode == "progressive":
             return self.carry.track.layout() if self.carry is not None else None
-        grid = self._grid
+        grid = self._grids.value.grid
         if grid is None or hidden_states.shape[1] != self._num_prefix + grid[0] * grid[1]:
             return None
         return TokenLayout(grid, self._num_prefix)
@@ -202,7 +205,7 @@ class ViTAdapter(Adapter):
                 handles.append(self._start_tracking())
             at_mlp = self.options.merge_at == "mlp" and block.sequential
             return handles + attach_progressive(
-                patch, self.carry.track, block.block, block.keys_module, block.keys,
+                patch, self.carry.tracks, block.block, block.keys_module, block.keys,
                 block.mlp if at_mlp else None,
             )  # fmt: skip
         # local mode: plan afresh on the block input at every call (a ViT has no steps to
@@ -243,7 +246,7 @@ class ViTAdapter(Adapter):
 
     def _read_grid(self, module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, Tensor) and output.dim() == 4:
-            self._grid = (output.shape[-2], output.shape[-1])
+            self._grids.value.grid = (output.shape[-2], output.shape[-1])
 
     def _current_grid(self) -> tuple[int, int] | None:
-        return self._grid
+        return self._grids.value.grid

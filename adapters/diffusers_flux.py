@@ -32,6 +32,7 @@ mask pass through unmerged.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -50,7 +51,8 @@ from tokenmerge.adapters._diffusers import (
 )
 from tokenmerge.adapters._views import body_correction
 from tokenmerge.attention_view import Call
-from tokenmerge.patch import SitePatch
+from tokenmerge.calls import CallValues, PerThread
+from tokenmerge.patch import SitePatch, per_thread_correction, report_fit
 from tokenmerge.plan import Plan
 from tokenmerge.proportional import SizeBias
 from tokenmerge.site import Site
@@ -102,9 +104,8 @@ class IdsGrid(GridHook):
     text_first = True
 
     def __init__(self, index: int | None) -> None:
+        super().__init__()
         self.index = index  # position of img_ids when passed positionally
-        self.grid: tuple[int, int] | None = None
-        self._key: tuple | None = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("img_ids")
@@ -114,13 +115,16 @@ class IdsGrid(GridHook):
 
     @torch.compiler.disable
     def _read(self, ids: Any) -> None:
+        call = self.calls.value  # the calling thread's grid and the ids it was read from
         if not isinstance(ids, Tensor):
-            self.grid, self._key = None, None
+            call.grid, call.key = None, None
             return
-        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
-        if key != self._key:
-            self._key = key
-            self.grid = _grid_of(ids)
+        # the same tensor object, unchanged since (a weak reference: an address can be reused
+        # by the ids of another grid once these are freed, with the same shape: 8 x 6 and 6 x 8)
+        known = call.key is not None and call.key[0]() is ids and call.key[1] == ids._version
+        if not known:
+            call.key = (weakref.ref(ids), ids._version)
+            call.grid = _grid_of(ids)
 
 
 def _grid_of(ids: Tensor) -> tuple[int, int] | None:
@@ -202,15 +206,16 @@ class SingleBlockBody:
         self.guard = RotaryGuard(block.attn, "attn", block, watched=(block.norm, block.proj_out))
         self.bias = _size_bias(patch)
         self.correction = body_correction(patch, block)
+        self.corrections = per_thread_correction(self.correction)
         if self.correction is not None:
             patch.report_correction(self.correction)
-        self.plan: Plan | None = None  # the plan of the call under way
-        self.reason: str | None = None  # why the call under way passes through, if it does
-        #: the merged call's input, merged input and attention arguments, for the correction
-        self.inputs: tuple[Tensor, Tensor, Call | None] | None = None
+        # per thread (tokenmerge.calls): the plan of the call under way, why it passes through
+        # if it does, and the merged call's input, merged input and attention arguments, for the
+        # correction
+        self.calls = PerThread(_body_call)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "plan": None, "inputs": None}
+        return {**self.__dict__, "calls": PerThread(_body_call)}
 
     def attach(self, block: nn.Module) -> list[RemovableHandle]:
         return [
@@ -223,13 +228,15 @@ class SingleBlockBody:
     def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # the guard reads the attention's arguments, which only the block sees before the merge
         given = {**dict(zip(_SINGLE_BLOCK_ARGS, args, strict=False)), **kwargs}
-        self.reason = self.guard((), {**(given.get("joint_attention_kwargs") or {}), **given})
+        reason = self.guard((), {**(given.get("joint_attention_kwargs") or {}), **given})
+        self.calls.value.reason = reason
 
     def merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        self.plan, self.inputs = None, None
+        call = self.calls.value
+        call.plan, call.inputs = None, None
         x = output[0]
-        if self.reason is not None:
-            self.patch.count_pass_through(self.reason)
+        if call.reason is not None:
+            self.patch.count_pass_through(call.reason)
             return None
         plan = self.patch.plan_for(x)
         if plan is None:
@@ -237,24 +244,26 @@ class SingleBlockBody:
             return None
         if plan.is_identity:
             return None
-        self.plan = plan
+        call.plan = plan
         merged = self.patch.observed("merge", plan.merge, x)
-        self.inputs = (x, merged, None) if self.correction is not None else None
+        call.inputs = (x, merged, None) if self.correction is not None else None
         return (merged, *output[1:])
 
     def rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self.plan is None:
+        call = self.calls.value
+        if call.plan is None:
             return None
-        if self.inputs is not None:  # the attention's own arguments: its full rotary table
-            self.inputs = (*self.inputs[:2], Call(args, kwargs))
-        kwargs = gather_rotary(self.plan, kwargs)
+        if call.inputs is not None:  # the attention's own arguments: its full rotary table
+            call.inputs = (*call.inputs[:2], Call(args, kwargs))
+        kwargs = gather_rotary(call.plan, kwargs)
         if self.bias is not None:
-            kwargs = self.bias(self.plan, args[0] if args else kwargs["hidden_states"], kwargs)
+            kwargs = self.bias(call.plan, args[0] if args else kwargs["hidden_states"], kwargs)
         return args, kwargs
 
     def unmerge(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        plan, self.plan = self.plan, None
-        inputs, self.inputs = self.inputs, None
+        call = self.calls.value
+        plan, call.plan = call.plan, None
+        inputs, call.inputs = call.inputs, None
         if plan is None:
             return None
         return self.patch.observed("unmerge", self._unmerge, plan, output, inputs)
@@ -266,7 +275,14 @@ class SingleBlockBody:
         if inputs is None or inputs[2] is None:
             return unmerged
         x, merged, call = inputs
-        return self.correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)
+        correction = self.corrections.value
+        out = correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)
+        report_fit(self.correction, correction)
+        return out
+
+
+def _body_call() -> CallValues:
+    return CallValues(plan=None, reason=None, inputs=None)
 
 
 class DiffusersFluxAdapter(TransformerAdapter):

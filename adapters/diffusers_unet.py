@@ -180,6 +180,10 @@ class DiffusersUNetAdapter(Adapter):
             return kwargs["timestep"]
         return args[1] if len(args) > 1 else None
 
+    def conditioning(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
+        value = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        return value if isinstance(value, Tensor) else None
+
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         handles = []
         reader = self._readers[patch.site.name]

@@ -251,7 +251,7 @@ def test_stats_tokens_in_out_and_prefix_kept(strategy: str, ratio: float) -> Non
         assert stats.plans_computed == 1 and stats.plans_reused == 0
         assert stats.shortfall == 0 and stats.skipped is None
     for site_patch in handle.patches:
-        plan = site_patch._cache.plan
+        plan = site_patch.last_plan
         assert plan.num_tokens == N + 1
         assert (plan.kept[:, 0] == 0).all()  # the class token keeps its own slot
         assert (plan.origin[:, 0] == 0).all()
@@ -650,12 +650,12 @@ def test_share_cfg_plan_even_batch_uses_one_plan_for_both_halves(strategy: str) 
     with torch.no_grad():
         model(torch.cat([a, b]))
         for site_patch in handle.patches:
-            plan = site_patch._cache.plan
+            plan = site_patch.last_plan
             assert plan.batch == 1  # batch 2: one plan broadcast over both halves
             assert not plan.is_identity
         model(torch.cat([a, b, c, d]))
         for site_patch in handle.patches:
-            plan = site_patch._cache.plan
+            plan = site_patch.last_plan
             assert plan.batch == 4
             for field in (plan.kept, plan.src, plan.dst, plan.origin):
                 assert torch.equal(field[0], field[2]) and torch.equal(field[1], field[3])
@@ -683,7 +683,7 @@ def test_share_cfg_plan_odd_batch_still_works(strategy: str) -> None:
     assert y.shape == (3, N + 1, DIM) and torch.isfinite(y).all()
     assert handle.stats()["blocks.0.attn"].tokens_out == N + 1 - N // 2
     if strategy != "random":  # random plans once for the whole batch anyway
-        assert handle.patches[0]._cache.plan.batch == 3
+        assert handle.patches[0].last_plan.batch == 3
     handle.remove()
 
 
@@ -711,7 +711,7 @@ def test_different_seeds_differ_for_random_strategy() -> None:
     for seed in (0, 1):
         handle = patch(model, "random", seed=seed)
         with torch.no_grad():
-            results.append((model(x), handle.patches[0]._cache.plan.src.clone()))
+            results.append((model(x), handle.patches[0].last_plan.src.clone()))
         handle.remove()
     assert not torch.equal(results[0][0], results[1][0])
     assert not torch.equal(results[0][1], results[1][1])
@@ -743,7 +743,7 @@ def test_autograd_reaches_every_token(strategy: str) -> None:
     y = model(x)
     weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
     (y * weight).sum().backward()
-    plan = handle.patches[0]._cache.plan
+    plan = handle.patches[0].last_plan
     assert plan.num_merged == N // 2
     per_token = x.grad.abs().sum(-1)  # (B, N): gradient reaching each input token
     assert (per_token > 0).all(), per_token

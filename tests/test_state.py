@@ -196,7 +196,7 @@ def counts(handle: tokenmerge.Handle) -> list[tuple[int, int]]:
 
 
 def plans(handle: tokenmerge.Handle) -> list[object]:
-    return [p._cache.plan for p in handle.patches]
+    return [p.last_plan for p in handle.patches]
 
 
 @pytest.mark.parametrize("interval", [1, 2, 3, 5])

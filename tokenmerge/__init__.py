@@ -21,6 +21,7 @@ from .config import MergeConfig, r_schedule
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
+    InvalidInputError,
     NoSitesError,
     ShortfallWarning,
     TokenMergeError,
@@ -37,6 +38,7 @@ __all__ = [
     "AlreadyAppliedError",
     "ConfigError",
     "Handle",
+    "InvalidInputError",
     "MergeConfig",
     "NoSitesError",
     "ShortfallWarning",

@@ -147,6 +147,16 @@ class Adapter(ABC):
         """The timestep of a root forward call, or None (each call is then a new generation)."""
         return None
 
+    def conditioning(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
+        """The conditioning tensor of a root forward call (its text embeddings...), or None.
+
+        A pipeline makes it once per generation and passes the same tensor at every step, so a
+        tensor the generation has not seen starts a new one (``StepState``). Default: the
+        ``encoder_hidden_states`` keyword, when it is a tensor.
+        """
+        value = kwargs.get("encoder_hidden_states")
+        return value if isinstance(value, Tensor) else None
+
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         """Install the hooks of one site: local merging around each chosen sub-module."""
         handles: list[RemovableHandle] = []

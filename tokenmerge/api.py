@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapter import Adapter, AdapterOptions, SiteCandidate
+from .calls import PerThread
 from .config import MergeConfig
 from .errors import (
     AlreadyAppliedError,
@@ -40,6 +42,7 @@ class _RootHook:
 
     It never runs inside a compiled graph (it reads the timestep's value and keeps Python
     counters): a whole-model ``torch.compile`` breaks the graph here, once, and nowhere else.
+    The step state is the calling thread's (``tokenmerge.calls``).
     """
 
     #: ``_begin_call`` under ``torch.compiler.disable``, made at the first apply rather than by a
@@ -47,10 +50,13 @@ class _RootHook:
     #: A class attribute, as the decorator made it, so copies and pickles of a hook carry none.
     _begin: Callable[[_RootHook, tuple, dict], None] | None = None
 
-    def __init__(self, state: StepState, adapter: Adapter, patches: list[SitePatch]) -> None:
-        self.state = state
+    def __init__(self, states: PerThread, adapter: Adapter, patches: list[SitePatch]) -> None:
+        self.states = states
         self.adapter = adapter
         self.patches = patches
+        #: raised by ``Handle.new_generation``; a thread whose state saw an older one starts a
+        #: new generation at its next call
+        self.epoch = 0
         if _RootHook._begin is None:
             _RootHook._begin = torch.compiler.disable(_RootHook._begin_call)
 
@@ -58,9 +64,24 @@ class _RootHook:
         self._begin(args, kwargs)
 
     def _begin_call(self, args: tuple, kwargs: dict) -> None:
-        new_generation = self.state.begin_call(timestep_value(self.adapter.timestep(args, kwargs)))
+        state: StepState = self.states.value
+        timestep = timestep_value(self.adapter.timestep(args, kwargs))
+        if state.epoch != self.epoch:
+            state.new_generation()
+            state.epoch = self.epoch
+        new_generation = state.begin_call(
+            timestep, _sample_shape(args, kwargs), self.adapter.conditioning(args, kwargs)
+        )
         for patch in self.patches:
-            patch.begin_call(new_generation)
+            patch.begin_call(new_generation, state.replan)
+
+
+def _sample_shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The shape of a root call's first tensor argument (its sample), or None."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return None
 
 
 class Handle:
@@ -83,17 +104,22 @@ class Handle:
         root: nn.Module,
         config: MergeConfig,
         adapter: Adapter,
-        state: StepState,
+        root_hook: _RootHook,
         patches: list[SitePatch],
         removables: list[RemovableHandle],
     ) -> None:
         self.model = root
         self.config = config
         self.adapter = adapter
-        self.state = state
+        self._root_hook = root_hook
         self.patches = patches
         self._removables = removables
         self.removed = False
+
+    @property
+    def state(self) -> StepState:
+        """The step state of the calling thread (each thread calling the model has its own)."""
+        return self._root_hook.states.value
 
     @property
     def sites(self) -> list[Site]:
@@ -131,8 +157,11 @@ class Handle:
         return Observation(self.patches, observer)
 
     def new_generation(self) -> None:
-        """Drop every cached plan (call between unrelated inputs)."""
+        """Drop every cached plan (call between unrelated inputs): this thread's now, every
+        other thread's at its next call of the model."""
+        self._root_hook.epoch += 1
         self.state.new_generation()
+        self.state.epoch = self._root_hook.epoch
         for patch in self.patches:
             patch.begin_call(new_generation=True)
 
@@ -394,18 +423,17 @@ def apply(
     selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)
     if config.sites.min_tokens is None:
         config = config.with_min_tokens(chosen_adapter.default_min_tokens)
-    state = StepState(cache_interval=config.cache_interval)
+    states = PerThread(partial(StepState, cache_interval=config.cache_interval))
     patches: list[SitePatch] = []
-    removables = [
-        root.register_forward_pre_hook(_RootHook(state, chosen_adapter, patches), with_kwargs=True)
-    ]
+    root_hook = _RootHook(states, chosen_adapter, patches)
+    removables = [root.register_forward_pre_hook(root_hook, with_kwargs=True)]
     try:
         for candidate in selected:
             site = replace(candidate.site, mode=mode)
             site_config = config.for_site(site)
             strategy = strategy_class(site_config)
             layout = chosen_adapter.layout_for(site)
-            patch = SitePatch(site, strategy, site_config, state, layout)
+            patch = SitePatch(site, strategy, site_config, states.value, layout)
             removables += chosen_adapter.attach(patch, candidate.modules)
             patches.append(patch)
         removables += chosen_adapter.attach_model(root, patches)
@@ -413,7 +441,7 @@ def apply(
         for removable in reversed(removables):
             removable.remove()
         raise
-    handle = Handle(root, config, chosen_adapter, state, patches, removables)
+    handle = Handle(root, config, chosen_adapter, root_hook, patches, removables)
     root.__dict__[HANDLE_ATTR] = handle
     return handle
 

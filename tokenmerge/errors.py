@@ -70,6 +70,11 @@ class OutputPathError(TokenMergeError, ValueError):
     """A file the command was asked to write cannot be written there."""
 
 
+class InvalidInputError(TokenMergeError, ValueError):
+    """A call of a patched model gave an input merging cannot work with (a timestep that is not
+    a finite number...)."""
+
+
 class ShortfallWarning(TokenMergeWarning):
     """A site could merge fewer tokens than the ratio asked for."""
 

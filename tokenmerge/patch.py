@@ -8,11 +8,13 @@ the strategy) -> ``plan.merge(x)`` -> the sub-module's own forward on ``N - r`` 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .attention_view import Call
+from .calls import PerThread
 from .config import MergeConfig
 from .correction import ValueCorrection
 from .errors import ShortfallWarning
@@ -47,11 +50,73 @@ Adjust = Callable[[Plan, dict], dict]
 T = TypeVar("T")
 
 
+#: calls of one site within one model call that get a cached plan of their own (a block run
+#: more often plans at each further call)
+MAX_SITE_CALLS = 8
+
+
 @dataclass
 class _CachedPlan:
     key: tuple  # (batch, tokens, device, dtype) the plan was made for
     plan: Plan
     layout: TokenLayout  # the token layout it was made on
+
+
+class _SiteCall:
+    """One thread's state at a site (``tokenmerge.calls``): its plans, its random stream and
+    where the model call under way is.
+
+    A site may run more than once in one model call (a block looped over, a module called
+    twice): each of its calls in the model call is numbered (``index``) and has a cached plan of
+    its own, made on its own input; within one site call, the targets share one plan. A target
+    that runs again starts the next site call - except in a backward pass, where it is gradient
+    checkpointing re-running a forward (``replaying``): the site calls are re-run last first,
+    each with the plan it had.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.random = SiteRandom(seed)
+        self.plans: list[_CachedPlan | None] = [None] * MAX_SITE_CALLS
+        self.index = -1  # the site call under way (-1: none yet in this model call)
+        self.seen = 0  # bit mask of the targets that ran in it
+        self.current: _CachedPlan | None = None  # its plan
+        self.last: _CachedPlan | None = None  # the plan of the latest merged call
+        self.layout: TokenLayout | None = None  # make_plan's, for the cache entry
+        #: what the plan is made from when set (the block input); see ``SitePatch.metric``
+        self.metric: Tensor | None = None
+        self.replaying = False
+
+    def restart(self) -> None:
+        """A new model call: its first site call comes next."""
+        self.index = -1
+        self.seen = 0
+        self.current = None
+        self.metric = None  # a forward that raised mid-block left its input here
+        self.replaying = False
+
+    def next_site_call(self) -> None:
+        self.index = min(self.index + 1, MAX_SITE_CALLS)
+        self.seen = 0
+        self.current = self.plans[self.index] if self.index < MAX_SITE_CALLS else None
+        self.replaying = False
+
+    def replay(self) -> None:
+        """A backward pass re-runs a site call (gradient checkpointing), the last one first."""
+        if self.replaying:
+            self.index = max(self.index - 1, 0)
+            if self.index < MAX_SITE_CALLS:
+                self.current = self.plans[self.index]
+        self.replaying = True
+        self.seen = 0
+
+    def keep(self, entry: _CachedPlan) -> None:
+        self.current = self.last = entry
+        if 0 <= self.index < MAX_SITE_CALLS:
+            self.plans[self.index] = entry
+
+    def drop_plans(self) -> None:
+        self.plans = [None] * MAX_SITE_CALLS
+        self.current = self.last = None
 
 
 class SitePatch:
@@ -61,7 +126,8 @@ class SitePatch:
         site: the site's description.
         strategy: the strategy instance (shared by all sites of one patch).
         config: the merge config.
-        state: the model's step state.
+        state: the step state of the thread that applied the patch (each call's own decisions
+            reach the site through ``begin_call``).
         layout: callable ``(site, hidden_states) -> TokenLayout | None``, the adapter's
             knowledge of how tokens are laid out at this call (None: unknown, the call passes
             through unmerged). Must be a bound method or another object that ``copy.deepcopy``
@@ -86,23 +152,32 @@ class SitePatch:
         # torch.compile counting is a traced in-place add, not a Python int guard per value
         self._info = SiteStats(name=site.name, ratio=self.ratio)
         self._counters = torch.zeros(len(_COUNTERS), dtype=torch.int64)
-        self.seen_this_call = False
-        # one private stream per site, restarted at every generation; copy.deepcopy copies it and
-        # the plan cache, so a copy taken mid-generation goes on exactly as the original would
-        self._random = SiteRandom(config.seed * 1_000_003 + zlib.crc32(site.name.encode()))
-        self._cache: _CachedPlan | None = None
-        self._planned_layout: TokenLayout | None = None  # make_plan's, for the cache entry
+        # per thread: the plan cache, one private random stream per site (restarted at every
+        # generation) and the call under way; copy.deepcopy copies the copying thread's, so a
+        # copy taken mid-generation goes on exactly as the original would
+        seed = config.seed * 1_000_003 + zlib.crc32(site.name.encode())
+        self.calls = PerThread(partial(_SiteCall, seed))
+        self._targets = 0  # targets attached so far (each gets a bit of ``_SiteCall.seen``)
         self._warned_shortfall = False
         self._corrections: list[ValueCorrection] = []  # of this site's attention targets
-        #: what the plan is made from when set (e.g. the block input, as tomesd does); adapters
-        #: set it in a pre-hook of the block and clear it after (see ``watch_block_input``)
-        self.metric: Tensor | None = None
         #: called around each part of the work (``Handle.observe``); None: nothing observes
         self.observer: Observer | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # an observer watches this patch, not its copies: a deep copy starts unobserved
         return {**self.__dict__, "observer": None}
+
+    @property
+    def metric(self) -> Tensor | None:
+        """What the calling thread's plan is made from when set (e.g. the block input, as
+        tomesd does); adapters set it in a pre-hook of the block and clear it after (see
+        ``watch_block_input``). Hooks that run under ``torch.compile`` set
+        ``calls.value.metric`` instead (a property setter is not traced there)."""
+        return self.calls.value.metric
+
+    @metric.setter
+    def metric(self, value: Tensor | None) -> None:
+        self.calls.value.metric = value
 
     def observed(self, part: Part, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``, inside the observer's ``around(part, site)`` when one is
@@ -127,40 +202,51 @@ class SitePatch:
 
     @property
     def last_plan(self) -> Plan | None:
-        """The plan this site used at its latest merged call: what ``tokenmerge visualize``
-        draws (None before one, and from the start of a call that plans afresh until it
-        plans)."""
-        return None if self._cache is None else self._cache.plan
+        """The plan this site used at its latest merged call in the calling thread: what
+        ``tokenmerge visualize`` draws (None before one, and from the start of a call that
+        plans afresh until it plans)."""
+        last = self.calls.value.last
+        return None if last is None else last.plan
 
     @property
     def last_layout(self) -> TokenLayout | None:
         """The token layout ``last_plan`` was made on (None when there is no such plan)."""
-        return None if self._cache is None else self._cache.layout
+        last = self.calls.value.last
+        return None if last is None else last.layout
 
-    def begin_call(self, new_generation: bool) -> None:
-        """Called by the root hook, outside compiled code, at the start of every model call."""
-        self.seen_this_call = False
-        self.metric = None  # a forward that raised mid-block left its input here
+    def begin_call(self, new_generation: bool, replan: bool = True) -> None:
+        """Called by the root hook, outside compiled code, at the start of every model call of
+        the calling thread; ``replan``: whether the call's step makes new plans."""
+        call = self.calls.value
+        call.restart()
         if new_generation:
-            self._random.reset()
+            call.random.reset()
         # decided here, outside compiled code, so the hot path only asks whether a plan is
         # cached: one graph variant that plans and one that reuses, whatever the step
-        if new_generation or self.state.replan:
-            self._cache = None
+        if new_generation or replan:
+            call.drop_plans()
 
     def plan_afresh(self, x: Tensor) -> Plan | None:
         """``make_plan``, kept as the site's ``last_plan`` (progressive mode: every call of a
         block plans on the tokens reaching it, nothing is reused)."""
         plan = self.make_plan(x)
         if plan is not None:
+            call = self.calls.value
             key = (x.shape[0], x.shape[1], x.device, x.dtype)
-            self._cache = _CachedPlan(key, plan, self._planned_layout)
+            call.current = call.last = _CachedPlan(key, plan, call.layout)
         return plan
 
     def start_fresh(self) -> None:
         """The next target call plans afresh (a new block call in a model without steps)."""
-        self.seen_this_call = False
-        self._cache = None
+        call = self.calls.value
+        call.drop_plans()  # of every site call: nothing of an earlier input is ever reused
+        call.index, call.seen = 0, 0
+
+    def new_target(self) -> int:
+        """A bit of its own for a target module of this site (``plan_for``'s ``target``)."""
+        bit = 1 << self._targets
+        self._targets += 1
+        return bit
 
     def _features(self, image_tokens: Tensor) -> tuple[Tensor, int]:
         """Features the strategy plans on, and how many times the plan repeats over the batch."""
@@ -178,24 +264,33 @@ class SitePatch:
                 return F.normalize(features.mean(0, keepdim=True), dim=-1), 1
         return features, repeats
 
-    def plan_for(self, x: Tensor) -> Plan | None:
-        """The plan for ``x (B, N, C)`` at this call: cached if still valid, else a new one;
-        None when the adapter knows no layout for it (the call then passes through).
+    def plan_for(self, x: Tensor, target: int = 1) -> Plan | None:
+        """The plan for ``x (B, N, C)`` at this call of target ``target`` (its bit, from
+        ``new_target``): cached if still valid, else a new one; None when the adapter knows no
+        layout for it (the call then passes through).
 
-        The first target of a site at a call decides; later targets of the same call share its
-        plan. Only booleans set by the root hook and the shapes of ``x`` are read here.
+        The first target of a site call decides; later targets of the same site call share its
+        plan. A target that ran already starts the next site call, which has a cached plan of
+        its own (a module called twice in one forward never merges its second input with the
+        first one's plan). Only values set by the root hook and the shapes of ``x`` are read.
         """
-        first = not self.seen_this_call
-        self.seen_this_call = True
+        call = self.calls.value
+        if call.index >= 0 and call.seen & target and torch._C._current_graph_task_id() != -1:
+            call.replay()  # checked on a repeat only: no cost, nor graph break, on a forward
+        elif call.index < 0 or call.seen & target:
+            call.next_site_call()
+        first = call.seen == 0 and not call.replaying
+        call.seen |= target
         key = (x.shape[0], x.shape[1], x.device, x.dtype)
-        cached = self._cache
+        cached = call.current
         if cached is not None and cached.key == key:
             if first:
                 self._count(cached.plan, x.shape[1], _REUSED)
+            call.last = cached
             return cached.plan
         plan = self.make_plan(x)
         if plan is not None:
-            self._cache = _CachedPlan(key, plan, self._planned_layout)
+            call.keep(_CachedPlan(key, plan, call.layout))
         return plan
 
     def make_plan(self, x: Tensor) -> Plan | None:
@@ -207,7 +302,8 @@ class SitePatch:
         layout = self.layout(self.site, x)
         if layout is None:
             return None
-        self._planned_layout = layout
+        call = self.calls.value
+        call.layout = layout
         prefix = layout.num_prefix
         n = layout.num_image_tokens
         if prefix + n != x.shape[1]:
@@ -223,9 +319,9 @@ class SitePatch:
             self._count(plan, x.shape[1], _COMPUTED, skipped=reason)
             return plan
         num_merge = min(wanted, self.strategy.capacity(layout, self.site))
-        features, repeats = self._features(self._metric_image_tokens(x, prefix, n))
+        features, repeats = self._features(self._metric_image_tokens(x, prefix, n, call.metric))
         with torch.no_grad():
-            plan = self.strategy.make_plan(features, layout, self.site, num_merge, self._random)
+            plan = self.strategy.make_plan(features, layout, self.site, num_merge, call.random)
         plan = plan.with_prefix(prefix)
         if plan.batch not in (1, x.shape[0]):
             plan = plan.repeat(repeats)
@@ -247,10 +343,9 @@ class SitePatch:
     def _asked(self) -> str:
         return f"ratio {self.ratio}" if self.config.r is None else f"r={self.config.r}"
 
-    def _metric_image_tokens(self, x: Tensor, prefix: int, n: int) -> Tensor:
+    def _metric_image_tokens(self, x: Tensor, prefix: int, n: int, metric: Tensor | None) -> Tensor:
         """The image tokens the plan is made from: those of ``metric`` when it fits this call
         (all of ``x``'s tokens, or its ``n`` image tokens alone), else ``x``'s own."""
-        metric = self.metric
         if metric is not None and metric.shape[0] == x.shape[0]:
             if metric.shape[1] == x.shape[1]:
                 return metric[:, prefix:]
@@ -312,7 +407,7 @@ class SitePatch:
         given, adds each merged slot's log size to the attention logits of a merged call
         (``tokenmerge.proportional``).
         """
-        hook = _LocalHook(self, arg_name, guard, adjust, correction, bias)
+        hook = _LocalHook(self, arg_name, guard, adjust, correction, bias, self.new_target())
         if correction is not None:
             self.report_correction(correction)
         return [
@@ -336,12 +431,12 @@ class _BlockInput:
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states")
-        self.patch.metric = x if isinstance(x, Tensor) and x.dim() == 3 else None
+        self.patch.calls.value.metric = x if isinstance(x, Tensor) and x.dim() == 3 else None
         if self.fresh:
             self.patch.start_fresh()
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.patch.metric = None  # never keep an activation alive between calls
+        self.patch.calls.value.metric = None  # never keep an activation alive between calls
 
 
 class _LocalHook:
@@ -355,18 +450,27 @@ class _LocalHook:
         adjust: Adjust | None,
         correction: ValueCorrection | None,
         bias: SizeBias | None = None,
+        target: int = 1,
     ) -> None:
         self.patch = patch
         self.arg_name = arg_name
         self.guard = guard
         self.adjust = adjust
         self.correction = correction
+        self.corrections = per_thread_correction(correction)
         self.bias = bias
-        #: the call's plan, with its ``(x, merged, call)`` when a correction needs them
-        self.plans: list[tuple[Plan | None, tuple[Tensor, Tensor, Call] | None]] = []
+        self.target = target
+        #: per thread: the call's plan, with its ``(x, merged, call)`` when a correction needs
+        #: them
+        self.slots = PerThread(list)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "plans": []}
+        return {**self.__dict__, "slots": PerThread(list)}
+
+    @property
+    def plans(self) -> list[tuple[Plan | None, tuple[Tensor, Tensor, Call] | None]]:
+        """The calling thread's plan slot (empty between calls)."""
+        return self.slots.value
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if args:
@@ -382,20 +486,21 @@ class _LocalHook:
         if reason is None and (not isinstance(x, Tensor) or x.dim() != 3):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             reason = f"hidden states of shape {shape}, not (batch, tokens, channels)"
-        plan = self.patch.plan_for(x) if reason is None else None
+        plan = self.patch.plan_for(x, self.target) if reason is None else None
         if plan is None:
             self.patch.count_pass_through(
                 reason or f"no token grid known for {x.shape[1]} tokens at this call"
             )
         # one slot: a forward that raised left its plan here, and this call replaces it
-        self.plans.clear()
+        slot = self.slots.value
+        slot.clear()
         if plan is None or plan.is_identity:
-            self.plans.append((plan, None))
+            slot.append((plan, None))
             return None
         merged = self.patch.observed("merge", plan.merge, x)
         # the call's own arguments (the full rotary table, text tokens) for the correction's fit
         inputs = (x, merged, Call(args, kwargs)) if self.correction is not None else None
-        self.plans.append((plan, inputs))
+        slot.append((plan, inputs))
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
         if self.bias is not None:
@@ -405,9 +510,10 @@ class _LocalHook:
         return args, {**kwargs, self.arg_name: merged}
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.plans:  # the pre-hook raised before planning
+        slot = self.slots.value
+        if not slot:  # the pre-hook raised before planning
             return None
-        plan, inputs = self.plans.pop()  # never kept past the call
+        plan, inputs = slot.pop()  # never kept past the call
         if plan is None or plan.is_identity:
             return None
         observed = self.patch.observed
@@ -427,4 +533,33 @@ class _LocalHook:
         if inputs is None:
             return unmerged
         x, merged, call = inputs
-        return self.correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)
+        correction = self.corrections.value
+        out = correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)
+        report_fit(self.correction, correction)
+        return out
+
+
+class _ThreadCorrection:
+    """Makes a thread's own copy of a value correction: its fit belongs to the thread's plan."""
+
+    def __init__(self, template: ValueCorrection) -> None:
+        self.template = template
+
+    def __call__(self) -> ValueCorrection:
+        correction = copy.copy(self.template)
+        correction._forget()
+        return correction
+
+
+def per_thread_correction(correction: ValueCorrection | None) -> PerThread | None:
+    """Each thread's copy of ``correction`` (None for None); the copies' fits show in
+    ``correction``'s ``reported()`` through ``report_fit``."""
+    return None if correction is None else PerThread(_ThreadCorrection(correction))
+
+
+def report_fit(template: ValueCorrection, used: ValueCorrection) -> None:
+    """Show the fit of a thread's copy ``used`` in ``template`` (what ``stats()`` reads).
+
+    Written at every call without reading ``template`` first: under ``torch.compile`` a read
+    would guard on whether it held a fit yet, and add a graph variant."""
+    template.beta, template.verified = used.beta, used.verified

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .calls import CallValues, PerThread
 from .patch import SitePatch
 from .plan import Plan, _rows
 from .site import TokenLayout
@@ -48,7 +50,8 @@ KeysFn = Callable[[Any], Tensor]
 
 
 class TokenTrack:
-    """What progressive mode knows about the tokens of the current call.
+    """What progressive mode knows about the tokens of the current call (one per thread: see
+    ``TokenCarry.tracks``).
 
     Attributes:
         num_prefix: protected tokens in front (class, distillation, registers).
@@ -147,7 +150,11 @@ def _with_bias(mask: Any, bias: Tensor) -> Tensor:
 
 class TokenCarry:
     """The model-level hooks of progressive mode: one pre-hook on every block, one forward hook
-    on the last block (a class, so ``copy.deepcopy`` copies it with the model)."""
+    on the last block (a class, so ``copy.deepcopy`` copies it with the model).
+
+    ``track`` is a blank record; each thread calling the model follows its tokens in a record of
+    its own (``tracks``, ``tokenmerge.calls``).
+    """
 
     def __init__(
         self,
@@ -157,17 +164,22 @@ class TokenCarry:
         proportional: bool,
         adjust: BlockAdjust | None = None,
     ) -> None:
-        self.track = track
+        self.tracks = PerThread(partial(TokenTrack, track.num_prefix))
         self.grid = grid
         self.mask = mask
         self.proportional = proportional and mask is not None
         self.adjust = adjust
 
+    @property
+    def track(self) -> TokenTrack:
+        """The calling thread's token record."""
+        return self.tracks.value
+
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
         if not isinstance(x, Tensor) or x.dim() != 3:
             return None
-        track = self.track
+        track = self.tracks.value
         grid = self.grid()
         if grid is not None and x.shape[1] == track.num_prefix + grid[0] * grid[1]:
             track.start(grid)
@@ -183,7 +195,7 @@ class TokenCarry:
         return args, kwargs
 
     def restore(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        track = self.track
+        track = self.tracks.value
         x = output[0] if isinstance(output, (tuple, list)) else output
         if not track.merged or not isinstance(x, Tensor) or x.shape[1] != track.num_tokens:
             return None
@@ -208,24 +220,23 @@ class TokenCarry:
 class _ProgressiveSite:
     """The hooks of one progressive site (a class, so ``copy.deepcopy`` copies it)."""
 
-    def __init__(self, patch: SitePatch, track: TokenTrack, keys: KeysFn, at_mlp: bool) -> None:
+    def __init__(self, patch: SitePatch, tracks: PerThread, keys: KeysFn, at_mlp: bool) -> None:
         self.patch = patch
-        self.track = track
+        self.tracks = tracks
         self.keys = keys
         self.at_mlp = at_mlp
-        self.plan: Plan | None = None
-        # the plan's size weights and the sizes after it, computed once for both merges
-        self.weight: Tensor | None = None
-        self.merged_sizes: Tensor | None = None
+        # per thread: the plan, its size weights and the sizes after it, computed once for both
+        # merges
+        self.calls = PerThread(_site_call)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "plan": None, "weight": None, "merged_sizes": None}
+        return {**self.__dict__, "calls": PerThread(_site_call)}
 
     def take_keys(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.patch.metric = self.keys(output)
+        self.patch.calls.value.metric = self.keys(output)
 
     def _plan(self, x: Tensor) -> Plan | None:
-        track = self.track
+        track = self.tracks.value
         if track.grid is None:
             expected = None
         elif track.merged:
@@ -239,10 +250,11 @@ class _ProgressiveSite:
             )
             return None
         plan = self.patch.plan_afresh(x)
-        self.patch.metric = None
+        self.patch.calls.value.metric = None
         if plan is not None and not plan.is_identity:
             sizes = track.sizes_for(plan, x.shape[0])
-            self.weight, self.merged_sizes = plan.size_weights(sizes)
+            call = self.calls.value
+            call.weight, call.merged_sizes = plan.size_weights(sizes)
         return plan
 
     def mlp_before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
@@ -252,44 +264,51 @@ class _ProgressiveSite:
                 "positional input; progressive merging at the MLP needs it"
             )
         x = args[0]
-        self.plan = plan = self._plan(x)
+        call = self.calls.value
+        call.plan = plan = self._plan(x)
         if plan is None or plan.is_identity:
             return None
-        return (self.patch.observed("merge", plan.merge, x, weight=self.weight), *args[1:]), kwargs
+        return (self.patch.observed("merge", plan.merge, x, weight=call.weight), *args[1:]), kwargs
 
     def mlp_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Any:
-        plan = self.plan
+        plan = self.calls.value.plan
         if plan is None or plan.is_identity:
             return None
         return self.patch.observed("unmerge", plan.unmerge, output)
 
     def block_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = output[0] if isinstance(output, (tuple, list)) else output
-        plan = self.plan if self.at_mlp else self._plan(x)
-        self.plan = None
-        self.patch.metric = None
+        call = self.calls.value
+        plan = call.plan if self.at_mlp else self._plan(x)
+        call.plan = None
+        self.patch.calls.value.metric = None
         if plan is None or plan.is_identity:
             return None
-        merged = self.patch.observed("merge", plan.merge, x, weight=self.weight)
-        self.track.record(plan, self.merged_sizes)
-        self.weight = self.merged_sizes = None
+        merged = self.patch.observed("merge", plan.merge, x, weight=call.weight)
+        self.tracks.value.record(plan, call.merged_sizes)
+        call.weight = call.merged_sizes = None
         if isinstance(output, (tuple, list)):
             return type(output)([merged, *output[1:]])
         return merged
 
 
+def _site_call() -> CallValues:
+    return CallValues(plan=None, weight=None, merged_sizes=None)
+
+
 def attach_progressive(
     patch: SitePatch,
-    track: TokenTrack,
+    tracks: PerThread,
     block: nn.Module,
     keys_module: nn.Module,
     keys: KeysFn,
     mlp: nn.Module | None,
 ) -> list[RemovableHandle]:
-    """Install one progressive site: keys from ``keys_module``'s output (through ``keys``), the
+    """Install one progressive site, following the tokens in ``tracks`` (the carry's
+    ``TokenCarry.tracks``): keys from ``keys_module``'s output (through ``keys``), the
     merge at ``mlp``'s input when given (else at the block output), the block output merged
     (in front of the block's other forward hooks; see ``TokenCarry.attach_restore``)."""
-    hooks = _ProgressiveSite(patch, track, keys, at_mlp=mlp is not None)
+    hooks = _ProgressiveSite(patch, tracks, keys, at_mlp=mlp is not None)
     handles = [keys_module.register_forward_hook(hooks.take_keys)]
     if mlp is not None:
         handles += [

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .errors import InvalidInputError
+
 __all__ = ["StepState", "timestep_value"]
+
+#: a drop of the timestep this many times the largest step of the generation so far is no step
+#: of it: the run was abandoned and another one started lower (an img2img run, say)
+IMPLAUSIBLE_DROP = 8.0
+#: conditioning tensors one step may take (the guidance halves as separate calls, PAG's third)
+MAX_CONDITIONINGS = 4
 
 
 def timestep_value(timestep: Any) -> float | None:
@@ -26,7 +37,10 @@ def timestep_value(timestep: Any) -> float | None:
 
 @dataclass
 class StepState:
-    """Denoising progress of one patched model, fed by the adapter's root pre-hook.
+    """Denoising progress of one patched model in one thread, fed by the adapter's root pre-hook.
+
+    Each thread calling a patched model has its own (``tokenmerge.calls``); ``Handle.state`` is
+    the calling thread's.
 
     - A call whose timestep is lower than the last one is the next step.
     - A call with the same timestep is the same step (e.g. the two classifier-free guidance
@@ -34,8 +48,14 @@ class StepState:
       step plans. With the halves as separate calls and ``cache_interval`` > 1, the steps in
       between reuse the plan of the step's last call: batch the halves (the diffusers default)
       for a plan per sample.
-    - A timestep higher than the last starts a new generation (step 0); so does every call
-      without a timestep, so models that are not denoisers never reuse a plan across inputs.
+    - A new generation (step 0) starts at a call without a timestep (so models that are not
+      denoisers never reuse a plan across inputs), at a timestep higher than the last, at a
+      sample of another shape, at a conditioning tensor (text embeddings) the generation has not
+      seen at a step other than the one under way (pipelines make one per generation and pass
+      it at every step), and at a drop of the timestep more than ``IMPLAUSIBLE_DROP`` times the
+      generation's largest step so far (a run abandoned at t=979 and another started at t=600).
+    - A timestep that is not a finite number is refused (``InvalidInputError``), and the call
+      changes nothing.
 
     The root hook runs outside any compiled graph and turns this into one boolean per call,
     ``replan``, which is all the merge sites read: a denoising loop then compiles to a few graph
@@ -49,6 +69,9 @@ class StepState:
         cache_interval: plans are made at steps 0, k, 2k... of a generation (k = this).
         replan: whether sites make new plans at this call (else they reuse their cached plan
             when it fits the call's batch, tokens, device and dtype).
+        shape: the shape of the generation's sample (None: not known).
+        largest_drop: the largest fall of the timestep between two steps of the generation.
+        epoch: the ``Handle.new_generation`` count this state has followed.
     """
 
     generation: int = 0
@@ -57,25 +80,79 @@ class StepState:
     timestep: float | None = None
     cache_interval: int = 1
     replan: bool = True
+    shape: tuple[int, ...] | None = None
+    largest_drop: float = 0.0
+    epoch: int = 0
+    #: weak references to the conditioning tensors of the generation (never kept alive here)
+    conditionings: list[weakref.ref] = field(default_factory=list, repr=False)
 
-    def begin_call(self, timestep: float | None) -> bool:
-        """Record the start of a root forward call with this timestep (None if it has none).
+    def begin_call(
+        self,
+        timestep: float | None,
+        shape: tuple[int, ...] | None = None,
+        conditioning: torch.Tensor | None = None,
+    ) -> bool:
+        """Record the start of a root forward call with this timestep (None if it has none), the
+        shape of its sample and its conditioning tensor (None where unknown).
 
         Returns:
             True when the call starts a new generation.
+
+        Raises:
+            InvalidInputError: the timestep is NaN or infinite (nothing is recorded).
+
+        Example:
+            >>> state = StepState(cache_interval=2)
+            >>> [state.begin_call(t) for t in (999.0, 979.0, 959.0, 600.0)]
+            [True, False, False, True]
+            >>> state.step, state.replan
+            (0, True)
         """
+        if timestep is not None and not math.isfinite(timestep):
+            raise InvalidInputError(
+                f"timestep {timestep} is not a finite number; tokenmerge counts denoising steps "
+                "by comparing timesteps (a lower one is the next step), which needs finite "
+                "values. Pass the scheduler's timestep (check it and the inputs for NaN / inf), "
+                "or remove the patch for this call"
+            )
         self.call += 1
-        started = timestep is None or self.timestep is None or timestep > self.timestep
+        started = (
+            timestep is None
+            or self.timestep is None
+            or timestep > self.timestep
+            or (shape is not None and self.shape is not None and shape != self.shape)
+            or self._new_conditioning(conditioning, timestep)
+            or self._implausible_drop(timestep)
+        )
         if started:
             self.new_generation()
         elif timestep < self.timestep:
+            self.largest_drop = max(self.largest_drop, self.timestep - timestep)
             self.step += 1
             self.replan = self.step % self.cache_interval == 0
         # the same timestep again (the CFG halves run as two calls, a solver's correction): the
         # step's decision stands, so with cache_interval 1 every call plans on its own input,
         # as tomesd does
         self.timestep = timestep
+        self.shape = shape
+        self._remember(conditioning)
         return started
+
+    def _new_conditioning(self, conditioning: torch.Tensor | None, timestep: float) -> bool:
+        """Whether ``conditioning`` is foreign to the generation: not seen in it, and not a
+        further conditioning of the step under way (the other guidance half)."""
+        if conditioning is None or any(ref() is conditioning for ref in self.conditionings):
+            return False
+        joins = timestep == self.timestep and len(self.conditionings) < MAX_CONDITIONINGS
+        return not joins
+
+    def _implausible_drop(self, timestep: float) -> bool:
+        drop = self.timestep - timestep
+        return self.largest_drop > 0 and drop > IMPLAUSIBLE_DROP * self.largest_drop
+
+    def _remember(self, conditioning: torch.Tensor | None) -> None:
+        if conditioning is not None and not any(r() is conditioning for r in self.conditionings):
+            self.conditionings.append(weakref.ref(conditioning))
 
     def new_generation(self) -> None:
         """Start a new generation: step 0, every site plans afresh."""
@@ -83,3 +160,17 @@ class StepState:
         self.step = 0
         self.timestep = None
         self.replan = True
+        self.shape = None
+        self.largest_drop = 0.0
+        self.conditionings = []
+
+    def __deepcopy__(self, memo: dict) -> StepState:
+        # the weak references stay as they are: a copy goes on with the same conditioning
+        clone = copy.copy(self)
+        clone.conditionings = list(self.conditionings)
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        # weak references cannot be pickled: an unpickled model starts a generation at a
+        # conditioning it has not seen (it plans afresh, which is always right)
+        return {**self.__dict__, "conditionings": []}
