@@ -516,6 +516,72 @@ def test_backward_agrees_with_finite_differences_with_the_correction_on():
     handle.remove()
 
 
+def _dit_denoiser() -> tuple[tokenmerge.Handle, Callable[[Tensor], Tensor]]:
+    """A float64 diffusers DiT under retom (value correction on by default), its plans made
+    and weights fitted at a first step and cached: the model at the next step, of its latents."""
+    model = _seeded(TRANSFORMERS["dit"], 3.0).double()
+    kwargs = transformer_inputs("dit")
+    handle = tokenmerge.apply(model, "retom", ratio=0.5, cache_interval=1000, **DIFFUSION)
+    with torch.no_grad():
+        model(
+            **{
+                **kwargs,
+                "hidden_states": kwargs["hidden_states"].double(),
+                "timestep": torch.full_like(kwargs["timestep"], 999),
+            }
+        )
+
+    def denoise(latents: Tensor) -> Tensor:
+        return model(
+            **{
+                **kwargs,
+                "hidden_states": latents,
+                "timestep": torch.full_like(kwargs["timestep"], 998),
+            }
+        ).sample
+
+    return handle, denoise
+
+
+def _timm_vit_every_call() -> tuple[tokenmerge.Handle, Callable[[Tensor], Tensor]]:
+    """A float64 timm ViT under retom in local mode: it plans and fits at every call, so the
+    weight of each call is a function of that call's input."""
+    model = _seeded(VITS["vit"].build, VIT_SCALE).double()
+    return tokenmerge.apply(model, "retom", ratio=0.5, **LOCAL), model.forward_features
+
+
+@pytest.mark.parametrize(
+    "build, inputs",
+    [
+        (_dit_denoiser, lambda: transformer_inputs("dit")["hidden_states"]),
+        (_timm_vit_every_call, lambda: VITS["vit"].inputs()),
+    ],
+    ids=["diffusers-dit-cached", "timm-vit-every-call"],
+)
+def test_retom_backward_agrees_with_finite_differences(build, inputs):
+    """retom's default value correction through autograd, in float64 (a directional finite
+    difference: a full gradcheck of a whole model takes minutes): with the plan and weight
+    cached from an earlier step (a diffusers DiT) and fitted at the very call (a timm ViT in
+    local mode, where a weight fitted without gradients made backward disagree)."""
+    handle, run = build()
+    x = inputs().double().requires_grad_()
+    out = run(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    eps = 1e-6
+    with torch.no_grad():  # a central difference of the same scalar along the direction
+        ahead, behind = run(x + eps * direction), run(x - eps * direction)
+        numeric = ((ahead - behind) * weights).sum() / (2 * eps)
+    analytic = (grad * direction).sum()
+    # float64 differences are good to ~1e-9 here; a weight fitted without gradients gave 5e-3
+    assert float((analytic - numeric).abs() / numeric.abs()) < 1e-7
+    stats = list(handle.stats().values())
+    assert stats and all(s.tokens_out < s.tokens_in for s in stats)
+    assert all(s.value_correction is not None and s.value_correction > 0.1 for s in stats)
+    handle.remove()
+
+
 def test_plans_used_once_apply_the_projections_directly():
     """A plan whose offsets are fewer than the channels applies ``W_o W_v`` to them directly,
     and a second call with it forms the product: both agree with the definition."""

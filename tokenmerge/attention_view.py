@@ -236,8 +236,9 @@ class QKVView(AttentionView):
         eye = torch.eye(channels, device=x.device, dtype=x.dtype)
         keys = linear_part(self.key, eye)  # (C, H d): row c is W_k e_c
         per_head = keys.t().reshape(heads, -1, channels)  # (H, d, C): W_k,h
-        folded = (query @ per_head).float().reshape(batch, heads * count, channels)
-        inputs = x.float()
+        wide = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+        folded = (query @ per_head).to(wide).reshape(batch, heads * count, channels)
+        inputs = x.to(wide)
         scale = self.scale if self.scale is not None else query.shape[-1] ** -0.5
         weights = (folded @ inputs.transpose(1, 2) * scale).softmax(dim=-1)
         means = (weights @ inputs).to(x.dtype)  # (B, H k, C): each head's weighted mean of x

@@ -127,7 +127,7 @@ def _register_plugin(
         for impl in manager.hook.tokenmerge_register_commands.get_hookimpls():
             if impl.plugin is plugin:
                 impl.function(register=register)
-    except Exception:
+    except BaseException:
         manager.unregister(plugin)
         raise
     commands.update(found)
@@ -157,7 +157,10 @@ def load_commands() -> dict[str, Command]:
         origin = f"{dist.metadata['Name']} {dist.version}" if dist else entry_point.value
         try:
             _register_plugin(manager, entry_point.load(), entry_point.name, commands)
-        except Exception as error:  # noqa: BLE001 - any third-party failure is skipped
+        except KeyboardInterrupt:
+            raise
+        # SystemExit too: a plugin parsing sys.argv at import must not end the command
+        except BaseException as error:  # noqa: BLE001 - any third-party failure is skipped
             warnings.warn(
                 f"tokenmerge command plugin {entry_point.name!r} (from {origin}) failed to load "
                 f"and was skipped: {type(error).__name__}: {error}",

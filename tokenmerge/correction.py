@@ -27,8 +27,10 @@ every call) applies ``W_o W_v`` to the offsets directly where that is cheaper th
 ``C x C`` product.
 
 Gradients: the correction is applied through autograd (the offsets and, when a weight is
-trained, the projections themselves) whenever autograd records; ``beta`` is a constant of the
-plan, fitted without gradients, like the plan itself.
+trained, the projections themselves) whenever autograd records. ``beta`` is fitted through
+autograd too at the call that fits it (a ViT in local mode fits at every call, so its ``beta``
+is a function of that call's input); calls that reuse a plan take its ``beta`` as a constant,
+like the plan itself.
 """
 
 from __future__ import annotations
@@ -133,16 +135,26 @@ class ValueCorrection:
         offsets = (sources - merged.reshape(-1, width).index_select(0, dst_rows)).view(
             batch, -1, width
         )  # (B, r, C)
+        tracked = torch.is_grad_enabled() and (
+            offsets.requires_grad or y.requires_grad or view.requires_grad()
+        )
+        beta = self.beta
         if fresh:
-            with torch.no_grad():
-                self.beta, self._weighted, self.verified = observed(
-                    "fit", self._fit, plan, x, merged, y, offsets.detach(), call
+            # beta fitted at this call is a function of this call's input: fitted through
+            # autograd when it records, or backward would disagree with the forward; kept
+            # (detached) with the plan, it is a constant of the calls that reuse the plan
+            fitted = offsets if tracked else offsets.detach()
+            with torch.set_grad_enabled(tracked):
+                beta, weighted, self.verified = observed(
+                    "fit", self._fit, plan, x, merged, y, fitted, call
                 )
+            self.beta = beta.detach().float()
+            self._weighted = None if weighted is None else weighted.detach()
             self._fitted_for = plan
         weighted = self._weighted
-        if torch.is_grad_enabled() and (offsets.requires_grad or view.requires_grad()):
-            # through autograd: the offsets and the projections; beta stays a constant
-            correction = self._projected(offsets, call)
+        if tracked:
+            # through autograd: the offsets, the projections and a beta fitted at this call
+            correction = self.view.project(offsets, call) * beta.to(offsets.dtype)[:, None, None]
         elif weighted is None and fresh:
             with torch.no_grad():  # the plan's only call so far: W_o W_v on the offsets
                 correction = self._projected(offsets, call)
@@ -151,7 +163,10 @@ class ValueCorrection:
                 with torch.no_grad():
                     weighted = self._weighted = self._weighted_product(x, call)
             correction = torch.bmm(offsets, weighted)
-        y.view(batch * tokens, channels).index_add_(0, src_rows, correction.view(-1, channels))
+        flat = y.view(batch * tokens, channels)
+        if tracked and fresh:  # out of place: the fit's graph holds y (gather saves its input)
+            return flat.index_add(0, src_rows, correction.view(-1, channels)).view_as(y)
+        flat.index_add_(0, src_rows, correction.view(-1, channels))
         return y
 
     def _projected(self, offsets: Tensor, call: Call) -> Tensor:
@@ -188,7 +203,7 @@ class ValueCorrection:
         column = sampled @ product if product is not None else self.view.project(sampled, call)
         column = column.double()
         fit = (column * residual).sum((1, 2)) / (column * column).sum((1, 2)).clamp_min(1e-30)
-        beta = fit.clamp(0.0, 1.0).float()
+        beta = fit.clamp(0.0, 1.0)  # float64: the caller keeps it as float32
         verified = None
         if self.view.verify:
             verified = self._matches_module(plan, merged, y, call)

@@ -62,6 +62,10 @@ class PluginError(TokenMergeError):
     """A plugin could not be registered."""
 
 
+class InvalidPlanError(TokenMergeError, ValueError):
+    """A strategy returned a plan (or a capacity) that breaks the plan contract."""
+
+
 class ModelLoadError(TokenMergeError, ValueError):
     """A local checkpoint folder could not be loaded (missing, unrecognised, corrupt...)."""
 

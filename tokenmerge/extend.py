@@ -24,7 +24,13 @@ Example:
 
 from .adapter import Adapter, AdapterOptions, SiteCandidate
 from .adapter_spec import AdapterSpec
-from .errors import DuplicateNameError, PluginError, PluginWarning, UnknownNameError
+from .errors import (
+    DuplicateNameError,
+    InvalidPlanError,
+    PluginError,
+    PluginWarning,
+    UnknownNameError,
+)
 from .hookspecs import hookimpl
 from .plan import Plan
 from .registry import (
@@ -43,6 +49,7 @@ __all__ = [
     "AdapterOptions",
     "AdapterSpec",
     "DuplicateNameError",
+    "InvalidPlanError",
     "Plan",
     "PluginError",
     "PluginInfo",

@@ -26,9 +26,10 @@ from .attention_view import Call
 from .calls import PerThread
 from .config import MergeConfig
 from .correction import ValueCorrection
-from .errors import ShortfallWarning
+from .errors import InvalidPlanError, ShortfallWarning
 from .observe import Observer, Part
 from .plan import Plan
+from .plan_check import capacity_problem, checks_values, plan_problem
 from .proportional import SizeBias
 from .rng import SiteRandom
 from .site import Site, SiteStats, TokenLayout
@@ -158,6 +159,8 @@ class SitePatch:
         seed = config.seed * 1_000_003 + zlib.crc32(site.name.encode())
         self.calls = PerThread(partial(_SiteCall, seed))
         self._targets = 0  # targets attached so far (each gets a bit of ``_SiteCall.seen``)
+        #: whether fresh plans get the value checks (one host read each; tokenmerge.plan_check)
+        self._check_values = checks_values(type(strategy))
         self._warned_shortfall = False
         self._corrections: list[ValueCorrection] = []  # of this site's attention targets
         #: called around each part of the work (``Handle.observe``); None: nothing observes
@@ -318,10 +321,14 @@ class SitePatch:
             plan = Plan.identity(x.shape[1], x.device)
             self._count(plan, x.shape[1], _COMPUTED, skipped=reason)
             return plan
-        num_merge = min(wanted, self.strategy.capacity(layout, self.site))
+        capacity = self.strategy.capacity(layout, self.site)
+        self._reject(capacity_problem(capacity, n), "capacity()")
+        num_merge = min(wanted, int(capacity))
         features, repeats = self._features(self._metric_image_tokens(x, prefix, n, call.metric))
         with torch.no_grad():
             plan = self.strategy.make_plan(features, layout, self.site, num_merge, call.random)
+        rows = features.shape[0]
+        self._reject(plan_problem(plan, n, rows, num_merge, self._check_values), "make_plan")
         plan = plan.with_prefix(prefix)
         if plan.batch not in (1, x.shape[0]):
             plan = plan.repeat(repeats)
@@ -339,6 +346,19 @@ class SitePatch:
                 stacklevel=4,  # the caller of make_plan (past observed)
             )
         return plan
+
+    def _reject(self, problem: str | None, what: str) -> None:
+        """One ``InvalidPlanError`` naming the strategy and the site, when a fresh plan (or the
+        capacity it is made for) breaks the plan contract: a plan used as it is could give one
+        sample's tokens another sample's values."""
+        if problem is None:
+            return
+        raise InvalidPlanError(
+            f"strategy {self.strategy.name!r} ({type(self.strategy).__qualname__}) at site "
+            f"{self.site.name!r}: {what} broke the plan contract: {problem}. Fix the strategy "
+            "(see docs/write-a-strategy.md; tokenmerge.testing.check_strategy finds such bugs) "
+            "or use another one."
+        )
 
     def _asked(self) -> str:
         return f"ratio {self.ratio}" if self.config.r is None else f"r={self.config.r}"

@@ -1,9 +1,9 @@
 """The arguments of tomesd and ToMe that users bring with them, and how tokenmerge spells each.
 
-An unknown config field that is one of these names gets the translation in its error instead of
-a bare "unknown field" (``tokenmerge.validation.format_validation_error``); docs/migration.md has the
-full tables with side-by-side examples. tomesd's ``ratio``, ``sx`` and ``sy`` mean the same here
-and need no entry.
+An unknown config field that is one of these names gets the translation in its error instead
+of a bare "unknown field" (``tokenmerge.validation.format_validation_error``); docs/migration.md
+has the full tables with side-by-side examples. tomesd's ``ratio``, ``sx`` and ``sy`` mean the
+same here and need no entry.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from .errors import (
     UnknownAdapterError,
     UnknownNameError,
     UnknownStrategyError,
+    close_matches,
     unknown_name_message,
 )
 from .strategy import Strategy
@@ -86,6 +87,31 @@ def _name_of(kind: str, item: Any, who: str) -> str:
     raise PluginError(f"{who}: {item!r} is not a {kind}; register {wanted}")
 
 
+def _why_empty(plugin: Any, manager: pluggy.PluginManager) -> str:
+    """Why a plugin registered nothing, and how to fix it."""
+    hooks = [name for name, _ in _KINDS.values()]
+    wanted = f"an @hookimpl function {' or '.join(hooks)}"
+    if plugin is None:
+        return f"the plugin is None; pass an object or module with {wanted}"
+    names = [n for n in dir(plugin) if n.startswith("tokenmerge_")]
+    marked = [n for n in names if manager.parse_hookimpl_opts(plugin, n) is not None]
+    for name in names:
+        if not callable(getattr(hookspecs, name, None)):
+            matches = close_matches(name, hooks, n=1)
+            hint = f"; did you mean {matches[0]!r}?" if matches else ""
+            return f"{name!r} is no tokenmerge hook (it needs {wanted}){hint}"
+        if name in hooks and name not in marked:
+            return f"{name!r} is not decorated with @tokenmerge.extend.hookimpl"
+    if any(name in hooks for name in marked):
+        return "its hooks ran but called register() for nothing"
+    if marked:  # tokenmerge_register_commands alone
+        return (
+            f"it implements only {', '.join(marked)}, which the tokenmerge command reads from "
+            "the 'tokenmerge.commands' entry-point group"
+        )
+    return f"it has no {wanted[3:]}"
+
+
 class Registry:
     """Strategies, adapters and the plugins that provided them (use the module's ``registry``)."""
 
@@ -118,16 +144,23 @@ class Registry:
             info = PluginInfo(entry_point.name)
             if dist is not None:
                 info.distribution, info.version = dist.metadata["Name"], dist.version
+            origin = f"{info.distribution} {info.version}" if dist else entry_point.value
             try:
-                self._add(entry_point.load(), info)
-            except Exception as error:  # noqa: BLE001 - any third-party failure is skipped
-                origin = f"{info.distribution} {info.version}" if dist else entry_point.value
+                plugin = entry_point.load()
+                self._add(plugin, info)
+            except KeyboardInterrupt:
+                raise
+            # BaseException: a plugin that parses sys.argv at import raises SystemExit (in
+            # Jupyter, on the kernel's own -f flag), which must not end the user's program
+            except BaseException as error:  # noqa: BLE001 - any third-party failure is skipped
                 warnings.warn(
                     f"tokenmerge plugin {info.name!r} (from {origin}) failed to load and was "
                     f"skipped: {type(error).__name__}: {error}",
                     PluginWarning,
                     stacklevel=3,
                 )
+                continue
+            self._warn_if_empty(plugin, info, f"tokenmerge plugin {info.name!r} (from {origin})")
 
     def _add(self, plugin: Any, info: PluginInfo) -> None:
         """Register one plugin atomically: every name it registers, or none."""
@@ -148,7 +181,7 @@ class Registry:
                 for impl in getattr(self._pm.hook, hook).get_hookimpls():
                     if impl.plugin is plugin:
                         impl.function(register=self._registrar(kind, info.name, batch))
-        except Exception:
+        except BaseException:
             self._pm.unregister(plugin)
             raise
         self._entries += batch
@@ -188,8 +221,22 @@ class Registry:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         with self._lock:
             self._ensure_loaded()
-            self._add(plugin, PluginInfo(name))
+            info = PluginInfo(name)
+            if plugin is not None:  # pluggy takes a None plugin for a blocked name
+                self._add(plugin, info)
+        self._warn_if_empty(plugin, info, f"register_plugin(..., name={name!r})")
         return name
+
+    def _warn_if_empty(self, plugin: Any, info: PluginInfo, who: str) -> None:
+        """A ``PluginWarning`` when ``plugin`` registered no strategy and no adapter, saying
+        why where that shows (a misspelled hook name, a hook without ``@hookimpl``)."""
+        if info.strategies or info.adapters:
+            return
+        warnings.warn(
+            f"{who} registered no strategy and no adapter: {_why_empty(plugin, self._pm)}",
+            PluginWarning,
+            stacklevel=4,
+        )
 
     def register_one(self, kind: str, item: Any, replace: bool = False) -> None:
         """Register one strategy class or adapter spec as a plugin ``<kind>:<name>`` of its own;
