@@ -21,6 +21,7 @@ from .config import MergeConfig, r_schedule
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
+    InputError,
     NoSitesError,
     ShortfallWarning,
     TokenMergeError,
@@ -37,6 +38,7 @@ __all__ = [
     "AlreadyAppliedError",
     "ConfigError",
     "Handle",
+    "InputError",
     "MergeConfig",
     "NoSitesError",
     "ShortfallWarning",
