@@ -21,7 +21,6 @@ from .config import MergeConfig, r_schedule
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
-    InputError,
     NoSitesError,
     ShortfallWarning,
     TokenMergeError,
@@ -38,7 +37,6 @@ __all__ = [
     "AlreadyAppliedError",
     "ConfigError",
     "Handle",
-    "InputError",
     "MergeConfig",
     "NoSitesError",
     "ShortfallWarning",

@@ -253,9 +253,9 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
     dtype = getattr(torch, settings.dtype)
     model, info, default_r = _load(settings, device, dtype)
     size = _input_size(model, settings)
-    if settings.size is not None:
-        _check_input_size(model, size)
     reference = get_preset(settings.model).reference if settings.model in PRESETS else None
+    if settings.size is not None and reference != "classifier":  # that one has its own rule
+        _check_input_size(model, size)
     labels = None
     if reference == "classifier":
         from tokenmerge_bench.reference.data import (
