@@ -52,7 +52,7 @@ from tokenmerge.adapters._diffusers import (
 from tokenmerge.adapters._views import body_correction
 from tokenmerge.attention_view import Call
 from tokenmerge.calls import CallValues, PerThread
-from tokenmerge.patch import SitePatch, per_thread_correction, report_fit
+from tokenmerge.patch import EMPTY_BATCH, SitePatch, per_thread_correction, report_fit
 from tokenmerge.plan import Plan
 from tokenmerge.proportional import SizeBias
 from tokenmerge.site import Site
@@ -238,6 +238,9 @@ class SingleBlockBody:
         if call.reason is not None:
             self.patch.count_pass_through(call.reason)
             return None
+        if x.shape[0] == 0:
+            self.patch.count_pass_through(EMPTY_BATCH)
+            return None
         plan = self.patch.plan_for(x)
         if plan is None:
             self.patch.count_pass_through(f"no token grid known for {x.shape[1]} tokens")
@@ -266,6 +269,7 @@ class SingleBlockBody:
         inputs, call.inputs = call.inputs, None
         if plan is None:
             return None
+        self.patch.check_merged_output(plan, output, module)
         return self.patch.observed("unmerge", self._unmerge, plan, output, inputs)
 
     def _unmerge(

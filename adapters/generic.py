@@ -22,9 +22,11 @@ denoising steps like in the diffusion adapters.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar
 
+import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -32,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.config import MergeConfig
-from tokenmerge.errors import NoSitesError
+from tokenmerge.errors import InputError, NoSitesError
 from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site, TokenLayout
 
@@ -135,14 +137,22 @@ class GenericAdapter(Adapter):
 
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout:
         if hidden_states.dim() != 3:
-            raise ValueError(
+            raise InputError(
                 f"site {site.name!r}: the generic adapter needs (batch, tokens, channels) "
                 f"hidden states; got shape {tuple(hidden_states.shape)}"
             )
         n = hidden_states.shape[1] - self.num_prefix
+        if n < 0:
+            raise InputError(
+                f"site {site.name!r}: adapter_options['num_prefix'] is {self.num_prefix}, but "
+                f"the module received only {hidden_states.shape[1]} tokens; num_prefix counts "
+                "the protected tokens in front of the image tokens, so it must not exceed the "
+                "token count: fix adapter_options['num_prefix'] (or the include globs, if this "
+                "module is not the one you meant)"
+            )
         if self.grid is not None:
             if self.grid[0] * self.grid[1] != n:
-                raise ValueError(
+                raise InputError(
                     f"site {site.name!r}: grid {self.grid} holds {self.grid[0] * self.grid[1]} "
                     f"tokens but the module received {n} image tokens (after {self.num_prefix} "
                     "prefix tokens); fix adapter_options['grid'] or ['num_prefix']"
@@ -164,5 +174,21 @@ class GenericAdapter(Adapter):
         if where is None:
             return None
         if isinstance(where, int):
-            return args[where] if len(args) > where else None
-        return kwargs.get(where)
+            value = args[where] if len(args) > where else None
+        else:
+            value = kwargs.get(where)
+        if value is None or isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return value
+        raise InputError(
+            f"adapter_options['timestep_arg'] is {where!r}, and the model was called with a "
+            f"{type(value).__name__} there ({_shorten(value)}); the timestep must be a number or "
+            "a tensor. Point timestep_arg at the model's timestep argument (a keyword name or a "
+            "positional index), or leave it None (every call is then a new generation)"
+        )
+
+
+def _shorten(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

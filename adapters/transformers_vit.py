@@ -10,7 +10,12 @@ Layers are found by class, the one the model records hidden states from
   function (eager and SDPA back-ends add it to the logits);
 - the token count changes at layer boundaries only (the layer's MLP input, progressive mode),
   never inside an attention function; the last layer's output is restored to the full token
-  set, so ``last_hidden_state``, the pooler and the heads see the usual shapes.
+  set, so ``last_hidden_state``, the pooler and the heads see the usual shapes;
+- ``output_hidden_states``: the library records every layer's output as the next layer sees it,
+  merged in progressive mode; each is restored to the full token set (every patch gets a copy of
+  the token it was merged into) before the model returns, so ``hidden_states[i]`` keeps its
+  shape ``(B, N, C)``. Attention weights (``output_attentions``) stay over the merged tokens of
+  their layer: there is no full-size attention map to restore.
 
 Example:
     >>> import torch, tokenmerge
@@ -29,10 +34,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapters._vit import HeadMean, ViTAdapter, ViTBlock
 from tokenmerge.errors import UnsupportedModelError
-from tokenmerge.progressive import ArgSpec
+from tokenmerge.patch import SitePatch
+from tokenmerge.progressive import ArgSpec, TokenCarry
 
 __all__ = ["TransformersViTAdapter"]
 
@@ -115,3 +122,35 @@ class TransformersViTAdapter(ViTAdapter):
     def patch_projection(self, root: nn.Module) -> nn.Module:
         embeddings = _vision_module(root).embeddings
         return next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))
+
+    def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
+        handles = super().attach_model(root, patches)
+        if self.carry is not None:
+            # the module whose forward collects the recorded hidden states
+            self.carry.keep_block_inputs()
+            restore = _RestoreHiddenStates(self.carry)
+            handles.append(_vision_module(root).register_forward_hook(restore))
+        return handles
+
+
+class _RestoreHiddenStates:
+    """Forward hook restoring the recorded hidden states of a progressive patch to the full
+    token set (a class, so ``copy.deepcopy`` copies it with the model)."""
+
+    def __init__(self, carry: TokenCarry) -> None:
+        self.carry = carry
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):  # return_dict=False: the states are the one tuple of tuples
+            states = [i for i, v in enumerate(output) if isinstance(v, tuple)]
+            if not states:
+                self.carry.restore_states(())
+                return None
+            index = states[0]
+            restored = self.carry.restore_states(output[index])
+            return (*output[:index], restored, *output[index + 1 :])
+        states = getattr(output, "hidden_states", None)
+        restored = self.carry.restore_states(states if isinstance(states, tuple) else ())
+        if isinstance(states, tuple):
+            output.hidden_states = restored
+        return None

@@ -23,7 +23,8 @@ from transformer_models import inputs as transformer_inputs
 from vit_models import make_vit, pixels
 
 import tokenmerge
-from tokenmerge import InvalidInputError, TokenMergeError
+from tokenmerge import TokenMergeError
+from tokenmerge.errors import InputError
 from tokenmerge.state import StepState
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -282,7 +283,7 @@ def test_non_finite_timestep_is_refused(bad):
     x, text = unet_inputs(0)
     with torch.no_grad():
         unet(x, 999.0, text)
-        with pytest.raises(InvalidInputError, match="finite") as raised:
+        with pytest.raises(InputError, match="finite") as raised:
             unet(x, torch.tensor([bad, bad]), text)
         assert isinstance(raised.value, TokenMergeError)
         # the refused call changed nothing: the generation goes on at its next step
@@ -293,7 +294,7 @@ def test_non_finite_timestep_is_refused(bad):
 def test_step_state_refuses_non_finite_timesteps():
     state = StepState()
     state.begin_call(999.0)
-    with pytest.raises(InvalidInputError, match="nan"):
+    with pytest.raises(InputError, match="nan"):
         state.begin_call(float("nan"))
     assert (state.step, state.timestep, state.call) == (0, 999.0, 1)
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokenmerge import cli
 from tokenmerge.cli import Command, Listing, load_commands, main
@@ -402,6 +403,61 @@ def test_bench_a_saved_transformer_checkpoint(tmp_path, capsys):
 def test_bench_bad_arguments_give_one_line(arguments, expected, capsys):
     assert main(["bench", *TINY, "--no-progress", *arguments]) == 2
     assert expected in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--set", "ratio=0.3"], "ratio has an option of its own; give it with --ratios"),
+        (["--set", "ratio=0.3", "--strategies", "retom"], "e.g. --ratios 0.3"),
+        (["--set", "strategy=tome"], "give it with --strategies"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+        (["--json", ""], "argument --json: the path is empty"),
+        (["--plot", " "], "argument --plot: the path is empty"),
+        (["--similarity-scale", "nan"], "'nan' is not a finite positive number"),
+        (["--similarity-scale", "-1"], "'-1' is not a finite positive number"),
+        (["--size", "8"], "image size 8 px is not a multiple of 8 of at least 16"),
+        (["--model", "tiny-sd3", "--size", "8192"], "too large for this SD3 model"),
+    ],
+)
+def test_bench_user_errors_are_one_line_with_status_2(arguments, expected, capsys):
+    code = main(["bench", *TINY, "--no-progress", "--no-plot", "--peer", "none", *arguments])
+    assert (code, expected in _error_line(capsys)) == (2, True)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--size", "70"], "--size 70: VisionTransformer takes 64 x 64 px images only"),
+        (["--set", "ratio=0.3", "--strategies", "retom"], "--set 'ratio=0.3'"),
+        (["--device", "nonsense"], "is not a torch device"),
+    ],
+)
+def test_classifier_bench_user_errors_are_one_line_with_status_2(arguments, expected, capsys):
+    code = main(["bench", "--model", "tiny-vit", "--no-progress", "--no-plot", *arguments])
+    assert (code, expected in _error_line(capsys)) == (2, True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA GPU")
+@pytest.mark.parametrize("command", ["bench", "visualize"])
+def test_cuda_without_a_gpu_is_one_line_with_status_2(command, tmp_path, capsys):
+    argv = [command, "--model", "tiny-unet", "--device", "cuda"]
+    output = ["-o", str(tmp_path / "v.png")]
+    argv += ["--no-plot", "--no-progress"] if command == "bench" else output
+    assert main(argv) == 2
+    assert "--device cuda: no cuda device is available" in _error_line(capsys)
+
+
+def test_visualize_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    for arguments, expected in [
+        (["--device", "nonsense"], "is not a torch device"),
+        (["--output", ""], "argument --output/-o: the path is empty"),
+        (["--similarity-scale", "inf"], "'inf' is not a finite positive number"),
+        (["--set", "ratio=0.3"], "give it with --ratios"),
+    ]:
+        argv = ["visualize", "--model", "tiny-unet", "-o", str(tmp_path / "v.png"), *arguments]
+        assert main(argv) == 2, arguments
+        assert expected in _error_line(capsys)
 
 
 def test_bench_folder_without_a_model(tmp_path, capsys):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
@@ -18,6 +21,7 @@ from .calls import PerThread
 from .config import MergeConfig
 from .errors import (
     AlreadyAppliedError,
+    CompiledModelWarning,
     ConfigError,
     NoSitesError,
     UnsupportedModelError,
@@ -199,11 +203,58 @@ def get_strategy(config: str | dict | MergeConfig = "retom", **overrides: Any) -
     return registry.strategy(config.strategy)(config)
 
 
+def _compiled_original(obj: Any) -> nn.Module | None:
+    """The module a ``torch.compile``'d module wraps, or None when ``obj`` is not one (no
+    ``torch._dynamo`` import: without it no compiled module can exist)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None or not isinstance(obj, eval_frame.OptimizedModule):
+        return None
+    return obj._orig_mod
+
+
+def _uncompiled(model: Any) -> Any:
+    """``model`` with its compiled modules replaced by the modules they wrap, and a warning.
+
+    A compiled module is patched through its original: hooks on ``_orig_mod`` are what the
+    compiled forward runs when it compiles, but torch.compile does not guard on hooks, so a
+    graph compiled before the patch goes on running without it. A pipeline whose denoiser is
+    compiled is looked at through a shallow copy holding the originals (the copy is only read
+    to find the denoiser; the user's pipeline keeps its compiled module).
+    """
+    original = _compiled_original(model)
+    if original is not None:
+        found, where = original, f"the model ({type(original).__name__})"
+    elif isinstance(model, nn.Module):
+        return model
+    else:
+        compiled = {
+            name: inner
+            for name, value in getattr(model, "__dict__", {}).items()
+            if (inner := _compiled_original(value)) is not None
+        }
+        if not compiled:
+            return model
+        found = copy.copy(model)
+        found.__dict__.update(compiled)
+        where = ", ".join(f"{type(model).__name__}.{name}" for name in compiled)
+    warnings.warn(
+        f"{where} is compiled (torch.compile); tokenmerge patched the module it wraps "
+        "(._orig_mod). A graph compiled before this apply does not see the patch (torch.compile "
+        "does not recompile when hooks change) and silently runs unmerged, and one compiled "
+        "while it is applied keeps merging after handle.remove(). Apply before compiling, or "
+        "compile again after apply and after remove: model = torch.compile(model._orig_mod)",
+        CompiledModelWarning,
+        stacklevel=3,
+    )
+    return found
+
+
 def _options(
     spec: AdapterSpec,
     cls: type[Adapter],
     given: AdapterOptions | dict[str, Any] | None,
     deprecated: dict[str, Any],
+    model_name: str,
 ) -> AdapterOptions:
     """``given`` validated against the adapter's options class, with the options the config
     gave the deprecated way (``mode``, ``proportional_attention``) where the adapter takes them."""
@@ -223,6 +274,13 @@ def _options(
             f"{type(given).__name__}"
         )
     data = dict(given or {})
+    if data and not options_class.model_fields:
+        raise ConfigError(
+            f"adapter {spec.name!r} (the adapter chosen for {model_name}) takes no options; got "
+            f"adapter_options={data!r}. It finds the grid, prefix tokens and timestep itself: "
+            "leave adapter_options out (options such as 'grid' or 'num_prefix' belong to the "
+            "generic adapter, adapter='generic')"
+        )
     for name, value in deprecated.items():
         if name in data:
             raise ConfigError(
@@ -239,7 +297,10 @@ def _options(
     try:
         return options_class.model_validate(data)
     except ValidationError as error:
-        title = f"options of adapter {spec.name!r} ({options_class.__name__})"
+        title = (
+            f"options of adapter {spec.name!r} (the adapter chosen for {model_name}; its options "
+            f"are {options_class.__name__})"
+        )
         fields = list(options_class.model_fields) or ["(none)"]
         raise ConfigError(format_validation_error(title, error, fields, kind="option")) from None
 
@@ -270,7 +331,7 @@ def _choose_adapter(
                 f"adapter {name!r} does not support {type(model).__name__}; "
                 f"{spec.description or 'see its documentation'}"
             )
-        return _build(cls, _options(spec, cls, options, deprecated))
+        return _build(cls, _options(spec, cls, options, deprecated, type(model).__name__))
     specs = list(registry.table("adapter").values())
     claimants = [spec for spec in specs if spec.claims and spec.claims_model(model)]
     for spec in claimants:
@@ -282,7 +343,7 @@ def _choose_adapter(
             )
         cls = spec.load()
         if cls.supports(model):
-            return _build(cls, _options(spec, cls, options, deprecated))
+            return _build(cls, _options(spec, cls, options, deprecated, type(model).__name__))
     if claimants:
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__name__} is not supported: "
@@ -407,6 +468,7 @@ def apply(
         >>> handle.remove()
     """
     config = load_config(config, **overrides)
+    model = _uncompiled(model)
     chosen_adapter = _choose_adapter(
         model, adapter, adapter_options, config.deprecated_adapter_options
     )
@@ -465,6 +527,8 @@ def remove(model: Any) -> bool:
     attributes = getattr(model, "__dict__", {})
     children = list(attributes.get("_modules", {}).values())
     holders = [model] + [v for v in [*attributes.values(), *children] if isinstance(v, nn.Module)]
+    # a compiled module (or a pipeline's compiled denoiser) was patched through its original
+    holders += [original for h in holders if (original := _compiled_original(h)) is not None]
     for holder in holders:
         handle = getattr(holder, "__dict__", {}).get(HANDLE_ATTR)
         if handle is not None:

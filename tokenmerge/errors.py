@@ -74,13 +74,20 @@ class OutputPathError(TokenMergeError, ValueError):
     """A file the command was asked to write cannot be written there."""
 
 
-class InvalidInputError(TokenMergeError, ValueError):
-    """A call of a patched model gave an input merging cannot work with (a timestep that is not
-    a finite number...)."""
+class InputError(TokenMergeError, ValueError):
+    """A patched model, a site or a strategy was handed something it cannot work with: hidden
+    states of the wrong layout, a module that changed the token count, a timestep of the wrong
+    type, features that do not fit the grid (the message names the site or strategy), an image
+    size the model cannot take."""
 
 
 class ShortfallWarning(TokenMergeWarning):
     """A site could merge fewer tokens than the ratio asked for."""
+
+
+class CompiledModelWarning(TokenMergeWarning):
+    """``apply`` was handed a ``torch.compile``'d module and patched the module it wraps: a
+    graph compiled before the patch does not see it."""
 
 
 class PluginWarning(TokenMergeWarning):

@@ -26,7 +26,7 @@ from .attention_view import Call
 from .calls import PerThread
 from .config import MergeConfig
 from .correction import ValueCorrection
-from .errors import InvalidPlanError, ShortfallWarning
+from .errors import InputError, InvalidPlanError, ShortfallWarning
 from .observe import Observer, Part
 from .plan import Plan
 from .plan_check import capacity_problem, checks_values, plan_problem
@@ -41,6 +41,9 @@ __all__ = ["SitePatch"]
 #: the SiteStats fields counted in the hot path, and their places in ``SitePatch._counters``
 _COUNTERS = ("calls", "plans_computed", "plans_reused", "passed_through")
 _CALLS, _COMPUTED, _REUSED, _PASSED = range(len(_COUNTERS))
+
+#: the pass-through reason of a call on a batch of size 0
+EMPTY_BATCH = "an empty batch (batch size 0)"
 
 LayoutFn = Callable[[Site, Tensor], "TokenLayout | None"]
 #: ``(args, kwargs) -> reason`` a target call must be passed through untouched, or None
@@ -373,6 +376,20 @@ class SitePatch:
                 return metric
         return x[:, prefix:]
 
+    def check_merged_output(self, plan: Plan, y: Tensor, module: nn.Module) -> None:
+        """Raise ``InputError`` unless ``y``, the output of ``module`` run on merged tokens, still
+        holds the plan's ``num_out`` tokens (a module that adds or drops tokens cannot be
+        unmerged). Reads shapes only."""
+        if y.dim() == 3 and y.shape[1] == plan.num_out:
+            return
+        raise InputError(
+            f"site {self.site.name!r}: {type(module).__name__} was given {plan.num_out} merged "
+            f"tokens and returned {tuple(y.shape)}, not (batch, {plan.num_out}, channels); "
+            "merging needs a module that keeps the token count (its output token i belongs to "
+            "its input token i). Exclude this module from the sites (sites={'exclude': [...]}) "
+            "or merge around a module that keeps the tokens"
+        )
+
     def count_pass_through(self, reason: str) -> None:
         """Record a call left unmerged because the plan cannot handle it."""
         self._counters[_PASSED] += 1
@@ -506,6 +523,8 @@ class _LocalHook:
         if reason is None and (not isinstance(x, Tensor) or x.dim() != 3):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             reason = f"hidden states of shape {shape}, not (batch, tokens, channels)"
+        elif reason is None and x.shape[0] == 0:
+            reason = EMPTY_BATCH  # nothing to merge: the module sees its input as given
         plan = self.patch.plan_for(x, self.target) if reason is None else None
         if plan is None:
             self.patch.count_pass_through(
@@ -538,8 +557,10 @@ class _LocalHook:
             return None
         observed = self.patch.observed
         if isinstance(output, Tensor):
+            self.patch.check_merged_output(plan, output, module)
             return observed("unmerge", self._unmerge, plan, output, inputs)
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            self.patch.check_merged_output(plan, output[0], module)
             unmerged = observed("unmerge", self._unmerge, plan, output[0], inputs)
             return type(output)([unmerged, *output[1:]])
         raise TypeError(

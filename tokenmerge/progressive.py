@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .calls import CallValues, PerThread
-from .patch import SitePatch
+from .patch import EMPTY_BATCH, SitePatch
 from .plan import Plan, _rows
 from .site import TokenLayout
 
@@ -169,6 +169,37 @@ class TokenCarry:
         self.mask = mask
         self.proportional = proportional and mask is not None
         self.adjust = adjust
+        self.blocks: list[nn.Module] = []
+        #: with ``keep_block_inputs``: per block, the origin map of the merged tokens its input
+        #: held in the current call (None: the full token set)
+        self.block_inputs: list[Tensor | None] | None = None
+
+    def keep_block_inputs(self) -> None:
+        """Remember, per block, how its input's tokens map to the original ones, so the block
+        inputs a library records (Hugging Face ``output_hidden_states``) can be restored to
+        the full token set with ``restore_states``; call after ``attach_carry``."""
+        self.block_inputs = [None] * len(self.blocks)
+
+    def restore_states(self, states: tuple) -> tuple:
+        """Hidden states recorded at every block boundary (``len(blocks) + 1`` of them, the
+        first the input of block 0 and the last the output of the last block; or
+        ``len(blocks)`` without the input of block 0) with each merged one restored to the
+        full token set (every original token gets a copy of the token it was merged into, as
+        the last block's output is restored); the remembered maps are dropped."""
+        inputs = self.block_inputs
+        if inputs is None:
+            return states
+        boundaries = [*inputs, None]  # the last block's output is restored already
+        self.block_inputs = [None] * len(inputs)  # nothing index-sized kept between calls
+        offset = len(boundaries) - len(states)
+        if offset not in (0, 1):
+            return states
+        restored = []
+        for state, origin in zip(states, boundaries[offset:], strict=True):
+            if origin is not None and isinstance(state, Tensor) and state.dim() == 3:
+                state = _rows(state, origin)
+            restored.append(state)
+        return type(states)(restored)
 
     @property
     def track(self) -> TokenTrack:
@@ -183,7 +214,10 @@ class TokenCarry:
         grid = self.grid()
         if grid is not None and x.shape[1] == track.num_prefix + grid[0] * grid[1]:
             track.start(grid)
-        if not track.merged or x.shape[1] != track.num_tokens:
+        merged = track.merged and x.shape[1] == track.num_tokens
+        if self.block_inputs is not None:
+            self.block_inputs[self.blocks.index(module)] = track.origin if merged else None
+        if not merged:
             return None
         if self.adjust is not None:
             kwargs = self.adjust(track, kwargs)
@@ -214,6 +248,7 @@ class TokenCarry:
 
     def attach_carry(self, blocks: list[nn.Module]) -> list[RemovableHandle]:
         """The pre-hook of every block (proportional attention, per-token arguments)."""
+        self.blocks = list(blocks)
         return [b.register_forward_pre_hook(self.before, with_kwargs=True) for b in blocks]
 
 
@@ -237,6 +272,9 @@ class _ProgressiveSite:
 
     def _plan(self, x: Tensor) -> Plan | None:
         track = self.tracks.value
+        if x.shape[0] == 0:
+            self.patch.count_pass_through(EMPTY_BATCH)
+            return None
         if track.grid is None:
             expected = None
         elif track.merged:
@@ -274,6 +312,7 @@ class _ProgressiveSite:
         plan = self.calls.value.plan
         if plan is None or plan.is_identity:
             return None
+        self.patch.check_merged_output(plan, output, module)
         return self.patch.observed("unmerge", plan.unmerge, output)
 
     def block_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

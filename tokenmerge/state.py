@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInputError
+from .errors import InputError
 
 __all__ = ["StepState", "timestep_value"]
 
@@ -54,7 +54,7 @@ class StepState:
       seen at a step other than the one under way (pipelines make one per generation and pass
       it at every step), and at a drop of the timestep more than ``IMPLAUSIBLE_DROP`` times the
       generation's largest step so far (a run abandoned at t=979 and another started at t=600).
-    - A timestep that is not a finite number is refused (``InvalidInputError``), and the call
+    - A timestep that is not a finite number is refused (``InputError``), and the call
       changes nothing.
 
     The root hook runs outside any compiled graph and turns this into one boolean per call,
@@ -99,7 +99,7 @@ class StepState:
             True when the call starts a new generation.
 
         Raises:
-            InvalidInputError: the timestep is NaN or infinite (nothing is recorded).
+            InputError: the timestep is NaN or infinite (nothing is recorded).
 
         Example:
             >>> state = StepState(cache_interval=2)
@@ -109,7 +109,7 @@ class StepState:
             (0, True)
         """
         if timestep is not None and not math.isfinite(timestep):
-            raise InvalidInputError(
+            raise InputError(
                 f"timestep {timestep} is not a finite number; tokenmerge counts denoising steps "
                 "by comparing timesteps (a lower one is the next step), which needs finite "
                 "values. Pass the scheduler's timestep (check it and the inputs for NaN / inf), "

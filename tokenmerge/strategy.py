@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from .config import MergeConfig
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, InputError, PluginError
 from .plan import Plan
 from .rng import SiteRandom
 from .site import Site, TokenLayout
@@ -63,6 +65,16 @@ class Strategy(ABC):
     config_class: ClassVar[type[MergeConfig]]
     #: False for content-blind strategies: they are handed features of shape (1, n, 0).
     uses_features: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # every strategy's own make_plan checks its arguments first, so a caller planning on
+        # tensors directly gets one clear error instead of an index error deep in the strategy;
+        # runs once per fresh plan (never on a cached call) and reads shapes only
+        own = cls.__dict__.get("make_plan")
+        if own is not None and not getattr(own, "__isabstractmethod__", False):
+            if not getattr(own, "_tokenmerge_checked", False):
+                cls.make_plan = _checked_make_plan(own)
 
     def __init__(self, config: MergeConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -121,3 +133,57 @@ class Strategy(ABC):
         Returns:
             A plan over the ``n`` image tokens (the framework adds protected prefix tokens).
         """
+
+
+def _checked_make_plan(make_plan: Any) -> Any:
+    """``make_plan`` with its arguments checked (``Strategy.__init_subclass__`` wraps it)."""
+
+    @functools.wraps(make_plan)
+    def checked(
+        self: Strategy,
+        features: Tensor,
+        layout: TokenLayout,
+        site: Site,
+        num_merge: int,
+        rng: SiteRandom,
+    ) -> Plan:
+        # a compiled site passes the arguments it already checked (SitePatch caps num_merge and
+        # cuts the features to the layout's tokens); the checks' Python would only add guards
+        if not torch.compiler.is_compiling():
+            _check_plan_request(self, features, layout, site, num_merge)
+        return make_plan(self, features, layout, site, num_merge, rng)
+
+    checked._tokenmerge_checked = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _check_plan_request(
+    strategy: Strategy, features: Any, layout: TokenLayout, site: Site, num_merge: Any
+) -> None:
+    where = f"strategy {strategy.name!r} at site {site.name!r}"
+    n = layout.num_image_tokens
+    if not isinstance(features, Tensor) or features.dim() != 3:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise InputError(
+            f"{where}: features must be a (P, n, C) tensor of the n image tokens (P: the batch, "
+            f"or 1 for a plan shared by the batch); got {shape}. Add the batch dimension, e.g. "
+            "features.unsqueeze(0)"
+        )
+    if features.shape[1] != n:
+        raise InputError(
+            f"{where}: the layout's grid {layout.grid} holds {n} image tokens but features has "
+            f"{features.shape[1]} (shape {tuple(features.shape)}); pass features of exactly the "
+            "image tokens (no prefix tokens) and the grid they lie on"
+        )
+    try:
+        count = operator.index(num_merge)
+    except TypeError:
+        count = None
+    capacity = strategy.capacity(layout, site)
+    if count is None or isinstance(num_merge, bool) or not 0 <= count <= capacity:
+        raise InputError(
+            f"{where}: num_merge must be an integer from 0 to {capacity} (the most it can merge "
+            f"among {n} tokens on a {layout.grid[0]} x {layout.grid[1]} grid, "
+            f"strategy.capacity(layout, site)); got {num_merge!r}. Cap it: "
+            "min(num_merge, strategy.capacity(layout, site))"
+        )

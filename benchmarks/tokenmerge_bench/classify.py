@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from tokenmerge import __version__
 from tokenmerge.api import Handle, apply
-from tokenmerge.errors import UnsupportedModelError
+from tokenmerge.errors import InputError, UnsupportedModelError
 from tokenmerge_bench.photos import PHOTOS, load_photo
 
 from .presets import PRESETS, get_preset
@@ -219,6 +219,33 @@ def _input_size(model: nn.Module, settings: ClassifierSettings) -> int:
     return int(image_size)
 
 
+def _check_input_size(model: nn.Module, size: int) -> None:
+    """Raise ``InputError`` for a ``--size`` the classifier cannot take: not a whole number of
+    patches, or another size than the one a fixed position table was made for."""
+    embed = getattr(model, "patch_embed", None)  # timm
+    if embed is not None:
+        patch = int(embed.patch_size[-1])
+        fixed = getattr(embed, "strict_img_size", False) and embed.img_size is not None
+        native = int(embed.img_size[-1]) if embed.img_size is not None else None
+    else:  # transformers: interpolating the position table is not what the bench measures
+        config = getattr(model, "config", None)
+        config = getattr(config, "vision_config", config)
+        patch = int(getattr(config, "patch_size", 1))
+        native = getattr(config, "image_size", None)
+        fixed = native is not None
+    name = type(model).__name__
+    if fixed and size != native:
+        raise InputError(
+            f"--size {size}: {name} takes {native} x {native} px images only (its position "
+            f"table is made for that size); leave --size out, or give --size {native}"
+        )
+    if size % patch or size < patch:
+        raise InputError(
+            f"--size {size}: {name} cuts images into {patch} x {patch} px patches, so the size "
+            f"must be a multiple of {patch}; e.g. --size {max(patch, size - size % patch)}"
+        )
+
+
 def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) -> ClassifierResult:
     """Run the classifier benchmark ``settings`` describe (see the module docstring)."""
     started = time.perf_counter()
@@ -227,6 +254,8 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
     model, info, default_r = _load(settings, device, dtype)
     size = _input_size(model, settings)
     reference = get_preset(settings.model).reference if settings.model in PRESETS else None
+    if settings.size is not None and reference != "classifier":  # that one has its own rule
+        _check_input_size(model, size)
     labels = None
     if reference == "classifier":
         from tokenmerge_bench.reference.data import (

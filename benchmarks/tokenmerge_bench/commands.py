@@ -72,17 +72,85 @@ def _timestep(text: str) -> int:
     return value
 
 
+#: config fields that have options of their own: ``--set`` refuses them rather than let one
+#: of the two win silently
+_OWN_OPTION = {
+    "ratio": "--ratios (every strategy runs at each ratio given)",
+    "strategy": "--strategies",
+}
+
+
 def _setting(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(
             f"--set {text!r} is not KEY=VALUE (e.g. --set cache_interval=1)"
         )
+    if key.strip() in _OWN_OPTION:
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r}: {key.strip()} has an option of its own; give it with "
+            f"{_OWN_OPTION[key.strip()]}, e.g. {_own_option_example(key.strip(), raw)}"
+        )
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw  # a bare word is a string
     return key, value
+
+
+def _own_option_example(key: str, raw: str) -> str:
+    return f"--ratios {raw or '0.5'}" if key == "ratio" else f"--strategies {raw or 'tome'}"
+
+
+def _scale(text: str) -> float:
+    """An argparse type: a finite positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite positive number (e.g. 3: the tied query / key "
+            "projections are scaled by it)"
+        )
+    return value
+
+
+def _path(text: str) -> str:
+    """An argparse type: a file path, never empty (an empty one would write nothing)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty; give a file name (e.g. results.json)")
+    return text
+
+
+def _check_device(name: str) -> None:
+    """``--device`` names a torch device this machine has (torch imported at run time only)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(
+            f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data and cannot run a model; use cpu or cuda")
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if device.type == "mps":
+        backend = torch.backends.mps
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and not is_available():
+        raise UsageError(
+            f"--device {name}: no {device.type} device is available on this machine "
+            f"(torch.{'backends.mps' if device.type == 'mps' else device.type}.is_available() "
+            "is False); use --device cpu"
+        )
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise UsageError(
+            f"--device {name}: this machine has {count()} {device.type} device(s), numbered "
+            f"from 0; use --device {device.type}:0"
+        )
 
 
 def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +170,7 @@ def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--similarity-scale",
-        type=float,
+        type=_scale,
         default=3.0,
         help="scale of the tied projections (default 3: about 2.5 nats of attention entropy "
         "on SD 1.5)",
@@ -177,14 +245,15 @@ def _configure_bench(bench: argparse.ArgumentParser) -> None:
         "default 4, 20 for the reference denoiser)",
     )  # fmt: skip
     bench.add_argument(
-        "--samples", metavar="PATH",
+        "--samples", metavar="PATH", type=_path,
         help="reference denoiser: save the trajectories' final images here as a PNG grid, a "
         "row per configuration under the unmerged one (use --batch for more samples)",
     )  # fmt: skip
-    bench.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    bench.add_argument("--json", metavar="PATH", type=_path, help="write the results as JSON here")
     bench.add_argument(
         "--plot",
         metavar="PATH",
+        type=_path,
         default="tokenmerge-bench.png",
         help="where the speedup-vs-block-error PNG goes (default tokenmerge-bench.png)",
     )
@@ -213,7 +282,9 @@ def _configure_visualize(visualize: argparse.ArgumentParser) -> None:
     visualize.add_argument(
         "--timestep", type=_non_negative, default=500, help="noise timestep (default 500)"
     )
-    visualize.add_argument("--output", "-o", default="tokenmerge-merges.png", help="PNG to write")
+    visualize.add_argument(
+        "--output", "-o", type=_path, default="tokenmerge-merges.png", help="PNG to write"
+    )
 
 
 def _check_strategies(names: Sequence[str] | None) -> list[str]:
@@ -307,6 +378,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         parse_variants(strategies, args.ratios, overrides)  # raises on a bad spec, one line
     _check_model(args.model)
     _check_peer(args.peer, args.model)
+    _check_device(args.device)
     for path in [args.json, None if args.no_plot else args.plot]:
         if path:
             report.check_writable(path)
@@ -376,6 +448,7 @@ def _run_classifier_bench(args: argparse.Namespace) -> int:
     strategies = list(args.strategies) if args.strategies else _check_strategies(None)
     if args.ratios is not None:
         parse_variants(strategies, args.ratios, overrides)  # raises on a bad spec, one line
+    _check_device(args.device)
     for path in [args.json, None if args.no_plot else args.plot]:
         if path:
             report.check_writable(path)
@@ -407,6 +480,7 @@ def _run_visualize(args: argparse.Namespace) -> int:
     overrides = dict(args.overrides)
     _check_configs(strategies, [args.ratio], overrides)
     _check_model(args.model)
+    _check_device(args.device)
     check_writable(args.output)
     summary = visualize(
         model=args.model,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenmerge.errors import UnsupportedModelError
+from tokenmerge.errors import InputError, UnsupportedModelError
 from tokenmerge_bench.reference.data import (
     DENOISER_HELD_OUT,
     denoiser_held_out,
@@ -117,7 +117,7 @@ class Workload(ABC):
         self.config = model.config  # first: the token size below may depend on it
         step = self.pixels_per_token
         if size % step or size < 2 * step:
-            raise ValueError(
+            raise InputError(
                 f"image size {size} px is not a multiple of {step} of at least {2 * step}: "
                 f"{type(model).__name__} sees one token per {step} x {step} pixels; pick e.g. 512"
             )
@@ -479,7 +479,7 @@ class SD3Workload(_FlowMatchWorkload):
         config = self.config
         largest = config.pos_embed_max_size
         if largest is not None and self.grid > largest:
-            raise ValueError(
+            raise InputError(
                 f"image size {size} px is too large for this SD3 model: its position table "
                 f"covers {largest} x {largest} tokens, at most "
                 f"{largest * self.pixels_per_token} px"
