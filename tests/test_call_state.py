@@ -23,7 +23,7 @@ from transformer_models import inputs as transformer_inputs
 from vit_models import make_vit, pixels
 
 import tokenmerge
-from tokenmerge import InvalidInputError, TokenMergeError
+from tokenmerge.errors import InvalidInputError, TokenMergeError
 from tokenmerge.state import StepState
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

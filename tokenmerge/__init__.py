@@ -21,7 +21,6 @@ from .config import MergeConfig, r_schedule
 from .errors import (
     AlreadyAppliedError,
     ConfigError,
-    InvalidInputError,
     NoSitesError,
     ShortfallWarning,
     TokenMergeError,
@@ -38,7 +37,6 @@ __all__ = [
     "AlreadyAppliedError",
     "ConfigError",
     "Handle",
-    "InvalidInputError",
     "MergeConfig",
     "NoSitesError",
     "ShortfallWarning",
