@@ -10,6 +10,8 @@ the output of the patch projection (a ``Conv2d``) at every call, so any input si
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +26,8 @@ from tokenmerge.adapters._tables import gather_rows
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.calls import CallValues, PerThread
 from tokenmerge.config import MergeConfig
-from tokenmerge.errors import ConfigError
+from tokenmerge.deprecated import user_stacklevel
+from tokenmerge.errors import ConfigError, RatioWarning
 from tokenmerge.patch import Adjust, SitePatch
 from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenCarry, TokenTrack, attach_progressive
 from tokenmerge.proportional import SizeBias
@@ -110,6 +113,33 @@ class ViTBlock:
     sequential: bool = True
 
 
+#: progressive mode's ratio when the config gives neither ratio nor r: the highest that kept both
+#: reference classifiers' top-1 within a point with tome and retom (docs/vision.md); a fixed 0.5
+#: halved the tokens at every block
+PROGRESSIVE_RATIO = 0.15
+#: above this a ratio warns: both reference classifiers lost a point or more of top-1 at 0.3
+PROGRESSIVE_RATIO_WARN = 0.25
+
+
+def _warn_high_ratio(patches: list[SitePatch]) -> None:
+    """Warn once per ``apply`` when a ratio (not ``r``) is above what the reference classifiers
+    took without a clear loss: the merges compound over the blocks."""
+    risky = [p for p in patches if p.config.r is None and p.ratio > PROGRESSIVE_RATIO_WARN]
+    if not risky:
+        return
+    left = math.prod(1 - p.ratio for p in patches if p.config.r is None)
+    warnings.warn(
+        f"ratio {risky[0].ratio} at {risky[0].site.name!r} ({len(risky)} of {len(patches)} "
+        f"blocks above {PROGRESSIVE_RATIO_WARN}): in progressive mode (the default for vision "
+        f"transformers) the merges compound, leaving about {left:.0%} of the image tokens after "
+        f"the last block. Above {PROGRESSIVE_RATIO_WARN} the reference classifiers lost 1 to 48 "
+        "points of top-1 accuracy (docs/vision.md). Leave the ratio out for the default "
+        f"{PROGRESSIVE_RATIO}, or give r=... tokens per block",
+        RatioWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 class ViTAdapter(Adapter):
     """Base of the ViT adapters; their options are ``ViTOptions`` (mode, proportional attention,
     where progressive mode merges)."""
@@ -169,6 +199,10 @@ class ViTAdapter(Adapter):
             )
             for i, b in enumerate(blocks)
         ]
+
+    @property
+    def default_ratio(self) -> float | None:
+        return PROGRESSIVE_RATIO if self.mode == "progressive" else None
 
     def check_config(self, config: MergeConfig) -> None:
         if self.mode == "local":
@@ -239,6 +273,8 @@ class ViTAdapter(Adapter):
         return self.carry.attach_restore(blocks[-1].block)
 
     def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
+        if self.mode == "progressive":
+            _warn_high_ratio(patches)
         handles = [self.patch_projection(root).register_forward_hook(self._read_grid)]
         if self.carry is not None:
             handles += self.carry.attach_carry([b.block for b in self._blocks.values()])

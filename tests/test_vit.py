@@ -13,6 +13,7 @@ forward hooks are prepended (so a later forward hook sees the block output alrea
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,20 @@ from vit_models import (
 import tokenmerge
 import tokenmerge.adapters as adapters_package
 from tokenmerge import ConfigError, UnsupportedModelError
+from tokenmerge.adapters._vit import PROGRESSIVE_RATIO
+from tokenmerge.errors import RatioWarning
 from tokenmerge.extend import Plan, TokenLayout
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site
 from tokenmerge.windows import grown_window, window_labels
 from tokenmerge_bench.presets import get_preset
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    # these tests merge hard on purpose (ratio 0.5 on three blocks), so that merging shows; the
+    # warning itself is tested below, with pytest.warns
+    pytest.mark.filterwarnings("ignore::tokenmerge.errors.RatioWarning"),
+]
 
 STRATEGIES = ["tome", "retom", "random"]
 MODES = ["progressive", "local"]
@@ -963,3 +971,43 @@ def test_cuda_progressive_matches_the_cpu(family: str, strategy: str, dtype: tor
             expected = fam.run(cpu_model, images)
         for got, want in zip(merged, expected, strict=True):
             torch.testing.assert_close(got.cpu(), want, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------- default ratio
+
+
+@pytest.mark.parametrize("strategy", ["tome", "retom", "random"])
+def test_progressive_mode_without_ratio_or_r_merges_the_measured_default(strategy):
+    """Not the config's 0.5, which halves the tokens at every block: 15 % of the tokens reaching
+    each block, what kept both reference classifiers' top-1 within a point (docs/vision.md)."""
+    model = FAMILIES["vit"].build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RatioWarning)
+        with tokenmerge.apply(model, strategy) as handle:
+            FAMILIES["vit"].run(model)
+            stats = list(handle.stats().values())
+    assert handle.config.ratio == PROGRESSIVE_RATIO == 0.15
+    assert [s.ratio for s in stats] == [0.15] * DEPTH
+    tokens = [s.tokens_out - 1 for s in stats]  # image tokens after each block (1 class token)
+    assert tokens == [55, 47, 40]  # 64 -> int(0.15 * n) fewer at each block
+
+
+def test_the_default_ratio_leaves_given_values_and_local_mode_alone():
+    model = FAMILIES["vit"].build()
+    for given, ratio in (({"ratio": 0.2}, 0.2), ({"r": 4}, 0.5), ({"ratio": 0.0}, 0.0)):
+        with tokenmerge.apply(model, "tome", **given) as handle:
+            assert handle.config.ratio == ratio
+    with tokenmerge.apply(model, "tome", adapter_options={"mode": "local"}) as handle:
+        assert handle.config.ratio == 0.5  # local mode unmerges after every block: no compounding
+
+
+def test_a_ratio_above_what_classifiers_take_warns_naming_the_default():
+    model = FAMILIES["vit"].build()
+    with pytest.warns(RatioWarning, match="leaving about 12% .* the default 0.15") as caught:
+        handle = tokenmerge.apply(model, "tome", ratio=0.5)
+    handle.remove()
+    assert caught[0].filename == __file__  # points at the user's call
+    for quiet in ({"ratio": 0.25}, {"r": 16}, {"ratio": 0.5, "adapter_options": {"mode": "local"}}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RatioWarning)
+            tokenmerge.apply(model, "tome", **quiet).remove()

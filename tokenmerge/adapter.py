@@ -104,6 +104,12 @@ class Adapter(ABC):
         self.options = self.options_class() if options is None else options
 
     @property
+    def default_ratio(self) -> float | None:
+        """The ratio the sites get when the config sets neither ``ratio`` nor ``r``; None: the
+        config's own default."""
+        return None
+
+    @property
     def mode(self) -> str:
         """How every site merges: ``"local"`` (merge, run, unmerge around each sub-module; the
         default) or ``"progressive"`` (tokens stay merged to the last block: ViT adapters)."""

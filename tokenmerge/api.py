@@ -481,6 +481,9 @@ def apply(
         )
     strategy_class = registry.strategy(config.strategy)
     mode = chosen_adapter.mode
+    default_ratio = chosen_adapter.default_ratio
+    if default_ratio is not None and config.r is None and "ratio" not in config.model_fields_set:
+        config = config.model_copy(update={"ratio": default_ratio})
     chosen_adapter.check_config(config)
     selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)
     if config.sites.min_tokens is None:

@@ -17,7 +17,14 @@ from typing import Any
 from .errors import ConfigError
 from .selectors import Sites
 
-__all__ = ["ADAPTER_FIELDS", "SITE_FIELDS", "split_flat", "warn_deprecated", "with_sites"]
+__all__ = [
+    "ADAPTER_FIELDS",
+    "SITE_FIELDS",
+    "split_flat",
+    "user_stacklevel",
+    "warn_deprecated",
+    "with_sites",
+]
 
 #: old flat config field -> its ``Sites`` field
 SITE_FIELDS = {
@@ -35,8 +42,9 @@ SITE_FIELDS = {
 ADAPTER_FIELDS = {"mode": "auto", "proportional_attention": True}
 
 
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside tokenmerge and pydantic: the user's line."""
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside tokenmerge and pydantic: the user's line
+    (for a warning issued by the function that calls this)."""
     frame, level = sys._getframe(2), 2
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
@@ -48,7 +56,7 @@ def _caller_level() -> int:
 
 def warn_deprecated(message: str) -> None:
     """Warn about an old spelling, pointing at the user's code."""
-    warnings.warn(message, DeprecationWarning, stacklevel=_caller_level())
+    warnings.warn(message, DeprecationWarning, stacklevel=user_stacklevel())
 
 
 def split_flat(

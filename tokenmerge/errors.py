@@ -85,6 +85,10 @@ class ShortfallWarning(TokenMergeWarning):
     """A site could merge fewer tokens than the ratio asked for."""
 
 
+class RatioWarning(TokenMergeWarning):
+    """A ratio that merges more than a model is known to take without a clear loss."""
+
+
 class CompiledModelWarning(TokenMergeWarning):
     """``apply`` was handed a ``torch.compile``'d module and patched the module it wraps: a
     graph compiled before the patch does not see it."""

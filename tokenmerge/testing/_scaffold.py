@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenmerge.api import Handle, apply
-from tokenmerge.errors import ShortfallWarning
+from tokenmerge.errors import RatioWarning, ShortfallWarning
 from tokenmerge.load import load_config
 from tokenmerge.registry import registry
 
@@ -197,9 +197,15 @@ class ModelTrial:
     def patch(self, ratio: float | None = None) -> Handle:
         """``tokenmerge.apply`` with the overrides, at ``ratio`` (default: ``merge_ratio``)."""
         ratio = self.merge_ratio if ratio is None else ratio
-        return apply(
-            self.model, self.strategy, adapter=self.adapter, **{**self.overrides, "ratio": ratio}
-        )
+        with warnings.catch_warnings():
+            # the checks merge hard on purpose, so that merging shows; quality is not checked
+            warnings.simplefilter("ignore", RatioWarning)
+            return apply(
+                self.model,
+                self.strategy,
+                adapter=self.adapter,
+                **{**self.overrides, "ratio": ratio},
+            )
 
     def snapshot(self) -> Snapshot:
         return snapshot(self.model)
