@@ -172,6 +172,11 @@ class FrozenModel(BaseModel):
             ) from None
         return self._carry_private(copy)
 
+    def __replace__(self: Self, **changes: Any) -> Self:
+        """``copy.replace(config, ...)`` (Python 3.13): validated as ``model_copy(update=...)``.
+        Defined here because pydantic before 2.9 has no ``__replace__`` of its own."""
+        return self.model_copy(update=changes)
+
     def _carry_private(self: Self, copy: Self) -> Self:
         """``copy`` with the private state of ``self`` that validation does not rebuild."""
         return copy
