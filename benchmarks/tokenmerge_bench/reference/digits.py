@@ -31,6 +31,7 @@ tokenmerge's own adapters:
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -187,16 +188,37 @@ def _ids(device: torch.device) -> tuple[Tensor, Tensor]:
     return image.to(device), torch.zeros(1, 3, device=device)
 
 
+#: the last labels tensor's one-hot class token (see ``_class_token``)
+_CLASS_TOKEN: dict[int, tuple[weakref.ref, Tensor]] = {}
+
+
+def _class_token(labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The one-hot class token of ``labels`` ``(B, 1, classes)``, the same tensor for the same
+    labels tensor.
+
+    A pipeline makes its text embeddings once and passes that tensor at every step; tokenmerge
+    takes a conditioning tensor it has not seen in a generation for the start of another one, so
+    a sampling loop that passes one labels tensor must get one class token too.
+    """
+    found = _CLASS_TOKEN.get(id(labels))
+    if found is not None and found[0]() is labels and found[1].dtype == dtype:
+        return found[1]
+    token = F.one_hot(labels, NULL_CLASS + 1).to(dtype)[:, None]
+    _CLASS_TOKEN.clear()  # one entry: the loop under way
+    _CLASS_TOKEN[id(labels)] = (weakref.ref(labels), token)
+    return token
+
+
 def velocity(model: nn.Module, noisy: Tensor, t: Tensor, labels: Tensor) -> Tensor:
     """The model's velocity for ``noisy`` images ``(B, 1, 28, 28)`` at flow times ``t (B,)``
     in [0, 1] (1 is pure noise), class ``labels (B,)`` (``NULL_CLASS``: none)."""
     if _is_flux(model):
-        one_hot = F.one_hot(labels, NULL_CLASS + 1).to(noisy.dtype)
+        token = _class_token(labels, noisy.dtype)
         image_ids, text_ids = _ids(noisy.device)
         out = model(
             pack(noisy),
-            encoder_hidden_states=one_hot[:, None],
-            pooled_projections=one_hot,
+            encoder_hidden_states=token,
+            pooled_projections=token[:, 0],
             timestep=t.to(noisy.dtype),
             img_ids=image_ids,
             txt_ids=text_ids,
