@@ -26,6 +26,7 @@ from snapshots import snapshot
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
+from toy_models import Attention
 from transformer_models import FAMILIES as TRANSFORMERS
 from transformer_models import flux_ids, make_flux, make_sd3
 from transformer_models import inputs as transformer_inputs
@@ -604,3 +605,20 @@ def test_plans_used_once_apply_the_projections_directly():
     expected[:, [1, 3]] += correction.beta[:, None, None] * direction
     torch.testing.assert_close(first, expected)
     torch.testing.assert_close(second, expected)
+
+
+def test_gradcheck_with_the_correction_fitted_at_every_call():
+    """``torch.autograd.gradcheck`` in float64 through a merged, value-corrected attention that
+    plans and fits its weight at every call (the generic adapter without a timestep): the
+    weight's dependence on the input is part of the gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(8)).double()
+    handle = tokenmerge.apply(
+        model, "retom", ratio=0.5, adapter="generic", sites={"include": ["0"], "min_tokens": 1}
+    )
+    x = torch.randn(1, 16, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model, (x,))
+    stats = handle.stats()["0"]
+    assert stats.value_correction not in (None, 0.0)  # the correction ran
+    assert stats.plans_computed == stats.calls  # and was fitted at every call
+    handle.remove()
