@@ -33,7 +33,7 @@ from .patch import SitePatch
 from .registry import AdapterSpec, registry
 from .selector_check import check_selectors
 from .site import GLOB_RULE, Site, SiteStats
-from .state import StepState, timestep_value
+from .state import StepState, read_timestep
 from .strategy import Strategy
 
 __all__ = ["Handle", "apply", "get_strategy", "remove"]
@@ -44,8 +44,8 @@ HANDLE_ATTR = "_tokenmerge_handle"
 class _RootHook:
     """Native pre-hook on the patched root: one call of the model = one ``begin_call``.
 
-    It never runs inside a compiled graph (it reads the timestep's value and keeps Python
-    counters): a whole-model ``torch.compile`` breaks the graph here, once, and nowhere else.
+    It never runs inside a compiled graph (it reads the timestep and keeps Python counters):
+    a whole-model ``torch.compile`` breaks the graph here, once, and nowhere else.
     The step state is the calling thread's (``tokenmerge.calls``).
     """
 
@@ -69,7 +69,7 @@ class _RootHook:
 
     def _begin_call(self, args: tuple, kwargs: dict) -> None:
         state: StepState = self.states.value
-        timestep = timestep_value(self.adapter.timestep(args, kwargs))
+        timestep = read_timestep(self.adapter.timestep(args, kwargs))
         if state.epoch != self.epoch:
             state.new_generation()
             state.epoch = self.epoch

@@ -20,11 +20,11 @@ output rows of sampled queries - comes from a view of the module (``tokenmerge.a
 so the maths here is the same for every library.
 
 Cost per call with a reused plan: one ``(r, C) x (C, C)`` product with ``beta W_o W_v`` (formed
-once per plan) and one ``index_add``, on row indices also kept with the plan. Per new plan, also
-the exact outputs of ``samples`` (16) merged tokens against all keys (in input space where the
-keys allow it, see ``QKVView``). A plan used for one call only (a ViT in local mode plans at
-every call) applies ``W_o W_v`` to the offsets directly where that is cheaper than forming the
-``C x C`` product.
+once per plan) and one ``index_add``, on the plan's own row indices (``Plan.rows``). Per new
+plan, also the exact outputs of ``samples`` (16) merged tokens against all keys (in input space
+where the keys allow it, see ``QKVView``). A plan used for one call only (a ViT in local mode
+plans at every call) applies ``W_o W_v`` to the offsets directly where that is cheaper than
+forming the ``C x C`` product.
 
 Gradients: the correction is applied through autograd (the offsets and, when a weight is
 trained, the projections themselves) whenever autograd records. ``beta`` is fitted through
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .attention_view import NO_CALL, AttentionView, Call, DiffusersAttentionView, corrects
 from .observe import unobserved
-from .plan import Plan, _flat_index
+from .plan import Plan
 
 __all__ = ["ValueCorrection", "corrects"]
 
@@ -80,7 +80,6 @@ class ValueCorrection:
         #: False (a 0-dim tensor) where a view that verifies itself did not match its module
         self.verified: Tensor | None = None
         self._weighted: Tensor | None = None  # (B, C, C_out): beta * (W_o W_v)^T per sample
-        self._rows: tuple[Tensor, Tensor] | None = None  # flat rows of the sources, their slots
         # always a Plan (never None), so torch.compile sees one type here at every call
         self._fitted_for: Plan = _NOT_FITTED
 
@@ -98,7 +97,7 @@ class ValueCorrection:
         return mean if self.verified is None else torch.where(self.verified, mean, torch.nan)
 
     def _forget(self) -> None:
-        self.beta, self.verified, self._weighted, self._rows = None, None, None, None
+        self.beta, self.verified, self._weighted = None, None, None
         self._fitted_for = _NOT_FITTED
 
     def __call__(
@@ -123,13 +122,8 @@ class ValueCorrection:
             return y
         batch, tokens, channels = y.shape
         fresh = self._fitted_for is not plan or self.beta is None or len(self.beta) != batch
-        if fresh:
-            # kept with the plan: index arithmetic is a few kernels per call otherwise
-            self._rows = (
-                _flat_index(plan.src, batch, tokens),
-                _flat_index(plan.dst, batch, merged.shape[1]),
-            )
-        src_rows, dst_rows = self._rows
+        rows = plan.rows(batch, x.dtype)  # made with the plan by its merge
+        src_rows, dst_rows = rows.sources, rows.slots
         width = x.shape[-1]
         sources = x.reshape(-1, width).index_select(0, src_rows)
         offsets = (sources - merged.reshape(-1, width).index_select(0, dst_rows)).view(

@@ -38,7 +38,7 @@ from .strategy import Strategy
 
 __all__ = ["SitePatch"]
 
-#: the SiteStats fields counted in the hot path, and their places in ``SitePatch._counters``
+#: the SiteStats fields counted in the hot path, and their places in ``SitePatch._counts``
 _COUNTERS = ("calls", "plans_computed", "plans_reused", "passed_through")
 _CALLS, _COMPUTED, _REUSED, _PASSED = range(len(_COUNTERS))
 
@@ -152,10 +152,12 @@ class SitePatch:
         self.state = state
         self.layout = layout
         self.ratio = config.ratio_for(site)
-        # values written by the hot path; the counters below are tensors so that under
-        # torch.compile counting is a traced in-place add, not a Python int guard per value
+        # values written by the hot path. Eager calls count in Python ints (no kernel); compiled
+        # ones in a tensor, where counting is a traced in-place add rather than a guard on the
+        # value of a Python int (a recompile per call)
         self._info = SiteStats(name=site.name, ratio=self.ratio)
-        self._counters = torch.zeros(len(_COUNTERS), dtype=torch.int64)
+        self._counts = [0] * len(_COUNTERS)
+        self._compiled_counts = torch.zeros(len(_COUNTERS), dtype=torch.int64)
         # per thread: the plan cache, one private random stream per site (restarted at every
         # generation) and the call under way; copy.deepcopy copies the copying thread's, so a
         # copy taken mid-generation goes on exactly as the original would
@@ -199,7 +201,9 @@ class SitePatch:
     @property
     def stats(self) -> SiteStats:
         """What happened at this site so far (a snapshot)."""
-        counters = dict(zip(_COUNTERS, self._counters.tolist(), strict=True))
+        compiled = self._compiled_counts.tolist()
+        counts = [a + b for a, b in zip(self._counts, compiled, strict=True)]
+        counters = dict(zip(_COUNTERS, counts, strict=True))
         fitted = [w for c in self._corrections if (w := c.reported()) is not None]
         # NaN: a correction whose view did not match its module, which corrects nothing
         mean = float(torch.stack(fitted).nanmean()) if fitted else float("nan")
@@ -392,12 +396,18 @@ class SitePatch:
 
     def count_pass_through(self, reason: str) -> None:
         """Record a call left unmerged because the plan cannot handle it."""
-        self._counters[_PASSED] += 1
+        self._tally(_PASSED)
         self._info.pass_reason = reason
 
+    def _tally(self, counter: int) -> None:
+        if torch.compiler.is_compiling():
+            self._compiled_counts[counter] += 1
+        else:
+            self._counts[counter] += 1
+
     def _count(self, plan: Plan, tokens: int, counter: int, skipped: str | None = None) -> None:
-        self._counters[_CALLS] += 1
-        self._counters[counter] += 1
+        self._tally(_CALLS)
+        self._tally(counter)
         self._info.tokens_in = tokens
         self._info.tokens_out = plan.num_out
         if counter == _COMPUTED:

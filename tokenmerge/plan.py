@@ -12,12 +12,13 @@ batch size of a per-sample plan or 1 for a plan shared by the whole batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Plan"]
+__all__ = ["Plan", "PlanRows"]
 
 
 def _flat_index(index: Tensor, batch: int, tokens: int) -> Tensor:
@@ -30,11 +31,39 @@ def _flat_index(index: Tensor, batch: int, tokens: int) -> Tensor:
     return (index.expand(batch, -1) + offsets).flatten()
 
 
-def _rows(x: Tensor, index: Tensor) -> Tensor:
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """``x (B, N, C)``, ``index (P, K)`` -> ``(B, K, C)``: the indexed tokens of every sample."""
     batch, tokens, channels = x.shape
     flat = _flat_index(index, batch, tokens)
     return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, -1, channels)
+
+
+class PlanRows(NamedTuple):
+    """A plan's indices as rows of ``x.reshape(batch * tokens, channels)`` for one batch size,
+    and the sources' shares in one dtype: what merge and unmerge index with.
+
+    Made once per plan, batch and dtype (``Plan.rows``) and reused by every call the plan
+    serves: the index arithmetic would otherwise be a handful of kernels per call.
+
+    Attributes:
+        kept: ``(B * M,)`` row of the token each slot keeps.
+        pairs: ``(2 * B * r,)`` rows of the sources, then of their destination tokens.
+        slots: ``(B * r,)`` row, among the merged tokens, of each source's slot.
+        origin: ``(B * N,)`` row, among the merged tokens, of every token's slot.
+        weight: ``(B * r, 1)`` each source's share of its slot's mean when every token has
+            size 1 (local mode).
+    """
+
+    kept: Tensor
+    pairs: Tensor
+    slots: Tensor
+    origin: Tensor
+    weight: Tensor
+
+    @property
+    def sources(self) -> Tensor:
+        """``(B * r,)`` rows of the sources."""
+        return self.pairs[: self.slots.shape[0]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +102,8 @@ class Plan:
     dst_count: Tensor
     num_tokens: int
     log_counts: Tensor | None = None
+    #: ``PlanRows`` by ``(batch, dtype)``, made at the first call that needs them
+    _rows: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -221,6 +252,23 @@ class Plan:
             log_counts=None if self.log_counts is None else self.log_counts.to(device),
         )
 
+    def rows(self, batch: int, dtype: torch.dtype) -> PlanRows:
+        """The plan's ``PlanRows`` for a batch of ``batch`` samples in ``dtype``, made once."""
+        key = (batch, dtype)
+        rows = self._rows.get(key)
+        if rows is None:
+            src = _flat_index(self.src, batch, self.num_tokens)
+            destinations = _flat_index(self.kept.gather(1, self.dst), batch, self.num_tokens)
+            weight = self.dst_count.reciprocal().to(dtype).expand(batch, -1)
+            rows = self._rows[key] = PlanRows(
+                kept=_flat_index(self.kept, batch, self.num_tokens),
+                pairs=torch.cat([src, destinations]),
+                slots=_flat_index(self.dst, batch, self.num_out),
+                origin=_flat_index(self.origin, batch, self.num_out),
+                weight=weight.reshape(-1, 1),
+            )
+        return rows
+
     # ------------------------------------------------------------------ application
     def _check(self, x: Tensor, tokens: int) -> int:
         if x.dim() != 3 or x.shape[1] != tokens:
@@ -255,17 +303,18 @@ class Plan:
             return x
         batch = self._check(x, self.num_tokens)
         channels = x.shape[-1]
-        x_kept = _rows(x, self.kept)
-        if weight is None and sizes is None:
-            weight = self.dst_count.to(x.dtype).reciprocal()
-        elif weight is None:
+        rows = self.rows(batch, x.dtype)
+        if sizes is not None and weight is None:
             self._check_sizes(sizes, batch)
             weight = self.size_weights(sizes)[0]
-        delta = (_rows(x, self.src) - _rows(x_kept, self.dst)) * weight.unsqueeze(-1).to(x.dtype)
-        slots = _flat_index(self.dst, batch, self.num_out)
-        # in place: x_kept is index_select's fresh tensor, and delta was taken from it before
-        x_kept.view(-1, channels).index_add_(0, slots, delta.view(-1, channels))
-        return x_kept
+        weight = rows.weight if weight is None else weight.reshape(-1, 1).to(x.dtype)
+        flat = x.reshape(batch * self.num_tokens, channels)
+        merged = flat.index_select(0, rows.kept)
+        pairs = flat.index_select(0, rows.pairs).view(2, -1, channels)
+        delta = torch.sub(pairs[0], pairs[1]).mul_(weight)
+        # in place: merged is index_select's fresh tensor, and delta was taken from x
+        merged.index_add_(0, rows.slots, delta)
+        return merged.view(batch, self.num_out, channels)
 
     def _check_sizes(self, sizes: Tensor, batch: int | None = None) -> None:
         expected = (batch if batch is not None else sizes.shape[0], self.num_tokens)
@@ -298,8 +347,11 @@ class Plan:
         if self.is_identity:
             self._check(y, self.num_tokens)
             return y
-        self._check(y, self.num_out)
-        return _rows(y, self.origin)
+        batch = self._check(y, self.num_out)
+        channels = y.shape[-1]
+        rows = self.rows(batch, y.dtype)
+        flat = y.reshape(batch * self.num_out, channels)
+        return flat.index_select(0, rows.origin).view(batch, self.num_tokens, channels)
 
     def kept_without_prefix(self, num_prefix: int) -> Tensor:
         """``(P, M - num_prefix)`` index, among the tokens after the ``num_prefix`` protected

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .calls import CallValues, PerThread
 from .patch import EMPTY_BATCH, SitePatch
-from .plan import Plan, _rows
+from .plan import Plan, gather_rows
 from .site import TokenLayout
 
 __all__ = ["ArgSpec", "TokenCarry", "TokenTrack", "attach_progressive"]
@@ -115,7 +115,7 @@ class TokenTrack:
 
     def restore(self, x: Tensor) -> Tensor:
         """Every original token gets a copy of the token it was merged into: ``(B, N0, C)``."""
-        return _rows(x, self.origin)
+        return gather_rows(x, self.origin)
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ class TokenCarry:
         restored = []
         for state, origin in zip(states, boundaries[offset:], strict=True):
             if origin is not None and isinstance(state, Tensor) and state.dim() == 3:
-                state = _rows(state, origin)
+                state = gather_rows(state, origin)
             restored.append(state)
         return type(states)(restored)
 

@@ -12,7 +12,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["StepState", "timestep_value"]
+__all__ = ["ScheduleStep", "StepState", "read_timestep", "timestep_value"]
 
 #: a drop of the timestep this many times the largest step of the generation so far is no step
 #: of it: the run was abandoned and another one started lower (an img2img run, say)
@@ -21,10 +21,52 @@ IMPLAUSIBLE_DROP = 8.0
 MAX_CONDITIONINGS = 4
 
 
+@dataclass(frozen=True, eq=False)
+class ScheduleStep:
+    """A timestep known by its place in the schedule tensor it was taken from, not its value.
+
+    Pipelines pass ``t`` from ``for t in scheduler.timesteps`` (or ``t.expand(batch)``): a view
+    into the schedule, whose position the host knows without reading the device. Within one
+    schedule a later position is a later step; another schedule tensor is another generation.
+
+    Attributes:
+        schedule: a weak reference to the schedule tensor (never kept alive here).
+        index: the position in it.
+    """
+
+    schedule: weakref.ref
+    index: int
+
+    def same_schedule(self, other: Any) -> bool:
+        """Whether ``other`` is a place in the same (still living) schedule tensor."""
+        if not isinstance(other, ScheduleStep):
+            return False
+        mine = self.schedule()
+        return mine is not None and mine is other.schedule()
+
+
+def read_timestep(timestep: Any) -> float | ScheduleStep | None:
+    """A root call's timestep as the host can know it without waiting for the device.
+
+    A view into a 1-D tensor (the scheduler's ``timesteps``, as diffusers pipelines pass ``t``)
+    is its ``ScheduleStep``: no value is read. Anything else is its value (``timestep_value``):
+    a Python number costs nothing; a tensor computed for the call (Flux's ``timestep / 1000``)
+    is read, which waits for the device once per model call.
+    """
+    if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+        base = timestep._base
+        if base is not None and base.dim() == 1 and base.stride(0) > 0:
+            offset = timestep.storage_offset() - base.storage_offset()
+            index, rest = divmod(offset, base.stride(0))
+            if rest == 0 and 0 <= index < base.shape[0]:
+                return ScheduleStep(weakref.ref(base), index)
+    return timestep_value(timestep)
+
+
 def timestep_value(timestep: Any) -> float | None:
     """A timestep argument as a float (the first element of a tensor), or None when absent.
 
-    Reading a device tensor synchronises once per model forward, at the root, never per site.
+    Reading a device tensor waits for the device (``read_timestep`` avoids it where it can).
     """
     if timestep is None:
         return None
@@ -35,6 +77,12 @@ def timestep_value(timestep: Any) -> float | None:
     return float(timestep)
 
 
+def _key(timestep: float | ScheduleStep) -> float:
+    """A timestep as a number that falls from step to step: its value, or minus its place in
+    its schedule (compare keys only of timesteps that ``StepState._follows`` orders)."""
+    return -float(timestep.index) if isinstance(timestep, ScheduleStep) else timestep
+
+
 @dataclass
 class StepState:
     """Denoising progress of one patched model in one thread, fed by the adapter's root pre-hook.
@@ -42,7 +90,8 @@ class StepState:
     Each thread calling a patched model has its own (``tokenmerge.calls``); ``Handle.state`` is
     the calling thread's.
 
-    - A call whose timestep is lower than the last one is the next step.
+    - A call whose timestep is lower than the last one is the next step; so is one whose
+      timestep comes later in the same schedule tensor (``read_timestep``).
     - A call with the same timestep is the same step (e.g. the two classifier-free guidance
       halves run as separate calls, or a second-order solver's correction); it plans when the
       step plans. With the halves as separate calls and ``cache_interval`` > 1, the steps in
@@ -65,7 +114,9 @@ class StepState:
         generation: increases at every new generation; cached plans from an older one are dropped.
         step: step index within the generation (0-based).
         call: root forward calls so far.
-        timestep: the last timestep seen, or None.
+        timestep: the last timestep seen: its value, or its place in the schedule tensor it
+            was taken from (``ScheduleStep``, known without reading the device); None at the
+            start of a generation.
         cache_interval: plans are made at steps 0, k, 2k... of a generation (k = this).
         replan: whether sites make new plans at this call (else they reuse their cached plan
             when it fits the call's batch, tokens, device and dtype).
@@ -77,7 +128,7 @@ class StepState:
     generation: int = 0
     step: int = 0
     call: int = 0
-    timestep: float | None = None
+    timestep: float | ScheduleStep | None = None
     cache_interval: int = 1
     replan: bool = True
     shape: tuple[int, ...] | None = None
@@ -88,7 +139,7 @@ class StepState:
 
     def begin_call(
         self,
-        timestep: float | None,
+        timestep: float | ScheduleStep | None,
         shape: tuple[int, ...] | None = None,
         conditioning: torch.Tensor | None = None,
     ) -> bool:
@@ -108,7 +159,7 @@ class StepState:
             >>> state.step, state.replan
             (0, True)
         """
-        if timestep is not None and not math.isfinite(timestep):
+        if isinstance(timestep, float) and not math.isfinite(timestep):
             raise InputError(
                 f"timestep {timestep} is not a finite number; tokenmerge counts denoising steps "
                 "by comparing timesteps (a lower one is the next step), which needs finite "
@@ -118,16 +169,16 @@ class StepState:
         self.call += 1
         started = (
             timestep is None
-            or self.timestep is None
-            or timestep > self.timestep
+            or not self._follows(timestep)
+            or _key(timestep) > _key(self.timestep)
             or (shape is not None and self.shape is not None and shape != self.shape)
             or self._new_conditioning(conditioning, timestep)
             or self._implausible_drop(timestep)
         )
         if started:
             self.new_generation()
-        elif timestep < self.timestep:
-            self.largest_drop = max(self.largest_drop, self.timestep - timestep)
+        elif _key(timestep) < _key(self.timestep):
+            self.largest_drop = max(self.largest_drop, _key(self.timestep) - _key(timestep))
             self.step += 1
             self.replan = self.step % self.cache_interval == 0
         # the same timestep again (the CFG halves run as two calls, a solver's correction): the
@@ -138,16 +189,25 @@ class StepState:
         self._remember(conditioning)
         return started
 
-    def _new_conditioning(self, conditioning: torch.Tensor | None, timestep: float) -> bool:
+    def _follows(self, timestep: float | ScheduleStep) -> bool:
+        """Whether ``timestep`` can be ordered against the last one: both numbers, or both
+        places in one schedule tensor."""
+        if isinstance(timestep, ScheduleStep):
+            return timestep.same_schedule(self.timestep)
+        return isinstance(self.timestep, float)
+
+    def _new_conditioning(
+        self, conditioning: torch.Tensor | None, timestep: float | ScheduleStep
+    ) -> bool:
         """Whether ``conditioning`` is foreign to the generation: not seen in it, and not a
         further conditioning of the step under way (the other guidance half)."""
         if conditioning is None or any(ref() is conditioning for ref in self.conditionings):
             return False
-        joins = timestep == self.timestep and len(self.conditionings) < MAX_CONDITIONINGS
-        return not joins
+        same_step = _key(timestep) == _key(self.timestep)
+        return not (same_step and len(self.conditionings) < MAX_CONDITIONINGS)
 
-    def _implausible_drop(self, timestep: float) -> bool:
-        drop = self.timestep - timestep
+    def _implausible_drop(self, timestep: float | ScheduleStep) -> bool:
+        drop = _key(self.timestep) - _key(timestep)
         return self.largest_drop > 0 and drop > IMPLAUSIBLE_DROP * self.largest_drop
 
     def _remember(self, conditioning: torch.Tensor | None) -> None:
@@ -173,4 +233,6 @@ class StepState:
     def __getstate__(self) -> dict[str, Any]:
         # weak references cannot be pickled: an unpickled model starts a generation at a
         # conditioning it has not seen (it plans afresh, which is always right)
-        return {**self.__dict__, "conditionings": []}
+        # (and a place in a schedule tensor cannot be pickled either: it starts one too)
+        timestep = None if isinstance(self.timestep, ScheduleStep) else self.timestep
+        return {**self.__dict__, "conditionings": [], "timestep": timestep}
