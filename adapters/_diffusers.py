@@ -14,7 +14,7 @@ from tokenmerge.adapter import Adapter, AdapterOptions, depth_stage, parameter_i
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.attention_view import PLAIN_PROCESSORS, processor_name
 from tokenmerge.calls import CallValues, PerThread
-from tokenmerge.errors import UnsupportedModelError
+from tokenmerge.errors import ConfigError, UnsupportedModelError
 from tokenmerge.patch import SitePatch
 from tokenmerge.proportional import SizeBias
 from tokenmerge.site import Site, TokenLayout
@@ -76,12 +76,18 @@ class TargetGuard:
     """
 
     def __init__(
-        self, module: nn.Module, kind: str, block: nn.Module, watched: Iterable[nn.Module] = ()
+        self,
+        module: nn.Module,
+        kind: str,
+        block: nn.Module,
+        watched: Iterable[nn.Module] = (),
+        keys_values: bool = False,
     ) -> None:
         self.module = module
         self.kind = kind
         self.block = block
         self.watched = (module, *watched)
+        self.keys_values = keys_values  # the merged tokens go in as encoder_hidden_states
 
     def __call__(self, args: tuple, kwargs: dict) -> str | None:
         # A diffusers cache hook (pyramid attention broadcast, FasterCache...) may hand back an
@@ -95,6 +101,14 @@ class TargetGuard:
             if getattr(self.block, "_chunk_size", None) is not None:
                 return "MLP run in token chunks (forward chunking)"
             return None
+        if self.keys_values:
+            if kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None) is not None:
+                return "self-attention given encoder_hidden_states already (only_cross_attention)"
+            if processor_name(self.module) not in PLAIN_PROCESSORS:
+                return (
+                    f"keys_values with the {processor_name(self.module)} attention processor, "
+                    "which may not take keys and values from encoder_hidden_states"
+                )
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
         if mask is None:
             return None
@@ -103,6 +117,31 @@ class TargetGuard:
         if isinstance(mask, Tensor) and mask.dim() >= 3 and mask.shape[-2] != 1:
             return "cross-attention mask with a row per query"
         return None
+
+
+def target_hooks(patch: SitePatch, kind: str, module: nn.Module, block: nn.Module) -> dict:
+    """``SitePatch.attach_local``'s keyword arguments for a target of a diffusers block: its
+    guard, value correction and proportional attention; with ``keys_values``, self-attention
+    takes its keys and values from the merged tokens (as ``encoder_hidden_states``) instead.
+
+    Raises:
+        ConfigError: ``keys_values`` at a self-attention whose processor is not a plain one
+            (SD3's joint attention takes the text as ``encoder_hidden_states``).
+    """
+    keys_values = kind == "attn" and patch.config.keys_values
+    if keys_values and processor_name(module) not in PLAIN_PROCESSORS:
+        raise ConfigError(
+            f"site {patch.site.name!r}: keys_values=True merges the keys and values of a "
+            "self-attention by passing them as encoder_hidden_states, which its "
+            f"{processor_name(module)} processor uses otherwise (joint attention takes the text "
+            "there). Set keys_values=False, or exclude the site (sites={'exclude': [...]})"
+        )
+    return {
+        "guard": TargetGuard(module, kind, block, keys_values=keys_values),
+        "correction": None if keys_values else value_correction(patch, kind, module),
+        "bias": size_bias(patch, kind, module),
+        "keys_values": "encoder_hidden_states" if keys_values else None,
+    }
 
 
 def size_bias(patch: SitePatch, kind: str, module: nn.Module) -> SizeBias | None:

@@ -30,12 +30,10 @@ from torch.utils.hooks import RemovableHandle
 from tokenmerge.adapter import AdapterOptions, SiteCandidate
 from tokenmerge.adapters._diffusers import (
     PatchGrid,
-    TargetGuard,
     TransformerAdapter,
     check_signatures,
     depth_stage,
-    size_bias,
-    value_correction,
+    target_hooks,
 )
 from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site
@@ -100,6 +98,7 @@ class DiffusersDiTAdapter(TransformerAdapter):
     """
 
     name = "diffusers_dit"
+    merges_keys_values = True
 
     def __init__(self, options: AdapterOptions | None = None) -> None:
         _check_signatures()
@@ -137,10 +136,5 @@ class DiffusersDiTAdapter(TransformerAdapter):
         if "attn" in modules and getattr(block, "use_dual_attention", False):
             targets.append(("attn", block.attn2))  # SD 3.5's image-only second self-attention
         for kind, module in targets:
-            handles += patch.attach_local(
-                module,
-                guard=TargetGuard(module, kind, block),
-                correction=value_correction(patch, kind, module),
-                bias=size_bias(patch, kind, module),
-            )
+            handles += patch.attach_local(module, **target_hooks(patch, kind, module, block))
         return handles

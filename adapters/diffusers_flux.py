@@ -135,12 +135,14 @@ def _grid_of(ids: Tensor) -> tuple[int, int] | None:
         return None
     n = ids.shape[0]
     ids = ids.long()
-    height, width = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
-    if height * width != n:
-        return None
+    size = ids[:, 1:].amax(0) + 1  # height, width
     token = torch.arange(n, device=ids.device)
+    width = size[1].clamp_min(1)  # ids with negative columns: no grid, and no division by 0
     expected = torch.stack([torch.zeros_like(token), token // width, token % width], dim=1)
-    return (height, width) if bool(torch.equal(ids, expected)) else None
+    fits = (ids == expected).all() & (size.prod() == n)
+    # one read: the host waits for the device once per ids tensor
+    height, width, grid = torch.cat([size, fits.long()[None]]).tolist()
+    return (height, width) if grid else None
 
 
 def gather_rotary(plan: Plan, kwargs: dict) -> dict:
@@ -151,15 +153,21 @@ def gather_rotary(plan: Plan, kwargs: dict) -> dict:
         return kwargs
     first = table[0] if isinstance(table, (tuple, list)) else table
     extra = first.shape[0] - plan.num_tokens  # text tokens not in the merged tensor
-    rows = plan.kept[0]
-    if extra:
-        rows = torch.cat([torch.arange(extra, device=rows.device), rows + extra])
-    rows = rows.to(first.device)
+    key = ("rotary rows", extra, first.device)
+    rows = plan.derived(key, lambda: _rotary_rows(plan, extra).to(first.device))
     if isinstance(table, (tuple, list)):
         table = type(table)(part.index_select(0, rows) for part in table)
     else:
         table = table.index_select(0, rows)
     return {**kwargs, "image_rotary_emb": table}
+
+
+def _rotary_rows(plan: Plan, extra: int) -> Tensor:
+    """The rotary table's rows of the ``extra`` text tokens and of the tokens ``plan`` keeps."""
+    rows = plan.kept[0]
+    if extra:
+        rows = torch.cat([torch.arange(extra, device=rows.device), rows + extra])
+    return rows
 
 
 class RotaryGuard(TargetGuard):
@@ -248,8 +256,12 @@ class SingleBlockBody:
         if plan.is_identity:
             return None
         call.plan = plan
-        merged = self.patch.observed("merge", plan.merge, x)
-        call.inputs = (x, merged, None) if self.correction is not None else None
+        if self.correction is None:
+            merged = self.patch.observed("merge", plan.merge, x)
+            call.inputs = None
+        else:
+            merged, sources = self.patch.observed("merge", plan.merge_keeping_sources, x)
+            call.inputs = (x, merged, None, sources)
         return (merged, *output[1:])
 
     def rotary(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -257,7 +269,8 @@ class SingleBlockBody:
         if call.plan is None:
             return None
         if call.inputs is not None:  # the attention's own arguments: its full rotary table
-            call.inputs = (*call.inputs[:2], Call(args, kwargs))
+            x, merged, _, sources = call.inputs
+            call.inputs = (x, merged, Call(args, kwargs), sources)
         kwargs = gather_rotary(call.plan, kwargs)
         if self.bias is not None:
             kwargs = self.bias(call.plan, args[0] if args else kwargs["hidden_states"], kwargs)
@@ -272,15 +285,16 @@ class SingleBlockBody:
         self.patch.check_merged_output(plan, output, module)
         return self.patch.observed("unmerge", self._unmerge, plan, output, inputs)
 
-    def _unmerge(
-        self, plan: Plan, y: Tensor, inputs: tuple[Tensor, Tensor, Call | None] | None
-    ) -> Tensor:
+    def _unmerge(self, plan: Plan, y: Tensor, inputs: tuple | None) -> Tensor:
+        """``inputs``: ``(x, merged, the attention's Call or None, the sources' rows)``."""
         unmerged = plan.unmerge(y)
         if inputs is None or inputs[2] is None:
             return unmerged
-        x, merged, call = inputs
+        x, merged, call, sources = inputs
         correction = self.corrections.value
-        out = correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)
+        out = correction(
+            plan, x, merged, unmerged, observed=self.patch.observed, call=call, sources=sources
+        )
         report_fit(self.correction, correction)
         return out
 

@@ -35,10 +35,8 @@ from torch.utils.hooks import RemovableHandle
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate
 from tokenmerge.adapters._diffusers import (
     PatchGrid,
-    TargetGuard,
     check_signatures,
-    size_bias,
-    value_correction,
+    target_hooks,
 )
 from tokenmerge.config import MergeConfig
 from tokenmerge.patch import SitePatch
@@ -102,6 +100,7 @@ class DiffusersUNetAdapter(Adapter):
     """
 
     name = "diffusers_unet"
+    merges_keys_values = True
 
     def __init__(self, options: AdapterOptions | None = None) -> None:
         _check_signatures()
@@ -193,12 +192,7 @@ class DiffusersUNetAdapter(Adapter):
         block = self._blocks[patch.site.name]
         handles += patch.watch_block_input(block)
         for kind, module in modules.items():
-            handles += patch.attach_local(
-                module,
-                guard=TargetGuard(module, kind, block),
-                correction=value_correction(patch, kind, module),
-                bias=size_bias(patch, kind, module),
-            )
+            handles += patch.attach_local(module, **target_hooks(patch, kind, module, block))
         return handles
 
     def detach(self, root: nn.Module) -> None:

@@ -23,8 +23,8 @@ from tokenmerge.windows import (
     best_per_window,
     grown_window,
     num_windows,
+    shared_window_partition,
     window_labels,
-    window_partition,
 )
 
 __all__ = ["RandomConfig", "RandomStrategy"]
@@ -74,7 +74,7 @@ class RandomStrategy(Strategy):
             return Plan.identity(n, device)
         if layout.positions is not None:
             return self._progressive_plan(layout, num_merge, rng)
-        cells = window_partition(layout.grid, self._cell(), device)
+        cells = shared_window_partition(layout.grid, self._cell(), device)
         valid = cells >= 0
         blocked = float("-inf")  # a Python scalar: no host-to-device copy
         draw = rng.uniform(cells.shape, device)

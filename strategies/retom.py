@@ -43,8 +43,8 @@ from tokenmerge.windows import (
     best_per_window,
     grown_window,
     num_windows,
+    shared_window_partition,
     window_labels,
-    window_partition,
 )
 
 __all__ = ["ReToMConfig", "ReToMStrategy", "representatives"]
@@ -260,7 +260,7 @@ class ReToMStrategy(Strategy):
             return Plan.identity(n, features.device)
         if layout.positions is not None:
             return self._progressive_plan(features, layout, site, num_merge)
-        windows = window_partition(layout.grid, self._window(site), features.device)
+        windows = shared_window_partition(layout.grid, self._window(site), features.device)
         rows = features.shape[0]
         rep_slot, to_rep = representatives(features, windows)
         rep_token = windows.expand(rows, -1, -1).gather(2, rep_slot.unsqueeze(-1)).squeeze(-1)

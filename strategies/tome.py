@@ -11,6 +11,7 @@ Tokens split into destinations (B) and sources (A). Every A token finds its most
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -61,6 +62,35 @@ class ToMeConfig(CellConfig):
         return super().ratio_limit_reason()
 
 
+def _cell_tokens(
+    grid: tuple[int, int], cell: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``(cells, sy * sx)`` tokens of every whole cell, and the tokens of none (the rows and
+    columns left over where the grid does not divide), shared for the grid: never modify them."""
+    if torch.compiler.is_compiling():
+        return _make_cell_tokens(grid, cell, device)
+    return _cached_cell_tokens(tuple(grid), tuple(cell), torch.device(device))
+
+
+def _make_cell_tokens(
+    grid: tuple[int, int], cell: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    (h, w), (sy, sx) = grid, cell
+    rows, cols = h // sy, w // sx
+    tokens = torch.arange(h * w, device=device).view(h, w)
+    whole = tokens[: rows * sy, : cols * sx].reshape(rows, sy, cols, sx).transpose(1, 2)
+    in_cells = torch.zeros(h, w, dtype=torch.bool, device=device)
+    in_cells[: rows * sy, : cols * sx] = True
+    return whole.reshape(rows * cols, sy * sx), tokens[~in_cells]
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_cell_tokens(
+    grid: tuple[int, int], cell: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    return _make_cell_tokens(grid, cell, device)
+
+
 class ToMeStrategy(Strategy):
     """ToMe: bipartite soft matching, on tomesd's 2-D cells or ToMe's alternating partition.
 
@@ -90,20 +120,17 @@ class ToMeStrategy(Strategy):
         self, grid: tuple[int, int], device: torch.device, rng: SiteRandom
     ) -> tuple[Tensor, Tensor]:
         """Token indices of the destinations (one per whole cell) and of the sources."""
-        h, w = grid
         sy, sx, rows, cols = self._cells(grid)
+        cells, leftover = _cell_tokens(grid, (sy, sx), device)
         if self.config.random_destinations:
-            offset = rng.integers(sy * sx, (rows, cols), device)
+            offset = rng.integers(sy * sx, (rows * cols, 1), device)
         else:
-            offset = torch.zeros(rows, cols, dtype=torch.long, device=device)
-        row = torch.arange(rows, device=device).view(-1, 1) * sy + offset // sx
-        col = torch.arange(cols, device=device).view(1, -1) * sx + offset % sx
-        dst = (row * w + col).flatten()
-        is_dst = torch.zeros(h * w, dtype=torch.bool, device=device)
-        is_dst[dst] = True
-        # A stable sort lists the sources in order without a data-dependent (syncing) mask.
-        order = torch.argsort(is_dst.to(torch.int8), stable=True)
-        return dst, order[: h * w - dst.numel()]
+            offset = torch.zeros(rows * cols, 1, dtype=torch.long, device=device)
+        dst = cells.gather(1, offset).squeeze(1)
+        # every other place of each cell, in order: place j, or j + 1 from the destination on
+        places = torch.arange(sy * sx - 1, device=device)
+        others = cells.gather(1, places + (places >= offset))
+        return dst, torch.cat([others.flatten(), leftover])
 
     def make_plan(
         self,

@@ -20,10 +20,16 @@ from tokenmerge.selectors import resolve_per_site
 from tokenmerge.site import Site, module_glob
 from tokenmerge.strategies.random import RandomConfig
 from tokenmerge.strategies.retom import ReToMConfig
+from tokenmerge.strategies.todo import ToDoConfig
 from tokenmerge.strategies.tome import ToMeConfig
 
-BUILTIN = ["random", "retom", "tome"]
-BUILTIN_CLASSES = {"random": RandomConfig, "retom": ReToMConfig, "tome": ToMeConfig}
+BUILTIN = ["random", "retom", "todo", "tome"]
+BUILTIN_CLASSES = {
+    "random": RandomConfig,
+    "retom": ReToMConfig,
+    "todo": ToDoConfig,
+    "tome": ToMeConfig,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -210,7 +216,7 @@ def test_unknown_strategy_lists_known_names_and_close_matches(config):
     message = str(info.value)
     assert isinstance(info.value, ConfigError)
     assert "'retm'" in message
-    assert "random, retom, tome" in message
+    assert "random, retom, todo, tome" in message
     assert "did you mean 'retom'" in message
 
 
@@ -218,7 +224,7 @@ def test_unknown_strategy_through_apply_and_get_strategy():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(UnknownStrategyError, match="did you mean 'tome'"):
         tokenmerge.apply(model, "tomee", adapter="generic", sites={"include": ["0"]})
-    with pytest.raises(UnknownStrategyError, match="random, retom, tome"):
+    with pytest.raises(UnknownStrategyError, match="random, retom, todo, tome"):
         tokenmerge.get_strategy("rand")
     assert not hasattr(model, "_tokenmerge_handle")
 
@@ -227,7 +233,7 @@ def test_unknown_strategy_through_apply_and_get_strategy():
 def test_dict_without_a_strategy_name_rejected(name):
     data = {"ratio": 0.3} if name is None else {"strategy": name, "ratio": 0.3}
     message = rejected(data)
-    assert "'strategy' key" in message and "random, retom, tome" in message
+    assert "'strategy' key" in message and "random, retom, todo, tome" in message
 
 
 @pytest.mark.parametrize("config", [3, 0.5, None, ["retom"], ("retom",)])
@@ -371,7 +377,7 @@ def test_configs_are_frozen(strategy):
         config.ratio = 0.1
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.sites.min_tokens = 1
-    assert config.ratio == 0.5
+    assert config.ratio == (0.75 if strategy == "todo" else 0.5)  # todo: 2 x 2 cells pooled
 
 
 @pytest.mark.parametrize("strategy", BUILTIN)
@@ -412,7 +418,8 @@ def test_every_field_is_described_with_its_default(cls, field):
 
 def test_every_registered_config_class_is_a_frozen_merge_config():
     classes = registry.config_classes()
-    assert [c.__name__ for c in classes] == ["RandomConfig", "ReToMConfig", "ToMeConfig"]
+    names = ["RandomConfig", "ReToMConfig", "ToDoConfig", "ToMeConfig"]
+    assert [c.__name__ for c in classes] == names
     for cls in classes:
         assert issubclass(cls, MergeConfig)
         assert cls.model_fields["strategy"].default in BUILTIN
@@ -647,7 +654,7 @@ def test_config_union_picks_the_class_by_strategy_and_rejects_unknown():
     union = config_union()
     for name, cls in BUILTIN_CLASSES.items():
         assert type(union.validate_python({"strategy": name})) is cls
-    with pytest.raises(pydantic.ValidationError, match="'random', 'retom', 'tome'"):
+    with pytest.raises(pydantic.ValidationError, match="'random', 'retom', 'todo', 'tome'"):
         union.validate_python({"strategy": "retm"})
     with pytest.raises(pydantic.ValidationError):
         union.validate_python({"strategy": "tome", "window_size": 2})

@@ -26,7 +26,7 @@ from tokenmerge.frozen import FrozenDict, mutable_part
 from tokenmerge.selectors import PerSite, per_site_fields
 from tokenmerge.site import GLOB_RULE, module_glob
 
-BUILTIN = ["random", "retom", "tome"]
+BUILTIN = ["random", "retom", "todo", "tome"]
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),

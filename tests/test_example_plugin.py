@@ -74,7 +74,7 @@ def test_discovered_through_its_entry_point():
 def test_autoload_off_hides_it(monkeypatch):
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
     registry.reset()
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert tokenmerge.list_plugins("example") == []
 
 

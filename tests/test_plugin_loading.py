@@ -17,7 +17,7 @@ from tokenmerge import cli, extend
 from tokenmerge.extend import PluginWarning
 from tokenmerge.registry import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, registry
 
-BUILTIN_STRATEGIES = ["random", "retom", "tome"]
+BUILTIN_STRATEGIES = ["random", "retom", "todo", "tome"]
 
 
 class Interrupt(BaseException):

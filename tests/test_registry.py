@@ -134,19 +134,19 @@ def plugin_with(strategies=(), adapters=(), raise_after=None):
 
 
 def test_list_strategies_builtin():
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
 
 
 @pytest.mark.parametrize(
     ("pattern", "expected"),
     [
-        ("*", ["random", "retom", "tome"]),
+        ("*", ["random", "retom", "todo", "tome"]),
         ("*tom*", ["retom", "tome"]),
         ("r*", ["random", "retom"]),
         ("tome", ["tome"]),
         ("t?me", ["tome"]),
         ("[rt]*e", ["tome"]),
-        (["t*", "ran*"], ["random", "tome"]),
+        (["t*", "ran*"], ["random", "todo", "tome"]),
         (["tome", "tome"], ["tome"]),
         ("nothing*", []),
         ([], []),
@@ -176,7 +176,7 @@ def test_list_plugins_builtin_info_and_filtering():
         assert info.distribution == "tokenmerge"
         assert info.version == tokenmerge.__version__
     by_name = {p.name: p for p in plugins}
-    assert by_name["tokenmerge.strategies"].strategies == ["random", "retom", "tome"]
+    assert by_name["tokenmerge.strategies"].strategies == ["random", "retom", "todo", "tome"]
     assert by_name["tokenmerge.strategies"].adapters == []
     assert by_name["tokenmerge.adapters"].adapters == BUILTIN_ADAPTERS
     assert [p.name for p in tokenmerge.list_plugins("*strategies")] == ["tokenmerge.strategies"]
@@ -190,7 +190,7 @@ def test_reset_reloads_builtins_lazily():
     extend.register_plugin(PairsPlugin(), name="pairs-plugin")
     assert "pairs" in tokenmerge.list_strategies()
     registry.reset()
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert [p.name for p in tokenmerge.list_plugins()] == BUILTIN_PLUGINS
 
 
@@ -202,7 +202,7 @@ def test_unknown_strategy_lists_known_and_close_matches():
         registry.strategy("retm")
     message = str(info.value)
     assert message.startswith("unknown strategy 'retm'")  # not quoted like a KeyError
-    assert "random, retom, tome" in message
+    assert "random, retom, todo, tome" in message
     assert "did you mean 'retom'" in message
     assert isinstance(info.value, KeyError) and isinstance(info.value, ConfigError)
     with pytest.raises(UnknownStrategyError, match="did you mean 'random'"):
@@ -237,7 +237,7 @@ def test_unknown_plugin_name_lists_plugins():
 
 def test_runtime_plugin_is_listed_validated_serialised_and_usable():
     assert extend.register_plugin(PairsPlugin(), name="pairs-plugin") == "pairs-plugin"
-    assert tokenmerge.list_strategies() == ["pairs", "random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["pairs", "random", "retom", "todo", "tome"]
     assert tokenmerge.list_strategies("p*") == ["pairs"]
     (info,) = tokenmerge.list_plugins("pairs-plugin")
     assert (info.strategies, info.adapters, info.builtin) == (["pairs"], [], False)
@@ -251,7 +251,7 @@ def test_runtime_plugin_is_listed_validated_serialised_and_usable():
         tokenmerge.load_config("pairs", ratio=0.6)
     with pytest.raises(ConfigError, match="did you mean 'label'"):
         tokenmerge.load_config("pairs", lable="x")
-    with pytest.raises(UnknownStrategyError, match="pairs, random, retom, tome"):
+    with pytest.raises(UnknownStrategyError, match="pairs, random, retom, todo, tome"):
         tokenmerge.load_config("pears")
 
     # ... and serialises like one, alone and through the discriminated union
@@ -289,7 +289,7 @@ def test_unregister_plugin_removes_everything_it_registered():
     assert tokenmerge.list_adapters() == sorted([*BUILTIN_ADAPTERS, "extra"])
     extend.unregister_plugin("pairs-plugin")
     extend.unregister_plugin("adapter-plugin")
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert tokenmerge.list_adapters() == BUILTIN_ADAPTERS
     assert [p.name for p in tokenmerge.list_plugins()] == BUILTIN_PLUGINS
     with pytest.raises(UnknownStrategyError):
@@ -408,7 +408,7 @@ def test_replace_true_takes_over_a_name():
 
     extend.register_plugin(plugin_with(strategies=[(OtherRetom, True)]), name="override")
     assert registry.strategy("retom") is OtherRetom
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert tokenmerge.list_plugins("override")[0].strategies == ["retom"]
     spec = AdapterSpec(name="generic", target="tokenmerge.adapters.generic:GenericAdapter")
     extend.register_adapter(spec, replace=True)
@@ -421,7 +421,7 @@ def test_unregistering_a_replacing_plugin_restores_the_replaced_strategy():
 
     extend.register_plugin(plugin_with(strategies=[(OtherRetom, True)]), name="override")
     extend.unregister_plugin("override")
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert registry.strategy("retom") is ReToMStrategy
 
 
@@ -450,7 +450,7 @@ class BadName(PairsStrategy):
 def test_plugin_with_a_bad_second_strategy_registers_nothing():
     with pytest.raises(PluginError, match="lower-case name"):
         extend.register_plugin(plugin_with(strategies=[PairsStrategy, BadName]), name="half")
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert tokenmerge.list_plugins("half") == []
     assert registry.plugin_manager.get_plugin("half") is None
     # nothing is left behind: the same name and strategy register cleanly afterwards
@@ -465,7 +465,7 @@ def test_plugin_with_a_duplicate_second_strategy_registers_nothing():
 
     with pytest.raises(DuplicateNameError):
         extend.register_plugin(plugin_with(strategies=[PairsStrategy, OtherTome]), name="h")
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert tokenmerge.list_plugins("h") == []
 
 
@@ -474,7 +474,7 @@ def test_plugin_whose_adapter_hook_fails_registers_no_strategy_either():
         extend.register_plugin(
             plugin_with(strategies=[PairsStrategy], adapters=["not a spec"]), name="h"
         )
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     spec = AdapterSpec(name="fine", target="a:B")
     with pytest.raises(RuntimeError, match="boom"):
         extend.register_plugin(
@@ -483,7 +483,7 @@ def test_plugin_whose_adapter_hook_fails_registers_no_strategy_either():
             ),
             name="h",
         )
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
     assert tokenmerge.list_adapters() == BUILTIN_ADAPTERS
     assert tokenmerge.list_plugins("h") == []
 
@@ -534,7 +534,7 @@ def test_bad_strategy_class_rejected_with_plugin_error(cls, message):
     with pytest.raises(PluginError, match=re.escape(message)):
         extend.register_plugin(plugin_with(strategies=[cls]), name="bad")
     assert tokenmerge.list_plugins("bad") == []
-    assert tokenmerge.list_strategies() == ["random", "retom", "tome"]
+    assert tokenmerge.list_strategies() == ["random", "retom", "todo", "tome"]
 
 
 def test_strategy_without_a_name_rejected_with_plugin_error():
@@ -778,7 +778,7 @@ def autoload_results(installed_plugins) -> dict:
 
 def test_entry_point_plugin_is_loaded_listed_and_usable(autoload_results):
     result = autoload_results["fresh"]
-    assert without_environment_plugins(result) == ["demo_pairs", "random", "retom", "tome"]
+    assert without_environment_plugins(result) == ["demo_pairs", "random", "retom", "todo", "tome"]
     assert result["plugins"]["demo"] == [
         "tokenmerge-demo-plugin",
         "0.3.1",
@@ -816,7 +816,7 @@ def test_broken_entry_point_plugins_warn_and_are_skipped(autoload_results):
 
 
 def _assert_autoload_off(result: dict) -> None:
-    assert result["strategies"] == ["random", "retom", "tome"]
+    assert result["strategies"] == ["random", "retom", "todo", "tome"]
     assert sorted(result["plugins"]) == BUILTIN_PLUGINS
     assert result["warnings"] == []
     assert result["used"] is None
@@ -835,7 +835,7 @@ def test_autoload_disabled_by_truthy_values(autoload_results, value):
 @pytest.mark.parametrize("value", NOT_DISABLING)
 def test_autoload_stays_on_for_falsy_values(autoload_results, value):
     result = autoload_results[value]
-    assert without_environment_plugins(result) == ["demo_pairs", "random", "retom", "tome"]
+    assert without_environment_plugins(result) == ["demo_pairs", "random", "retom", "todo", "tome"]
     assert result["used"] == ["DemoPairsConfig", 8, True]
     assert len(result["warnings"]) == 2
 

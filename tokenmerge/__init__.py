@@ -6,7 +6,7 @@
 Example:
     >>> import tokenmerge
     >>> tokenmerge.list_strategies()
-    ['random', 'retom', 'tome']
+    ['random', 'retom', 'todo', 'tome']
 """
 
 from __future__ import annotations

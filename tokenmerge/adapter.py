@@ -99,6 +99,9 @@ class Adapter(ABC):
     options_class: ClassVar[type[AdapterOptions]] = AdapterOptions
     #: ``sites.min_tokens`` when the config leaves it None
     default_min_tokens: ClassVar[int] = 256
+    #: whether its self-attention sites can merge keys and values alone
+    #: (``MergeConfig.keys_values``): the attention takes them from an argument of their own
+    merges_keys_values: ClassVar[bool] = False
 
     def __init__(self, options: AdapterOptions | None = None) -> None:
         self.options = self.options_class() if options is None else options

@@ -87,6 +87,14 @@ class MergeConfig(FrozenModel):
             "attention logits, so it weighs as much as the tokens it stands for. Default off."
         ),
     )
+    keys_values: bool = Field(
+        default=False,
+        description=(
+            "At self-attention sites, merge only the keys and values: every query stays and "
+            "nothing is unmerged (ToDo's way; diffusers UNets and DiT / PixArt blocks). MLP and "
+            "cross-attention sites merge their tokens as usual. Default off (on for todo)."
+        ),
+    )
     share_cfg_plan: bool = Field(
         default=False,
         description=(

@@ -108,12 +108,15 @@ class ValueCorrection:
         y: Tensor,
         observed: Callable = unobserved,
         call: Call = NO_CALL,
+        sources: Tensor | None = None,
     ) -> Tensor:
         """``y``, the copy-unmerged output for input ``x`` (``merged``: ``plan.merge(x)``),
         corrected in place (it is ``plan.unmerge``'s fresh tensor); ``beta`` is refitted when
         ``plan`` is not the one it was fitted for. ``call`` holds the call's own arguments
         (text tokens, rotary tables...). ``y`` comes back as it is when the view says the call
         computes something it does not describe (a processor changed after applying, a mask).
+        ``sources``: the sources' rows of ``x`` (``Plan.merge_keeping_sources``), when the merge
+        kept them.
         A new fit runs through ``observed("fit", ...)`` (the site's ``SitePatch.observed``, so
         observers see it)."""
         view = self.view
@@ -125,7 +128,8 @@ class ValueCorrection:
         rows = plan.rows(batch, x.dtype)  # made with the plan by its merge
         src_rows, dst_rows = rows.sources, rows.slots
         width = x.shape[-1]
-        sources = x.reshape(-1, width).index_select(0, src_rows)
+        if sources is None:
+            sources = x.reshape(-1, width).index_select(0, src_rows)
         offsets = (sources - merged.reshape(-1, width).index_select(0, dst_rows)).view(
             batch, -1, width
         )  # (B, r, C)

@@ -440,6 +440,7 @@ class SitePatch:
         adjust: Adjust | None = None,
         correction: ValueCorrection | None = None,
         bias: SizeBias | None = None,
+        keys_values: str | None = None,
     ) -> list[RemovableHandle]:
         """Merge ``module``'s hidden states before its forward and unmerge its output after.
 
@@ -452,9 +453,14 @@ class SitePatch:
         methods (``copy.deepcopy`` copies the hooks). ``correction``, when given, corrects the
         copy-unmerged output of a self-attention (``tokenmerge.correction``). ``bias``, when
         given, adds each merged slot's log size to the attention logits of a merged call
-        (``tokenmerge.proportional``).
+        (``tokenmerge.proportional``). ``keys_values``, when given, is the keyword by which the
+        module takes the tokens its keys and values come from (diffusers attention's
+        ``encoder_hidden_states``): the merged tokens go there, the hidden states stay whole
+        (every query) and nothing is unmerged (``MergeConfig.keys_values``).
         """
-        hook = _LocalHook(self, arg_name, guard, adjust, correction, bias, self.new_target())
+        hook = _LocalHook(
+            self, arg_name, guard, adjust, correction, bias, self.new_target(), keys_values
+        )
         if correction is not None:
             self.report_correction(correction)
         return [
@@ -498,6 +504,7 @@ class _LocalHook:
         correction: ValueCorrection | None,
         bias: SizeBias | None = None,
         target: int = 1,
+        keys_values: str | None = None,
     ) -> None:
         self.patch = patch
         self.arg_name = arg_name
@@ -507,6 +514,7 @@ class _LocalHook:
         self.corrections = per_thread_correction(correction)
         self.bias = bias
         self.target = target
+        self.keys_values = keys_values
         #: per thread: the call's plan, with its ``(x, merged, call)`` when a correction needs
         #: them
         self.slots = PerThread(list)
@@ -515,7 +523,7 @@ class _LocalHook:
         return {**self.__dict__, "slots": PerThread(list)}
 
     @property
-    def plans(self) -> list[tuple[Plan | None, tuple[Tensor, Tensor, Call] | None]]:
+    def plans(self) -> list[tuple[Plan | None, tuple | None]]:
         """The calling thread's plan slot (empty between calls)."""
         return self.slots.value
 
@@ -546,9 +554,17 @@ class _LocalHook:
         if plan is None or plan.is_identity:
             slot.append((plan, None))
             return None
-        merged = self.patch.observed("merge", plan.merge, x)
+        if self.correction is None:
+            merged, sources = self.patch.observed("merge", plan.merge, x), None
+        else:
+            merged, sources = self.patch.observed("merge", plan.merge_keeping_sources, x)
+        if self.keys_values is not None:  # keys and values from the merged tokens: no unmerge
+            slot.append((None, None))
+            if self.bias is not None:
+                kwargs = self.bias(plan, merged, kwargs)
+            return args, {**kwargs, self.keys_values: merged}
         # the call's own arguments (the full rotary table, text tokens) for the correction's fit
-        inputs = (x, merged, Call(args, kwargs)) if self.correction is not None else None
+        inputs = (x, merged, Call(args, kwargs), sources) if self.correction is not None else None
         slot.append((plan, inputs))
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
@@ -579,13 +595,15 @@ class _LocalHook:
             "whose first element is the hidden states"
         )
 
-    def _unmerge(self, plan: Plan, y: Tensor, inputs: tuple[Tensor, Tensor, Call] | None) -> Tensor:
+    def _unmerge(self, plan: Plan, y: Tensor, inputs: tuple | None) -> Tensor:
         unmerged = plan.unmerge(y)
         if inputs is None:
             return unmerged
-        x, merged, call = inputs
+        x, merged, call, sources = inputs
         correction = self.corrections.value
-        out = correction(plan, x, merged, unmerged, observed=self.patch.observed, call=call)
+        out = correction(
+            plan, x, merged, unmerged, observed=self.patch.observed, call=call, sources=sources
+        )
         report_fit(self.correction, correction)
         return out
 

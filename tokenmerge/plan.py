@@ -12,13 +12,17 @@ batch size of a per-sample plan or 1 for a plan shared by the whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = ["Plan", "PlanRows"]
+
+T = TypeVar("T")
+_MISSING = object()
 
 
 def _flat_index(index: Tensor, batch: int, tokens: int) -> Tensor:
@@ -27,8 +31,12 @@ def _flat_index(index: Tensor, batch: int, tokens: int) -> Tensor:
     Whole-row ``index_select`` / ``index_add`` are an order of magnitude faster on the CPU than
     ``gather`` / ``scatter_add`` with an index expanded over the channels.
     """
-    offsets = torch.arange(batch, device=index.device).unsqueeze(1) * tokens
-    return (index.expand(batch, -1) + offsets).flatten()
+    return (index.expand(batch, -1) + _offsets(batch, tokens, index.device)).flatten()
+
+
+def _offsets(batch: int, tokens: int, device: torch.device) -> Tensor:
+    """``(batch, 1)``: the first row of every sample in ``x.reshape(batch * tokens, C)``."""
+    return torch.arange(0, batch * tokens, tokens, device=device).unsqueeze(1)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -102,8 +110,8 @@ class Plan:
     dst_count: Tensor
     num_tokens: int
     log_counts: Tensor | None = None
-    #: ``PlanRows`` by ``(batch, dtype)``, made at the first call that needs them
-    _rows: dict = field(default_factory=dict, repr=False, compare=False)
+    #: what calls derive from the plan (``PlanRows`` by batch and dtype...), made once
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,16 +153,13 @@ class Plan:
         device = src.device
         is_src = torch.zeros(rows, num_tokens, dtype=torch.bool, device=device)
         is_src.scatter_(1, src, True)
-        # Slot of every kept token: how many kept tokens precede it.
-        slot = torch.cumsum((~is_src).long(), dim=1) - 1
-        # Write each kept token's index into its slot; sources go to a spare column dropped below.
-        tokens = torch.arange(num_tokens, device=device).expand(rows, -1)
-        target = torch.where(is_src, torch.full_like(slot, num_out), slot)
-        kept = torch.empty(rows, num_out + 1, dtype=torch.long, device=device)
-        kept = kept.scatter(1, target, tokens)[:, :num_out].contiguous()
+        # a stable sort puts the kept tokens first, in token order
+        kept = torch.sort(is_src, dim=1, stable=True).indices[:, :num_out].contiguous()
+        # slot of every kept token: how many kept tokens precede it
+        slot = torch.cumsum(~is_src, dim=1) - 1
         dst = slot.gather(1, dst_token)
         origin = slot.scatter(1, src, dst)
-        counts = torch.ones(rows, num_out, device=device).scatter_add(
+        counts = torch.ones(rows, num_out, device=device).scatter_add_(
             1, dst, torch.ones(rows, num_merged, device=device)
         )
         return cls(
@@ -252,19 +257,37 @@ class Plan:
             log_counts=None if self.log_counts is None else self.log_counts.to(device),
         )
 
+    def derived(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, made at the first call with ``key`` and kept with the plan: what every
+        call the plan serves would otherwise recompute from it (an adapter's rotary rows of
+        the kept tokens, a proportional-attention bias), a few kernels per call saved.
+
+        Example:
+            >>> plan = Plan.identity(3)
+            >>> plan.derived("double", lambda: plan.kept * 2) is plan.derived("double", None)
+            True
+        """
+        value = self._derived.get(key, _MISSING)
+        if value is _MISSING:
+            value = self._derived[key] = make()
+        return value
+
     def rows(self, batch: int, dtype: torch.dtype) -> PlanRows:
         """The plan's ``PlanRows`` for a batch of ``batch`` samples in ``dtype``, made once."""
-        key = (batch, dtype)
-        rows = self._rows.get(key)
+        key = ("rows", batch, dtype)
+        rows = self._derived.get(key)
         if rows is None:
-            src = _flat_index(self.src, batch, self.num_tokens)
-            destinations = _flat_index(self.kept.gather(1, self.dst), batch, self.num_tokens)
-            weight = self.dst_count.reciprocal().to(dtype).expand(batch, -1)
-            rows = self._rows[key] = PlanRows(
-                kept=_flat_index(self.kept, batch, self.num_tokens),
-                pairs=torch.cat([src, destinations]),
-                slots=_flat_index(self.dst, batch, self.num_out),
-                origin=_flat_index(self.origin, batch, self.num_out),
+            inputs = _offsets(batch, self.num_tokens, self.device)
+            outputs = _offsets(batch, self.num_out, self.device)
+            destinations = self.kept.gather(1, self.dst)
+            # sources and destinations in one (2, batch, r) index: one kernel for both
+            pairs = torch.stack([self.src.expand(batch, -1), destinations.expand(batch, -1)])
+            weight = self.dst_count.to(dtype).expand(batch, -1).reciprocal()
+            rows = self._derived[key] = PlanRows(
+                kept=(self.kept + inputs).flatten(),
+                pairs=(pairs + inputs).flatten(),
+                slots=(self.dst + outputs).flatten(),
+                origin=(self.origin + outputs).flatten(),
                 weight=weight.reshape(-1, 1),
             )
         return rows
@@ -298,9 +321,16 @@ class Plan:
             ...            sizes=torch.tensor([[3.0, 1.0, 1.0]])).flatten().tolist()
             [1.0, 9.0]
         """
+        return self.merge_keeping_sources(x, sizes, weight)[0]
+
+    def merge_keeping_sources(
+        self, x: Tensor, sizes: Tensor | None = None, weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``merge``, and the sources' rows of ``x`` it read, ``(B * r, C)`` (the value
+        correction needs them again; ``x`` itself for an identity plan)."""
         if self.is_identity:
             self._check(x, self.num_tokens)
-            return x
+            return x, x
         batch = self._check(x, self.num_tokens)
         channels = x.shape[-1]
         rows = self.rows(batch, x.dtype)
@@ -314,7 +344,7 @@ class Plan:
         delta = torch.sub(pairs[0], pairs[1]).mul_(weight)
         # in place: merged is index_select's fresh tensor, and delta was taken from x
         merged.index_add_(0, rows.slots, delta)
-        return merged.view(batch, self.num_out, channels)
+        return merged.view(batch, self.num_out, channels), pairs[0]
 
     def _check_sizes(self, sizes: Tensor, batch: int | None = None) -> None:
         expected = (batch if batch is not None else sizes.shape[0], self.num_tokens)

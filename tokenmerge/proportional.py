@@ -7,8 +7,8 @@ exp(q . k) = exp(q . k + log n)``. ToMe does this in progressive mode; here it i
 merge-attend-unmerge of local mode, through the additive attention mask the attention module
 already takes, so no attention code is replaced.
 
-The per-slot ``log n`` is made with the plan (``Plan.log_counts``) and reused by every call
-that plan serves.
+The per-slot ``log n`` is made with the plan (``Plan.log_counts``), and the bias with it
+(``Plan.derived``), for every call that plan serves.
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ from torch import Tensor
 from .plan import Plan
 
 __all__ = ["SizeBias"]
+
+
+def _slot_bias(plan: Plan, context: int, dtype: torch.dtype) -> Tensor:
+    """``(P, context + M)``: 0 for the ``context`` tokens in front, each slot's log size after."""
+    bias = plan.slot_log_sizes().to(dtype)
+    if context:
+        bias = torch.cat([bias.new_zeros(bias.shape[0], context), bias], dim=1)
+    return bias
 
 
 class SizeBias:
@@ -52,10 +60,10 @@ class SizeBias:
 
     def __call__(self, plan: Plan, merged: Tensor, kwargs: dict) -> dict:
         """``kwargs`` of the call on ``merged`` (``(B, M, C)``) with the mask added."""
-        bias = plan.slot_log_sizes().to(merged.dtype)  # (P, M)
         context = kwargs.get(self.context) if self.context is not None else None
-        if isinstance(context, Tensor):
-            bias = torch.cat([bias.new_zeros(bias.shape[0], context.shape[1]), bias], dim=1)
+        width = context.shape[1] if isinstance(context, Tensor) else 0
+        key = ("size bias", width, merged.dtype)
+        bias = plan.derived(key, lambda: _slot_bias(plan, width, merged.dtype))  # (P, keys)
         if self.form == "diffusers":
             mask = bias.unsqueeze(1).expand(merged.shape[0], 1, -1)
         else:

@@ -1,7 +1,8 @@
 """Counter-based random numbers for plans: reproducible, private, device-independent, compilable.
 
 Each site draws from its own ``SiteRandom``: numbers are a hash of (seed, draw counter, element
-index) computed with integer tensor ops. Hence:
+index) computed with integer tensor ops, one hash per number (a planning call draws once, so its
+kernels count: ``tokenmerge.testing.count_kernels``). Hence:
 
 - the global RNG (``torch.manual_seed``...) is never read nor advanced;
 - the same seed gives the same plan on every device (CPU, CUDA, MPS give identical draws);
@@ -53,17 +54,23 @@ class SiteRandom:
         """Start the stream over (same seed, same draws)."""
         self.draws.zero_()
 
-    def uniform(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
-        """Float32 draws in [0, 1) of ``shape``; each call continues the stream."""
+    def _bits(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+        """32 random bits per element of ``shape`` (int64); each call continues the stream."""
         count = 1
         for size in shape:
             count *= size
-        key = _hash32(self.draws * 0x85EBCA77 + self.seed).to(device)
+        # draws and elements are spread by two odd constants: the (draw, element) pairs that
+        # would hash the same input lie billions of elements apart
+        key = (self.draws * 0x85EBCA77 + self.seed).to(device)
         self.draws.add_(1)
         index = torch.arange(count, dtype=torch.int64, device=device)
-        bits = _hash32(_hash32(index * 0x9E3779B1 + key) ^ key)
-        return (bits >> 8).to(torch.float32).mul_(2.0**-24).view(shape)
+        return _hash32(index * 0x9E3779B1 + key).view(shape)
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+        """Float32 draws in [0, 1) of ``shape``; each call continues the stream."""
+        return (self._bits(shape, device) >> 8).to(torch.float32).mul_(2.0**-24)
 
     def integers(self, high: int, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
-        """Int64 draws in ``[0, high)`` of ``shape``."""
-        return (self.uniform(shape, device) * high).long().clamp_(max=high - 1)
+        """Int64 draws in ``[0, high)`` of ``shape`` (the bias of the modulo is below
+        ``high / 2**32``)."""
+        return self._bits(shape, device) % high

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -12,6 +13,7 @@ __all__ = [
     "clamp_window",
     "grown_window",
     "num_windows",
+    "shared_window_partition",
     "window_labels",
     "window_partition",
 ]
@@ -46,6 +48,24 @@ def window_partition(
     index = torch.full((rows * sy, cols * sx), -1, dtype=torch.long, device=device)
     index[:h, :w] = torch.arange(h * w, device=device).view(h, w)
     return index.view(rows, sy, cols, sx).permute(0, 2, 1, 3).reshape(rows * cols, sy * sx)
+
+
+def shared_window_partition(
+    grid: tuple[int, int], size: tuple[int, int], device: torch.device | str | None = None
+) -> Tensor:
+    """``window_partition``, made once per grid, size and device and shared: never modify it.
+
+    A plan's geometry is the same at every planning call of a grid, and making it is a few
+    kernels per call (compiled code makes its own: the cache's Python is not traced).
+    """
+    if torch.compiler.is_compiling():
+        return window_partition(grid, size, device)
+    return _cached_partition(tuple(grid), tuple(size), torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_partition(grid: tuple[int, int], size: tuple[int, int], device: torch.device) -> Tensor:
+    return window_partition(grid, size, device)
 
 
 # ---------------------------------------------------------------------------- progressive mode

@@ -10,7 +10,7 @@ Strategy checks drive plans through the framework's real path (a ``SitePatch`` p
 framework and a strategy disagree, not only where a strategy disagrees with itself.
 
 The checks live in modules by subject (``plans``, ``strategies``, ``adapters``); every name is
-importable from here.
+importable from here. ``count_kernels`` counts the kernels and host syncs of a call (``kernels``).
 
 Example:
     A strategy plugin checks its strategy by registered name, or by class before registering::
@@ -61,6 +61,7 @@ from .adapters import (
     check_tokens_merge,
     check_works_under_torch_compile,
 )
+from .kernels import KernelCount, count_kernels
 from .plans import check_plan
 from .strategies import (
     STRATEGY_CHECKS,
@@ -78,6 +79,7 @@ from .strategies import (
 
 __all__ = [
     "ADAPTER_CHECKS",
+    "KernelCount",
     "STRATEGY_CHECKS",
     "check_adapter",
     "check_config_class_validates",
@@ -99,4 +101,5 @@ __all__ = [
     "check_strategy",
     "check_tokens_merge",
     "check_works_under_torch_compile",
+    "count_kernels",
 ]

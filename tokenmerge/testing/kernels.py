@@ -10,10 +10,12 @@ dispatched on any device - deterministic numbers that tests may assert, unlike t
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["KernelCount", "SYNC_OPS", "count_kernels"]
@@ -70,12 +72,38 @@ class _Counting(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+#: tensor methods that read a tensor's data to the host without an ATen op on a CPU tensor
+_HOST_READS = ("tolist", "numpy", "__array__")
+
+
+@contextmanager
+def _reads_counted(count: KernelCount) -> Iterator[None]:
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def counted(name: str) -> Callable[..., Any]:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            count.syncs.append(name)
+            return originals[name](self, *args, **kwargs)
+
+        return read
+
+    try:
+        for name in _HOST_READS:
+            setattr(torch.Tensor, name, counted(name))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
 def count_kernels(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, KernelCount]:
     """Run ``fn(*args, **kwargs)`` and count the kernels and host syncs it dispatched.
 
     Counted below autograd, on any device: a CPU run counts what a GPU run would queue (the
     same ATen ops; a fused attention is one op either way). Ops dispatched by code that is not
-    traced through ATen (a compiled graph's generated kernels) are not seen.
+    traced through ATen (a compiled graph's generated kernels) are not seen. Host reads count as
+    syncs on every device, CPU tensors' ``tolist`` and ``numpy`` included (on a GPU they would
+    wait for it). Not thread-safe: those two methods are wrapped while ``fn`` runs.
 
     Returns:
         ``fn``'s result and the ``KernelCount``.
@@ -88,6 +116,6 @@ def count_kernels(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[An
         (3, ['_local_scalar_dense'])
     """
     count = KernelCount()
-    with _Counting(count):
+    with _reads_counted(count), _Counting(count):
         result = fn(*args, **kwargs)
     return result, count

@@ -1,0 +1,132 @@
+"""ToDo: token downsampling (Smith et al., 2024), keys and values pooled over grid cells.
+
+"ToDo: Token Downsampling for Efficient Generation of High-Resolution Images" keeps every query
+and averages the keys and values over ``sy x sx`` cells of the token grid: attention then costs
+``N x N / (sy * sx)`` instead of ``N x N``, no output is copied back, and the plan depends on
+nothing but the grid, so it is the cheapest of all (made once per grid, a handful of kernels per
+call). ``todo`` turns ``keys_values`` on by default: it is meant for self-attention in diffusion
+models; with ``keys_values=False`` it merges the tokens themselves (a content-blind pooling).
+
+Each cell (cells cut by the grid's edge are smaller) keeps its top-left token as the
+destination. A ratio below full pooling (``1 - 1 / (sx * sy)``; 0.75 with the default 2 x 2)
+merges the other places round-robin: the second place of every cell first, then the third...,
+so the cells shrink evenly.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from tokenmerge.config import Ratio
+from tokenmerge.plan import Plan
+from tokenmerge.rng import SiteRandom
+from tokenmerge.selectors import PerSite
+from tokenmerge.site import Site, TokenLayout
+from tokenmerge.strategies.cells import CellConfig
+from tokenmerge.strategy import Strategy
+from tokenmerge.windows import clamp_window, num_windows, window_partition
+
+__all__ = ["ToDoConfig", "ToDoStrategy"]
+
+
+class ToDoConfig(CellConfig):
+    """Configuration of ``todo``.
+
+    Example:
+        >>> import tokenmerge
+        >>> config = tokenmerge.load_config("todo")
+        >>> config.ratio, config.keys_values, (config.sy, config.sx)
+        (0.75, True, (2, 2))
+    """
+
+    strategy: Literal["todo"] = Field(default="todo", description="Always 'todo'.")
+    ratio: PerSite[Ratio] = Field(
+        default=0.75,
+        description=(
+            "Fraction of the keys and values pooled away at each site. Default 0.75: every "
+            "2 x 2 cell pooled to one (ToDo's downsampling by 2); at most 1 - 1 / (sx * sy)."
+        ),
+    )
+    keys_values: bool = Field(
+        default=True,
+        description=(
+            "At self-attention sites, pool only the keys and values, keeping every query "
+            "(ToDo). Default on."
+        ),
+    )
+
+
+class ToDoStrategy(Strategy):
+    """ToDo: keys and values pooled over grid cells. Details in the module docstring."""
+
+    name = "todo"
+    config_class = ToDoConfig
+    uses_features = False
+    modes = ("local",)  # pooling needs the token grid, which progressive merging dissolves
+
+    def _cell(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return clamp_window(grid, (self.config.sy, self.config.sx))
+
+    def capacity(self, layout: TokenLayout, site: Site) -> int:
+        return layout.num_image_tokens - num_windows(layout.grid, self._cell(layout.grid))
+
+    def make_plan(
+        self,
+        features: Tensor,
+        layout: TokenLayout,
+        site: Site,
+        num_merge: int,
+        rng: SiteRandom,
+    ) -> Plan:
+        n = layout.num_image_tokens
+        if num_merge == 0:
+            return Plan.identity(n, features.device)
+        return _pooling_plan(layout.grid, self._cell(layout.grid), num_merge, features.device)
+
+
+def _pooling_plan(
+    grid: tuple[int, int], cell: tuple[int, int], num_merge: int, device: torch.device
+) -> Plan:
+    """The plan merging the first ``num_merge`` tokens of ``_make_pooling_order``: the same for
+    every call on the grid, so its tensors are made once and shared, with the row indices they
+    keep (``Plan.rows``). Each call gets a plan object of its own all the same: what is fitted to
+    a plan (the value correction) is fitted to the call that made it."""
+    if torch.compiler.is_compiling():
+        return _make_pooling_plan(grid, cell, num_merge, device)
+    return replace(_cached_pooling_plan(tuple(grid), tuple(cell), num_merge, torch.device(device)))
+
+
+def _make_pooling_plan(
+    grid: tuple[int, int], cell: tuple[int, int], num_merge: int, device: torch.device
+) -> Plan:
+    sources, destinations = _make_pooling_order(grid, cell, device)
+    n = grid[0] * grid[1]
+    return Plan.from_assignment(sources[None, :num_merge], destinations[None, :num_merge], n)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_pooling_plan(
+    grid: tuple[int, int], cell: tuple[int, int], num_merge: int, device: torch.device
+) -> Plan:
+    return _make_pooling_plan(grid, cell, num_merge, device)
+
+
+def _make_pooling_order(
+    grid: tuple[int, int], cell: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Every token but the cells' top-left ones, round-robin over the cells (the second place of
+    every cell, then the third...), and each one's top-left token."""
+    cells = window_partition(grid, cell, device)  # (windows, places), -1 past the grid's edge
+    places = cells[:, 1:].t().flatten()  # place by place, cell by cell
+    tops = cells[:, :1].expand(-1, cells.shape[1] - 1).t().flatten()
+    # places past the edge go last (a stable sort keeps the order of the rest); their number is
+    # known without reading them
+    order = torch.sort(places < 0, stable=True).indices
+    count = grid[0] * grid[1] - cells.shape[0]
+    return places[order[:count]], tops[order[:count]]
