@@ -122,20 +122,26 @@ class TargetGuard:
 def target_hooks(patch: SitePatch, kind: str, module: nn.Module, block: nn.Module) -> dict:
     """``SitePatch.attach_local``'s keyword arguments for a target of a diffusers block: its
     guard, value correction and proportional attention; with ``keys_values``, self-attention
-    takes its keys and values from the merged tokens (as ``encoder_hidden_states``) instead.
+    takes its keys and values from the merged tokens (as ``encoder_hidden_states``) instead
+    (``"auto"``: where its processor is a plain one).
 
     Raises:
-        ConfigError: ``keys_values`` at a self-attention whose processor is not a plain one
-            (SD3's joint attention takes the text as ``encoder_hidden_states``).
+        ConfigError: ``keys_values=True`` at a self-attention whose processor is not a plain
+            one (SD3's joint attention takes the text as ``encoder_hidden_states``).
     """
-    keys_values = kind == "attn" and patch.config.keys_values
-    if keys_values and processor_name(module) not in PLAIN_PROCESSORS:
+    asked = patch.config.keys_values if kind == "attn" else False
+    plain = processor_name(module) in PLAIN_PROCESSORS
+    keys_values = asked is True or (asked == "auto" and plain)
+    if keys_values and not plain:
         raise ConfigError(
             f"site {patch.site.name!r}: keys_values=True merges the keys and values of a "
             "self-attention by passing them as encoder_hidden_states, which its "
             f"{processor_name(module)} processor uses otherwise (joint attention takes the text "
-            "there). Set keys_values=False, or exclude the site (sites={'exclude': [...]})"
+            "there). Set keys_values='auto' (tokens merged there) or False, or exclude the "
+            "site (sites={'exclude': [...]})"
         )
+    if keys_values:
+        patch.merges_keys_values()
     return {
         "guard": TargetGuard(module, kind, block, keys_values=keys_values),
         "correction": None if keys_values else value_correction(patch, kind, module),

@@ -4,13 +4,15 @@
 and averages the keys and values over ``sy x sx`` cells of the token grid: attention then costs
 ``N x N / (sy * sx)`` instead of ``N x N``, no output is copied back, and the plan depends on
 nothing but the grid, so it is the cheapest of all (made once per grid, a handful of kernels per
-call). ``todo`` turns ``keys_values`` on by default: it is meant for self-attention in diffusion
-models; with ``keys_values=False`` it merges the tokens themselves (a content-blind pooling).
+call). ``todo`` sets ``keys_values="auto"``: keys and values where the self-attention takes
+them from an argument of their own (diffusers UNets, DiT, PixArt), the tokens themselves
+elsewhere (a content-blind pooling; ``stats()`` says which per site).
 
 Each cell (cells cut by the grid's edge are smaller) keeps its top-left token as the
 destination. A ratio below full pooling (``1 - 1 / (sx * sy)``; 0.75 with the default 2 x 2)
 merges the other places round-robin: the second place of every cell first, then the third...,
-so the cells shrink evenly.
+so the cells shrink evenly. In progressive mode (ViTs) the cells lie over the tokens' original
+grid positions and grow as ReToM's windows do, each keeping its first token.
 """
 
 from __future__ import annotations
@@ -29,8 +31,15 @@ from tokenmerge.rng import SiteRandom
 from tokenmerge.selectors import PerSite
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
-from tokenmerge.strategy import Strategy
-from tokenmerge.windows import clamp_window, num_windows, window_partition
+from tokenmerge.strategy import Strategy, merge_into_representatives
+from tokenmerge.windows import (
+    best_per_window,
+    clamp_window,
+    grown_window,
+    num_windows,
+    window_labels,
+    window_partition,
+)
 
 __all__ = ["ToDoConfig", "ToDoStrategy"]
 
@@ -42,22 +51,22 @@ class ToDoConfig(CellConfig):
         >>> import tokenmerge
         >>> config = tokenmerge.load_config("todo")
         >>> config.ratio, config.keys_values, (config.sy, config.sx)
-        (0.75, True, (2, 2))
+        (0.75, 'auto', (2, 2))
     """
 
     strategy: Literal["todo"] = Field(default="todo", description="Always 'todo'.")
     ratio: PerSite[Ratio] = Field(
-        default=0.75,
+        default=3 / 4,
         description=(
-            "Fraction of the keys and values pooled away at each site. Default 0.75: every "
-            "2 x 2 cell pooled to one (ToDo's downsampling by 2); at most 1 - 1 / (sx * sy)."
+            "Fraction of the keys and values (or tokens) pooled away at each site, at most "
+            "1 - 1 / (sx * sy): every cell pooled to one. Default 3 / 4 (2 x 2 cells)."
         ),
     )
-    keys_values: bool = Field(
-        default=True,
+    keys_values: bool | Literal["auto"] = Field(
+        default="auto",
         description=(
-            "At self-attention sites, pool only the keys and values, keeping every query "
-            "(ToDo). Default on."
+            "Pool only the keys and values of self-attention, keeping every query (ToDo); "
+            "'auto': where it can, the tokens elsewhere. Default 'auto'."
         ),
     )
 
@@ -68,12 +77,13 @@ class ToDoStrategy(Strategy):
     name = "todo"
     config_class = ToDoConfig
     uses_features = False
-    modes = ("local",)  # pooling needs the token grid, which progressive merging dissolves
 
     def _cell(self, grid: tuple[int, int]) -> tuple[int, int]:
         return clamp_window(grid, (self.config.sy, self.config.sx))
 
     def capacity(self, layout: TokenLayout, site: Site) -> int:
+        if layout.positions is not None:
+            return layout.num_image_tokens - 1  # cells grow until one is left
         return layout.num_image_tokens - num_windows(layout.grid, self._cell(layout.grid))
 
     def make_plan(
@@ -87,7 +97,25 @@ class ToDoStrategy(Strategy):
         n = layout.num_image_tokens
         if num_merge == 0:
             return Plan.identity(n, features.device)
+        if layout.positions is not None:
+            return _progressive_plan(layout, self._cell(layout.grid), num_merge)
         return _pooling_plan(layout.grid, self._cell(layout.grid), num_merge, features.device)
+
+
+def _progressive_plan(layout: TokenLayout, cell: tuple[int, int], num_merge: int) -> Plan:
+    """Cells over the original grid positions of the tokens still present (one row: every
+    sample holds the same positions); the first token of each stays, the others merge
+    round-robin by their place in their cell."""
+    positions = layout.positions[:1]
+    n = positions.shape[1]
+    size = clamp_window(layout.grid, grown_window(layout.grid, cell, n, num_merge))
+    labels, count = window_labels(positions, layout.grid, size)
+    width = layout.grid[1]
+    place = (positions // width % size[0]) * size[1] + positions % width % size[1]
+    # earlier places merge first; within a place, the earlier cell (a tie-break below 1)
+    score = -(place + positions / (layout.grid[0] * width)).float()
+    first = best_per_window(-positions.float(), labels, count).gather(1, labels)
+    return merge_into_representatives(first, score, num_merge)
 
 
 def _pooling_plan(

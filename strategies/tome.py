@@ -79,9 +79,11 @@ def _make_cell_tokens(
     rows, cols = h // sy, w // sx
     tokens = torch.arange(h * w, device=device).view(h, w)
     whole = tokens[: rows * sy, : cols * sx].reshape(rows, sy, cols, sx).transpose(1, 2)
-    in_cells = torch.zeros(h, w, dtype=torch.bool, device=device)
-    in_cells[: rows * sy, : cols * sx] = True
-    return whole.reshape(rows * cols, sy * sx), tokens[~in_cells]
+    # the columns right of the cells, then the rows below them (slices: no data-dependent mask)
+    leftover = torch.cat(
+        [tokens[: rows * sy, cols * sx :].flatten(), tokens[rows * sy :].flatten()]
+    )
+    return whole.reshape(rows * cols, sy * sx), leftover
 
 
 @functools.lru_cache(maxsize=128)

@@ -34,6 +34,10 @@ pytestmark = [
 NAMES = list(FACTORIES)
 # conftest turns entry-point autoloading off before this import: the built-ins only
 STRATEGIES = tokenmerge.list_strategies()
+#: what the strategies' tests here count is the tokens reaching each module: todo pools keys and
+#: values alone by default (every query stays), so it runs merging tokens here
+#: (``test_todo_pools_keys_and_values_in_pipelines`` counts its default)
+TOKENS = {"todo": {"keys_values": False}}
 RATIO = 0.5
 
 
@@ -225,7 +229,9 @@ def test_pipeline_level_apply_merges_at_every_block(name: str, strategy: str) ->
     pipe = FACTORIES[name]()
     expected = run(pipe, steps=STEPS)
     before = snapshot(pipe.transformer)
-    handle = tokenmerge.apply(pipe, strategy, ratio=RATIO, sites={"min_tokens": 1})
+    handle = tokenmerge.apply(
+        pipe, strategy, **TOKENS.get(strategy, {}), ratio=RATIO, sites={"min_tokens": 1}
+    )
     assert handle.model is pipe.transformer
     assert vars(pipe.transformer)[HANDLE_ATTR] is handle
     assert {site.name for site in handle.sites} == block_names(pipe)  # every block by default
@@ -279,7 +285,9 @@ def test_ratio_zero_is_bit_identical(name: str, strategy: str) -> None:
     pipe = FACTORIES[name]()
     expected = run(pipe, steps=3)
     options = dict(sites={"mlp": True, "min_tokens": 1})
-    with tokenmerge.apply(pipe, strategy, ratio=0.0, **options) as handle:
+    with tokenmerge.apply(
+        pipe, strategy, **TOKENS.get(strategy, {}), ratio=0.0, **options
+    ) as handle:
         with TokenCounter(pipe.transformer) as counter:
             assert torch.equal(run(pipe, steps=3), expected)
         stats = handle.stats()
@@ -297,7 +305,11 @@ def test_merge_mlp_merges_around_the_mlp_too(name: str, strategy: str) -> None:
     pipe = FACTORIES[name]()
     expected = run(pipe, steps=2)
     with tokenmerge.apply(
-        pipe, strategy, ratio=RATIO, sites={"min_tokens": 1, "mlp": True}
+        pipe,
+        strategy,
+        **TOKENS.get(strategy, {}),
+        ratio=RATIO,
+        sites={"min_tokens": 1, "mlp": True},
     ) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=2)
@@ -327,7 +339,7 @@ def test_merge_mlp_alone_leaves_attention_whole(name: str) -> None:
 def test_pixart_cross_attention_merges_its_queries_only(strategy: str) -> None:
     pipe = FACTORIES["pixart"]()
     options = dict(ratio=RATIO, sites={"min_tokens": 1, "cross_attn": True})
-    with tokenmerge.apply(pipe, strategy, **options) as handle:
+    with tokenmerge.apply(pipe, strategy, **TOKENS.get(strategy, {}), **options) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=2)  # the text tokens carry a padding mask
         stats = handle.stats()
@@ -344,7 +356,9 @@ def test_flux_true_cfg_merges_both_calls_of_each_step(strategy: str) -> None:
     negative), each with batch 1: both merge, and plans are still reused across steps."""
     pipe = FACTORIES["flux"]()
     expected = run(pipe, steps=STEPS, true_cfg_scale=2.0)
-    with tokenmerge.apply(pipe, strategy, ratio=RATIO, sites={"min_tokens": 1}) as handle:
+    with tokenmerge.apply(
+        pipe, strategy, **TOKENS.get(strategy, {}), ratio=RATIO, sites={"min_tokens": 1}
+    ) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=STEPS, true_cfg_scale=2.0)
         stats = handle.stats()
@@ -371,7 +385,9 @@ def test_sd35_skip_layer_guidance_merges_both_passes(strategy: str) -> None:
         skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0
     )
     expected = run(pipe, steps=3, **slg)
-    with tokenmerge.apply(pipe, strategy, ratio=RATIO, sites={"min_tokens": 1}) as handle:
+    with tokenmerge.apply(
+        pipe, strategy, **TOKENS.get(strategy, {}), ratio=RATIO, sites={"min_tokens": 1}
+    ) as handle:
         with TokenCounter(pipe.transformer) as counter:
             latents = run(pipe, steps=3, **slg)
         stats = handle.stats()
@@ -383,3 +399,21 @@ def test_sd35_skip_layer_guidance_merges_both_passes(strategy: str) -> None:
         assert seen == [expected_tokens(pipe, key, attn=True)] * calls, key
     assert [stats[f"transformer_blocks.{i}"].calls for i in range(3)] == [5, 3, 5]
     assert torch.equal(run(pipe, steps=3, **slg), expected)
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart"])
+def test_todo_pools_keys_and_values_in_pipelines(name: str) -> None:
+    pipe = FACTORIES[name]()
+    expected = run(pipe, steps=STEPS)
+    with tokenmerge.apply(pipe, "todo", sites={"min_tokens": 1}) as handle:
+        with TokenCounter(pipe.transformer) as counter:
+            latents = run(pipe, steps=STEPS)
+        stats = handle.stats()
+    assert latents.shape == expected.shape and torch.isfinite(latents).all()
+    assert not torch.equal(latents, expected)
+    n = image_tokens(pipe)
+    for key, seen in counter.seen.items():
+        assert seen == [expected_tokens(pipe, key)] * STEPS, key  # every query stays
+    for site_stats in stats.values():
+        assert site_stats.keys_values and site_stats.passed_through == 0
+        assert (site_stats.tokens_in, site_stats.tokens_out) == (n, n // 4)

@@ -121,29 +121,33 @@ def test_dit_and_pixart_pool_keys_and_values():
         )
 
 
-def test_keys_values_is_refused_where_attention_cannot_take_them():
-    with pytest.raises(ConfigError, match="'diffusers_flux' adapter") as raised:
-        tokenmerge.apply(FAMILIES["flux"](), "todo", sites={"min_tokens": 1})
-    assert "keys_values=False" in str(raised.value)
-    with pytest.raises(ConfigError, match="JointAttnProcessor2_0"):
-        tokenmerge.apply(FAMILIES["sd3"](), "todo", sites={"min_tokens": 1})
-    # pooling the tokens themselves works there
+def test_auto_merges_the_tokens_where_keys_and_values_cannot_go_alone():
     model = FAMILIES["flux"]()
-    tokenmerge.apply(model, "todo", keys_values=False, sites={"min_tokens": 1})
+    handle = tokenmerge.apply(model, "todo", sites={"min_tokens": 1})
     with torch.no_grad():
         model(**inputs("flux"))
+    stats = handle.stats().values()
+    assert all(not s.keys_values and s.tokens_out < s.tokens_in for s in stats)
+    unet = tiny_unet()
+    handle = tokenmerge.apply(unet, "todo", sites={"min_tokens": 1})
+    assert all(s.keys_values for s in handle.stats().values())
 
 
-def test_todo_refuses_progressive_mode():
-    model = VIT_FAMILIES["vit"].build()
-    with pytest.raises(ConfigError, match="plans for local sites only") as raised:
-        tokenmerge.apply(model, "todo", keys_values=False)
-    assert "adapter_options={'mode': 'local'}" in str(raised.value)
-    handle = tokenmerge.apply(
-        model, "todo", keys_values=False, adapter_options={"mode": "local"}, ratio=0.5
-    )
-    VIT_FAMILIES["vit"].run(model)
-    assert any(s.tokens_out < s.tokens_in for s in handle.stats().values())
+def test_keys_values_true_is_refused_where_attention_cannot_take_them():
+    with pytest.raises(ConfigError, match="'diffusers_flux' adapter") as raised:
+        tokenmerge.apply(FAMILIES["flux"](), "todo", keys_values=True, sites={"min_tokens": 1})
+    assert "keys_values='auto'" in str(raised.value)
+    with pytest.raises(ConfigError, match="JointAttnProcessor2_0"):
+        tokenmerge.apply(FAMILIES["sd3"](), "tome", keys_values=True, sites={"min_tokens": 1})
+
+
+def test_todo_pools_progressively_on_a_vit():
+    family = VIT_FAMILIES["vit"]
+    model = family.build()
+    handle = tokenmerge.apply(model, "todo", ratio=0.25)
+    family.run(model)
+    tokens = [(s.tokens_in, s.tokens_out) for s in handle.stats().values()]
+    assert tokens == [(65, 49), (49, 37), (37, 28)]  # the class token and 64 patches, then fewer
 
 
 def test_the_ratio_is_capped_by_the_cells():

@@ -481,27 +481,15 @@ def apply(
         )
     strategy_class = registry.strategy(config.strategy)
     mode = chosen_adapter.mode
-    if mode not in strategy_class.modes:
-        raise ConfigError(
-            f"strategy {config.strategy!r} plans for {' and '.join(strategy_class.modes)} "
-            f"sites only; the {chosen_adapter.name!r} adapter merges in {mode} mode. Use "
-            "another strategy (tome, retom and random plan for every mode)"
-            + (
-                ", or adapter_options={'mode': 'local'}"
-                if "local" in strategy_class.modes and mode == "progressive"
-                else ""
-            )
-        )
     default_ratio = chosen_adapter.default_ratio
     if default_ratio is not None and config.r is None and "ratio" not in config.model_fields_set:
         config = config.model_copy(update={"ratio": default_ratio})
-    if config.keys_values and not chosen_adapter.merges_keys_values:
+    if config.keys_values is True and not chosen_adapter.merges_keys_values:
         raise ConfigError(
-            f"keys_values=True (merge only the keys and values of self-attention"
-            f"{', the default of todo' if config.strategy == 'todo' else ''}) needs attention "
-            "that takes its keys and values from an argument of their own; the "
+            "keys_values=True (merge only the keys and values of self-attention) needs "
+            "attention that takes its keys and values from an argument of their own; the "
             f"{chosen_adapter.name!r} adapter's has none (diffusers UNets and DiT / PixArt "
-            "blocks do). Set keys_values=False to merge the tokens themselves"
+            "blocks do). Set keys_values='auto' (where it can, tokens elsewhere) or False"
         )
     chosen_adapter.check_config(config)
     selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)

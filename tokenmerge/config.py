@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
@@ -87,12 +87,11 @@ class MergeConfig(FrozenModel):
             "attention logits, so it weighs as much as the tokens it stands for. Default off."
         ),
     )
-    keys_values: bool = Field(
+    keys_values: bool | Literal["auto"] = Field(
         default=False,
         description=(
-            "At self-attention sites, merge only the keys and values: every query stays and "
-            "nothing is unmerged (ToDo's way; diffusers UNets and DiT / PixArt blocks). MLP and "
-            "cross-attention sites merge their tokens as usual. Default off (on for todo)."
+            "Merge only the keys and values of self-attention, keeping every query (diffusers "
+            "UNet, DiT, PixArt); 'auto': where it can. Default off ('auto' for todo)."
         ),
     )
     share_cfg_plan: bool = Field(

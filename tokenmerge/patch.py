@@ -205,6 +205,7 @@ class SitePatch:
         counts = [a + b for a, b in zip(self._counts, compiled, strict=True)]
         counters = dict(zip(_COUNTERS, counts, strict=True))
         fitted = [w for c in self._corrections if (w := c.reported()) is not None]
+        fitted = [w for w in fitted if not w.is_meta]  # a model on the meta device has no values
         # NaN: a correction whose view did not match its module, which corrects nothing
         mean = float(torch.stack(fitted).nanmean()) if fitted else float("nan")
         beta = None if math.isnan(mean) else round(mean, 4)
@@ -467,6 +468,10 @@ class SitePatch:
             module.register_forward_pre_hook(hook.before, with_kwargs=True),
             module.register_forward_hook(hook.after, with_kwargs=True),
         ]
+
+    def merges_keys_values(self) -> None:
+        """Show in ``stats()`` that the site's self-attention merges keys and values alone."""
+        self._info.keys_values = True
 
     def report_correction(self, correction: ValueCorrection) -> None:
         """Show ``correction``'s fitted weight in this site's ``stats()`` (``attach_local`` does

@@ -143,6 +143,8 @@ class SiteStats:
             site's corrected attentions; None where it is not applied: not asked for, before a
             fit, progressive mode, or an attention it cannot describe (see
             ``tokenmerge.adapters._views``).
+        keys_values: whether the site's self-attention merges its keys and values alone, every
+            query kept (``MergeConfig.keys_values``); ``tokens_out`` then counts the keys.
     """
 
     name: str
@@ -157,3 +159,4 @@ class SiteStats:
     passed_through: int = 0
     pass_reason: str | None = None
     value_correction: float | None = None
+    keys_values: bool = False

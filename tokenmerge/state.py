@@ -55,7 +55,8 @@ def read_timestep(timestep: Any) -> float | ScheduleStep | None:
     """
     if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
         base = timestep._base
-        if base is not None and base.dim() == 1 and base.stride(0) > 0:
+        # a schedule has several steps: a one-element base is a tensor made for the call
+        if base is not None and base.dim() == 1 and base.shape[0] > 1 and base.stride(0) > 0:
             offset = timestep.storage_offset() - base.storage_offset()
             index, rest = divmod(offset, base.stride(0))
             if rest == 0 and 0 <= index < base.shape[0]:

@@ -65,9 +65,6 @@ class Strategy(ABC):
     config_class: ClassVar[type[MergeConfig]]
     #: False for content-blind strategies: they are handed features of shape (1, n, 0).
     uses_features: ClassVar[bool] = True
-    #: the site modes it plans for (``Site.mode``): ``"local"`` (a grid of tokens at every call)
-    #: and ``"progressive"`` (tokens merged block after block; vision transformers)
-    modes: ClassVar[tuple[str, ...]] = ("local", "progressive")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

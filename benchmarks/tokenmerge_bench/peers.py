@@ -48,6 +48,17 @@ class TomesdPeer:
         tomesd.apply_patch(model, ratio=self.ratio)
         self._max_downsample = model._tome_info["args"]["max_downsample"]
 
+    @staticmethod
+    def remove(model: nn.Module) -> None:
+        import tomesd
+
+        tomesd.remove_patch(model)
+
+    @staticmethod
+    def blocks(model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks tomesd patched (it swaps their class for one of its own)."""
+        return [m for m in model.modules() if type(m).__name__.startswith("ToMe")]
+
     def merged(self, tokens: int, latent_tokens: int) -> bool:
         """Whether tomesd merges in a block seeing ``tokens`` (its own rule)."""
         downsample = int(math.ceil(math.sqrt(latent_tokens // tokens)))

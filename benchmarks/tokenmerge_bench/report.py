@@ -39,7 +39,8 @@ def format_table(rows: list[BenchRow]) -> str:
     """The rows as an aligned text table."""
     header = (
         "config", "tokens", "s/forward", "speedup", "plan/merge/unmerge ms", "overhead %",
-        "peak MiB", "block err", "output err", "trajectory err",
+        "kernels/site plan, reuse", "syncs", "peak MiB", "block err", "output err",
+        "trajectory err",
     )  # fmt: skip
     body = [
         (
@@ -49,6 +50,8 @@ def format_table(rows: list[BenchRow]) -> str:
             f"x{row.speedup:.3f}",
             _overhead(row),
             _number(row.overhead_percent, ".2f"),
+            _kernels(row),
+            _number(row.syncs, "d"),
             _memory(row),
             _number(row.block_error, ".4f"),
             _number(row.output_error, ".4f"),
@@ -61,6 +64,12 @@ def format_table(rows: list[BenchRow]) -> str:
 
 #: the held-out loss table's timestep ranges (noisy, middle, nearly clean)
 LOSS_RANGES = {"t 980-760": (750, 999), "t 740-360": (350, 749), "t 340-0": (0, 349)}
+
+
+def _kernels(row: BenchRow) -> str:
+    if row.kind == "baseline" or (row.kernels_planning is None and row.kernels_reusing is None):
+        return "-"
+    return f"{_number(row.kernels_planning, '.1f')}, {_number(row.kernels_reusing, '.1f')}"
 
 
 def format_loss_table(rows: list[BenchRow]) -> str:
@@ -121,6 +130,9 @@ def format_report(result: BenchResult) -> str:
         "speedup: forward time without merging / with, same run. overhead: planning, merge and "
         "unmerge per forward, from a separate instrumented trajectory run (share of the median "
         "forward).",
+        "kernels/site: extra kernels per merged site at a step that plans, and at one that "
+        "reuses its plan (-: none did), counted on the meta device: what a GPU queues. syncs: "
+        "the most device-to-host reads of one forward.",
         f"{memory}. block err: ||y_merged - y_exact|| / ||y_exact - x|| per merged block, mean. "
         "output / trajectory err: relative to the unmerged model's output / final latent.",
         f"run time: {result.run_seconds:.1f} s",

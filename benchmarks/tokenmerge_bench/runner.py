@@ -15,7 +15,10 @@ copy of the model's modules sharing one set of weights, so they run side by side
    seed with timers around planning, merge and unmerge (never inside the timed rounds), judging
    plan caching over steps: its final latent is compared with the unmerged trajectory's. Peak
    memory is taken on one more call.
-4. **Held-out loss** (the reference denoiser, ``--model reference-denoiser``, only): the
+4. **Kernels** per merged site, at steps that plan and steps that reuse a plan, and host syncs
+   per forward: counted on the meta device (``tokenmerge_bench.kernels``), the launch cost a
+   GPU pays in eager mode.
+5. **Held-out loss** (the reference denoiser, ``--model reference-denoiser``, only): the
    noise-prediction loss on images it never saw, at the 50 timesteps of a DDIM generation in one
    sweep (plans cached as in a generation), against the unmerged model's; with ``samples`` set,
    the trajectories' final images are saved as a grid, one row per configuration under the
@@ -43,6 +46,7 @@ from tokenmerge.api import Handle, apply
 from tokenmerge.errors import UnsupportedModelError
 
 from .fidelity import BlockErrorProbe, relative_error, tie_self_attention
+from .kernels import count_entry_kernels
 from .peers import PEERS, TomesdPeer, peer_available
 from .presets import PRESETS, get_preset
 from .timing import PARTS, OverheadTimers, peak_memory_mb, synchronizer, timed
@@ -112,6 +116,11 @@ class BenchRow:
     held_out_loss_increase: float | None  # % over the unmerged model's, per timestep, averaged
     merged_blocks: int  # blocks that merged at a fidelity call
     tokens: str  # tokens in -> out at the first merged site
+    #: extra kernels per merged site at steps that plan / reuse a plan, and the most host syncs
+    #: of one forward (``tokenmerge_bench.kernels``; None: not counted)
+    kernels_planning: float | None = None
+    kernels_reusing: float | None = None
+    syncs: int | None = None
 
 
 @dataclass
@@ -318,6 +327,8 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
             fidelity = _fidelity(entries, workload, settings, bar)
             instrumented, finals = _instrumented(entries, workload, settings, device, bar)
             losses = _held_out_losses(entries, workload, bar) if held_out is not None else {}
+            bar.phase("kernels")
+            kernels = _kernels(entries, settings, workload.size)
     finally:
         bar.close()
     if settings.samples is not None:
@@ -359,6 +370,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
                 held_out_loss_increase=_increase(losses, entry.label, baseline.label),
                 merged_blocks=merged_fidelity.get("merged_blocks", 0),
                 tokens=merged_fidelity.get("tokens", "-"),
+                **_kernel_fields(kernels, entry.label),
             )
         )
     settings_info = asdict(settings)
@@ -371,6 +383,24 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
         rows=rows,
         run_seconds=time.perf_counter() - started,
     )
+
+
+def _kernels(entries: list[_Entry], settings: BenchSettings, size: int) -> dict | None:
+    """Kernel figures of every configuration, counted on the meta device (None: not a preset)."""
+    configs = {e.label: e.handle.config for e in entries if e.kind == "tokenmerge"}
+    peers = {e.label: e.ratio for e in entries if e.kind == "peer"}
+    return count_entry_kernels(settings, configs, peers, size)
+
+
+def _kernel_fields(kernels: dict | None, label: str) -> dict[str, Any]:
+    figures = None if kernels is None else kernels.get(label)
+    if figures is None:
+        return {}
+    return {
+        "kernels_planning": figures.planning,
+        "kernels_reusing": figures.reusing,
+        "syncs": figures.syncs,
+    }
 
 
 def _timed_rounds(

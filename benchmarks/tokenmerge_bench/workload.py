@@ -130,6 +130,8 @@ class Workload(ABC):
         self.seed = seed
         self.kwargs: dict[str, Any] = {}
         self._generator = torch.Generator().manual_seed(seed)
+        #: the timed sampling run's timesteps as the model takes them, by dtype and scale
+        self._schedules: dict[tuple[torch.dtype, float], tuple[dict, Tensor]] = {}
         self._condition(model)
 
     @abstractmethod
@@ -170,6 +172,20 @@ class Workload(ABC):
         self._set_timesteps(scheduler, self.timing_steps)
         steps = [_as_number(t) for t in scheduler.timesteps]
         return [steps[i % len(steps)] for i in range(count)]
+
+    def as_passed(
+        self, timestep: int | float, dtype: torch.dtype = torch.long, scale: float = 1.0
+    ) -> Tensor | None:
+        """``timestep * scale`` as a pipeline passes a step of its sampling run: an element of
+        the schedule tensor on the device (``for t in scheduler.timesteps``), which tokenmerge
+        places without reading the device; None for a timestep outside the timed run."""
+        key = (dtype, scale)
+        if key not in self._schedules:
+            values = self.timing_timesteps(self.timing_steps)
+            schedule = torch.tensor([v * scale for v in values], dtype=dtype, device=self.device)
+            self._schedules[key] = ({v: i for i, v in enumerate(values)}, schedule)
+        index, schedule = self._schedules[key]
+        return schedule[index[timestep]] if timestep in index else None
 
     def noise(self, seed_offset: int = 0) -> Tensor:
         """Gaussian noise the shape of one batch of model input."""
@@ -263,7 +279,8 @@ class UNetWorkload(Workload):
 
     def __call__(self, model: nn.Module, sample: Tensor, timestep: int | float) -> Tensor:
         """One denoising call: the predicted noise (or v) for ``sample`` at ``timestep``."""
-        return model(sample, timestep, **self.kwargs).sample
+        passed = self.as_passed(timestep)
+        return model(sample, timestep if passed is None else passed, **self.kwargs).sample
 
     def block_names(self, model: nn.Module) -> list[str]:
         """Every spatial transformer block (where attention runs), in model order."""
@@ -313,9 +330,15 @@ class _TransformerWorkload(Workload):
             f"batch {self.batch}"
         )
 
-    def _timesteps(self, timestep: int | float, dtype: torch.dtype = torch.long) -> Tensor:
-        """The timestep for every sample, as the family's pipeline passes it."""
-        return torch.full((self.batch,), timestep, device=self.device, dtype=dtype)
+    def _timesteps(
+        self, timestep: int | float, dtype: torch.dtype = torch.long, scale: float = 1.0
+    ) -> Tensor:
+        """``timestep * scale`` for every sample, as the family's pipeline passes it (a step of
+        the schedule expanded over the batch)."""
+        passed = self.as_passed(timestep, dtype, scale)
+        if passed is not None:
+            return passed.expand(self.batch)
+        return torch.full((self.batch,), timestep * scale, device=self.device, dtype=dtype)
 
     def block_names(self, model: nn.Module) -> list[str]:
         return [
@@ -590,7 +613,9 @@ class FluxWorkload(_FlowMatchWorkload):
     def __call__(self, model: nn.Module, sample: Tensor, timestep: int | float) -> Tensor:
         """One denoising call: the predicted velocity for the packed ``sample`` at ``timestep``
         (passed as ``timestep / 1000``: the model scales it back itself)."""
-        timesteps = self._timesteps(timestep, self.dtype) / TRAIN_TIMESTEPS
+        # FLUX.1's pipeline divides the step by 1000 itself; tokenmerge then places it by the
+        # pipeline's current step (apply(pipeline)), as it places this view of a scaled schedule
+        timesteps = self._timesteps(timestep, self.dtype, 1 / TRAIN_TIMESTEPS)
         return model(sample, timestep=timesteps, **self.kwargs).sample
 
 
