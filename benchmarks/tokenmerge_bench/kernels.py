@@ -94,9 +94,9 @@ def _config_figures(
 
 
 def _figures(counts: list, unmerged: list, planned: list[bool], sites: int) -> KernelFigures:
-    extra = [(c.kernels - u.kernels) / max(sites, 1) for c, u in zip(counts, unmerged)]
-    plan = [e for e, p in zip(extra, planned) if p]
-    reuse = [e for e, p in zip(extra, planned) if not p]
+    extra = [(c.kernels - u.kernels) / max(sites, 1) for c, u in zip(counts, unmerged, strict=True)]
+    plan = [e for e, p in zip(extra, planned, strict=True) if p]
+    reuse = [e for e, p in zip(extra, planned, strict=True) if not p]
     return KernelFigures(
         planning=statistics.mean(plan) if plan else None,
         reusing=statistics.mean(reuse) if reuse else None,
