@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml benchmarks/pyproject.toml Makefile \
 
 venv: $(STAMP)
 
-# the README's main job: SD 1.5 at 512 px, no merging vs retom / tome / random (and tomesd)
+# the README's main job: SD 1.5 at 512 px, no merging vs retom / tome / random / todo (and tomesd)
 BENCH_OUT ?= bench-results
 bench: $(STAMP)
 	mkdir -p $(BENCH_OUT)

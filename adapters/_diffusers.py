@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -238,6 +239,8 @@ class TransformerAdapter(Adapter):
         self._blocks: dict[str, nn.Module] = {}  # site name -> its block
         self._timestep_index: int | None = None
         self._conditioning_index: dict[str, int | None] = {}
+        #: the pipeline applied to (a weak reference), whose current step places the timestep
+        self._pipeline: weakref.ref | None = None
 
     @staticmethod
     @abstractmethod
@@ -250,7 +253,14 @@ class TransformerAdapter(Adapter):
         return isinstance(model, models) or isinstance(getattr(model, "transformer", None), models)
 
     def root(self, model: Any) -> nn.Module:
-        return model if isinstance(model, self.model_classes()) else model.transformer
+        if isinstance(model, self.model_classes()):
+            return model
+        self._pipeline = weakref.ref(model)
+        return model.transformer
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a weak reference cannot be pickled: a copy reads the timestep its calls are given
+        return {**self.__dict__, "_pipeline": None}
 
     def watch_root(self, root: nn.Module, grid: GridHook) -> None:
         """Remember the root, its grid hook and where its forward takes the timestep."""
@@ -269,6 +279,13 @@ class TransformerAdapter(Adapter):
         return self._grid.layout
 
     def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        # a pipeline's step under way (diffusers pipelines keep ``t`` of ``for t in timesteps``
+        # as ``_current_timestep``): a view of its schedule, placed without reading the device,
+        # where the model is given a tensor computed from it (FLUX.1's ``timestep / 1000``)
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        current = getattr(pipeline, "_current_timestep", None)
+        if isinstance(current, Tensor):
+            return current
         if "timestep" in kwargs:
             return kwargs["timestep"]
         index = self._timestep_index

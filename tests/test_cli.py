@@ -235,6 +235,9 @@ ROW_FIELDS = {
     "held_out_loss_increase": (float, type(None)),
     "merged_blocks": int,
     "tokens": str,
+    "kernels_planning": (float, type(None)),  # per merged site, counted on the meta device
+    "kernels_reusing": (float, type(None)),
+    "syncs": (int, type(None)),
 }
 
 
@@ -273,6 +276,14 @@ def test_bench_writes_table_json_and_plot(bench_run, capsys):
         "none", "retom 0", "retom 0.5", "tome 0", "tome 0.5", "tomesd 0", "tomesd 0.5",
     ]  # fmt: skip
     assert (out / "p.png").read_bytes()[:8] == PNG_MAGIC
+    rows = {row["label"]: row for row in data["rows"]}
+    assert all(row["syncs"] == 0 for row in rows.values())
+    # retom plans every second step; tome and tomesd at every step; nothing merges at ratio 0
+    assert rows["retom 0.5"]["kernels_planning"] > rows["retom 0.5"]["kernels_reusing"] > 0
+    assert rows["retom 0.5"]["kernels_reusing"] <= 12
+    assert rows["tome 0.5"]["kernels_planning"] > 0 and rows["tome 0.5"]["kernels_reusing"] is None
+    assert rows["tomesd 0.5"]["kernels_planning"] > 0
+    assert rows["retom 0"]["kernels_planning"] is None and rows["none"]["kernels_planning"] is None
     assert "similarity-based" in data["model"]["attention"]
 
 

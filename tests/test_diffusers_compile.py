@@ -130,3 +130,31 @@ def test_removal_after_compile_restores_the_model(inputs):
         restored = unet(x, TIMESTEPS[0], text).sample
     assert not torch.equal(merged, plain)
     torch.testing.assert_close(restored, plain, atol=1e-5, rtol=0)
+
+
+def test_apply_after_regional_compile_warns_that_hooks_are_not_guarded(inputs):
+    """torch.compile does not guard on hooks by default: blocks compiled before apply would run
+    their hook-less graphs, silently unmerged. With the guards on, applying later just works."""
+    x, text = inputs
+    unet = make_unet()
+    compile_blocks(unet, "eager")
+    with torch.no_grad():
+        unet(x, TIMESTEPS[0], text)
+    with pytest.warns(tokenmerge.errors.CompiledModelWarning, match="skip_nnmodule_hook_guards"):
+        handle = tokenmerge.apply(unet, "tome", ratio=0.5, sites={"min_tokens": 1})
+    with torch.no_grad():
+        unet(x, TIMESTEPS[1], text)
+    assert next(iter(handle.stats().values())).calls == 0  # what the warning is about
+    handle.remove()
+
+    dynamo.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamo.config, "skip_nnmodule_hook_guards", False)
+        unet = make_unet()
+        compile_blocks(unet, "eager")
+        with torch.no_grad():
+            unet(x, TIMESTEPS[0], text)
+        handle = tokenmerge.apply(unet, "tome", ratio=0.5, sites={"min_tokens": 1})  # no warning
+        with torch.no_grad():
+            unet(x, TIMESTEPS[1], text)
+        assert next(iter(handle.stats().values())).calls == 1

@@ -417,3 +417,23 @@ def test_todo_pools_keys_and_values_in_pipelines(name: str) -> None:
     for site_stats in stats.values():
         assert site_stats.keys_values and site_stats.passed_through == 0
         assert (site_stats.tokens_in, site_stats.tokens_out) == (n, n // 4)
+
+
+def test_flux_pipeline_steps_are_placed_without_reading_the_device(monkeypatch) -> None:
+    """FLUX.1's pipeline passes ``timestep / 1000``, a tensor of its own; tokenmerge places the
+    step by the pipeline's current one (a view of its schedule) and never reads a value."""
+    import tokenmerge.state
+
+    reads = []
+    read = tokenmerge.state.timestep_value
+    monkeypatch.setattr(tokenmerge.state, "timestep_value", lambda t: reads.append(t) or read(t))
+    pipe = FACTORIES["flux"]()
+    handle = tokenmerge.apply(pipe, "retom", ratio=RATIO, sites={"min_tokens": 1})
+    run(pipe, steps=STEPS)
+    assert reads == []
+    assert all(s.plans_reused > 0 for s in handle.stats().values())  # steps were told apart
+    transformer = FACTORIES["flux"]().transformer  # applied to the model alone: values are read
+    tokenmerge.apply(transformer, "retom", ratio=RATIO, sites={"min_tokens": 1})
+    pipe.transformer = transformer
+    run(pipe, steps=STEPS)
+    assert len(reads) == STEPS

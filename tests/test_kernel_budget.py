@@ -135,3 +135,35 @@ def test_count_kernels_counts_kernels_and_syncs():
     assert seen.kernels == 3  # mul, sum, the read (the view launches nothing)
     assert seen.syncs == ["_local_scalar_dense"]
     assert seen.ops == {"mul": 1, "sum": 1, "_local_scalar_dense": 1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["tome", "random", "retom", "todo"])
+def test_merging_adds_no_cuda_sync(strategy):
+    """On a GPU, with torch's sync debugging on: the merged model's forwards (planning and
+    reusing) make exactly the synchronising calls the unmerged model's make."""
+    import warnings
+
+    unet, call = unet_model()
+    unet.cuda()
+    schedule = SCHEDULE.cuda()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=generator).cuda()
+    text = torch.randn(2, 7, 32, generator=generator).cuda()
+
+    def syncs() -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.no_grad():
+                    for step in range(3):
+                        unet(x, schedule[step], encoder_hidden_states=text)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    unmerged = syncs()
+    handle = tokenmerge.apply(unet, strategy, cache_interval=2, sites={"min_tokens": 1})
+    assert syncs() == unmerged
+    handle.remove()

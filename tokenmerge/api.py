@@ -249,6 +249,27 @@ def _uncompiled(model: Any) -> Any:
     return found
 
 
+def _warn_regionally_compiled(root: nn.Module) -> None:
+    """Warn where modules of ``root`` were compiled in place (``module.compile()``) while
+    torch.compile ignores hooks in its guards (its default): a graph such a module compiled
+    before this apply, or that another module of the same class compiled, runs without the
+    hooks - silently unmerged."""
+    compiled = [n for n, m in root.named_modules() if getattr(m, "_compiled_call_impl", None)]
+    dynamo = sys.modules.get("torch._dynamo")
+    if not compiled or dynamo is None or not dynamo.config.skip_nnmodule_hook_guards:
+        return
+    warnings.warn(
+        f"{len(compiled)} module(s) of {type(root).__name__} are compiled in place "
+        f"(module.compile(), e.g. {compiled[0]!r}), and torch.compile does not check hooks "
+        "by default: a graph compiled before this apply, or by another copy of the same "
+        "module class, goes on running without tokenmerge's hooks, silently unmerged. Apply "
+        "before the first compiled call, or set torch._dynamo.config.skip_nnmodule_hook_guards "
+        "= False before compiling (then changed hooks recompile)",
+        CompiledModelWarning,
+        stacklevel=3,
+    )
+
+
 def _options(
     spec: AdapterSpec,
     cls: type[Adapter],
@@ -473,6 +494,7 @@ def apply(
         model, adapter, adapter_options, config.deprecated_adapter_options
     )
     root = chosen_adapter.root(model)
+    _warn_regionally_compiled(root)
     existing = root.__dict__.get(HANDLE_ATTR)
     if existing is not None:
         raise AlreadyAppliedError(

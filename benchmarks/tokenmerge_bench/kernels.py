@@ -94,13 +94,16 @@ def _config_figures(
 
 
 def _figures(counts: list, unmerged: list, planned: list[bool], sites: int) -> KernelFigures:
-    extra = [(c.kernels - u.kernels) / max(sites, 1) for c, u in zip(counts, unmerged, strict=True)]
+    syncs = max(len(c.syncs) for c in counts)
+    if sites == 0:  # nothing merged: no figure per merged site
+        return KernelFigures(None, None, syncs)
+    extra = [(c.kernels - u.kernels) / sites for c, u in zip(counts, unmerged, strict=True)]
     plan = [e for e, p in zip(extra, planned, strict=True) if p]
     reuse = [e for e, p in zip(extra, planned, strict=True) if not p]
     return KernelFigures(
         planning=statistics.mean(plan) if plan else None,
         reusing=statistics.mean(reuse) if reuse else None,
-        syncs=max(len(c.syncs) for c in counts),
+        syncs=syncs,
     )
 
 
