@@ -578,3 +578,41 @@ def test_classifier_bench_compile_runs_each_configuration_with_its_own_hooks(mon
     assert "torch.compile" in out
     row = next(line for line in out.splitlines() if line.startswith("tome r=12"))
     assert "65->17" in row and "1.000000  1.000000" not in row  # merged, so not identical
+
+
+def test_diffusion_bench_compile_runs_each_configuration_with_its_own_hooks(monkeypatch, capsys):
+    """The timed rounds call every configuration compiled; a merged one must run its own graph,
+    with its hooks (torch.compile does not guard on module hooks by default, so without the
+    bench turning the guards on it would run the unmerged graph and time no merging)."""
+    from tokenmerge_bench import runner
+
+    eager_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: eager_compile(fn, backend="eager"))
+    seen: dict[int, list] = {}
+    real_timed = runner.timed
+
+    def timed(call, sync):
+        elapsed, out = real_timed(call, sync)
+        model = call.args[0]
+        assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        seen.setdefault(id(model), []).append(
+            ("_tokenmerge_handle" in vars(model._orig_mod), out.clone())
+        )
+        return elapsed, out
+
+    monkeypatch.setattr(runner, "timed", timed)
+    guards = torch._dynamo.config.skip_nnmodule_hook_guards
+    torch._dynamo.reset()
+    code = main(
+        ["bench", *TINY, "--strategies", "tome", "--peer", "none", "--compile", "--no-plot"]
+    )
+    torch._dynamo.reset()
+    assert code == 0
+    assert torch._dynamo.config.skip_nnmodule_hook_guards == guards  # restored
+    assert "through torch.compile" in capsys.readouterr().out
+    (plain,), (merged,) = (
+        [calls for calls in seen.values() if calls[0][0] == patched] for patched in (False, True)
+    )
+    assert len(plain) == len(merged) >= 3  # warm-up rounds, then the timed one
+    for (_, a), (_, b) in zip(plain, merged, strict=True):
+        assert not torch.equal(a, b)  # merged: its own graph, with its hooks

@@ -148,8 +148,9 @@ def test_apply_after_regional_compile_warns_that_hooks_are_not_guarded(inputs):
     handle.remove()
 
     dynamo.reset()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dynamo.config, "skip_nnmodule_hook_guards", False)
+    # set and restored by hand: monkeypatch deletes dynamo's config entries on undo
+    saved, dynamo.config.skip_nnmodule_hook_guards = dynamo.config.skip_nnmodule_hook_guards, False
+    try:
         unet = make_unet()
         compile_blocks(unet, "eager")
         with torch.no_grad():
@@ -158,3 +159,5 @@ def test_apply_after_regional_compile_warns_that_hooks_are_not_guarded(inputs):
         with torch.no_grad():
             unet(x, TIMESTEPS[1], text)
         assert next(iter(handle.stats().values())).calls == 1
+    finally:
+        dynamo.config.skip_nnmodule_hook_guards = saved

@@ -218,3 +218,19 @@ def test_tokenmerge_itself_never_mentions_it():
         assert [str(p) for p in files if name in p.read_bytes()] == []
     tokenmerge_dist = importlib.metadata.distribution("tokenmerge")
     assert [ep for ep in tokenmerge_dist.entry_points if ep.group == ENTRY_POINT_GROUP] == []
+
+
+def test_grid_pool_merges_progressively_on_a_vision_transformer():
+    from vit_models import FAMILIES as VIT_FAMILIES
+
+    family = VIT_FAMILIES["vit"]
+    model = family.build()
+    handle = tokenmerge.apply(model, "grid_pool", ratio=0.25)
+    family.run(model)
+    # the class token and 64 patches; blocks over the original positions, grown as tokens go
+    assert [(s.tokens_in, s.tokens_out) for s in handle.stats().values()] == [
+        (65, 49),
+        (49, 37),
+        (37, 28),
+    ]
+    handle.remove()

@@ -120,7 +120,12 @@ def format_report(result: BenchResult) -> str:
         f"  machine: {machine['device']} {settings['dtype']}, torch {machine['torch']}, "
         f"{machine['threads']} threads, {machine['processor']}",
         f"  speed: medians of {settings['rounds']} alternating rounds (one denoising step each, "
-        f"after a warm-up round); fidelity: photographs {', '.join(settings['photos'])} at "
+        + (
+            "every configuration through torch.compile, after warm-up rounds that compile"
+            if settings.get("compile")
+            else "after a warm-up round"
+        )
+        + f"); fidelity: photographs {', '.join(settings['photos'])} at "
         f"timesteps {', '.join(str(t) for t in settings['timesteps'])}; trajectory: "
         f"{settings['trajectory_steps']} {model.get('sampler', 'DDIM')} steps",
         "",

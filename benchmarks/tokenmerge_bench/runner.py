@@ -33,8 +33,8 @@ import itertools
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -90,6 +90,8 @@ class BenchSettings:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    #: run every configuration through torch.compile (eager baseline compiled too)
+    compile: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,6 +157,12 @@ class _Entry:
     model: nn.Module
     handle: Handle | None = None
     peer: TomesdPeer | None = None
+    #: what the timed rounds call: the model, or its compiled form (``--compile``)
+    call: Any = None
+
+    def __post_init__(self) -> None:
+        if self.call is None:
+            self.call = self.model
 
     def new_generation(self) -> None:
         if self.handle is not None:
@@ -311,6 +319,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
     model_info["sampler"] = workload.sampler
     entries = _entries(model, settings, _peers(settings, model))
     baseline = entries[0]
+    compiling = _compiling(entries) if settings.compile else nullcontext()
     sync = synchronizer(device)
     calls_per_entry = (
         settings.rounds
@@ -322,7 +331,7 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
     )
     bar = _Progress(calls_per_entry * len(entries), progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), compiling:
             seconds = _timed_rounds(entries, workload, settings, sync, bar)
             fidelity = _fidelity(entries, workload, settings, bar)
             instrumented, finals = _instrumented(entries, workload, settings, device, bar)
@@ -412,19 +421,49 @@ def _timed_rounds(
 ) -> dict[str, list[float]]:
     bar.phase("timing")
     seconds: dict[str, list[float]] = {entry.label: [] for entry in entries}
-    timesteps = workload.timing_timesteps(settings.rounds + 1)
+    # compiled: a warm-up round per graph variant a configuration compiles (a step that plans
+    # and one that reuses its plan)
+    warmup = 1 + max(_cache_interval(e) for e in entries) if settings.compile else 1
+    timesteps = workload.timing_timesteps(settings.rounds + warmup)
     for entry in entries:
         entry.new_generation()
-    for index, timestep in enumerate(timesteps):  # round 0 warms up
+    for index, timestep in enumerate(timesteps):
         sample = workload.noisy_photo(settings.photos[0], timestep)
         shift = index % len(entries)
         for entry in entries[shift:] + entries[:shift]:
-            call = functools.partial(workload, entry.model, sample, timestep)
+            call = functools.partial(workload, entry.call, sample, timestep)
             elapsed, _ = timed(call, sync)
-            if index:
+            if index >= warmup:
                 seconds[entry.label].append(elapsed)
-            bar.tick()
+            if index < settings.rounds + 1:  # the bar counts one warm-up round
+                bar.tick()
     return seconds
+
+
+def _cache_interval(entry: _Entry) -> int:
+    return 1 if entry.handle is None else min(entry.handle.config.cache_interval, 2)
+
+
+@contextmanager
+def _compiling(entries: list[_Entry]) -> Iterator[None]:
+    """Every configuration called through ``torch.compile``, for the timed rounds.
+
+    The configurations are copies of one model that differ in their hooks, and torch.compile
+    does not check hooks by default: each would run the first one's graphs. With the hook
+    guards on, each compiles its own (and more graphs per function are allowed for them)."""
+    import torch._dynamo as dynamo
+
+    saved = dynamo.config.skip_nnmodule_hook_guards, dynamo.config.recompile_limit
+    dynamo.config.skip_nnmodule_hook_guards = False
+    dynamo.config.recompile_limit = max(saved[1], 8 * len(entries))
+    for entry in entries:
+        entry.call = torch.compile(entry.model)
+    try:
+        yield
+    finally:
+        for entry in entries:
+            entry.call = entry.model
+        dynamo.config.skip_nnmodule_hook_guards, dynamo.config.recompile_limit = saved
 
 
 def _fidelity(

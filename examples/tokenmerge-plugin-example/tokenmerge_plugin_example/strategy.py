@@ -10,6 +10,9 @@ spreads evenly over the image instead of eating it from the top.
 The plan ignores the features and draws no random numbers: it is the same at every step, for
 every sample and every seed, costs next to nothing and caches perfectly. It is the merging
 counterpart of strided downsampling, and a deterministic baseline beside the built-in ``random``.
+In progressive mode (vision transformers: tokens merged at one block stay merged) the blocks
+lie over the tokens' original grid positions and grow until enough tokens can merge; each keeps
+its first token.
 """
 
 from __future__ import annotations
@@ -24,8 +27,15 @@ from tokenmerge import MergeConfig
 from tokenmerge.config import MAX_CELL
 from tokenmerge.extend import Plan, Site, Strategy, TokenLayout
 from tokenmerge.rng import SiteRandom
-from tokenmerge.strategy import pick_top
-from tokenmerge.windows import clamp_window, num_windows, window_partition
+from tokenmerge.strategy import merge_into_representatives, pick_top
+from tokenmerge.windows import (
+    best_per_window,
+    clamp_window,
+    grown_window,
+    num_windows,
+    window_labels,
+    window_partition,
+)
 
 __all__ = ["GridPoolConfig", "GridPoolStrategy"]
 
@@ -78,6 +88,8 @@ class GridPoolStrategy(Strategy):
         return self.config.k, self.config.k
 
     def capacity(self, layout: TokenLayout, site: Site) -> int:
+        if layout.positions is not None:
+            return layout.num_image_tokens - 1  # blocks grow until one token is left
         return layout.num_image_tokens - num_windows(layout.grid, self._block())
 
     def make_plan(
@@ -87,6 +99,8 @@ class GridPoolStrategy(Strategy):
         device = features.device
         if num_merge == 0:
             return Plan.identity(n, device)
+        if layout.positions is not None:
+            return self._progressive_plan(layout, num_merge)
         # (blocks, places): the token index at each place of each block, -1 off the grid's edge
         blocks = window_partition(layout.grid, self._block(), device)
         num_blocks, num_places = blocks.shape
@@ -100,6 +114,16 @@ class GridPoolStrategy(Strategy):
         src = blocks.flatten()[chosen]
         dst = blocks.gather(1, anchor.unsqueeze(1)).squeeze(1)[chosen // num_places]
         return Plan.from_assignment(src.unsqueeze(0), dst.unsqueeze(0), n)
+
+    def _progressive_plan(self, layout: TokenLayout, num_merge: int) -> Plan:
+        """Blocks over the original positions of the tokens still present (``layout.positions``,
+        one row: every sample holds the same); the earliest token of each block stays."""
+        positions = layout.positions[:1]
+        size = grown_window(layout.grid, self._block(), positions.shape[1], num_merge)
+        labels, count = window_labels(positions, layout.grid, size)
+        earliest = -positions.float()
+        anchor = best_per_window(earliest, labels, count).gather(1, labels)
+        return merge_into_representatives(anchor, earliest, num_merge)
 
     def _anchor_place(self, blocks: Tensor, size: tuple[int, int]) -> Tensor:
         """The place (row-major, within its block) of the token each block keeps."""
