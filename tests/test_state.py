@@ -8,7 +8,7 @@ from torch import nn
 from toy_models import Attention
 
 import tokenmerge
-from tokenmerge.state import StepState, timestep_value
+from tokenmerge.state import ScheduleStep, StepState, read_timestep, timestep_value
 
 DIM = 16
 TIMESTEPS = [999.0, 900.0, 800.0, 700.0, 600.0, 500.0, 400.0]
@@ -403,3 +403,55 @@ def test_each_site_has_its_own_plan_within_a_call() -> None:
     first, second = plans(handle)
     assert first is not second
     handle.remove()
+
+
+# ---------------------------------------------------------------------------- read_timestep
+
+
+def test_a_step_of_a_schedule_is_placed_without_reading_it():
+    schedule = torch.tensor([999.0, 979.0, 959.0, 939.0])
+    for index, t in enumerate(schedule):  # as pipelines iterate scheduler.timesteps
+        for passed in (t, t.expand(2), t[None]):
+            step = read_timestep(passed)
+            assert isinstance(step, ScheduleStep) and step.index == index
+            assert step.schedule() is schedule
+    later = torch.tensor([5.0, 4.0, 3.0])[1:][1]  # a view of a view: placed in the root tensor
+    assert read_timestep(later).index == 2
+
+
+@pytest.mark.parametrize(
+    "timestep",
+    [
+        torch.tensor(999.0),  # made for the call
+        torch.tensor([999.0])[0],  # a one-element base is no schedule
+        torch.tensor([999.0, 979.0]) / 1000,  # computed from a schedule: a tensor of its own
+        torch.tensor([[999.0, 979.0]])[0, 1],  # a 2-D base
+    ],
+)
+def test_anything_else_is_read(timestep):
+    assert read_timestep(timestep) == timestep_value(timestep)
+
+
+def test_schedule_steps_order_a_generation():
+    schedule = torch.tensor([999.0, 979.0, 959.0, 939.0, 919.0])
+    state = StepState(cache_interval=2)
+    started = [state.begin_call(read_timestep(schedule[i])) for i in (0, 1, 1, 2)]
+    assert started == [True, False, False, False]
+    assert (state.step, state.replan, state.generation) == (2, True, 1)
+    assert state.begin_call(read_timestep(schedule[0]))  # back to the start: a new generation
+    other = schedule.clone()  # the same values in another schedule tensor: another generation
+    assert not state.begin_call(read_timestep(schedule[1]))
+    assert state.begin_call(read_timestep(other[2]))
+    assert state.begin_call(999.0)  # a number after a place: not comparable, a new generation
+    assert not state.begin_call(979)  # numbers, ints included, order as before
+    assert state.step == 1
+
+
+def test_a_state_holding_a_schedule_step_pickles_and_copies():
+    import copy
+    import pickle
+
+    state = StepState()
+    state.begin_call(read_timestep(torch.tensor([2.0, 1.0])[0]))
+    assert copy.deepcopy(state).timestep.index == 0
+    assert pickle.loads(pickle.dumps(state)).timestep is None  # starts a generation afresh

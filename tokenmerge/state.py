@@ -195,7 +195,7 @@ class StepState:
         places in one schedule tensor."""
         if isinstance(timestep, ScheduleStep):
             return timestep.same_schedule(self.timestep)
-        return isinstance(self.timestep, float)
+        return self.timestep is not None and not isinstance(self.timestep, ScheduleStep)
 
     def _new_conditioning(
         self, conditioning: torch.Tensor | None, timestep: float | ScheduleStep
@@ -226,9 +226,11 @@ class StepState:
         self.conditionings = []
 
     def __deepcopy__(self, memo: dict) -> StepState:
-        # the weak references stay as they are: a copy goes on with the same conditioning
+        # the weak references stay as they are: a copy goes on with the same conditioning and
+        # in the same schedule (copy.copy goes through __getstate__, which drops both)
         clone = copy.copy(self)
         clone.conditionings = list(self.conditionings)
+        clone.timestep = self.timestep
         return clone
 
     def __getstate__(self) -> dict[str, Any]:
