@@ -17,7 +17,6 @@ grid positions and grow as ReToM's windows do, each keeping its first token.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from typing import Literal
 
@@ -36,6 +35,7 @@ from tokenmerge.windows import (
     best_per_window,
     clamp_window,
     grown_window,
+    made_once,
     num_windows,
     window_labels,
     window_partition,
@@ -118,31 +118,25 @@ def _progressive_plan(layout: TokenLayout, cell: tuple[int, int], num_merge: int
     return merge_into_representatives(first, score, num_merge)
 
 
-def _pooling_plan(
-    grid: tuple[int, int], cell: tuple[int, int], num_merge: int, device: torch.device
-) -> Plan:
-    """The plan merging the first ``num_merge`` tokens of ``_make_pooling_order``: the same for
-    every call on the grid, so its tensors are made once and shared, with the row indices they
-    keep (``Plan.rows``). Each call gets a plan object of its own all the same: what is fitted to
-    a plan (the value correction) is fitted to the call that made it."""
-    if torch.compiler.is_compiling():
-        return _make_pooling_plan(grid, cell, num_merge, device)
-    return replace(_cached_pooling_plan(tuple(grid), tuple(cell), num_merge, torch.device(device)))
-
-
 def _make_pooling_plan(
     grid: tuple[int, int], cell: tuple[int, int], num_merge: int, device: torch.device
 ) -> Plan:
+    """The plan merging the first ``num_merge`` tokens of ``_make_pooling_order``."""
     sources, destinations = _make_pooling_order(grid, cell, device)
     n = grid[0] * grid[1]
     return Plan.from_assignment(sources[None, :num_merge], destinations[None, :num_merge], n)
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_pooling_plan(
+_shared_pooling_plan = made_once(_make_pooling_plan)
+
+
+def _pooling_plan(
     grid: tuple[int, int], cell: tuple[int, int], num_merge: int, device: torch.device
 ) -> Plan:
-    return _make_pooling_plan(grid, cell, num_merge, device)
+    """The same for every call on the grid, so its tensors are made once and shared, with the
+    row indices they keep (``Plan.rows``). Each call gets a plan object of its own all the same:
+    what is fitted to a plan (the value correction) is fitted to the call that made it."""
+    return replace(_shared_pooling_plan(tuple(grid), tuple(cell), num_merge, torch.device(device)))
 
 
 def _make_pooling_order(

@@ -11,7 +11,6 @@ Tokens split into destinations (B) and sources (A). Every A token finds its most
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -23,7 +22,7 @@ from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.strategies.cells import CellConfig
 from tokenmerge.strategy import Strategy, pick_top
-from tokenmerge.windows import clamp_window
+from tokenmerge.windows import clamp_window, made_once
 
 __all__ = ["ToMeConfig", "ToMeStrategy"]
 
@@ -62,19 +61,11 @@ class ToMeConfig(CellConfig):
         return super().ratio_limit_reason()
 
 
-def _cell_tokens(
-    grid: tuple[int, int], cell: tuple[int, int], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """``(cells, sy * sx)`` tokens of every whole cell, and the tokens of none (the rows and
-    columns left over where the grid does not divide), shared for the grid: never modify them."""
-    if torch.compiler.is_compiling():
-        return _make_cell_tokens(grid, cell, device)
-    return _cached_cell_tokens(tuple(grid), tuple(cell), torch.device(device))
-
-
 def _make_cell_tokens(
     grid: tuple[int, int], cell: tuple[int, int], device: torch.device
 ) -> tuple[Tensor, Tensor]:
+    """``(cells, sy * sx)`` tokens of every whole cell, and the tokens of none (the rows and
+    columns left over where the grid does not divide)."""
     (h, w), (sy, sx) = grid, cell
     rows, cols = h // sy, w // sx
     tokens = torch.arange(h * w, device=device).view(h, w)
@@ -86,11 +77,7 @@ def _make_cell_tokens(
     return whole.reshape(rows * cols, sy * sx), leftover
 
 
-@functools.lru_cache(maxsize=128)
-def _cached_cell_tokens(
-    grid: tuple[int, int], cell: tuple[int, int], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    return _make_cell_tokens(grid, cell, device)
+_cell_tokens = made_once(_make_cell_tokens)
 
 
 class ToMeStrategy(Strategy):
@@ -123,7 +110,7 @@ class ToMeStrategy(Strategy):
     ) -> tuple[Tensor, Tensor]:
         """Token indices of the destinations (one per whole cell) and of the sources."""
         sy, sx, rows, cols = self._cells(grid)
-        cells, leftover = _cell_tokens(grid, (sy, sx), device)
+        cells, leftover = _cell_tokens(tuple(grid), (sy, sx), torch.device(device))
         if self.config.random_destinations:
             offset = rng.integers(sy * sx, (rows * cols, 1), device)
         else:

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from snapshots import snapshot
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 from toy_models import Attention
 from transformer_models import FAMILIES as TRANSFORMERS
 from transformer_models import flux_ids, make_flux, make_sd3
@@ -38,6 +37,7 @@ from tokenmerge.adapters._views import FluxBodyView
 from tokenmerge.attention_view import NO_CALL, Call
 from tokenmerge.correction import ValueCorrection
 from tokenmerge.plan import Plan
+from tokenmerge.testing import KernelCount, count_kernels
 from tokenmerge_bench.fidelity import tie_self_attention
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -283,48 +283,13 @@ def test_ratio_zero_and_removal_are_exact(kind):
     assert torch.equal(kind.run(model, 500), reference)
 
 
-class Dispatched(TorchDispatchMode):
-    """Counts the kernels dispatched inside it (ops that are not views) and the host syncs."""
-
-    SYNCS = frozenset(
-        {
-            "_local_scalar_dense",
-            "item",
-            "is_nonzero",
-            "equal",
-            "nonzero",
-            "masked_select",
-            "unique",
-            "_unique",
-            "_unique2",
-            "unique_dim",
-            "unique_consecutive",
-        }
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kernels = 0
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.SYNCS:
-            self.syncs.append(name)
-        if not func.is_view:
-            self.kernels += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _dispatched(model: nn.Module, kind: Kind, corrected: bool) -> tuple[Dispatched, Dispatched]:
+def _dispatched(model: nn.Module, kind: Kind, corrected: bool) -> tuple[KernelCount, KernelCount]:
     """What the first call (a new plan, fitted) and the second (a cached plan where the model
     has steps, a new plan otherwise) dispatched."""
     with _apply(model, kind, value_correction=corrected, cache_interval=2) as handle:
         counts = []
         for t in (500, 400):
-            with Dispatched() as count:
-                kind.run(model, t)
-            counts.append(count)
+            counts.append(count_kernels(kind.run, model, t)[1])
         corrected_sites = [s for s in handle.stats().values() if s.value_correction is not None]
         assert len(corrected_sites) == (len(handle.sites) if corrected else 0)
         if kind.steps:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
+T = TypeVar("T")
+
 __all__ = [
     "best_per_window",
     "clamp_window",
+    "made_once",
     "grown_window",
     "num_windows",
     "shared_window_partition",
@@ -50,22 +55,27 @@ def window_partition(
     return index.view(rows, sy, cols, sx).permute(0, 2, 1, 3).reshape(rows * cols, sy * sx)
 
 
+def made_once(make: Callable[..., T]) -> Callable[..., T]:
+    """``make``, called once per (hashable) arguments and its result shared: for what a plan's
+    geometry needs at every planning call of a grid (a few kernels per call otherwise). Callers
+    never modify the result. Compiled code makes its own: the cache's Python is not traced."""
+    cached = functools.lru_cache(maxsize=128)(make)
+
+    @functools.wraps(make)
+    def shared(*args: Any) -> T:
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return shared
+
+
+_shared_partition = made_once(window_partition)
+
+
 def shared_window_partition(
     grid: tuple[int, int], size: tuple[int, int], device: torch.device | str | None = None
 ) -> Tensor:
-    """``window_partition``, made once per grid, size and device and shared: never modify it.
-
-    A plan's geometry is the same at every planning call of a grid, and making it is a few
-    kernels per call (compiled code makes its own: the cache's Python is not traced).
-    """
-    if torch.compiler.is_compiling():
-        return window_partition(grid, size, device)
-    return _cached_partition(tuple(grid), tuple(size), torch.device(device or "cpu"))
-
-
-@functools.lru_cache(maxsize=128)
-def _cached_partition(grid: tuple[int, int], size: tuple[int, int], device: torch.device) -> Tensor:
-    return window_partition(grid, size, device)
+    """``window_partition``, made once per grid, size and device and shared: never modify it."""
+    return _shared_partition(tuple(grid), tuple(size), torch.device(device or "cpu"))
 
 
 # ---------------------------------------------------------------------------- progressive mode
