@@ -140,7 +140,13 @@ class ReToMConfig(MergeConfig):
 
     def ratio_limit_reason(self) -> str:
         s = self.smallest_window()
-        return f"one representative per {s} x {s} window stays"
+        if isinstance(self.window_size, int):
+            return f"one representative per {s} x {s} window stays"
+        # a mapping or per-block sizes: name the smallest, which may not be the model's own
+        return (
+            f"one representative per window stays, and the smallest window_size here is {s} x {s} "
+            f"(window_size={self.window_size!r}); larger windows raise the limit"
+        )
 
     def for_site(self, site: Site) -> ReToMConfig:
         view = super().for_site(site)

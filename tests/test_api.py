@@ -352,6 +352,38 @@ def test_second_apply_error_names_the_model_and_the_fix() -> None:
     assert "remove" in message
     assert "TinyModel" in message
     handle.remove()
+    assert "replace=True" in message
+
+
+def test_replace_swaps_the_patch_and_its_removal_restores_the_model() -> None:
+    model = make_model()
+    x = make_input()
+    before, keys, expected = baseline(model, x)
+    old = patch(model, "tome")
+    new = patch(model, "retom", ratio=0.25, replace=True)
+    with torch.no_grad():
+        model(x)
+    assert new.stats() and all(s.calls == 1 for s in new.stats().values())
+    assert all(s.calls == 0 for s in old.stats().values())  # the old hooks are gone
+    assert new.config.strategy == "retom"
+    old.remove()  # already removed by the replacement: a no-op
+    new.remove()
+    assert snapshot(model) == before and list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_replace_with_a_bad_config_keeps_the_old_patch() -> None:
+    model = make_model()
+    old = patch(model, "tome")
+    with pytest.raises(tokenmerge.ConfigError):
+        patch(model, "retom", ratio=0.99, window_size=2, replace=True)
+    with pytest.raises(AlreadyAppliedError):
+        patch(model, "random")
+    with torch.no_grad():
+        model(make_input())
+    assert all(s.calls == 1 for s in old.stats().values())
+    old.remove()
 
 
 # ---------------------------------------------------------------------------- deepcopy

@@ -100,6 +100,8 @@ def test_retom_limit_uses_the_smallest_window_of_a_mapping():
     # down 3 / mid 2 / * 4: the 2 x 2 windows decide
     message = rejected("retom", window_size={"down": 3, "mid": 2, "*": 4}, ratio=0.8)
     assert "at most 0.75" in message and "2 x 2" in message
+    # the mapping is named, so a UNet user sees that its own 6 x 6 windows did not decide
+    assert "'mid': 2" in message and "larger windows" in message
     assert load_config("retom", window_size={"down": 3, "mid": 2, "*": 4}, ratio=0.75)
     # only 3 x 3 windows: up to 8 / 9
     assert load_config("retom", window_size={"down": 3, "*": 3}, ratio=0.88).ratio == 0.88

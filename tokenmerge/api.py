@@ -7,7 +7,7 @@ import inspect
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import replace as replace_fields
 from functools import partial
 from typing import Any
 
@@ -399,7 +399,7 @@ def _select(
             continue
         modules = {kind: m for kind, m in candidate.modules.items() if kind in kinds}
         if modules:
-            site = replace(candidate.site, targets=tuple(modules))
+            site = replace_fields(candidate.site, targets=tuple(modules))
             chosen.append(SiteCandidate(site, modules))
     if not chosen:
         raise NoSitesError(_no_sites_message(adapter, candidates, config, kinds))
@@ -458,6 +458,7 @@ def apply(
     *,
     adapter: str | None = None,
     adapter_options: AdapterOptions | dict[str, Any] | None = None,
+    replace: bool = False,
     **overrides: Any,
 ) -> Handle:
     """Patch ``model`` to merge tokens, and return the handle that undoes it.
@@ -468,6 +469,9 @@ def apply(
         adapter: an adapter name; default: the registered adapter that supports the model.
         adapter_options: the adapter's options, a dict or its options object (the adapter's
             ``options_class``; see its documentation), validated against the chosen adapter.
+        replace: if the model is patched already, remove that patch and apply this one (as
+            re-running a notebook cell expects). The new config is checked first: a bad one
+            raises and leaves the old patch in place.
         **overrides: config fields set on top of ``config`` (``ratio=0.5``,
             ``sites={"mlp": True}``...).
 
@@ -475,7 +479,7 @@ def apply(
         ConfigError: an invalid config or adapter option.
         UnsupportedModelError: no adapter supports the model, or its library is missing.
         NoSitesError: the config selects no site (the message lists the candidates).
-        AlreadyAppliedError: the model is patched already (``tokenmerge.remove`` it first).
+        AlreadyAppliedError: the model is patched already and ``replace`` is False.
 
     Example:
         >>> import torch, tokenmerge
@@ -496,10 +500,10 @@ def apply(
     root = chosen_adapter.root(model)
     _warn_regionally_compiled(root)
     existing = root.__dict__.get(HANDLE_ATTR)
-    if existing is not None:
+    if existing is not None and not replace:
         raise AlreadyAppliedError(
-            f"{type(root).__name__} is already patched ({existing!r}); call handle.remove() or "
-            "tokenmerge.remove(model) before applying again"
+            f"{type(root).__name__} is already patched ({existing!r}); pass replace=True to "
+            "replace that patch, or call handle.remove() / tokenmerge.remove(model) first"
         )
     strategy_class = registry.strategy(config.strategy)
     mode = chosen_adapter.mode
@@ -517,13 +521,15 @@ def apply(
     selected = _select(chosen_adapter, chosen_adapter.candidates(root), config)
     if config.sites.min_tokens is None:
         config = config.with_min_tokens(chosen_adapter.default_min_tokens)
+    if existing is not None:
+        existing.remove()
     states = PerThread(partial(StepState, cache_interval=config.cache_interval))
     patches: list[SitePatch] = []
     root_hook = _RootHook(states, chosen_adapter, patches)
     removables = [root.register_forward_pre_hook(root_hook, with_kwargs=True)]
     try:
         for candidate in selected:
-            site = replace(candidate.site, mode=mode)
+            site = replace_fields(candidate.site, mode=mode)
             site_config = config.for_site(site)
             strategy = strategy_class(site_config)
             layout = chosen_adapter.layout_for(site)
