@@ -39,9 +39,11 @@ hotpaths: $(STAMP)
 	$(VENV)/bin/pytest benchmarks --benchmark-enable $(ARGS)
 
 .PHONY: docs
-# the documentation site, as CI builds it (strict: any warning fails); open site/index.html
+# the documentation site, as CI builds it (strict: any warning fails), then its internal links
+# and anchors checked offline (external ones only listed); open site/index.html
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict -d site
+	$(PY) docs/check_links.py site
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
