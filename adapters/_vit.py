@@ -42,8 +42,11 @@ class ViTOptions(AdapterOptions):
 
     Example:
         >>> import tokenmerge, timm
-        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
-        >>> with tokenmerge.apply(vit, "tome", r=2, adapter_options={"merge_at": "block"}) as h:
+        >>> vit = timm.create_model(
+        ...     "vit_tiny_patch16_224", pretrained=False, img_size=64
+        ... )
+        >>> options = {"merge_at": "block"}
+        >>> with tokenmerge.apply(vit, "tome", r=2, adapter_options=options) as h:
         ...     h.adapter.options.merge_at, h.adapter.mode
         ('block', 'progressive')
     """

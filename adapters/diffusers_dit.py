@@ -87,9 +87,11 @@ class DiffusersDiTAdapter(TransformerAdapter):
         ...                             sample_size=16, num_embeds_ada_norm=10)
         >>> handle = tokenmerge.apply(dit, "retom", ratio=0.5,
         ...                           sites={"mlp": True, "min_tokens": 1})
-        >>> [(site.name, site.stage) for site in handle.sites]
-        [('transformer_blocks.0', 'first'), ('transformer_blocks.1', 'middle'), \
-('transformer_blocks.2', 'last')]
+        >>> for site in handle.sites:
+        ...     print(site.name, site.stage)
+        transformer_blocks.0 first
+        transformer_blocks.1 middle
+        transformer_blocks.2 last
         >>> out = dit(torch.randn(2, 4, 16, 16), timestep=torch.tensor([999, 999]),
         ...           class_labels=torch.tensor([1, 2])).sample
         >>> handle.stats()["transformer_blocks.0"].tokens_out

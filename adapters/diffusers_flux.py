@@ -311,15 +311,19 @@ class DiffusersFluxAdapter(TransformerAdapter):
         >>> from diffusers import FluxTransformer2DModel
         >>> flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1,
         ...     num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        ...     joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+        ...     joint_attention_dim=16, pooled_projection_dim=8,
+        ...     axes_dims_rope=(2, 2, 4))
         >>> handle = tokenmerge.apply(flux, "tome", ratio=0.5,
         ...                           sites={"mlp": True, "min_tokens": 1})
         >>> [site.name for site in handle.sites]
         ['transformer_blocks.0', 'single_transformer_blocks.0']
         >>> rows, cols = torch.meshgrid(torch.arange(8), torch.arange(6), indexing="ij")
-        >>> img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
-        >>> out = flux(torch.randn(1, 48, 4), encoder_hidden_states=torch.randn(1, 5, 16),
-        ...            pooled_projections=torch.randn(1, 8), timestep=torch.tensor([1.0]),
+        >>> ids = torch.stack([torch.zeros_like(rows), rows, cols], -1)
+        >>> img_ids = ids.reshape(-1, 3)
+        >>> out = flux(torch.randn(1, 48, 4),
+        ...            encoder_hidden_states=torch.randn(1, 5, 16),
+        ...            pooled_projections=torch.randn(1, 8),
+        ...            timestep=torch.tensor([1.0]),
         ...            img_ids=img_ids, txt_ids=torch.zeros(5, 3)).sample
         >>> out.shape, handle.stats()["single_transformer_blocks.0"].tokens_out
         (torch.Size([1, 48, 4]), 29)

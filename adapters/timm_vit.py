@@ -14,7 +14,8 @@ DeiT-3, ``qk_norm``, register tokens and EVA in today's timm):
 
 Example:
     >>> import timm, torch, tokenmerge
-    >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4).eval()
+    >>> model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4)
+    >>> model = model.eval()
     >>> with tokenmerge.apply(model, "tome", r=8) as handle:
     ...     logits = model(torch.randn(2, 3, 224, 224))
     ...     [s.tokens_out for s in handle.stats().values()]

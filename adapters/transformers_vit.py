@@ -20,8 +20,9 @@ Layers are found by class, the one the model records hidden states from
 Example:
     >>> import torch, tokenmerge
     >>> from transformers import ViTConfig, ViTForImageClassification
-    >>> config = ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-    ...                    intermediate_size=128, image_size=64, patch_size=8)
+    >>> config = ViTConfig(hidden_size=64, num_hidden_layers=3,
+    ...                    num_attention_heads=4, intermediate_size=128,
+    ...                    image_size=64, patch_size=8)
     >>> model = ViTForImageClassification(config).eval()
     >>> with tokenmerge.apply(model, "tome", r=8) as handle:
     ...     logits = model(torch.randn(2, 3, 64, 64)).logits

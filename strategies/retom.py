@@ -55,7 +55,8 @@ class ReToMConfig(MergeConfig):
 
     Example:
         >>> import tokenmerge
-        >>> config = tokenmerge.load_config("retom", ratio=0.5, window_size={"mid": 4, "*": 2})
+        >>> window_size = {"mid": 4, "*": 2}
+        >>> config = tokenmerge.load_config("retom", ratio=0.5, window_size=window_size)
         >>> config.scope_in(progressive=False), config.cache_interval
         ('global', 2)
     """

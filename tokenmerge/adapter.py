@@ -46,7 +46,9 @@ class AdapterOptions(BaseModel):
         >>> from pydantic import Field
         >>> from tokenmerge.extend import AdapterOptions
         >>> class MyOptions(AdapterOptions):
-        ...     patch_size: int = Field(default=2, ge=1, description="Pixels per token side.")
+        ...     patch_size: int = Field(
+        ...         default=2, ge=1, description="Pixels per token side."
+        ...     )
         >>> MyOptions(patch_size=4).patch_size
         4
     """

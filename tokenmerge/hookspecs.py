@@ -54,8 +54,12 @@ def tokenmerge_register_adapters(register: Callable[..., None]) -> None:
         >>> class MyPlugin:
         ...     @hookimpl
         ...     def tokenmerge_register_adapters(self, register):
-        ...         register(AdapterSpec(name="my_adapter", target="my_package.adapter:MyAdapter",
-        ...                              requires={"my_library": "1.0"}, extra="my-package"))
+        ...         register(AdapterSpec(
+        ...             name="my_adapter",
+        ...             target="my_package.adapter:MyAdapter",
+        ...             requires={"my_library": "1.0"},
+        ...             extra="my-package",
+        ...         ))
     """
 
 

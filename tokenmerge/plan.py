@@ -95,7 +95,8 @@ class Plan:
 
     Example:
         >>> import torch
-        >>> plan = Plan.from_assignment(torch.tensor([[1, 3]]), torch.tensor([[0, 2]]), 4)
+        >>> src, dst = torch.tensor([[1, 3]]), torch.tensor([[0, 2]])
+        >>> plan = Plan.from_assignment(src, dst, 4)
         >>> x = torch.tensor([[[1.0], [3.0], [5.0], [7.0]]])
         >>> plan.merge(x).flatten().tolist()
         [2.0, 6.0]
@@ -264,7 +265,8 @@ class Plan:
 
         Example:
             >>> plan = Plan.identity(3)
-            >>> plan.derived("double", lambda: plan.kept * 2) is plan.derived("double", None)
+            >>> double = plan.derived("double", lambda: plan.kept * 2)
+            >>> plan.derived("double", None) is double  # made once, then kept
             True
         """
         value = self._derived.get(key, _MISSING)

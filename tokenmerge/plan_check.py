@@ -85,13 +85,15 @@ def plan_problem(
 
     Example:
         >>> import torch
-        >>> plan = Plan.from_assignment(torch.tensor([[1, 3]]), torch.tensor([[0, 2]]), 4)
+        >>> src, dst = torch.tensor([[1, 3]]), torch.tensor([[0, 2]])
+        >>> plan = Plan.from_assignment(src, dst, 4)
         >>> plan_problem(plan, num_tokens=4, batch=2, num_merge=2) is None
         True
-        >>> twice = Plan(plan.kept, torch.tensor([[1, 1]]), plan.dst, plan.origin, plan.dst_count, 4)
-        >>> plan_problem(twice, num_tokens=4, batch=1)
-        'row 0: token 1 is kept or merged 2 times, not once (sources must be distinct and disjoint from the kept tokens)'
-    """  # noqa: E501 - a doctest's expected output is one line
+        >>> twice = Plan(plan.kept, torch.tensor([[1, 1]]), plan.dst, plan.origin,
+        ...              plan.dst_count, 4)
+        >>> print(plan_problem(twice, num_tokens=4, batch=1))
+        row 0: token 1 is kept or merged 2 times, not once (sources must be ...)
+    """
     problem = _structure_problem(plan, num_tokens, batch, num_merge)
     if problem is None and values:
         problem = _value_problem(plan)

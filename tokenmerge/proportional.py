@@ -45,9 +45,11 @@ class SizeBias:
 
     Example:
         >>> import torch
-        >>> plan = Plan.from_assignment(torch.tensor([[1, 2]]), torch.tensor([[0, 0]]), 4)
+        >>> src, dst = torch.tensor([[1, 2]]), torch.tensor([[0, 0]])
+        >>> plan = Plan.from_assignment(src, dst, 4)
         >>> bias = SizeBias("attn_mask", "sdpa")
-        >>> bias(plan, torch.zeros(1, 2, 8), {})["attn_mask"].flatten().tolist()  # log 3, log 1
+        >>> mask = bias(plan, torch.zeros(1, 2, 8), {})["attn_mask"]
+        >>> mask.flatten().tolist()  # log 3, log 1
         [1.0986123085021973, 0.0]
     """
 

@@ -38,12 +38,12 @@ def check_selectors(config: Any, candidates: Sequence[Site], chosen: Sequence[Si
     Example:
         >>> from tokenmerge import load_config
         >>> from tokenmerge.site import Site
-        >>> sites = [Site(f"blocks.{i}", stage="first", block_index=i) for i in range(2)]
+        >>> sites = [Site(f"blocks.{i}", stage="first", block_index=i) for i in (0, 1)]
         >>> check_selectors(load_config("tome", ratio={"blocks.1": 0.3}), sites, sites)
         >>> check_selectors(load_config("tome", ratio={"down": 0.3}), sites, sites)
         Traceback (most recent call last):
         ...
-        tokenmerge.errors.UnmatchedSelectorError: ratio key 'down' selects no site ... first)...
+        tokenmerge.errors.UnmatchedSelectorError: ratio key 'down' selects no site ...
     """
     _check_filters(config.sites, candidates)
     for name in per_site_fields(type(config)):

@@ -55,8 +55,10 @@ class Strategy(ABC):
         >>> from tokenmerge.site import Site, TokenLayout
         >>> strategy = tokenmerge.get_strategy("retom")
         >>> features = torch.nn.functional.normalize(torch.randn(2, 16, 8), dim=-1)
-        >>> plan = strategy.make_plan(features, TokenLayout((4, 4)), Site("blk", stage="down"), 8,
-        ...                           SiteRandom(seed=0))
+        >>> site = Site("blk", stage="down")
+        >>> plan = strategy.make_plan(
+        ...     features, TokenLayout((4, 4)), site, 8, SiteRandom(seed=0)
+        ... )
         >>> plan.num_out
         8
     """

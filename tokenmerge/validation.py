@@ -51,7 +51,7 @@ def format_validation_error(
         ... except pydantic.ValidationError as error:
         ...     print(format_validation_error("Sites", error, list(Sites.model_fields)))
         invalid Sites:
-          - level: unknown field; allowed fields: levels, ...; did you mean 'levels'? (got (1,))
+          - level: unknown field; allowed fields: ...; did you mean 'levels'? (got (1,))
     """
     nested = _nested(model)
     lines = [f"invalid {title}:"]

@@ -94,7 +94,8 @@ def grown_window(
     the data.
 
     Example:
-        >>> grown_window((14, 14), (2, 2), 53, 13)  # 49 windows of 2 x 2 leave room for 4
+        >>> # 49 windows of 2 x 2 leave room for 4 merges, not 13
+        >>> grown_window((14, 14), (2, 2), 53, 13)
         (4, 4)
     """
     sy, sx = size

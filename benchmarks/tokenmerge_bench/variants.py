@@ -153,7 +153,8 @@ def parse_variants(
             also when two specs configure the same merging (their rows would measure one thing).
 
     Example:
-        >>> [v.name for v in parse_variants(["tome", "retom:sites.mlp=true"], [0.5], {})]
+        >>> variants = parse_variants(["tome", "retom:sites.mlp=true"], [0.5], {})
+        >>> [v.name for v in variants]
         ['tome', 'retom+sites.mlp']
     """
     variants = []

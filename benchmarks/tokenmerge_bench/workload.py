@@ -375,8 +375,10 @@ class DiTWorkload(_LearnedSigmaWorkload):
         >>> from tokenmerge_bench.presets import get_preset
         >>> dit = get_preset("tiny-dit").build_empty()
         >>> workload = DiTWorkload(dit, 256, 2, torch.device("cpu"), torch.float32)
-        >>> workload.describe(), workload.kwargs["class_labels"].shape
-        ('256 px (32 x 32 latent, patch 2: 16 x 16 = 256 image tokens), batch 2', torch.Size([2]))
+        >>> workload.describe()
+        '256 px (32 x 32 latent, patch 2: 16 x 16 = 256 image tokens), batch 2'
+        >>> workload.kwargs["class_labels"].shape
+        torch.Size([2])
     """
 
     def _condition(self, model: nn.Module) -> None:
@@ -400,7 +402,8 @@ class ReferenceDenoiserWorkload(DiTWorkload):
     Example:
         >>> from tokenmerge_bench.presets import get_preset
         >>> dit = get_preset("reference-denoiser").build_empty()
-        >>> ReferenceDenoiserWorkload(dit, 64, 2, torch.device("cpu"), torch.float32).describe()
+        >>> cpu = torch.device("cpu")
+        >>> ReferenceDenoiserWorkload(dit, 64, 2, cpu, torch.float32).describe()
         '64 px (16 x 16 latent, patch 1: 16 x 16 = 256 image tokens), batch 2'
     """
 

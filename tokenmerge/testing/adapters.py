@@ -401,9 +401,13 @@ def check_adapter(
         >>> import torch
         >>> from tokenmerge.testing import check_adapter
         >>> x = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
-        >>> check_adapter(lambda: torch.nn.Sequential(torch.nn.Linear(4, 4)),
-        ...               lambda model: model(x), adapter="generic", strategies=["tome"],
-        ...               overrides={"sites": {"include": ["0"], "min_tokens": 1}})
+        >>> check_adapter(
+        ...     lambda: torch.nn.Sequential(torch.nn.Linear(4, 4)),
+        ...     lambda model: model(x),
+        ...     adapter="generic",
+        ...     strategies=["tome"],
+        ...     overrides={"sites": {"include": ["0"], "min_tokens": 1}},
+        ... )
     """
     names = list(strategies) if strategies is not None else registry.strategy_names()
     checks = {

@@ -28,7 +28,8 @@ def check_plan(plan: Plan, num_tokens: int, batch: int, num_out: int | None = No
 
     Example:
         >>> import torch
-        >>> plan = Plan.from_assignment(torch.tensor([[1, 3]]), torch.tensor([[0, 2]]), 4)
+        >>> src, dst = torch.tensor([[1, 3]]), torch.tensor([[0, 2]])
+        >>> plan = Plan.from_assignment(src, dst, 4)
         >>> check_plan(plan, num_tokens=4, batch=2, num_out=2)
         >>> check_plan(plan, num_tokens=4, batch=2, num_out=3)
         Traceback (most recent call last):

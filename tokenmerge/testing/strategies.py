@@ -56,7 +56,8 @@ def check_config_class_validates(
 
     Example:
         >>> from tokenmerge.strategies.retom import ReToMStrategy
-        >>> check_config_class_validates(ReToMStrategy, {"window_size": {"mid": 4, "*": 2}})
+        >>> options = {"window_size": {"mid": 4, "*": 2}}
+        >>> check_config_class_validates(ReToMStrategy, options)
     """
     trial, check = StrategyTrial.of(strategy_class, options), "config_class_validates"
     with trial.failing(check):

@@ -51,8 +51,11 @@ def denoising_losses(
     timestep and every model measured).
 
     Example:
-        >>> from tokenmerge_bench.reference import load_denoiser, load_photo_set, denoiser_held_out
-        >>> losses = denoising_losses(load_denoiser(), denoiser_held_out(load_photo_set()))
+        >>> from tokenmerge_bench.reference import (
+        ...     denoiser_held_out, load_denoiser, load_photo_set
+        ... )
+        >>> held_out = denoiser_held_out(load_photo_set())
+        >>> losses = denoising_losses(load_denoiser(), held_out)
         >>> list(losses) == list(EVAL_TIMESTEPS)
         True
     """
