@@ -4,6 +4,7 @@ timers, strategy variants, and whole runs on the tiny presets."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from tokenmerge.errors import (
 from tokenmerge_bench.fidelity import BlockErrorProbe, photo_latent, tie_self_attention
 from tokenmerge_bench.presets import get_preset
 from tokenmerge_bench.runner import BenchSettings, run_bench, sharing_weights
-from tokenmerge_bench.timing import OverheadTimers, peak_memory_mb
+from tokenmerge_bench.timing import OverheadTimers, peak_memory_mb, without_profiler_chatter
 from tokenmerge_bench.variants import StrategyVariant, parse_variant, parse_variants
 from tokenmerge_bench.workload import (
     DiTWorkload,
@@ -211,6 +212,30 @@ def test_peak_memory_on_cpu_counts_what_a_call_allocates():
 
     assert 7.5 < peak_memory_mb(allocate, CPU) < 8.5
     assert peak_memory_mb(allocate, torch.device("meta")) is None
+
+
+def test_peak_memory_on_cpu_leaves_no_profiler_lines_on_stderr(capfd):
+    # the profiler writes its start / stop markers (and, on a CUDA build without a GPU, a failed
+    # device query) straight to file descriptor 2, which would land in the bench's report
+    peak_memory_mb(lambda: torch.ones(256, 256) @ torch.ones(256, 256), torch.device("cpu"))
+    assert capfd.readouterr().err == ""
+
+
+def test_only_the_profilers_own_lines_are_dropped(capfd):
+    chatter = [
+        "USDT:2026-12-07 03:56:41 12491:12491 SyncActivityProfilerHandler.cpp:39] profiler_start",
+        "USDT:2026-12-07 03:56:41 12491:12491 SyncActivityProfilerHandler.cpp:46] profiler_stop",
+        "ERROR:2026-12-07 03:56:41 12491:12491 DeviceProperties.cpp:56] gpuGetDeviceCount "
+        "failed with code 35",
+    ]
+    kept = [
+        "ERROR:2026-12-07 03:56:41 12491:12491 Other.cpp:1] something else went wrong",
+        "a line of the program's own",
+    ]
+    with without_profiler_chatter():
+        for line in [chatter[0], kept[0], chatter[1], chatter[2], kept[1]]:
+            os.write(2, (line + "\n").encode())
+    assert capfd.readouterr().err.splitlines() == kept
 
 
 def test_workload_sdxl_conditioning_and_size_checks():

@@ -2,11 +2,16 @@
 
 Subcommands are registered through the ``tokenmerge_register_commands`` hook by plugins found in
 the ``tokenmerge.commands`` entry-point group; ``list`` is registered the same way, by this
-module. ``bench`` and ``visualize`` come with tokenmerge-bench, built from this repository's
-``benchmarks/`` folder.
+module. ``bench``, ``compare`` and ``visualize`` come with tokenmerge-bench, built from this
+repository's ``benchmarks/`` folder.
 
 Bad input gets one error line (what was wrong, what is allowed, how to fix it) and exit status
 2; a failure while running gets one line and status 1. Never a traceback for a user's mistake.
+
+Parsing, ``--help`` and ``--version`` import no torch of their own: this module imports the
+registry (and with it torch) only when ``list`` runs, and a command plugin's module and its
+``configure`` must be as light (see ``Command``), since every command line loads every plugin
+and builds every parser.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Any, NoReturn
 
 import pluggy
 
+# light modules only (no torch): see the module docstring
 from tokenmerge import hookspecs
+from tokenmerge._version import __version__
 from tokenmerge.errors import PluginWarning, TokenMergeError
 from tokenmerge.hookspecs import hookimpl
-from tokenmerge.registry import list_adapters, list_plugins, list_strategies, registry
 
 __all__ = ["Command", "ENTRY_POINT_GROUP", "Listing", "UsageError", "load_commands", "main"]
 
@@ -33,7 +39,11 @@ PROG = "tokenmerge"
 #: the entry-point group command plugins are read from
 ENTRY_POINT_GROUP = "tokenmerge.commands"
 #: commands another distribution of this project provides: named in one line when it is missing
-_PROVIDED_BY = {"bench": "tokenmerge-bench", "visualize": "tokenmerge-bench"}
+_PROVIDED_BY = {
+    "bench": "tokenmerge-bench",
+    "compare": "tokenmerge-bench",
+    "visualize": "tokenmerge-bench",
+}
 _INSTALL = {"tokenmerge-bench": "pip install -e benchmarks"}
 
 
@@ -65,9 +75,13 @@ class Command:
         name: the word after ``tokenmerge`` on the command line.
         help: one line for ``tokenmerge --help``.
         configure: adds the command's arguments to its ``argparse`` parser (whose errors come
-            out as one line). Keep it cheap: ``tokenmerge --help`` calls it.
+            out as one line). Keep it cheap: ``tokenmerge --help`` (and any command line) loads
+            every command plugin and calls every ``configure``, so neither it nor the module
+            that registers the command may import torch, a model library or a plotting
+            library; import those inside ``run``.
         run: runs the parsed arguments and returns the exit status. A bad argument raises
             ``UsageError``, a failure a ``TokenMergeError``: either is shown in one line.
+            Heavy imports belong here.
         description: the command's own ``--help`` text (default: ``help``).
         listing: if given, returns a section ``tokenmerge list`` shows (called by ``list`` only).
 
@@ -147,14 +161,22 @@ def load_commands() -> dict[str, Command]:
         >>> "list" in load_commands()
         True
     """
+    return _load_commands()[0]
+
+
+def _load_commands() -> tuple[dict[str, Command], dict[str, list[str]]]:
+    """``load_commands``, with the distributions the plugins came from: ``"name version"`` to
+    the commands each added (for ``--version``)."""
     # a manager of its own: command plugins never touch the strategy registry (or load it)
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     commands: dict[str, Command] = {}
+    origins: dict[str, list[str]] = {}
     _register_plugin(manager, sys.modules[__name__], "tokenmerge.cli", commands)
     for entry_point in _entry_points():
         dist = getattr(entry_point, "dist", None)
         origin = f"{dist.metadata['Name']} {dist.version}" if dist else entry_point.value
+        before = set(commands)
         try:
             _register_plugin(manager, entry_point.load(), entry_point.name, commands)
         except KeyboardInterrupt:
@@ -165,9 +187,11 @@ def load_commands() -> dict[str, Command]:
                 f"tokenmerge command plugin {entry_point.name!r} (from {origin}) failed to load "
                 f"and was skipped: {type(error).__name__}: {error}",
                 PluginWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    return commands
+            continue
+        origins.setdefault(origin, []).extend(name for name in commands if name not in before)
+    return commands, origins
 
 
 def _missing_command(name: str) -> str:
@@ -189,18 +213,42 @@ def _missing_command(name: str) -> str:
 # ------------------------------------------------------------------ the parser
 
 
-def _build_parser(commands: dict[str, Command]) -> _Parser:
+class _Version(argparse.Action):
+    """``--version``: tokenmerge's version, then each command plugin's distribution and version
+    with the commands it adds, one per line; exit status 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        self.origins: dict[str, list[str]] = kwargs.pop("origins")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        lines = [f"{PROG} {__version__}"]
+        lines += [f"{origin} ({', '.join(names)})" for origin, names in self.origins.items()]
+        print("\n".join(lines))
+        parser.exit(0)
+
+
+def _build_parser(
+    commands: dict[str, Command], origins: dict[str, list[str]] | None = None
+) -> _Parser:
     missing = sorted({_PROVIDED_BY[name] for name in _PROVIDED_BY if name not in commands})
     parser = _Parser(
         prog=PROG,
         description="Training-free token merging: list what is installed, benchmark strategies "
         "against each other and against peers, and draw what they merge.",
         epilog="; ".join(
-            f"{' and '.join(n for n, d in _PROVIDED_BY.items() if d == dist)} come with {dist} "
+            f"{_and([n for n, d in _PROVIDED_BY.items() if d == dist])} come with {dist} "
             f"(from a tokenmerge checkout: {_INSTALL[dist]})"
             for dist in missing
         )
         or None,
+    )
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        origins=origins or {},
+        help="print the version of tokenmerge and of each command plugin's distribution "
+        "(tokenmerge-bench), then exit",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in commands.values():
@@ -211,6 +259,11 @@ def _build_parser(commands: dict[str, Command]) -> _Parser:
     return parser
 
 
+def _and(names: list[str]) -> str:
+    """``a, b and c``."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 # ------------------------------------------------------------------ list
 
 
@@ -219,6 +272,9 @@ def _configure_list(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_list(args: argparse.Namespace) -> int:
+    # the registry brings the config and strategy modules, and torch: only when `list` runs
+    from tokenmerge.registry import list_adapters, list_plugins, list_strategies, registry
+
     strategies = [
         {"name": name, "description": _first_line(registry.strategy(name).__doc__)}
         for name in list_strategies()
@@ -311,11 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = load_commands()
+    commands, origins = _load_commands()
     try:
         if argv and argv[0] not in commands and argv[0] in _PROVIDED_BY:
             raise UsageError(_missing_command(argv[0]))
-        parser = _build_parser(commands)
+        parser = _build_parser(commands, origins)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -41,9 +41,10 @@ from tokenmerge.api import Handle, apply
 from tokenmerge.errors import InputError, UnsupportedModelError
 from tokenmerge_bench.photos import PHOTOS, load_photo
 
-from .presets import PRESETS, get_preset
-from .runner import _machine, _Progress, load_bench_model, sharing_weights
-from .timing import synchronizer, timed
+from .presets import CLASSIFIER_LIBRARIES, PRESETS, get_preset
+from .progress import Progress
+from .runner import _machine, load_bench_model, sharing_weights
+from .timing import spread, synchronizer, timed
 from .variants import parse_variants
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
 #: ImageNet normalisation, timm's and transformers' ViT default
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLASSIFIER_LIBRARIES = ("timm", "transformers")
 
 
 def is_classifier_source(model: str) -> bool:
@@ -123,6 +123,8 @@ class ClassifierRow:
     images_per_second: float
     speedup: float
     seconds_samples: list[float]
+    seconds_min: float  # the fastest and slowest timed round: the spread around the median
+    seconds_max: float
     cosine: float | None  # mean cosine similarity of the final features to the unmerged ones
     cosine_min: float | None
     top1_agreement: float | None  # share of images whose top-1 class is the unmerged one's
@@ -249,9 +251,18 @@ def _check_input_size(model: nn.Module, size: int) -> None:
 def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) -> ClassifierResult:
     """Run the classifier benchmark ``settings`` describe (see the module docstring)."""
     started = time.perf_counter()
+    with Progress(progress) as bar:
+        return _run_classifier_bench(settings, started, bar)
+
+
+def _run_classifier_bench(
+    settings: ClassifierSettings, started: float, bar: Progress
+) -> ClassifierResult:
     device = torch.device(settings.device)
     dtype = getattr(torch, settings.dtype)
+    bar.phase(f"building the model ({settings.model}, {settings.dtype} on {settings.device})")
     model, info, default_r = _load(settings, device, dtype)
+    bar.phase("preparing the images and the configurations")
     size = _input_size(model, settings)
     reference = get_preset(settings.model).reference if settings.model in PRESETS else None
     if settings.size is not None and reference != "classifier":  # that one has its own rule
@@ -302,29 +313,32 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
         else:
             calls[label] = functools.partial(_forward, clone)
     sync = synchronizer(device)
-    bar = _Progress((settings.rounds + 2) * len(entries), progress)
+    bar.start((settings.rounds + 2) * len(entries))
     seconds: dict[str, list[float]] = {entry[0]: [] for entry in entries}
     outputs: dict[str, tuple[Tensor, Tensor | None]] = {}
-    try:
-        with torch.no_grad():
-            bar.phase("timing")
-            for index in range(settings.rounds + 1):  # round 0 warms up
-                shift = index % len(entries)
-                for label, *_ in entries[shift:] + entries[:shift]:
-                    elapsed, _ = timed(functools.partial(calls[label], pixels), sync)
-                    if index:
-                        seconds[label].append(elapsed)
-                    bar.tick()
-            bar.phase("fidelity")
-            for label, *_ in entries:
-                parts = [
-                    calls[label](crops[start : start + settings.batch])
-                    for start in range(0, len(crops), settings.batch)
-                ]
-                outputs[label] = _joined(parts)
+    with torch.no_grad():
+        for index in range(settings.rounds + 1):  # round 0 warms up
+            if index <= 1:
+                bar.phase(
+                    f"timed rounds: {settings.rounds} of {len(entries)} configurations"
+                    if index
+                    else f"warm-up: 1 round of {len(entries)} configurations"
+                    + (", compiling each" if settings.compile else "")
+                )
+            shift = index % len(entries)
+            for label, *_ in entries[shift:] + entries[:shift]:
+                elapsed, _ = timed(functools.partial(calls[label], pixels), sync)
+                if index:
+                    seconds[label].append(elapsed)
                 bar.tick()
-    finally:
-        bar.close()
+        bar.phase(f"fidelity: {len(crops)} images, {len(entries)} configurations")
+        for label, *_ in entries:
+            parts = [
+                calls[label](crops[start : start + settings.batch])
+                for start in range(0, len(crops), settings.batch)
+            ]
+            outputs[label] = _joined(parts)
+            bar.tick()
     base_seconds = statistics.median(seconds["none"])
     base_features, base_logits = outputs["none"]
     rows = []
@@ -348,6 +362,8 @@ def run_classifier_bench(settings: ClassifierSettings, progress: bool = True) ->
                 images_per_second=settings.batch / median,
                 speedup=base_seconds / median,
                 seconds_samples=seconds[label],
+                seconds_min=min(seconds[label]),
+                seconds_max=max(seconds[label]),
                 cosine=cosine.mean().item() if merged else None,
                 cosine_min=cosine.min().item() if merged else None,
                 top1_agreement=agreement if merged else None,
@@ -388,7 +404,7 @@ def format_classifier_report(result: ClassifierResult) -> str:
         f"  model: {model['class']} ({model['source']}); {model['attention']}",
         f"  input: {model['input']}; {machine['device']} {settings['dtype']}, torch "
         f"{machine['torch']}, {machine['threads']} threads; {settings['rounds']} timed rounds "
-        f"(medians){'; torch.compile' if settings.get('compile') else ''}",
+        f"(medians, min-max in brackets){'; torch.compile' if settings.get('compile') else ''}",
     ]
     if model.get("notes"):
         lines.append(f"  notes: {model['notes']}")
@@ -396,16 +412,19 @@ def format_classifier_report(result: ClassifierResult) -> str:
     accuracy = result.rows[0].held_out_top1 is not None
     # a column as wide as the longest label (variants such as 'retom+scope="window" r=8')
     width = max(22, 2 + max(len(row.label) for row in result.rows))
+    times = [spread(row.seconds, row.seconds_min, row.seconds_max) for row in result.rows]
+    time_width = 2 + max(len("s/batch (min-max)"), *(len(cell) for cell in times))
     header = (
-        f"{'config':<{width}}{'tokens':>10}{'s/batch':>10}{'img/s':>9}{'speedup':>9}"
+        f"{'config':<{width}}{'tokens':>10}{'s/batch (min-max)':>{time_width}}{'img/s':>9}"
+        f"{'speedup':>9}"
         f"{'cos mean':>10}{'cos min':>10}{'top-1 agr':>11}"
     ) + (f"{'held-out top-1':>16}" if accuracy else "")
     lines += [header, "-" * len(header)]
-    for row in result.rows:
+    for row, time_cell in zip(result.rows, times, strict=True):
         cells = [
             f"{row.label:<{width}}",
             f"{row.tokens:>10}",
-            f"{row.seconds:>10.3f}",
+            f"{time_cell:>{time_width}}",
             f"{row.images_per_second:>9.1f}",
             f"{'x' + format(row.speedup, '.3f'):>9}",
             f"{_number(row.cosine, '.6f'):>10}",

@@ -2,8 +2,9 @@
 
 Registered with the core's ``tokenmerge`` command through the ``tokenmerge_register_commands``
 hook (entry-point group ``tokenmerge.commands``, see this distribution's pyproject.toml). This
-module only parses and checks arguments, so ``tokenmerge --help`` stays cheap: the bench's
-machinery (and with it diffusers, matplotlib...) is imported when a command runs.
+module only parses and checks arguments, so ``tokenmerge --help`` stays cheap: it imports no
+torch (nor the registry, diffusers, matplotlib...) at import time or in the ``configure``
+functions; the checks and the bench's machinery are imported when a command runs.
 """
 
 from __future__ import annotations
@@ -17,16 +18,11 @@ from typing import Any
 
 from tokenmerge.cli import Command, Listing, UsageError
 from tokenmerge.hookspecs import hookimpl
-from tokenmerge.load import load_config
-from tokenmerge.registry import list_strategies, registry
 
-# light: torch and the core. The runners (report, runner, classify, visualize) are imported by
-# the command that runs them.
-from .peers import PEERS, peer_available
+# without torch (tests/test_cli.py checks it): names for --help. The registry, the configs and
+# the runners are imported by the command that runs.
 from .photos import PHOTOS
-from .presets import PRESETS, get_preset
-from .reference.data import REFERENCE_PHOTOS
-from .variants import nested, parse_variants
+from .presets import PRESETS
 
 __all__ = ["tokenmerge_register_commands"]
 
@@ -153,11 +149,11 @@ def _check_device(name: str) -> None:
         )
 
 
-def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_common_model_options(parser: argparse.ArgumentParser, presets: dict[str, Any]) -> None:
     parser.add_argument(
         "--model",
         default="sd15",
-        help=f"a preset ({', '.join(PRESETS)}; default sd15) or the path of a local diffusers "
+        help=f"a preset ({', '.join(presets)}; default sd15) or the path of a local diffusers "
         "checkpoint (a pipeline or model folder saved with save_pretrained)",
     )
     parser.add_argument("--size", type=_positive, help="image size in px (default: the model's)")
@@ -195,7 +191,7 @@ def _add_common_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_bench(bench: argparse.ArgumentParser) -> None:
-    _add_common_model_options(bench)
+    _add_common_model_options(bench, PRESETS)
     bench.add_argument(
         "--strategies", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
         help="strategies, each optionally with config fields of its own, one row per variant "
@@ -254,21 +250,26 @@ def _configure_bench(bench: argparse.ArgumentParser) -> None:
         "--plot",
         metavar="PATH",
         type=_path,
-        default="tokenmerge-bench.png",
-        help="where the speedup-vs-block-error PNG goes (default tokenmerge-bench.png)",
+        help="draw speedup against block error (a classifier: against the cosine) as a PNG "
+        "here; without it no plot is drawn (the bench writes no file unless asked)",
     )
-    bench.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    # the old way to skip the plot, now the default: accepted, and does nothing
+    bench.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
     bench.add_argument(
         "--compile", action="store_true",
         help="run every configuration through torch.compile, no merging included (warm-up "
         "rounds compile; diffusion models: the timed rounds only, fidelity runs eager); on a "
         "GPU this removes the hooks' host overhead",
     )  # fmt: skip
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (each phase's start with the elapsed seconds, and a bar)",
+    )
 
 
 def _configure_visualize(visualize: argparse.ArgumentParser) -> None:
-    _add_common_model_options(visualize)
+    _add_common_model_options(visualize, _denoisers())
     visualize.add_argument(
         "--strategies", nargs="+", default=None, metavar="NAME",
         help="strategies (default: every registered one)",
@@ -284,11 +285,15 @@ def _configure_visualize(visualize: argparse.ArgumentParser) -> None:
         "--timestep", type=_non_negative, default=500, help="noise timestep (default 500)"
     )
     visualize.add_argument(
-        "--output", "-o", type=_path, default="tokenmerge-merges.png", help="PNG to write"
-    )
+        "--output", "-o", type=_path, default="tokenmerge-merges.png", metavar="PATH",
+        help="the PNG to write, the command's product (default: tokenmerge-merges.png in the "
+        "current folder)",
+    )  # fmt: skip
 
 
 def _check_strategies(names: Sequence[str] | None) -> list[str]:
+    from tokenmerge.registry import list_strategies, registry
+
     if names is None:  # the built-ins in the order the report reads best, then plugins
         known = list_strategies()
         first = [name for name in ("retom", "tome", "random") if name in known]
@@ -300,6 +305,10 @@ def _check_strategies(names: Sequence[str] | None) -> list[str]:
 
 def _check_configs(strategies: list[str], ratios: list[float], overrides: dict) -> None:
     """Every (strategy, ratio) validates before anything long starts."""
+    from tokenmerge.load import load_config
+
+    from .variants import nested
+
     for strategy in strategies:
         for ratio in ratios:
             load_config(strategy, ratio=ratio, **nested(overrides))
@@ -308,6 +317,8 @@ def _check_configs(strategies: list[str], ratios: list[float], overrides: dict) 
 def _check_peer(peer: str, model: str) -> None:
     """``--peer tomesd`` needs tomesd installed and, for a preset, a UNet (a checkpoint's class
     is checked once it is loaded)."""
+    from .peers import PEERS, peer_available
+
     if peer not in PEERS:
         return
     if not peer_available(peer):
@@ -321,15 +332,32 @@ def _check_peer(peer: str, model: str) -> None:
         )
 
 
-def _check_model(model: str) -> None:
-    if model in PRESETS or Path(model).exists():
+def _denoisers() -> dict[str, Any]:
+    """The presets ``visualize`` draws on: the denoisers (it refuses the classifiers)."""
+    return {name: preset for name, preset in PRESETS.items() if not preset.classifier}
+
+
+def _check_model(model: str, presets: dict[str, Any] = PRESETS) -> None:
+    """``--model`` is one of ``presets`` or an existing path."""
+    if model in presets or Path(model).exists():
         return
+    if model in PRESETS:  # a preset this command does not take
+        raise UsageError(
+            f"--model {model}: an image classifier, and tokenmerge visualize draws on denoisers; "
+            f"give one of {', '.join(presets)} (tokenmerge bench --model {model} measures it)"
+        )
     if "/" in model or "\\" in model or model.startswith("."):
         raise UsageError(
             f"--model {model}: no such file or folder; give a preset "
-            f"({', '.join(PRESETS)}) or the folder of a local checkpoint"
+            f"({', '.join(presets)}) or the folder of a local checkpoint"
         )
-    get_preset(model)  # raises, listing the presets and close matches
+    from tokenmerge.errors import unknown_name_message
+
+    raise UsageError(
+        unknown_name_message(
+            "preset", model, presets, hint="Or pass --model PATH to a local checkpoint."
+        )
+    )
 
 
 #: bench options that only diffusion models take, with their defaults there
@@ -344,7 +372,9 @@ _DIFFUSION_ONLY = {
 def _run_bench(args: argparse.Namespace) -> int:
     from . import report
     from .classify import is_classifier_source
+    from .presets import get_preset
     from .runner import BenchSettings, run_bench
+    from .variants import parse_variants
 
     if is_classifier_source(args.model):
         return _run_classifier_bench(args)
@@ -378,7 +408,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     _check_model(args.model)
     _check_peer(args.peer, args.model)
     _check_device(args.device)
-    for path in [args.json, None if args.no_plot else args.plot]:
+    for path in [args.json, args.plot]:
         if path:
             report.check_writable(path)
     settings = BenchSettings(
@@ -413,13 +443,15 @@ def _write_results(args: argparse.Namespace, result: Any, format_report: Any, pl
     if args.json:
         report.write_json(result, args.json)
         print(f"wrote {args.json}")
-    if not args.no_plot:
+    if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
 
 def _check_photos(photos: list[str] | None, reference: str | None) -> None:
+    from .reference.data import REFERENCE_PHOTOS
+
     allowed = [name for name, _ in REFERENCE_PHOTOS] if reference == "denoiser" else PHOTOS
     unknown = [name for name in photos or [] if name not in allowed]
     if unknown:
@@ -435,6 +467,7 @@ def _run_classifier_bench(args: argparse.Namespace) -> int:
         format_classifier_report,
         run_classifier_bench,
     )
+    from .variants import parse_variants
 
     given = [f"--{n.replace('_', '-')}" for n in _DIFFUSION_ONLY if getattr(args, n) is not None]
     if args.peer == "tomesd":
@@ -449,7 +482,7 @@ def _run_classifier_bench(args: argparse.Namespace) -> int:
     if args.ratios is not None:
         parse_variants(strategies, args.ratios, overrides)  # raises on a bad spec, one line
     _check_device(args.device)
-    for path in [args.json, None if args.no_plot else args.plot]:
+    for path in [args.json, args.plot]:
         if path:
             report.check_writable(path)
     settings = ClassifierSettings(
@@ -479,7 +512,7 @@ def _run_visualize(args: argparse.Namespace) -> int:
     strategies = _check_strategies(args.strategies)
     overrides = dict(args.overrides)
     _check_configs(strategies, [args.ratio], overrides)
-    _check_model(args.model)
+    _check_model(args.model, _denoisers())
     _check_device(args.device)
     check_writable(args.output)
     summary = visualize(
@@ -546,14 +579,18 @@ def _configure_compare(compare: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE", help="a merge-config field for every strategy (repeatable)",
     )  # fmt: skip
     compare.add_argument(
-        "--output", "-o", default="tokenmerge-compare",
-        help="folder for grid.png, index.html and results.json (default tokenmerge-compare)",
+        "--output", "-o", type=_path, default="tokenmerge-compare", metavar="FOLDER",
+        help="the folder the command's product goes to, created if missing: grid.png, "
+        "index.html and results.json (default: tokenmerge-compare in the current folder)",
     )  # fmt: skip
-    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare.add_argument(
+        "--no-progress", action="store_true", help="no progress on stderr"
+    )  # fmt: skip
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     from .compare import DIGIT_MODELS, CompareSettings, compare, format_table, write_outputs
+    from .variants import parse_variants
 
     if args.model not in DIGIT_MODELS and not Path(args.model).is_dir():
         raise UsageError(

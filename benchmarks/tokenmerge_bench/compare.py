@@ -34,6 +34,7 @@ import torch
 import tokenmerge
 from tokenmerge.errors import ConfigError
 
+from .progress import Progress
 from .variants import StrategyVariant
 
 __all__ = ["CompareSettings", "DIGIT_MODELS", "compare"]
@@ -289,15 +290,25 @@ def compare(
         ConfigError: a bad prompt for a digit model, or a folder without a pipeline.
         ModelLoadError: the folder cannot be loaded.
     """
+    with Progress(progress, "compare") as bar:
+        return _compare(settings, progress, bar)
+
+
+def _compare(
+    settings: CompareSettings, progress: bool, bar: Progress
+) -> tuple[list[Column], list[str], list[str]]:
     configs = list(_configurations(settings))  # every config validates before the model loads
+    bar.phase(f"loading the model ({settings.model}, {settings.dtype} on {settings.device})")
     generator = _generator(settings, progress)
     lpips_distance = _lpips_metric()
     notes = [] if lpips_distance is not None else [LPIPS_OFF]
     columns = [Column("none", None)] + [Column(label, c.model_dump()) for label, c in configs]
     rows = [(prompt, seed) for prompt in settings.prompts for seed in settings.seeds]
-    bar = _bar(progress, len(rows) * len(columns) + 1)
+    bar.start(len(rows) * len(columns) + 1, unit="image")
+    bar.phase("warm-up: one image")
     generator.image(*rows[0])  # warm-up: the first call pays for allocations and caches
-    bar.update()
+    bar.tick()
+    bar.phase(f"generating: {len(rows)} image(s) x {len(columns)} configurations, timed")
     for prompt, seed in rows:
         reference = None
         for column, (_, config) in zip(columns, [(None, None), *configs], strict=True):
@@ -324,8 +335,7 @@ def compare(
             judged = generator.recognised(prompt, image)
             if judged is not None:
                 column.recognised.append(judged)
-            bar.update()
-    bar.close()
+            bar.tick()
     return columns, [f"{prompt} / seed {seed}" for prompt, seed in rows], notes
 
 
@@ -336,22 +346,6 @@ def _merged_anything(handle: tokenmerge.Handle) -> bool:
 def _skip_reason(handle: tokenmerge.Handle) -> str:
     reasons = {s.skipped or s.pass_reason for s in handle.stats().values()} - {None}
     return "; ".join(sorted(reasons)) or "no site merged a token"
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(progress: bool, total: int) -> Any:
-    if not progress:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="image", desc="compare", leave=False)
 
 
 # ---------------------------------------------------------------------------- outputs

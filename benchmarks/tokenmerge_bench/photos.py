@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from importlib import resources
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported by the functions that need it: `tokenmerge --help` lists PHOTOS without it
 
 __all__ = ["PHOTOS", "load_photo", "patch_tokens", "photo_tokens", "tokens_to_image"]
 
@@ -31,6 +33,8 @@ def load_photo(name: str = "astronaut") -> Tensor:
     """
     if name not in PHOTOS:
         raise ValueError(f"unknown photograph {name!r}; the bundled ones are {', '.join(PHOTOS)}")
+    import torch
+
     with resources.files("tokenmerge_bench").joinpath(f"data/{name}_256.pt").open("rb") as handle:
         return torch.load(handle, weights_only=True)
 
@@ -44,6 +48,8 @@ def patch_tokens(image: Tensor, patch: int) -> tuple[Tensor, tuple[int, int]]:
         >>> tokens.shape, grid
         (torch.Size([1, 1024, 192]), (32, 32))
     """
+    import torch
+
     channels, height, width = image.shape
     if height % patch or width % patch:
         raise ValueError(f"image {height} x {width} does not divide into {patch}-pixel patches")
@@ -66,6 +72,9 @@ def photo_tokens(side: int, channels: int, patch: int = 4, name: str = "astronau
         >>> photo_tokens(32, 320).shape
         torch.Size([2, 1024, 320])
     """
+    import torch
+    import torch.nn.functional as F
+
     photo = load_photo(name).float().div(255.0).unsqueeze(0)
     size = (side * patch, side * patch)
     image = F.interpolate(photo, size=size, mode="bilinear", antialias=True)[0].clamp(0.0, 1.0)

@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tokenmerge.errors import UnknownNameError, unknown_name_message
-from tokenmerge_bench.reference.models import CLASSIFIER_CONFIG, DENOISER_CONFIG, load_reference
+from tokenmerge_bench.reference.configs import CLASSIFIER_CONFIG, DENOISER_CONFIG
 
-__all__ = ["PRESETS", "Preset", "get_preset"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch and the model libraries are imported by the methods that build a model: the presets'
+# names and descriptions are read by `tokenmerge --help` and `tokenmerge list`, which import
+# no torch
+
+__all__ = ["CLASSIFIER_LIBRARIES", "PRESETS", "Preset", "get_preset"]
+
+#: the libraries whose models the bench measures as image classifiers (not denoisers)
+CLASSIFIER_LIBRARIES = ("timm", "transformers")
 
 
 @dataclass(frozen=True)
@@ -56,22 +64,33 @@ class Preset:
     default_r: int = 13
     reference: str | None = None
 
+    @property
+    def classifier(self) -> bool:
+        """Whether the bench measures it as an image classifier (a ViT), not a denoiser."""
+        return self.library in CLASSIFIER_LIBRARIES
+
     def build(
         self,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         seed: int = 0,
     ) -> nn.Module:
         """The model with seeded random weights (a reference model: its trained weights), in
-        eval mode, on ``device`` in ``dtype``.
+        eval mode, on ``device`` in ``dtype`` (default float32).
 
         Example:
             >>> unet = get_preset("tiny-unet").build()
             >>> type(unet).__name__, unet.training
             ('UNet2DConditionModel', False)
         """
+        import torch
+        from torch import nn
+
+        dtype = torch.float32 if dtype is None else dtype
         cls = self._model_class()
         if self.reference is not None:
+            from tokenmerge_bench.reference.models import load_reference
+
             return load_reference(self.reference, device, dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -82,6 +101,8 @@ class Preset:
 
     def build_empty(self) -> nn.Module:
         """The model on the meta device (no memory, no weights): for inspecting its structure."""
+        import torch
+
         with torch.device("meta"):
             return self._model_class()(**self.config).eval()
 

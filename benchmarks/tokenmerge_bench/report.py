@@ -10,6 +10,7 @@ from typing import Any
 from tokenmerge.errors import OutputPathError, TokenMergeError
 
 from .runner import BenchResult, BenchRow
+from .timing import spread
 
 __all__ = ["format_report", "write_json", "write_plot", "write_sample_grid"]
 
@@ -38,7 +39,7 @@ def _overhead(row: BenchRow) -> str:
 def format_table(rows: list[BenchRow]) -> str:
     """The rows as an aligned text table."""
     header = (
-        "config", "tokens", "s/forward", "speedup", "plan/merge/unmerge ms", "overhead %",
+        "config", "tokens", "s/forward (min-max)", "speedup", "plan/merge/unmerge ms", "overhead %",
         "kernels/site plan, reuse", "syncs", "peak MiB", "block err", "output err",
         "trajectory err",
     )  # fmt: skip
@@ -46,7 +47,7 @@ def format_table(rows: list[BenchRow]) -> str:
         (
             row.label,
             row.tokens,
-            f"{row.seconds:.3f}",
+            spread(row.seconds, row.seconds_min, row.seconds_max),
             f"x{row.speedup:.3f}",
             _overhead(row),
             _number(row.overhead_percent, ".2f"),
@@ -119,7 +120,8 @@ def format_report(result: BenchResult) -> str:
         f"  attention weights: {model['attention']}",
         f"  machine: {machine['device']} {settings['dtype']}, torch {machine['torch']}, "
         f"{machine['threads']} threads, {machine['processor']}",
-        f"  speed: medians of {settings['rounds']} alternating rounds (one denoising step each, "
+        f"  speed: medians (min-max in brackets) of {settings['rounds']} alternating rounds (one "
+        "denoising step each, "
         + (
             "every configuration through torch.compile, after warm-up rounds that compile"
             if settings.get("compile")
@@ -193,7 +195,7 @@ def _pyplot() -> Any:
     except ImportError as exc:
         raise TokenMergeError(
             "the plot needs matplotlib (a dependency of tokenmerge-bench): pip install "
-            "matplotlib, or pass --no-plot"
+            "matplotlib, or leave out the option that draws it (--plot, --samples)"
         ) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -49,6 +49,7 @@ from .fidelity import BlockErrorProbe, relative_error, tie_self_attention
 from .kernels import count_entry_kernels
 from .peers import PEERS, TomesdPeer, peer_available
 from .presets import PRESETS, get_preset
+from .progress import Progress
 from .timing import PARTS, OverheadTimers, peak_memory_mb, synchronizer, timed
 from .variants import parse_variants
 from .workload import Workload, default_size, make_workload
@@ -108,6 +109,8 @@ class BenchRow:
     seconds: float  # median seconds per forward over the timed rounds
     speedup: float  # baseline median / this median
     seconds_samples: list[float]
+    seconds_min: float  # the fastest and slowest timed round: the spread around the median
+    seconds_max: float
     overhead_ms: dict[str, float] | None  # per forward, from the instrumented run
     overhead_percent: float | None  # plan + merge + unmerge, share of the median forward
     peak_memory_mb: float | None
@@ -186,31 +189,6 @@ class _Entry:
         if self.peer is not None:
             return self.peer.instrumented(timers.add, timers.sync)
         return nullcontext()
-
-
-class _Progress:
-    """A tqdm bar over model calls (a no-op when disabled or tqdm is missing)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, unit="call", desc="bench", leave=False)
-
-    def phase(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(name)
-
-    def tick(self) -> None:
-        if self.bar is not None:
-            self.bar.update()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def load_bench_model(settings: Any, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -301,10 +279,17 @@ def _peers(settings: BenchSettings, model: nn.Module) -> list[str]:
 def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
     """Run the benchmark ``settings`` describe; see the module docstring for what it measures."""
     started = time.perf_counter()
+    with Progress(progress) as bar:
+        return _run_bench(settings, started, bar)
+
+
+def _run_bench(settings: BenchSettings, started: float, bar: Progress) -> BenchResult:
     device = torch.device(settings.device)
     dtype = getattr(torch, settings.dtype)
+    bar.phase(f"building the model ({settings.model}, {settings.dtype} on {settings.device})")
     model, model_info, size = load_bench_model(settings, device, dtype)
     reference = get_preset(settings.model).reference if settings.model in PRESETS else None
+    bar.phase("preparing the inputs and the configurations")
     workload = make_workload(
         model, size, settings.batch, device, dtype, settings.seed, reference=reference
     )
@@ -329,18 +314,16 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
         + 1
         + (1 if held_out is not None else 0)
     )
-    bar = _Progress(calls_per_entry * len(entries), progress)
-    try:
-        with torch.no_grad(), compiling:
-            seconds = _timed_rounds(entries, workload, settings, sync, bar)
-            fidelity = _fidelity(entries, workload, settings, bar)
-            instrumented, finals = _instrumented(entries, workload, settings, device, bar)
-            losses = _held_out_losses(entries, workload, bar) if held_out is not None else {}
-            bar.phase("kernels")
-            kernels = _kernels(entries, settings, workload.size)
-    finally:
-        bar.close()
+    bar.start(calls_per_entry * len(entries))
+    with torch.no_grad(), compiling:
+        seconds = _timed_rounds(entries, workload, settings, sync, bar)
+        fidelity = _fidelity(entries, workload, settings, bar)
+        instrumented, finals = _instrumented(entries, workload, settings, device, bar)
+        losses = _held_out_losses(entries, workload, bar) if held_out is not None else {}
+        bar.phase(f"kernel counts: {len(entries)} configurations on the meta device")
+        kernels = _kernels(entries, settings, workload.size)
     if settings.samples is not None:
+        bar.phase(f"writing the samples to {settings.samples}")
         from .report import write_sample_grid
 
         write_sample_grid(
@@ -367,6 +350,8 @@ def run_bench(settings: BenchSettings, progress: bool = True) -> BenchResult:
                 seconds=median,
                 speedup=base / median,
                 seconds_samples=seconds[entry.label],
+                seconds_min=min(seconds[entry.label]),
+                seconds_max=max(seconds[entry.label]),
                 overhead_ms=overhead,
                 overhead_percent=(
                     None if overhead is None else 100.0 * sum(overhead.values()) / 1000 / median
@@ -417,9 +402,8 @@ def _timed_rounds(
     workload: Workload,
     settings: BenchSettings,
     sync: Callable[[], None],
-    bar: _Progress,
+    bar: Progress,
 ) -> dict[str, list[float]]:
-    bar.phase("timing")
     seconds: dict[str, list[float]] = {entry.label: [] for entry in entries}
     # compiled: a warm-up round per graph variant a configuration compiles (a step that plans
     # and one that reuses its plan)
@@ -428,6 +412,13 @@ def _timed_rounds(
     for entry in entries:
         entry.new_generation()
     for index, timestep in enumerate(timesteps):
+        if index == 0:
+            bar.phase(
+                f"warm-up: {warmup} round(s) of {len(entries)} configurations"
+                + (", compiling each" if settings.compile else "")
+            )
+        elif index == warmup:
+            bar.phase(f"timed rounds: {settings.rounds} of {len(entries)} configurations")
         sample = workload.noisy_photo(settings.photos[0], timestep)
         shift = index % len(entries)
         for entry in entries[shift:] + entries[:shift]:
@@ -467,12 +458,12 @@ def _compiling(entries: list[_Entry]) -> Iterator[None]:
 
 
 def _fidelity(
-    entries: list[_Entry], workload: Workload, settings: BenchSettings, bar: _Progress
+    entries: list[_Entry], workload: Workload, settings: BenchSettings, bar: Progress
 ) -> dict[str, dict[str, Any]]:
-    bar.phase("fidelity")
     baseline, merged_entries = entries[0], entries[1:]
     results: dict[str, dict[str, Any]] = {}
     inputs = list(itertools.product(settings.photos, settings.timesteps))
+    bar.phase(f"fidelity: {len(inputs)} input(s), {len(entries)} configurations")
     references = []
     for photo, timestep in inputs:
         sample = workload.noisy_photo(photo, timestep)
@@ -520,9 +511,12 @@ def _instrumented(
     workload: Workload,
     settings: BenchSettings,
     device: torch.device,
-    bar: _Progress,
+    bar: Progress,
 ) -> dict[str, tuple[dict[str, float] | None, float | None, float | None]]:
-    bar.phase("trajectory")
+    bar.phase(
+        f"instrumented run: peak memory and a {settings.trajectory_steps}-step trajectory with "
+        f"timers, {len(entries)} configurations"
+    )
     sample = workload.noisy_photo(settings.photos[0], settings.timesteps[0])
     results, finals = {}, {}
     reference = None
@@ -552,13 +546,13 @@ def _instrumented(
 
 
 def _held_out_losses(
-    entries: list[_Entry], workload: Workload, bar: _Progress
+    entries: list[_Entry], workload: Workload, bar: Progress
 ) -> dict[str, dict[str, float]]:
     """Every configuration's noise-prediction loss on the held-out images at each timestep of
     one sweep (``tokenmerge_bench.reference.metrics.denoising_losses``)."""
     from tokenmerge_bench.reference.metrics import denoising_losses
 
-    bar.phase("held-out loss")
+    bar.phase(f"held-out loss: 50 timesteps of held-out images, {len(entries)} configurations")
     images = workload.held_out()
     results = {}
     for entry in entries:

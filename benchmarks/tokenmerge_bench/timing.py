@@ -8,7 +8,9 @@ runs that speedups come from.
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -20,7 +22,7 @@ import torch
 from tokenmerge.observe import Observer, Part
 from tokenmerge.site import Site
 
-__all__ = ["OverheadTimers", "peak_memory_mb", "synchronizer", "timed"]
+__all__ = ["OverheadTimers", "peak_memory_mb", "spread", "synchronizer", "timed"]
 
 PARTS = ("plan", "merge", "unmerge")
 
@@ -39,6 +41,16 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
     result = fn()
     sync()
     return time.perf_counter() - start, result
+
+
+def spread(median: float, low: float, high: float, spec: str = ".3f") -> str:
+    """A median with the spread of its samples, for the tables: ``median (min-max)``.
+
+    Example:
+        >>> spread(1.234, 1.2, 1.31, ".2f")
+        '1.23 (1.20-1.31)'
+    """
+    return f"{median:{spec}} ({low:{spec}}-{high:{spec}})"
 
 
 class OverheadTimers(Observer):
@@ -88,18 +100,36 @@ class OverheadTimers(Observer):
         self.add("unmerge" if part == "fit" else part, (time.perf_counter() - start) * 1000.0)
 
 
+#: what the profiler (kineto, C++) writes straight to file descriptor 2 around a CPU-only
+#: profile: its start / stop markers and stage lines, and on a CUDA build without a GPU its
+#: failed device query. Only these lines are dropped; anything else written meanwhile is kept.
+PROFILER_CHATTER = re.compile(
+    r"(USDT|STAGE|ERROR|WARNING):\S+ \S+ \d+:\d+ \w+\.cpp:\d+\] "
+    r"(profiler_start|profiler_stop|gpuGetDeviceCount failed with code \d+|Completed Stage: .*"
+    r"|CPU trace is empty!|No Valid Trace Events \(CPU/GPU\) found\. Outputting empty trace\.)"
+)
+
+
 @contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the profiler's C++ start / stop lines (written straight to file descriptor 2)."""
+def without_profiler_chatter() -> Iterator[None]:
+    """Drop the profiler's own lines (``PROFILER_CHATTER``) from file descriptor 2 while the
+    block runs, and pass every other line through when it ends."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
         try:
             yield
         finally:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = [line for line in lines if not PROFILER_CHATTER.fullmatch(line.rstrip("\n"))]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -120,12 +150,12 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     from torch.profiler import ProfilerActivity, profile
 
     profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():
+    with without_profiler_chatter():
         profiler.__enter__()
     try:
         fn()
     finally:
-        with _quiet_stderr():
+        with without_profiler_chatter():
             profiler.__exit__(None, None, None)
     events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
