@@ -45,6 +45,12 @@ docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict -d site
 	$(PY) docs/check_links.py site
 
+.PHONY: figures
+# the docs' pictures, remade with today's defaults by the tokenmerge command (benchmarks/
+# docs_figures.py; about 8 minutes on 2 cores): FIGURES="merges-sd15" makes one
+figures: $(STAMP)
+	$(PY) benchmarks/docs_figures.py $(FIGURES)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

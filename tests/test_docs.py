@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tiny_pipelines import tiny_stable_diffusion
+from tiny_pipelines import tiny_flux, tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 import tokenmerge
 
@@ -92,6 +92,8 @@ def markdown_blocks(path: Path) -> list[Block]:
 #: repository ids the docs load, and what saves a tiny random stand-in for each
 PRETRAINED: dict[str, Callable[[Path], Path]] = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": tiny_stable_diffusion,
+    "stabilityai/stable-diffusion-xl-base-1.0": tiny_stable_diffusion_xl,
+    "black-forest-labs/FLUX.1-dev": tiny_flux,
 }
 
 
@@ -132,6 +134,20 @@ def redirect_from_pretrained(monkeypatch, pretrained_folders):
 
     redirect(DiffusionPipeline)
     redirect(ModelMixin)
+
+
+@pytest.fixture
+def timm_without_download(monkeypatch):
+    """``timm.create_model(..., pretrained=True)`` builds the same architecture with random
+    weights: the example runs as written, nothing is downloaded."""
+    import timm
+
+    create_model = timm.create_model
+
+    def random_weights(name, pretrained=False, **kwargs):
+        return create_model(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", random_weights)
 
 
 # ---------------------------------------------------------------- the tests
@@ -175,6 +191,8 @@ def test_markdown_python_blocks_run(path, request, monkeypatch, one_torch_thread
             continue  # a skip without a reason fails test_skipped_blocks_state_a_reason
         if "from_pretrained(" in block.code:
             request.getfixturevalue("redirect_from_pretrained")
+        if "pretrained=True" in block.code:
+            request.getfixturevalue("timm_without_download")
         # a real module, as in a script: classes get a __module__ that imports back, so an
         # AdapterSpec target "module:Class" written in an example resolves
         name = re.sub(r"\W", "_", f"doc_{path.stem}_{block.index}")
