@@ -8,11 +8,13 @@ block sideways.
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import importlib.util
 from pathlib import Path
 
 import pytest
-from test_docs import MARKDOWN, ROOT, markdown_blocks
+from test_docs import MARKDOWN, MODULES, ROOT, markdown_blocks
 
 # Material's content column shows 82 characters of a code block at any window wide enough for both
 # sidebars (the column and the code font scale together: measured in headless Chromium at 1280 and
@@ -64,6 +66,27 @@ def _assert_code_fits(paths: list[Path]) -> None:
 @pytest.mark.parametrize("path", DOCS_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_code_lines_fit_the_page(path):
     _assert_code_fits([path])
+
+
+def _long_docstring_example_lines(module_name: str) -> list[str]:
+    # mkdocstrings renders an Example(s) section as a code block of its ">>>" lines and outputs
+    module = importlib.import_module(module_name)
+    long = []
+    for test in doctest.DocTestFinder(exclude_empty=True).find(module):
+        for example in test.examples:
+            first, *rest = example.source.splitlines()
+            lines = [f">>> {first}", *(f"... {line}" for line in rest), *example.want.splitlines()]
+            long += [f"{test.name} ({len(x)} chars): {x}" for x in lines if len(x) > CODE_WIDTH]
+    return long
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_docstring_example_lines_fit_the_page(module_name):
+    long = _long_docstring_example_lines(module_name)
+    assert not long, (
+        f"{len(long)} docstring example line(s) wider than the API reference's code column "
+        f"({CODE_WIDTH} characters, with the >>> prompt) - wrap them:\n" + "\n".join(long)
+    )
 
 
 def test_long_code_lines_are_found(tmp_path):

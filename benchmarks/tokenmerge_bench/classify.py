@@ -82,8 +82,9 @@ class ClassifierSettings:
     """What one classifier run measures.
 
     Example:
-        >>> settings = ClassifierSettings(model="tiny-vit", strategies=["tome"], rounds=1,
-        ...                               batch=2)
+        >>> settings = ClassifierSettings(
+        ...     model="tiny-vit", strategies=["tome"], rounds=1, batch=2
+        ... )
         >>> result = run_classifier_bench(settings, progress=False)
         >>> [row.label for row in result.rows], result.rows[1].tokens
         (['none', 'tome r=12'], '65->17')

@@ -125,7 +125,8 @@ def load_denoiser(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     Example:
         >>> dit = load_denoiser()
         >>> images, timesteps = torch.zeros(2, 3, 64, 64), torch.tensor([500, 500])
-        >>> dit(fold(images), timestep=timesteps, class_labels=class_condition(2)).sample.shape
+        >>> labels = class_condition(2)
+        >>> dit(fold(images), timestep=timesteps, class_labels=labels).sample.shape
         torch.Size([2, 48, 16, 16])
     """
     return load_reference("denoiser", device, dtype)
