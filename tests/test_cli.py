@@ -221,7 +221,6 @@ def test_help_imports_neither_the_model_libraries_nor_matplotlib():
 HEAVY = ("torch", "numpy", "diffusers", "timm", "transformers", "matplotlib", "tqdm", "PIL")
 _HELP_SCRIPT = """
 import json, sys
-{prelude}
 from tokenmerge import cli
 for argv in (['--help'], ['--version'], ['bench', '--help'], ['compare', '--help'],
              ['visualize', '--help'], ['list', '--help']):
@@ -231,40 +230,21 @@ for argv in (['--help'], ['--version'], ['bench', '--help'], ['compare', '--help
         assert done.code == 0, (argv, done.code)
 print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r}))))
 """
-#: the package without its __init__, which imports the library (and torch) for apply()
-_WITHOUT_PACKAGE_INIT = """
-import importlib.util, types
-spec = importlib.util.find_spec('tokenmerge')
-package = types.ModuleType('tokenmerge')
-package.__path__ = list(spec.submodule_search_locations)
-sys.modules['tokenmerge'] = package
-"""
 
 
-def _heavy_imports_of_help(prelude: str) -> list[str]:
-    script = _HELP_SCRIPT.format(prelude=prelude, heavy=HEAVY)
+def _heavy_imports_of_help() -> list[str]:
+    script = _HELP_SCRIPT.format(heavy=HEAVY)
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_command_and_its_plugins_import_no_torch_for_help_version_and_parsing():
-    # what cli.py and tokenmerge-bench's command module import themselves, and every configure:
-    # no torch, no model or plotting library (the package's __init__ is left out here; the next
-    # test covers the whole command line)
-    assert _heavy_imports_of_help(_WITHOUT_PACKAGE_INIT) == []
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="tokenmerge/__init__.py imports the library (tokenmerge.extend, tokenmerge.api) and "
-    "with it torch, eagerly: the command's own imports are light (the test above), and "
-    "`tokenmerge --help` drops from ~1.7 s to ~0.15 s once the package's __init__ loads those "
-    "names lazily; then remove this mark",
-)
-def test_tokenmerge_help_imports_no_torch():
-    assert "torch" not in _heavy_imports_of_help("")
+def test_help_version_and_parsing_import_no_torch():
+    # the package's __init__ loads the library's names on first use, cli.py imports the
+    # registry only for `list`, and tokenmerge-bench's command module and every configure stay
+    # light: no torch, no model or plotting library until a command runs
+    assert _heavy_imports_of_help() == []
 
 
 def test_version_names_tokenmerge_and_the_command_plugins_distributions(capsys):
