@@ -6,7 +6,7 @@ pages. Figures of a past study (its plot or samples, dated on its page) are list
 ``STUDIES`` with the page that dates them; ``tests/test_docs_figures.py`` checks that every image
 the docs show is one or the other.
 
-    python benchmarks/docs_figures.py                  # all of them (about 5 minutes, 2 cores)
+    python benchmarks/docs_figures.py                  # all of them (about 8 minutes, 2 cores)
     python benchmarks/docs_figures.py quality-digit-dit-50   # one
     python benchmarks/docs_figures.py --list           # names, files and commands
 
