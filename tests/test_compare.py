@@ -7,7 +7,7 @@ import json
 
 import pytest
 from PIL import Image
-from tiny_pipelines import tiny_stable_diffusion
+from tiny_pipelines import tiny_clip, tiny_stable_diffusion
 
 from tokenmerge.cli import main
 
@@ -55,15 +55,19 @@ def sd_folder(tmp_path_factory):
     return tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
 
 
-def test_pipeline_folder(sd_folder, tmp_path):
+def test_pipeline_folder(sd_folder, tmp_path, capsys):
     out = tmp_path / "sd"
+    clip = tiny_clip(tmp_path / "clip")
     status = _compare(
         "--model", str(sd_folder), "--prompt", "a cat", "--seeds", "0", "1",
         "--strategies", "tome", "--ratios", "0.3", "0.6", "--steps", "2", "--size", "64",
-        "--set", "sites.min_tokens=1", "-o", str(out),
+        "--set", "sites.min_tokens=1", "--clip-model", str(clip), "-o", str(out),
     )  # fmt: skip
     assert status == 0
+    assert f"CLIP score: {clip}" in capsys.readouterr().out
     results = _results(out)
+    # every image, unmerged included, scored against its prompt
+    assert all(0 <= c["clip_score"] <= 100 for c in results["configurations"])
     assert [c["label"] for c in results["configurations"]] == ["none", "tome 0.3", "tome 0.6"]
     assert results["rows"] == ["a cat / seed 0", "a cat / seed 1"]
     assert all("recognised" not in c for c in results["configurations"])
@@ -103,3 +107,15 @@ def test_output_that_is_a_file_is_refused(tmp_path, capsys):
     target.write_text("")
     assert _compare("--model", "digit-dit", "--steps", "1", "-o", str(target)) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_clip_score_without_its_model_on_disk_says_how_to_get_it(sd_folder, tmp_path, capsys):
+    status = _compare(
+        "--model", str(sd_folder), "--prompt", "a cat", "--seeds", "0", "--strategies", "tome",
+        "--steps", "1", "--size", "64", "--set", "sites.min_tokens=1",
+        "--clip-model", str(tmp_path / "no-clip-here"), "-o", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "CLIP score: off" in printed and "--clip-model PATH" in printed
+    assert all(c["clip_score"] is None for c in _results(tmp_path / "out")["configurations"])

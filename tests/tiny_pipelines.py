@@ -162,3 +162,18 @@ def tiny_flux(folder: Path) -> Path:
 
     _seeded(build).save_pretrained(folder)
     return folder
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIP model and its processor (the character-level tokenizer, 32 px
+    images), saved for ``CLIPModel.from_pretrained`` / ``CLIPProcessor.from_pretrained``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    text = _clip_text().config.to_dict()
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                  num_hidden_layers=1, num_attention_heads=4)  # fmt: skip
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    _seeded(lambda: CLIPModel(config)).save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=_tokenizer()).save_pretrained(folder)
+    return folder

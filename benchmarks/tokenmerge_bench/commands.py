@@ -584,6 +584,12 @@ def _configure_compare(compare: argparse.ArgumentParser) -> None:
         "index.html and results.json (default: tokenmerge-compare in the current folder)",
     )  # fmt: skip
     compare.add_argument(
+        "--clip-model", metavar="NAME_OR_PATH",
+        help="the CLIP model of the CLIP score, from disk only: a Hugging Face name in the local "
+        "cache or a folder saved with save_pretrained (default openai/clip-vit-base-patch32; "
+        "pipelines only)",
+    )  # fmt: skip
+    compare.add_argument(
         "--no-progress", action="store_true", help="no progress on stderr"
     )  # fmt: skip
 
@@ -617,6 +623,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         overrides=overrides,
+        **({"clip_model": args.clip_model} if args.clip_model else {}),
     )
     columns, rows, notes = compare(settings, progress=not args.no_progress)
     print(format_table(columns))

@@ -4,8 +4,10 @@ For every (prompt, seed) the unmerged model generates first, then each strategy 
 from the same starting noise; the images go into one grid (a row per prompt and seed, a column
 per configuration), and each configuration gets its seconds per image and its distance to the
 unmerged images: PSNR and SSIM (scikit-image, no weights needed), and LPIPS where the ``lpips``
-package and its AlexNet weights are on disk already (nothing is downloaded). The digit denoisers
-also report how many of their digits the bundled judge recognises.
+package and its AlexNet weights are on disk already (nothing is downloaded). Pipelines also get
+the CLIP score of every image against its prompt (how well the image still shows what was asked,
+unmerged included) where a CLIP model is on disk; the digit denoisers report how many of their
+digits the bundled judge recognises.
 
 Two kinds of model:
 
@@ -47,6 +49,8 @@ LPIPS_OFF = (
     "lpips, then run it once where it can download, or copy alexnet-owt-7be5be79.pth into "
     "torch.hub.get_dir()/checkpoints)"
 )
+#: the CLIP model the score uses by default (the one torchmetrics' CLIPScore defaults to)
+CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class CompareSettings:
         device: torch device.
         dtype: model dtype name (``float32``, ``float16``, ``bfloat16``).
         overrides: config fields every variant gets.
+        clip_model: the CLIP model of the CLIP score (a Hugging Face name in the local cache, or
+            a folder saved with ``save_pretrained``); pipelines only.
     """
 
     model: str
@@ -78,6 +84,7 @@ class CompareSettings:
     device: str = "cpu"
     dtype: str = "float32"
     overrides: dict[str, Any] = field(default_factory=dict)
+    clip_model: str = CLIP_MODEL
 
 
 @dataclass
@@ -91,6 +98,7 @@ class Column:
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     lpips: list[float] = field(default_factory=list)
+    clip_score: list[float] = field(default_factory=list)
     recognised: list[bool] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -103,7 +111,7 @@ class Column:
             "seconds_min": min(seconds),
             "seconds_max": max(seconds),
         }
-        for name in ("psnr", "ssim", "lpips"):
+        for name in ("psnr", "ssim", "lpips", "clip_score"):
             values = getattr(self, name)
             finite = [v for v in values if math.isfinite(v)]
             # PSNR is infinite for an image equal to the unmerged one: the mean of the others
@@ -246,6 +254,34 @@ def _lpips_metric() -> Callable[[np.ndarray, np.ndarray], float] | None:
     return distance
 
 
+def _clip_score_metric(name: str) -> tuple[Callable[[np.ndarray, str], float] | None, str]:
+    """CLIP score (100 x the cosine of image and prompt embeddings, at least 0) with the CLIP
+    model ``name`` when it is on disk, else None; and a note saying which model, or how to get
+    it."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(name, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):  # not in the cache, no such folder, or not a valid name
+        return None, (
+            f"CLIP score: off ({name} is not on disk: run once where it can download, e.g. "
+            f"CLIPModel.from_pretrained({name!r}) and CLIPProcessor.from_pretrained({name!r}), "
+            "or give a saved folder with --clip-model PATH)"
+        )
+
+    def score(image: np.ndarray, prompt: str) -> float:
+        pixels = (np.asarray(image) * 255).round().astype(np.uint8)
+        inputs = processor(text=[prompt], images=[pixels], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model(**inputs)
+        image_embeds = torch.nn.functional.normalize(out.image_embeds, dim=-1)
+        text_embeds = torch.nn.functional.normalize(out.text_embeds, dim=-1)
+        return max(100.0 * float((image_embeds * text_embeds).sum()), 0.0)
+
+    return score, f"CLIP score: {name}"
+
+
 def _psnr_ssim(reference: np.ndarray, image: np.ndarray) -> tuple[float, float]:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -302,6 +338,12 @@ def _compare(
     generator = _generator(settings, progress)
     lpips_distance = _lpips_metric()
     notes = [] if lpips_distance is not None else [LPIPS_OFF]
+    clip_score = None
+    if settings.model in DIGIT_MODELS:
+        notes.append("CLIP score: not for the digit models (their prompts are class labels)")
+    else:
+        clip_score, note = _clip_score_metric(settings.clip_model)
+        notes.append(note)
     columns = [Column("none", None)] + [Column(label, c.model_dump()) for label, c in configs]
     rows = [(prompt, seed) for prompt in settings.prompts for seed in settings.seeds]
     bar.start(len(rows) * len(columns) + 1, unit="image")
@@ -332,6 +374,8 @@ def _compare(
             column.ssim.append(ssim)
             if lpips_distance is not None:
                 column.lpips.append(lpips_distance(reference, image))
+            if clip_score is not None:
+                column.clip_score.append(clip_score(image, prompt))
             judged = generator.recognised(prompt, image)
             if judged is not None:
                 column.recognised.append(judged)
@@ -352,7 +396,7 @@ def _skip_reason(handle: tokenmerge.Handle) -> str:
 
 
 #: the columns of the text table and the HTML table
-HEADER = ("config", "s / image", "min-max", "PSNR dB", "SSIM", "LPIPS", "recognised")
+HEADER = ("config", "s / image", "min-max", "PSNR dB", "SSIM", "LPIPS", "CLIP", "recognised")
 
 
 def _cells(column: Column) -> list[str]:
@@ -364,6 +408,7 @@ def _cells(column: Column) -> list[str]:
         _number(s["psnr"], ".2f"),
         _number(s["ssim"], ".4f"),
         _number(s["lpips"], ".4f"),
+        _number(s["clip_score"], ".2f"),
         _number(s.get("recognised"), ".0%"),
     ]
 
@@ -465,7 +510,7 @@ def _html(settings: CompareSettings, columns: list[Column], notes: list[str], gr
         f"<p>{len(settings.prompts)} prompt(s) x {len(settings.seeds)} seed(s), "
         f"{settings.steps} steps, on {html.escape(settings.device)} ({settings.dtype}). "
         "PSNR, SSIM and LPIPS compare each image with the unmerged model's image of the same "
-        "prompt and seed.</p>"
+        "prompt and seed; the CLIP score, each image with its prompt.</p>"
         f"<table><tr>{cells}</tr>{''.join(body)}</table>"
         + (f"<ul>{note_items}</ul>" if notes else "")
         + f"<p><img src='{html.escape(grid)}' alt='image grid: a row per prompt and seed, a "
