@@ -14,17 +14,28 @@ a head count), checked against the module's own output at every fit
 ``stats()`` shows None.
 
 Its options (``GenericOptions``): the grid is ``grid=(h, w)`` when given, else square when the
-image-token count is a perfect square, else ``1 x N``. Without ``timestep_arg`` every call of the
-model is a new generation (no plan reuse across calls); with it, plans are cached across
-denoising steps like in the diffusion adapters.
+image-token count is a perfect square, else ``1 x N``. The protected prefix tokens (``num_prefix``)
+are, by default, the fewest (at most 8) that leave a square grid behind them: the class and
+register tokens of a ViT-like model. Without ``timestep_arg`` every call of the model is a new
+generation (no plan reuse across calls); with it, plans are cached across denoising steps like in
+the diffusion adapters.
+
+The adapter protects the model from what it cannot merge. A call about to merge whose other
+arguments have the token axis's length (a rotary table, an attention mask or bias: they cannot
+follow the merge) is refused with an ``InputError`` naming the argument, unless
+``full_length_args`` names it (keys and values the module attends to may stay whole). A site
+that merges nothing in a whole forward (input not ``(B, N, C)``, fewer tokens than
+``sites.min_tokens``...) is reported once, as a ``NothingMergedWarning``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -34,8 +45,8 @@ from torch.utils.hooks import RemovableHandle
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.config import MergeConfig
-from tokenmerge.errors import InputError, NoSitesError
-from tokenmerge.patch import SitePatch
+from tokenmerge.errors import InputError, NoSitesError, NothingMergedWarning
+from tokenmerge.patch import EMPTY_BATCH, SitePatch
 from tokenmerge.site import Site, TokenLayout
 
 __all__ = ["GenericAdapter", "GenericOptions"]
@@ -57,10 +68,18 @@ class GenericOptions(AdapterOptions):
             "count is a perfect square, else 1 x N."
         ),
     )
-    num_prefix: Annotated[int, Field(strict=True, ge=0)] = Field(
-        default=0,
+    num_prefix: int | Literal["auto"] = Field(
+        default="auto",
         description=(
-            "Protected tokens before the image tokens (a class token...), never merged. Default 0."
+            "Protected tokens before the image tokens (class, register tokens), never merged. "
+            "Default 'auto': the fewest, at most 8, that leave a square grid (or the grid given)."
+        ),
+    )
+    full_length_args: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Arguments of the merged modules (names) that may keep the full token length, such "
+            "as keys and values they attend to. Any other such argument is refused. Default ()."
         ),
     )
     timestep_arg: str | int | None = Field(
@@ -70,6 +89,17 @@ class GenericOptions(AdapterOptions):
             "positional index. Default None: no timestep, every call a new generation."
         ),
     )
+
+    @field_validator("num_prefix", mode="before")
+    @classmethod
+    def _prefix_is_auto_or_a_count(cls, value: Any) -> Any:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        ):
+            return value
+        raise ValueError(
+            f"num_prefix must be 'auto' or a whole number of tokens, 0 or more; got {value!r}"
+        )
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -109,6 +139,7 @@ class GenericAdapter(Adapter):
         # read on every call: plain attributes
         self.grid = self.options.grid
         self.num_prefix = self.options.num_prefix
+        self.full_length_args = frozenset(self.options.full_length_args)
         self.timestep_arg = self.options.timestep_arg
 
     @classmethod
@@ -141,11 +172,13 @@ class GenericAdapter(Adapter):
                 f"site {site.name!r}: the generic adapter needs (batch, tokens, channels) "
                 f"hidden states; got shape {tuple(hidden_states.shape)}"
             )
-        n = hidden_states.shape[1] - self.num_prefix
+        total = hidden_states.shape[1]
+        prefix = self._prefix(total)
+        n = total - prefix
         if n < 0:
             raise InputError(
-                f"site {site.name!r}: adapter_options['num_prefix'] is {self.num_prefix}, but "
-                f"the module received only {hidden_states.shape[1]} tokens; num_prefix counts "
+                f"site {site.name!r}: adapter_options['num_prefix'] is {prefix}, but "
+                f"the module received only {total} tokens; num_prefix counts "
                 "the protected tokens in front of the image tokens, so it must not exceed the "
                 "token count: fix adapter_options['num_prefix'] (or the include globs, if this "
                 "module is not the one you meant)"
@@ -154,20 +187,71 @@ class GenericAdapter(Adapter):
             if self.grid[0] * self.grid[1] != n:
                 raise InputError(
                     f"site {site.name!r}: grid {self.grid} holds {self.grid[0] * self.grid[1]} "
-                    f"tokens but the module received {n} image tokens (after {self.num_prefix} "
+                    f"tokens but the module received {n} image tokens (after {prefix} "
                     "prefix tokens); fix adapter_options['grid'] or ['num_prefix']"
                 )
-            return TokenLayout(self.grid, self.num_prefix)
+            return TokenLayout(self.grid, prefix)
         side = math.isqrt(n)
         grid = (side, side) if side * side == n else (1, n)
-        return TokenLayout(grid, self.num_prefix)
+        return TokenLayout(grid, prefix)
+
+    def _prefix(self, total: int) -> int:
+        """``num_prefix``, or what ``"auto"`` finds for ``total`` tokens."""
+        if self.num_prefix != "auto":
+            return self.num_prefix
+        if self.grid is not None:  # the tokens in front of the grid, if that is few enough
+            extra = total - self.grid[0] * self.grid[1]
+            return extra if 0 <= extra <= MAX_AUTO_PREFIX else 0
+        for prefix in range(min(MAX_AUTO_PREFIX, total - 4) + 1):
+            side = math.isqrt(total - prefix)
+            if side * side == total - prefix:
+                return prefix
+        return 0
 
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         handles: list[RemovableHandle] = []
         for kind, module in modules.items():
             correction = value_correction(patch, kind, module)
-            handles += patch.attach_local(module, correction=correction)
+            check = self.refuse_full_length_arguments
+            handles += patch.attach_local(module, correction=correction, check=check)
         return handles
+
+    def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
+        watch = _NothingMerged(patches)
+        return [
+            root.register_forward_pre_hook(watch.before),
+            root.register_forward_hook(watch.after),
+        ]
+
+    def refuse_full_length_arguments(
+        self, module: nn.Module, x: Tensor, args: tuple, kwargs: dict
+    ) -> None:
+        """Raise ``InputError`` when a call about to merge takes another tensor with the token
+        axis's length (not ``x`` itself, nor an argument named in ``full_length_args``): it
+        could not follow the merge, and the model would fail on it or silently misuse it."""
+        length, batch = x.shape[1], x.shape[0]
+        others = [(i, value) for i, value in enumerate(args[1:], 1)]
+        others += [(name, value) for name, value in kwargs.items() if name != "hidden_states"]
+        for where, value in others:
+            if not isinstance(value, Tensor) or value is x or value.dim() == 0:
+                continue
+            if value.dim() == 1 and value.shape[0] == batch:
+                continue  # one value per batch row (a timestep, say)
+            dims = value.shape[1:] if value.dim() > 1 and value.shape[0] == batch else value.shape
+            if length not in dims:
+                continue
+            name = _argument_name(module, where)
+            if name in self.full_length_args:
+                continue
+            raise InputError(
+                f"{type(module).__name__} was called with {name}={_shape(value)}, which has the "
+                f"length of the token axis ({length} tokens); the generic adapter shrinks only "
+                "the hidden states, so this argument (a rotary table, an attention mask or "
+                "bias?) would no longer match them. Merge around a module that takes only the "
+                "tokens (its MLP, say) or use an adapter that knows this model; if the module "
+                f"may see {name!r} whole (keys and values it attends to), allow it with "
+                f"adapter_options={{'full_length_args': [{name!r}]}}"
+            )
 
     def timestep(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         where = self.timestep_arg
@@ -187,6 +271,62 @@ class GenericAdapter(Adapter):
             "a tensor. Point timestep_arg at the model's timestep argument (a keyword name or a "
             "positional index), or leave it None (every call is then a new generation)"
         )
+
+
+#: the most prefix tokens ``num_prefix="auto"`` protects (a class, a distillation and registers)
+MAX_AUTO_PREFIX = 8
+
+
+def _argument_name(module: nn.Module, where: int | str) -> str:
+    """The parameter name of ``module.forward``'s argument ``where`` (a position or a name)."""
+    if isinstance(where, str):
+        return where
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional[where].name if where < len(positional) else f"positional argument {where}"
+
+
+def _shape(value: Tensor) -> str:
+    return f"<tensor of shape {tuple(value.shape)}>"
+
+
+class _NothingMerged:
+    """Warns once per site when it merged nothing in a whole forward of the model (the root's
+    pre- and post-hooks; a class, so ``copy.deepcopy`` copies it)."""
+
+    def __init__(self, patches: list[SitePatch]) -> None:
+        self.patches = patches
+        self.warned: set[str] = set()
+        self.before_counts: list[tuple[int, int]] = []
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        self.before_counts = [patch.eager_call_counts() for patch in self.patches]
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        for patch, (planned, passed) in zip(self.patches, self.before_counts, strict=False):
+            if patch.site.name in self.warned:
+                continue
+            now_planned, now_passed = patch.eager_call_counts()
+            if now_planned == planned and now_passed == passed:
+                continue  # not called in this forward (or compiled: counted elsewhere)
+            skipped, pass_reason = patch.skip_reasons()
+            if now_planned == planned and pass_reason != EMPTY_BATCH:
+                reason = f"every call was passed through ({pass_reason})"
+            elif now_planned != planned and skipped is not None and now_passed == passed:
+                reason = skipped
+            else:
+                continue  # merged, or an empty batch: nothing to merge there
+            self.warned.add(patch.site.name)
+            warnings.warn(
+                f"site {patch.site.name!r} merged nothing in this forward: {reason}. Merge "
+                "around modules that take (batch, tokens, channels) with enough tokens, or lower "
+                "sites.min_tokens; stats() counts every such call (reported once per site)",
+                NothingMergedWarning,
+                stacklevel=2,
+            )
 
 
 def _shorten(value: Any) -> str:

@@ -11,6 +11,7 @@ import copy
 import math
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from tokenmerge import (
 )
 from tokenmerge.adapter import SiteCandidate
 from tokenmerge.adapters.generic import GenericAdapter
+from tokenmerge.errors import NothingMergedWarning
 from tokenmerge.extend import AdapterSpec
 from tokenmerge.site import Site
 from tokenmerge.testing import ADAPTER_CHECKS
@@ -288,7 +290,11 @@ def test_stats_skipped_below_min_tokens(strategy: str) -> None:
         expected = model(x)
     handle = patch(model, strategy, sites={"min_tokens": N + 1})
     with torch.no_grad():
-        assert torch.equal(model(x), expected)
+        with pytest.warns(NothingMergedWarning, match="merged nothing in this forward: .*min_tok"):
+            assert torch.equal(model(x), expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x)  # reported once per site
     stats = handle.stats()["blocks.0.attn"]
     assert stats.skipped is not None and "min_tokens" in stats.skipped
     assert stats.tokens_out == stats.tokens_in == N + 1

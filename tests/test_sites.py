@@ -241,15 +241,19 @@ def test_unknown_option_lists_the_allowed_ones_and_close_matches():
                          adapter_options={"num_prefx": 1})  # fmt: skip
     message = str(info.value)
     assert "options of adapter 'generic'" in message
-    assert "num_prefx: unknown option; allowed options: grid, num_prefix, timestep_arg" in message
+    assert (
+        "num_prefx: unknown option; allowed options: grid, num_prefix, full_length_args, "
+        "timestep_arg" in message
+    )
     assert "did you mean 'num_prefix'?" in message
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"num_prefix": -1}, "num_prefix: Input should be greater than or equal to 0"),
-        ({"num_prefix": True}, "num_prefix: Input should be a valid integer"),
+        ({"num_prefix": -1}, "num_prefix must be 'auto' or a whole number of tokens"),
+        ({"num_prefix": True}, "num_prefix must be 'auto' or a whole number .* got True"),
+        ({"num_prefix": "all"}, "num_prefix must be 'auto' or a whole number .* got 'all'"),
         ({"grid": (0, 4)}, "grid must be \\(height, width\\)"),
     ],
 )

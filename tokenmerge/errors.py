@@ -89,6 +89,11 @@ class RatioWarning(TokenMergeWarning):
     """A ratio that merges more than a model is known to take without a clear loss."""
 
 
+class NothingMergedWarning(TokenMergeWarning):
+    """A site merged nothing in a whole forward (its input was not tokens it can merge, or too
+    few of them); warned once per site."""
+
+
 class CompiledModelWarning(TokenMergeWarning):
     """``apply`` was handed a ``torch.compile``'d module and patched the module it wraps: a
     graph compiled before the patch does not see it."""

@@ -50,6 +50,9 @@ LayoutFn = Callable[[Site, Tensor], "TokenLayout | None"]
 Guard = Callable[[tuple, dict], "str | None"]
 #: ``(plan, kwargs) -> kwargs`` of a merged call (positional tables reduced to the kept rows...)
 Adjust = Callable[[Plan, dict], dict]
+#: ``(module, hidden_states, args, kwargs)`` of a call about to be merged: raises ``InputError``
+#: to refuse it (an argument that cannot follow the merge)
+Check = Callable[[nn.Module, Tensor, tuple, dict], None]
 
 T = TypeVar("T")
 
@@ -210,6 +213,16 @@ class SitePatch:
         mean = float(torch.stack(fitted).nanmean()) if fitted else float("nan")
         beta = None if math.isnan(mean) else round(mean, 4)
         return replace(self._info, **counters, value_correction=beta)
+
+    def eager_call_counts(self) -> tuple[int, int]:
+        """``(planned, passed_through)``: the eager calls so far that got a plan (merging or
+        skipped) and those passed through untouched; a free read (compiled calls count in a
+        tensor, read by ``stats``)."""
+        return self._counts[_CALLS], self._counts[_PASSED]
+
+    def skip_reasons(self) -> tuple[str | None, str | None]:
+        """``(skipped, pass_reason)`` of ``stats``, read without its counters (no device read)."""
+        return self._info.skipped, self._info.pass_reason
 
     @property
     def last_plan(self) -> Plan | None:
@@ -442,6 +455,7 @@ class SitePatch:
         correction: ValueCorrection | None = None,
         bias: SizeBias | None = None,
         keys_values: str | None = None,
+        check: Check | None = None,
     ) -> list[RemovableHandle]:
         """Merge ``module``'s hidden states before its forward and unmerge its output after.
 
@@ -457,10 +471,11 @@ class SitePatch:
         (``tokenmerge.proportional``). ``keys_values``, when given, is the keyword by which the
         module takes the tokens its keys and values come from (diffusers attention's
         ``encoder_hidden_states``): the merged tokens go there, the hidden states stay whole
-        (every query) and nothing is unmerged (``MergeConfig.keys_values``).
+        (every query) and nothing is unmerged (``MergeConfig.keys_values``). ``check``, when
+        given, sees every call about to merge and may refuse it with an ``InputError``.
         """
         hook = _LocalHook(
-            self, arg_name, guard, adjust, correction, bias, self.new_target(), keys_values
+            self, arg_name, guard, adjust, correction, bias, self.new_target(), keys_values, check
         )
         if correction is not None:
             self.report_correction(correction)
@@ -510,6 +525,7 @@ class _LocalHook:
         bias: SizeBias | None = None,
         target: int = 1,
         keys_values: str | None = None,
+        check: Check | None = None,
     ) -> None:
         self.patch = patch
         self.arg_name = arg_name
@@ -520,6 +536,7 @@ class _LocalHook:
         self.bias = bias
         self.target = target
         self.keys_values = keys_values
+        self.check = check
         #: per thread: the call's plan, with its ``(x, merged, call)`` when a correction needs
         #: them
         self.slots = PerThread(list)
@@ -559,6 +576,8 @@ class _LocalHook:
         if plan is None or plan.is_identity:
             slot.append((plan, None))
             return None
+        if self.check is not None:
+            self.check(module, x, args, kwargs)
         if self.correction is None:
             merged, sources = self.patch.observed("merge", plan.merge, x), None
         else:
