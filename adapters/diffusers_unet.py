@@ -113,6 +113,27 @@ class DiffusersUNetAdapter(Adapter):
         unet = _diffusers()[4]
         return isinstance(model, unet) or isinstance(getattr(model, "unet", None), unet)
 
+    @classmethod
+    def refusal(cls, model: Any) -> str | None:
+        model = getattr(model, "unet", model)
+        name = type(model).__name__
+        if name == "UNet2DModel":
+            return (
+                "its attention (diffusers' AttnDownBlock2D / AttnUpBlock2D) takes (batch, "
+                "channels, height, width) feature maps and adds its residual inside the "
+                "attention module, so merging around it would unmerge the residual too and blur "
+                "every merged token; tokenmerge merges UNet2DConditionModel (SD 1.x / 2.x / XL) "
+                "and does not merge this one (the generic adapter would pass every call through "
+                "and warn)"
+            )
+        if name == "UNetSpatioTemporalConditionModel":
+            return (
+                "Stable Video Diffusion's UNet runs temporal attention across frames next to "
+                "its spatial attention, and merging only the spatial attention, frame by frame, "
+                "is not implemented yet; the generic adapter would merge across frames"
+            )
+        return None
+
     def root(self, model: Any) -> nn.Module:
         unet = _diffusers()[4]
         return model if isinstance(model, unet) else model.unet

@@ -1209,3 +1209,36 @@ def test_video_unet_is_not_taken_for_an_image_unet() -> None:
     assert "UNet3DConditionModel" in str(error.value)
     assert "adapter 'diffusers_unet' supports diffusers UNet2DConditionModel" in str(error.value)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in video.modules())
+
+
+@pytest.mark.parametrize(
+    ("model_class", "config", "why"),
+    [
+        (
+            "UNet2DModel",
+            dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                 attention_head_dim=8),
+            "adds its residual inside the attention module",
+        ),
+        (
+            "UNetSpatioTemporalConditionModel",
+            dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                 up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                 cross_attention_dim=32, num_attention_heads=(2, 4),
+                 projection_class_embeddings_input_dim=3 * 8, addition_time_embed_dim=8),
+            "temporal attention across frames",
+        ),
+    ],
+)  # fmt: skip
+def test_unets_it_cannot_merge_are_refused_with_the_reason(model_class, config, why):
+    import diffusers
+
+    model = getattr(diffusers, model_class)(**config)
+    with pytest.raises(tokenmerge.UnsupportedModelError) as info:
+        tokenmerge.apply(model, "retom")
+    message = str(info.value)
+    assert message.startswith(f"{model_class} is not supported: ") and why in message
+    assert "adapter='generic'" not in message  # no fallback that would merge nothing or wrong

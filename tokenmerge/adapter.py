@@ -129,6 +129,13 @@ class Adapter(ABC):
         and constructs only the one it chooses, so keep it cheap and free of side effects.
         """
 
+    @classmethod
+    def refusal(cls, model: Any) -> str | None:
+        """Why this adapter's library has ``model`` but it cannot be merged, when known (the
+        ``UnsupportedModelError`` says so instead of suggesting the generic adapter); default
+        None. Asked only of adapters whose ``supports`` said no, so keep it as cheap."""
+        return None
+
     def root(self, model: Any) -> nn.Module:
         """The module that is patched (a pipeline's denoiser, for instance)."""
         return model

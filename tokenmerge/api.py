@@ -365,6 +365,9 @@ def _choose_adapter(
         cls = spec.load()
         if cls.supports(model):
             return _build(cls, _options(spec, cls, options, deprecated, type(model).__name__))
+        reason = cls.refusal(model)
+        if reason is not None:
+            raise UnsupportedModelError(f"{type(model).__name__} is not supported: {reason}")
     if claimants:
         raise UnsupportedModelError(
             f"{type(model).__module__}.{type(model).__name__} is not supported: "
