@@ -73,8 +73,9 @@ def tokenmerge_register_adapters(register):
             extra="transformers",
             claims=("transformers.",),
             description=(
-                "transformers ViTModel, ViTForImageClassification, CLIPVisionModel, "
-                "CLIPVisionModelWithProjection and CLIPModel (its vision tower)"
+                "transformers vision encoders built like a ViT: ViTModel, "
+                "ViTForImageClassification, DeiT, Dinov2 (with registers), Siglip, "
+                "CLIPVisionModel (with projection) and CLIPModel (its vision tower)"
             ),
         )
     )

@@ -1,5 +1,11 @@
-"""Hugging Face transformers vision transformers: ``ViTModel``, ``ViTForImageClassification``,
-``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` and the vision tower of ``CLIPModel``.
+"""Hugging Face transformers vision encoders built like a ViT, by structure: patch-embedded
+image tokens (a ``Conv2d`` in ``embeddings``), layers the model records hidden states from, each
+with an attention holding ``k_proj`` and an ``mlp``. That covers ``ViTModel``, DeiT, Dinov2 (with
+or without registers), Siglip's vision model, the vision tower of ``CLIPModel`` and their task
+heads (``...ForImageClassification``, reached through ``base_model``). The protected prefix is
+read from the embeddings: class, distillation and register tokens. ViTMAE (random patch
+masking), BEiT and Data2Vec-Vision (relative position biases inside the attention) are refused
+with the reason, windowed models (a ``window_size`` in their config) are not claimed.
 
 Layers are found by class, the one the model records hidden states from
 (``type(model)._can_record_outputs["hidden_states"]``), inside the vision module only: a
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -45,23 +52,61 @@ from tokenmerge.progressive import ArgSpec, TokenCarry
 __all__ = ["TransformersViTAdapter"]
 
 
-def _vision_module(model: Any) -> nn.Module | None:
-    """The module holding the vision layers, or None for an unsupported model."""
-    from transformers import (
-        CLIPModel,
-        CLIPVisionModel,
-        CLIPVisionModelWithProjection,
-        ViTForImageClassification,
-        ViTModel,
-    )
+#: encoders built like a ViT whose tokens cannot be merged, and why
+_REFUSED = {
+    "ViTMAEModel": (
+        "ViTMAE drops and shuffles patches at random before its encoder (config.mask_ratio), so "
+        "the tokens its layers see have no grid to merge on"
+    ),
+    "BeitModel": (
+        "BEiT adds relative position biases inside its attention (not through attention_mask), "
+        "which cannot follow merged tokens"
+    ),
+    "Data2VecVisionModel": (
+        "Data2Vec-Vision is BEiT's architecture: relative position biases inside its attention, "
+        "which cannot follow merged tokens"
+    ),
+}
+#: prefix-token parameters of the embeddings (class, distillation, registers): tokens per row
+_PREFIX_PARAMETERS = ("cls_token", "distillation_token", "register_tokens")
 
-    if isinstance(model, (ViTModel, CLIPVisionModel)):
-        return model
-    if isinstance(model, ViTForImageClassification):
-        return model.vit
+
+def _encoder(model: Any) -> nn.Module | None:
+    """The module holding a transformers vision encoder's embeddings and layers: the model, or
+    the base model under its task head (``...ForImageClassification``)."""
+    from transformers import CLIPModel, CLIPVisionModelWithProjection, PreTrainedModel
+
     if isinstance(model, (CLIPModel, CLIPVisionModelWithProjection)):
         return model.vision_model
-    return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    return model.base_model
+
+
+def _layer_class(encoder: nn.Module) -> type | None:
+    recorded = getattr(type(encoder), "_can_record_outputs", None) or {}
+    layer = recorded.get("hidden_states")
+    return layer if isinstance(layer, type) else None
+
+
+def _patch_projection(encoder: nn.Module) -> nn.Conv2d | None:
+    embeddings = getattr(encoder, "embeddings", None)
+    if not isinstance(embeddings, nn.Module):
+        return None
+    return next((m for m in embeddings.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _vision_module(model: Any) -> nn.Module | None:
+    """The encoder of a model built like a ViT (patch-embedded image tokens, layers that record
+    hidden states), or None."""
+    encoder = _encoder(model)
+    if encoder is None or type(encoder).__name__ in _REFUSED:
+        return None
+    if _layer_class(encoder) is None or _patch_projection(encoder) is None:
+        return None
+    if getattr(encoder.config, "window_size", None) is not None:
+        return None  # windowed, hierarchical attention (Swin...): no single token grid
+    return encoder
 
 
 class TransformersViTAdapter(ViTAdapter):
@@ -74,23 +119,26 @@ class TransformersViTAdapter(ViTAdapter):
 
     name = "transformers_vit"
     supported_names: ClassVar[tuple[str, ...]] = (
-        "transformers ViTModel",
-        "ViTForImageClassification",
-        "CLIPVisionModel",
-        "CLIPVisionModelWithProjection",
-        "CLIPModel (its vision tower)",
+        "transformers vision encoders built like a ViT (ViTModel, DeiT, Dinov2 with or "
+        "without registers, Siglip, CLIP's vision tower...) and their task heads",
     )
 
     @classmethod
     def supports(cls, model: Any) -> bool:
         return _vision_module(model) is not None
 
+    @classmethod
+    def refusal(cls, model: Any) -> str | None:
+        encoder = _encoder(model)
+        return None if encoder is None else _REFUSED.get(type(encoder).__name__)
+
     def root(self, model: Any) -> nn.Module:
         # a CLIPModel is patched in its vision tower: the text tower shares the layer class
         return model.vision_model if type(model).__name__ == "CLIPModel" else model
 
     def find_blocks(self, root: nn.Module) -> list[ViTBlock]:
-        layer_class = type(root)._can_record_outputs["hidden_states"]
+        encoder = _vision_module(root)
+        layer_class = _layer_class(encoder)
         blocks = []
         for name, layer in root.named_modules():
             if not isinstance(layer, layer_class):
@@ -118,11 +166,21 @@ class TransformersViTAdapter(ViTAdapter):
         return blocks
 
     def num_prefix(self, root: nn.Module) -> int:
-        return 1  # the class token
+        # the tokens the embeddings put in front of the patches: a class token (ViT, CLIP,
+        # Dinov2), a distillation token (DeiT), register tokens (Dinov2 with registers); none
+        # in Siglip
+        embeddings = _vision_module(root).embeddings
+        prefix = 0
+        for name in _PREFIX_PARAMETERS:
+            parameter = getattr(embeddings, name, None)
+            if isinstance(parameter, torch.Tensor):
+                prefix += parameter.shape[1] if parameter.dim() == 3 else 1
+        if getattr(embeddings, "class_embedding", None) is not None:
+            prefix += 1  # CLIP's class token: a (hidden,) vector
+        return prefix
 
     def patch_projection(self, root: nn.Module) -> nn.Module:
-        embeddings = _vision_module(root).embeddings
-        return next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))
+        return _patch_projection(_vision_module(root))
 
     def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
         handles = super().attach_model(root, patches)

@@ -39,6 +39,7 @@ from vit_models import (
     outputs,
     pixels,
     text_ids,
+    vision_module,
 )
 
 import tokenmerge
@@ -239,8 +240,10 @@ def test_full_token_set_after_the_last_block() -> None:
 
 
 @pytest.mark.parametrize(
-    "family", ["vit", "deit_distilled", "registers", "registers_avg", "eva02", "hf_vit"]
-)
+    "family",
+    ["vit", "deit_distilled", "registers", "registers_avg", "eva02", "hf_vit", "hf_deit",
+     "dinov2_registers", "siglip_vision"],
+)  # fmt: skip
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_prefix_tokens_never_merge(family: str, strategy: str) -> None:
     fam = FAMILIES[family]
@@ -811,6 +814,40 @@ def test_unsupported_models_are_named() -> None:
     assert hook_count(resnet) == hook_count(text) == 0
 
 
+@pytest.mark.parametrize(
+    ("config_class", "model_class", "why"),
+    [
+        ("ViTMAEConfig", "ViTMAEModel", "drops and shuffles patches at random"),
+        ("BeitConfig", "BeitForImageClassification", "relative position biases"),
+        ("Data2VecVisionConfig", "Data2VecVisionModel", "relative position biases"),
+    ],
+)
+def test_vit_like_encoders_it_cannot_merge_are_refused_with_the_reason(
+    config_class: str, model_class: str, why: str
+) -> None:
+    import transformers
+
+    config = getattr(transformers, config_class)(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=IMG, patch_size=8,
+    )  # fmt: skip
+    model = getattr(transformers, model_class)(config)
+    with pytest.raises(UnsupportedModelError) as info:
+        tokenmerge.apply(model, "tome")
+    message = str(info.value)
+    assert message.startswith(f"{model_class} is not supported: ") and why in message
+    assert hook_count(model) == 0
+
+
+def test_windowed_encoders_are_not_claimed() -> None:
+    from transformers import SwinConfig, SwinModel
+
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                        num_heads=[2, 2], window_size=4)  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="SwinModel is not supported"):
+        tokenmerge.apply(SwinModel(config), "tome")
+
+
 def test_config_errors() -> None:
     model = make_vit()
     with pytest.raises(ConfigError) as info:
@@ -936,6 +973,10 @@ def test_every_family_is_built_as_described() -> None:
         if fam.adapter == "timm_vit":
             assert model.num_prefix_tokens == fam.num_prefix, name
             assert model.patch_embed.grid_size == fam.grid, name
+        else:  # the embeddings put num_prefix tokens in front of the grid's patches
+            with torch.no_grad():
+                embedded = vision_module(model).embeddings(fam.inputs())
+            assert embedded.shape[1] == fam.tokens, name
     assert type(FAMILIES["eva02"].build()).__name__ == "Eva"
     assert FAMILIES["eva02"].build().rope is not None
     assert FAMILIES["deit3"].build().blocks[0].ls1.gamma.shape == (32,)

@@ -22,6 +22,14 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -182,6 +190,32 @@ def make_clip_text() -> nn.Module:
     return _seeded(lambda: CLIPTextModel(clip_text_config()))
 
 
+def _hf_small(config_class: type, **extra: Any) -> Any:
+    """A tiny config of one of the ViT-like transformers encoders (DeiT, Dinov2, Siglip)."""
+    return config_class(
+        hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2, intermediate_size=64,
+        image_size=IMG, patch_size=PATCH, **extra,
+    )  # fmt: skip
+
+
+def make_hf_deit() -> nn.Module:
+    """DeiT with its distillation token, under the classification head with a teacher."""
+    return _seeded(lambda: DeiTForImageClassificationWithTeacher(_hf_small(DeiTConfig)))
+
+
+def make_dinov2() -> nn.Module:
+    return _seeded(lambda: Dinov2Model(_hf_small(Dinov2Config)))
+
+
+def make_dinov2_registers() -> nn.Module:
+    config = _hf_small(Dinov2WithRegistersConfig, num_register_tokens=2)
+    return _seeded(lambda: Dinov2WithRegistersModel(config))
+
+
+def make_siglip_vision() -> nn.Module:
+    return _seeded(lambda: SiglipVisionModel(_hf_small(SiglipVisionConfig)))
+
+
 # ---------------------------------------------------------------------------- inputs
 
 
@@ -253,17 +287,16 @@ class Family:
         """The blocks (layers) of the vision stack, in order."""
         if self.adapter == "timm_vit":
             return list(model.blocks)
-        layers = ("ViTLayer", "CLIPEncoderLayer")
-        return [m for m in vision_module(model).modules() if type(m).__name__ in layers]
+        module = vision_module(model)
+        layer = type(module)._can_record_outputs["hidden_states"]
+        return [m for m in module.modules() if isinstance(m, layer)]
 
 
 def vision_module(model: nn.Module) -> nn.Module:
     """The module holding the vision embeddings and encoder of a transformers model."""
-    if isinstance(model, ViTForImageClassification):
-        return model.vit
     if isinstance(model, (CLIPModel, CLIPVisionModelWithProjection)):
         return model.vision_model
-    return model  # ViTModel, CLIPVisionModel
+    return model.base_model  # ViTModel, DeiT..., or the encoder under a task head
 
 
 def outputs(output: Any) -> tuple[Tensor, ...]:
@@ -290,5 +323,9 @@ FAMILIES: dict[str, Family] = {
         Family("clip_vision", make_clip_vision, "transformers_vit", 1),
         Family("clip_vision_projection", make_clip_vision_projection, "transformers_vit", 1),
         Family("clip", make_clip, "transformers_vit", 1),
+        Family("hf_deit", make_hf_deit, "transformers_vit", 2),
+        Family("dinov2", make_dinov2, "transformers_vit", 1),
+        Family("dinov2_registers", make_dinov2_registers, "transformers_vit", 3),
+        Family("siglip_vision", make_siglip_vision, "transformers_vit", 0),
     )
 }
