@@ -53,6 +53,43 @@ def _model_classes() -> tuple[type, ...]:
     return VisionTransformer, Eva
 
 
+_HIERARCHICAL = (
+    "it is a hierarchical model: its stages change the token grid themselves (downsampling "
+    "between stages; windowed, pooled or linear attention inside them), so there is no single "
+    "token grid through its blocks to merge on; merging inside its windows or stages is not "
+    "implemented"
+)
+#: timm models built from attention that tokenmerge cannot merge, and why
+_REFUSED = {
+    "Beit": (
+        "BEiT adds a relative position bias per pair of tokens inside its attention, which "
+        "cannot follow merged tokens"
+    ),
+    "NaFlexVit": (
+        "NaFlexViT takes a variable number of patches with a patch mask and per-patch "
+        "coordinates; merging them is not implemented yet"
+    ),
+    "VisionTransformerSAM": (
+        "SAM's image encoder runs windowed attention with relative position biases in most "
+        "blocks, which cannot follow merged tokens"
+    ),
+    **{
+        name: _HIERARCHICAL
+        for name in (
+            "SwinTransformer",
+            "SwinTransformerV2",
+            "SwinTransformerV2Cr",
+            "MaxxVit",
+            "PyramidVisionTransformerV2",
+            "Levit",
+            "EfficientVit",
+            "EfficientVitLarge",
+            "EfficientVitMsra",
+        )  # fmt: skip
+    },
+}
+
+
 class TimmViTAdapter(ViTAdapter):
     """timm ``VisionTransformer`` and ``Eva`` models (and their subclasses, such as DeiT's
     distilled model); every block is a site. Progressive mode by default.
@@ -75,6 +112,13 @@ class TimmViTAdapter(ViTAdapter):
     @classmethod
     def supports(cls, model: Any) -> bool:
         return isinstance(model, _model_classes())
+
+    @classmethod
+    def refusal(cls, model: Any) -> str | None:
+        for klass in type(model).__mro__:
+            if klass.__name__ in _REFUSED:
+                return _REFUSED[klass.__name__]
+        return None
 
     def find_blocks(self, root: nn.Module) -> list[ViTBlock]:
         blocks = []
