@@ -101,12 +101,17 @@ class OverheadTimers(Observer):
 
 
 #: what the profiler (kineto, C++) writes straight to file descriptor 2 around a CPU-only
-#: profile: its start / stop markers and stage lines, and on a CUDA build without a GPU its
-#: failed device query. Only these lines are dropped; anything else written meanwhile is kept.
+#: profile: its start / stop markers and stage lines, on a CUDA build without a GPU its failed
+#: device query, and c10's note (once per process) when the profiled call frees memory
+#: allocated before the profile began. Only these lines are dropped; anything else written
+#: meanwhile is kept.
 PROFILER_CHATTER = re.compile(
     r"(USDT|STAGE|ERROR|WARNING):\S+ \S+ \d+:\d+ \w+\.cpp:\d+\] "
     r"(profiler_start|profiler_stop|gpuGetDeviceCount failed with code \d+|Completed Stage: .*"
     r"|CPU trace is empty!|No Valid Trace Events \(CPU/GPU\) found\. Outputting empty trace\.)"
+    r"|\[W\d{4} [\d:.]+ (\d+ )?CPUAllocator\.cpp:\d+\] Memory block of unknown size was "
+    r"allocated before the profiling started, profiler results will not include the "
+    r"deallocation event"
 )
 
 
@@ -150,13 +155,9 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     from torch.profiler import ProfilerActivity, profile
 
     profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with without_profiler_chatter():
-        profiler.__enter__()
-    try:
+    # the whole profile: c10 notes the call's freeing of older memory while it runs
+    with without_profiler_chatter(), profiler:
         fn()
-    finally:
-        with without_profiler_chatter():
-            profiler.__exit__(None, None, None)
     events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
