@@ -49,7 +49,23 @@ def tokenmerge_register_adapters(register):
             requires={"diffusers": "0.42"},
             extra="diffusers",
             claims=("diffusers.",),
-            description="diffusers Flux transformers (FluxTransformer2DModel) and their pipelines",
+            description=(
+                "diffusers Flux transformers (FluxTransformer2DModel, ChromaTransformer2DModel) "
+                "and their pipelines"
+            ),
+        )
+    )
+    register(
+        AdapterSpec(
+            name="diffusers_transformer",
+            target="tokenmerge.adapters.diffusers_transformer:DiffusersTransformerAdapter",
+            requires={"diffusers": "0.42"},
+            extra="diffusers",
+            claims=("diffusers.",),
+            description=(
+                "any other diffusers image or video transformer built from diffusers attention "
+                "modules (Sana, Qwen-Image, Wan, HunyuanVideo, CogVideoX, LTX-Video...)"
+            ),
         )
     )
     register(

@@ -90,7 +90,8 @@ class TargetGuard:
         self.watched = (module, *watched)
         self.keys_values = keys_values  # the merged tokens go in as encoder_hidden_states
 
-    def __call__(self, args: tuple, kwargs: dict) -> str | None:
+    def replaying_hook(self) -> str | None:
+        """Why a diffusers hook on a watched module makes merging unsafe, if one does."""
         # A diffusers cache hook (pyramid attention broadcast, FasterCache...) may hand back an
         # output it stored at an earlier step, made with an earlier plan: unmerging it with this
         # call's plan would mix tokens up, silently. Offloading and casting hooks are harmless.
@@ -98,6 +99,12 @@ class TargetGuard:
             registry = module.__dict__.get("_diffusers_hook")
             if registry is not None and set(getattr(registry, "hooks", ())) - _WEIGHT_ONLY_HOOKS:
                 return "a diffusers hook on the module may replay outputs of earlier steps"
+        return None
+
+    def __call__(self, args: tuple, kwargs: dict) -> str | None:
+        reason = self.replaying_hook()
+        if reason is not None:
+            return reason
         if self.kind == "mlp":
             if getattr(self.block, "_chunk_size", None) is not None:
                 return "MLP run in token chunks (forward chunking)"

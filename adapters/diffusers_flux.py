@@ -1,4 +1,6 @@
-"""The diffusers Flux adapter: ``FluxTransformer2DModel`` (Flux.1 dev / schnell) and its pipelines.
+"""The diffusers Flux adapter: ``FluxTransformer2DModel`` (Flux.1 dev / schnell),
+``ChromaTransformer2DModel`` (Chroma: Flux's blocks and attention, pruned modulation) and their
+pipelines.
 
 Flux runs image tokens through rotary position embeddings, and its rotary table is one
 unbatched ``(text + image tokens, dim)`` pair of cos / sin tables shared by the whole batch. So
@@ -26,12 +28,14 @@ copy's error, which is not linear in the merged-away tokens' offsets.
 Grid: from ``img_ids`` (``[0, row, col]`` per image token, row-major), read by a pre-hook on the
 model; when the ids are not one row-major grid (e.g. Kontext's reference-image tokens), the calls
 pass through unmerged, counted in ``stats()``. Stages: ``"first"`` / ``"middle"`` / ``"last"``
-third of all blocks (double, then single). Calls with IP-Adapter image tokens or an attention
-mask pass through unmerged.
+third of all blocks (double, then single). Calls with IP-Adapter image tokens pass through
+unmerged. An attention mask over the text and image tokens (Chroma's pipeline masks the text
+padding) is reduced with the rotary table.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any
 
@@ -71,10 +75,21 @@ def _classes() -> tuple[type, type, type, type]:
     return FluxTransformer2DModel, FluxTransformerBlock, FluxSingleTransformerBlock, FluxAttention
 
 
+def _chroma() -> tuple[type, type, type]:
+    from diffusers.models.transformers.transformer_chroma import (
+        ChromaSingleTransformerBlock,
+        ChromaTransformer2DModel,
+        ChromaTransformerBlock,
+    )
+
+    return ChromaTransformer2DModel, ChromaTransformerBlock, ChromaSingleTransformerBlock
+
+
 def _check_signatures() -> None:
     from diffusers.models.attention import FeedForward
 
     model, double, single, attention = _classes()
+    chroma, chroma_double, chroma_single = _chroma()
     check_signatures(
         {
             model: (
@@ -86,11 +101,27 @@ def _check_signatures() -> None:
             ),
             double: ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb"),
             single: ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb"),
+            chroma: ("hidden_states", "encoder_hidden_states", "timestep", "img_ids"),
+            chroma_double: ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb"),
+            chroma_single: ("hidden_states", "temb", "image_rotary_emb", "attention_mask"),
             attention: ("hidden_states", "encoder_hidden_states", "attention_mask"),
             FeedForward: ("hidden_states",),
         },
         "Flux",
     )
+
+
+def _block_kind(block: nn.Module) -> str | None:
+    """``"double"`` or ``"single"``: a Flux-built block (FLUX.1's or Chroma's) by what it is
+    made of, a ``FluxAttention`` with the text stream's MLP beside it, or the single-stream
+    body (norm, attention and MLP input projection side by side, one output projection)."""
+    if not isinstance(getattr(block, "attn", None), _classes()[3]):
+        return None
+    if hasattr(block, "ff") and hasattr(block, "ff_context"):
+        return "double"
+    if all(hasattr(block, name) for name in ("norm", "proj_mlp", "proj_out")):
+        return "single"
+    return None
 
 
 class IdsGrid(GridHook):
@@ -146,19 +177,28 @@ def _grid_of(ids: Tensor) -> tuple[int, int] | None:
 
 
 def gather_rotary(plan: Plan, kwargs: dict) -> dict:
-    """The call's keyword arguments with the rotary table reduced to the rows of the tokens the
-    batch-shared ``plan`` keeps (text rows, which come first and never merge, all kept)."""
+    """The call's keyword arguments with the rotary table, and the attention mask where there
+    is one (Chroma's, over text then image tokens on both axes), reduced to the rows of the
+    tokens the batch-shared ``plan`` keeps (text rows, which come first and never merge, all
+    kept)."""
     table = kwargs.get("image_rotary_emb")
     if table is None:
         return kwargs
     first = table[0] if isinstance(table, (tuple, list)) else table
-    extra = first.shape[0] - plan.num_tokens  # text tokens not in the merged tensor
+    length = first.shape[0]  # text and image tokens
+    extra = length - plan.num_tokens  # text tokens not in the merged tensor
     key = ("rotary rows", extra, first.device)
     rows = plan.derived(key, lambda: _rotary_rows(plan, extra).to(first.device))
     if isinstance(table, (tuple, list)):
         table = type(table)(part.index_select(0, rows) for part in table)
     else:
         table = table.index_select(0, rows)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor):
+        for axis in range(mask.dim()):
+            if mask.shape[axis] == length:
+                mask = mask.index_select(axis, rows)
+        return {**kwargs, "image_rotary_emb": table, "attention_mask": mask}
     return {**kwargs, "image_rotary_emb": table}
 
 
@@ -171,10 +211,11 @@ def _rotary_rows(plan: Plan, extra: int) -> Tensor:
 
 
 class RotaryGuard(TargetGuard):
-    """A ``TargetGuard`` that also passes through what the rotary gathering cannot handle."""
+    """A ``TargetGuard`` that also passes through what the rotary gathering cannot handle; an
+    attention mask over the table's text and image tokens is reduced with the table."""
 
     def __call__(self, args: tuple, kwargs: dict) -> str | None:
-        reason = super().__call__(args, kwargs)
+        reason = self.replaying_hook()
         if reason is not None:
             return reason
         if kwargs.get("ip_hidden_states") is not None:
@@ -183,16 +224,10 @@ class RotaryGuard(TargetGuard):
         parts = table if isinstance(table, (tuple, list)) else [table]
         if table is not None and not all(isinstance(t, Tensor) and t.dim() == 2 for t in parts):
             return "a rotary table that is not one unbatched (tokens, dim) table"
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if mask is not None and (table is None or parts[0].shape[0] not in mask.shape):
+            return "an attention mask that does not run over the rotary table's tokens"
         return None
-
-
-_SINGLE_BLOCK_ARGS = (
-    "hidden_states",
-    "encoder_hidden_states",
-    "temb",
-    "image_rotary_emb",
-    "joint_attention_kwargs",
-)
 
 
 def _size_bias(patch: SitePatch, context: str | None = None) -> SizeBias | None:
@@ -221,6 +256,7 @@ class SingleBlockBody:
         # if it does, and the merged call's input, merged input and attention arguments, for the
         # correction
         self.calls = PerThread(_body_call)
+        self.arguments = [p for p in inspect.signature(type(block).forward).parameters][1:]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "calls": PerThread(_body_call)}
@@ -235,8 +271,12 @@ class SingleBlockBody:
 
     def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # the guard reads the attention's arguments, which only the block sees before the merge
-        given = {**dict(zip(_SINGLE_BLOCK_ARGS, args, strict=False)), **kwargs}
-        reason = self.guard((), {**(given.get("joint_attention_kwargs") or {}), **given})
+        given = {**dict(zip(self.arguments, args, strict=False)), **kwargs}
+        attention = {**(given.get("joint_attention_kwargs") or {}), **given}
+        mask = attention.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:  # the block makes it (B, 1, L, L)
+            attention["attention_mask"] = mask[:, None, None, :]
+        reason = self.guard((), attention)
         self.calls.value.reason = reason
 
     def merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -338,10 +378,9 @@ class DiffusersFluxAdapter(TransformerAdapter):
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:
-        return (_classes()[0],)
+        return _classes()[0], _chroma()[0]
 
     def candidates(self, root: nn.Module) -> list[SiteCandidate]:
-        _, double, single, _ = _classes()
         self.watch_root(root, IdsGrid(parameter_index(type(root), "img_ids")))
         named = [(f"transformer_blocks.{i}", b) for i, b in enumerate(root.transformer_blocks)]
         named += [
@@ -350,9 +389,10 @@ class DiffusersFluxAdapter(TransformerAdapter):
         ]
         found = []
         for index, (name, block) in enumerate(named):
-            if isinstance(block, double):
+            kind = _block_kind(block)
+            if kind == "double":
                 modules = {"attn": block.attn, "mlp": block.ff}
-            elif isinstance(block, single):
+            elif kind == "single":
                 modules = {"attn": block.attn, "mlp": block.proj_mlp}
             else:
                 continue
@@ -364,7 +404,7 @@ class DiffusersFluxAdapter(TransformerAdapter):
 
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         block, handles = self.attach_block(patch)
-        single = isinstance(block, _classes()[2])
+        single = _block_kind(block) == "single"
         if single and set(modules) == {"attn", "mlp"}:
             return handles + SingleBlockBody(patch, block).attach(block)
         for kind, module in modules.items():

@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -45,8 +44,9 @@ from torch.utils.hooks import RemovableHandle
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.config import MergeConfig
-from tokenmerge.errors import InputError, NoSitesError, NothingMergedWarning
-from tokenmerge.patch import EMPTY_BATCH, SitePatch
+from tokenmerge.errors import InputError, NoSitesError
+from tokenmerge.nothing_merged import NothingMergedWatch
+from tokenmerge.patch import SitePatch
 from tokenmerge.site import Site, TokenLayout
 
 __all__ = ["GenericAdapter", "GenericOptions"]
@@ -132,6 +132,7 @@ class GenericAdapter(Adapter):
     """
 
     name = "generic"
+    watches_sites = True
     options_class: ClassVar[type[AdapterOptions]] = GenericOptions
 
     def __init__(self, options: GenericOptions | None = None) -> None:
@@ -217,11 +218,7 @@ class GenericAdapter(Adapter):
         return handles
 
     def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
-        watch = _NothingMerged(patches)
-        return [
-            root.register_forward_pre_hook(watch.before),
-            root.register_forward_hook(watch.after),
-        ]
+        return NothingMergedWatch(patches, per_site=True).attach(root)
 
     def refuse_full_length_arguments(
         self, module: nn.Module, x: Tensor, args: tuple, kwargs: dict
@@ -291,46 +288,6 @@ def _argument_name(module: nn.Module, where: int | str) -> str:
 
 def _shape(value: Tensor) -> str:
     return f"<tensor of shape {tuple(value.shape)}>"
-
-
-class _NothingMerged:
-    """Warns once per site when it merged nothing in a whole forward of the model (the root's
-    pre- and post-hooks; a class, so ``copy.deepcopy`` copies it)."""
-
-    def __init__(self, patches: list[SitePatch]) -> None:
-        self.patches = patches
-        self.warned: set[str] = set()
-        self.before_counts: list[tuple[int, int]] = []
-
-    def before(self, module: nn.Module, args: tuple) -> None:
-        if torch.compiler.is_compiling():  # compiled calls count in a tensor: eager only
-            return
-        self.before_counts = [patch.eager_call_counts() for patch in self.patches]
-
-    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
-        for patch, (planned, passed) in zip(self.patches, self.before_counts, strict=False):
-            if patch.site.name in self.warned:
-                continue
-            now_planned, now_passed = patch.eager_call_counts()
-            if now_planned == planned and now_passed == passed:
-                continue  # not called in this forward (or compiled: counted elsewhere)
-            skipped, pass_reason = patch.skip_reasons()
-            if now_planned == planned and pass_reason != EMPTY_BATCH:
-                reason = f"every call was passed through ({pass_reason})"
-            elif now_planned != planned and skipped is not None and now_passed == passed:
-                reason = skipped
-            else:
-                continue  # merged, or an empty batch: nothing to merge there
-            self.warned.add(patch.site.name)
-            warnings.warn(
-                f"site {patch.site.name!r} merged nothing in this forward: {reason}. Merge "
-                "around modules that take (batch, tokens, channels) with enough tokens, or lower "
-                "sites.min_tokens; stats() counts every such call (reported once per site)",
-                NothingMergedWarning,
-                stacklevel=2,
-            )
 
 
 def _shorten(value: Any) -> str:

@@ -275,14 +275,7 @@ def make_flux(
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),  # must sum to the head dim
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_scheduler()
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=tiny_vae(16, seed=seed, scaling_factor=0.3611, shift_factor=0.1159),
@@ -413,3 +406,15 @@ def _run_dit(
         hook.remove()
     (latents,) = received
     return latents * pipe.vae.config.scaling_factor
+
+
+def flux_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler: flow matching, shifted by image size."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )

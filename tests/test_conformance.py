@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
+from diffusers_zoo import ZOO, output_of
 from pydantic import ConfigDict, Field
 from torch import nn
 from toy_models import Attention
@@ -98,6 +99,14 @@ def run_transformer(family: str) -> Callable[[nn.Module], Any]:
     return lambda model: model(**kwargs)
 
 
+def run_zoo(name: str) -> Callable[[nn.Module], Any]:
+    kwargs = ZOO[name].inputs(2)
+    return lambda model: output_of(model, kwargs)
+
+
+ZOO_OVERRIDES = {"sites": {"min_tokens": 1, "mlp": True}}
+
+
 def run_vit(family: str) -> Callable[[nn.Module], Any]:
     return VIT_FAMILIES[family].run
 
@@ -142,7 +151,12 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
     "diffusers_flux": [
         TinyModel(
             "tiny-flux", FAMILIES["flux"], run_transformer("flux"), {"sites": {"min_tokens": 1}}
-        )
+        ),
+        TinyModel("tiny-chroma", ZOO["chroma"].build, run_zoo("chroma"), ZOO_OVERRIDES),
+    ],
+    "diffusers_transformer": [
+        TinyModel(f"tiny-{name}", ZOO[name].build, run_zoo(name), ZOO_OVERRIDES)
+        for name in ("sana", "qwen_image", "wan", "hunyuan_video", "ltx")
     ],
     # progressive mode (the default) merges at most half of a block's tokens: the checks' 0.5
     "timm_vit": [

@@ -54,6 +54,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import Tensor, nn
 
 import tokenmerge
+from tokenmerge.errors import NothingMergedWarning
 
 STRATEGIES = ["tome", "retom", "random"]
 RATIO = 0.5
@@ -586,7 +587,8 @@ def test_pyramid_attention_broadcast_hooks(strategy: str, when: str, first_remov
     if when == "after":
         _pab(unet, timestep)
 
-    assert torch.equal(forward(unet), plain)
+    with pytest.warns(NothingMergedWarning, match="may replay outputs"):
+        assert torch.equal(forward(unet), plain)
     _assert_passed_through_for_pab(handle)
 
     # what diffusers itself leaves behind: PAB alone, and PAB applied then removed
@@ -642,7 +644,8 @@ def test_pyramid_attention_broadcast_reuse_is_never_unmerged_with_another_plan(
     unet = make_unet()
     _pab(unet, timestep)
     handle = merge(unet, strategy, cache_interval=1)
-    assert torch.equal(two_steps(unet), two_steps(pab_only))
+    with pytest.warns(NothingMergedWarning, match="may replay outputs"):
+        assert torch.equal(two_steps(unet), two_steps(pab_only))
     _assert_passed_through_for_pab(handle)
     handle.remove()
     _remove_pab(unet)

@@ -29,6 +29,7 @@ import tokenmerge  # noqa: E402
 from tokenmerge import AlreadyAppliedError, NoSitesError, ShortfallWarning  # noqa: E402
 from tokenmerge.adapters.diffusers_unet import DiffusersUNetAdapter  # noqa: E402
 from tokenmerge.api import HANDLE_ATTR  # noqa: E402
+from tokenmerge.errors import NothingMergedWarning  # noqa: E402
 
 STRATEGIES = ["tome", "retom", "random"]
 CROSS_DIM = 32
@@ -357,7 +358,9 @@ def test_sites_below_min_tokens_are_skipped_and_shown_in_stats() -> None:
     x, text = inputs(2, (8, 8))  # level 1: 64 tokens < the default min_tokens 256
     expected = run(unet, x, text)
     with tokenmerge.apply(unet, "retom") as handle:
-        assert torch.equal(run(unet, x, text), expected)
+        with pytest.warns(NothingMergedWarning, match="64 image tokens < min_tokens 256"):
+            assert torch.equal(run(unet, x, text), expected)
+        assert torch.equal(run(unet, x, text), expected)  # warned once
         for stats in handle.stats().values():
             assert (stats.tokens_in, stats.tokens_out) == (64, 64)
             assert "min_tokens" in stats.skipped

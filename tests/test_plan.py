@@ -500,3 +500,31 @@ def test_merge_sizes_rejects_sizes_of_the_wrong_shape(shape):
     """``merge_sizes`` takes ``(B, N)`` too: a clear ValueError, never silently truncated."""
     with pytest.raises(ValueError, match="sizes"):
         _plan_2x5().merge_sizes(torch.ones(shape))
+
+
+@FAST
+@given(assignment=assignments(rows=3, max_tokens=8), seed=st.integers(0, 2**31 - 1))
+def test_per_frame_plan_merges_each_frame_on_its_own(assignment, seed):
+    # rows are the frames of one sample: the frames laid end to end merge as each row does
+    plan, src, dst_token, n = build(assignment)
+    if plan.is_identity:
+        return
+    frames = plan.per_frame(3)
+    assert frames.batch == 1 and frames.num_tokens == 3 * n
+    assert frames.num_out == 3 * plan.num_out and frames.num_merged == 3 * plan.num_merged
+    check_plan_indices(frames, 3 * n)
+    # no token merges into another frame's
+    assert torch.equal(frames.src // n, frames.kept.gather(1, frames.dst) // n)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3 * n, 4, generator=gen)
+    merged = frames.merge(x)
+    restored = frames.unmerge(merged)
+    m = plan.num_out
+    for f in range(3):
+        single = row_plan(src, dst_token, n, f)
+        part = x[:, f * n : (f + 1) * n]
+        torch.testing.assert_close(merged[:, f * m : (f + 1) * m], single.merge(part))
+        torch.testing.assert_close(
+            restored[:, f * n : (f + 1) * n], single.unmerge(single.merge(part))
+        )
+    torch.testing.assert_close(frames.slot_log_sizes(), frames.counts.log())

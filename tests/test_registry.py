@@ -48,6 +48,7 @@ PLUGIN_DISTS = Path(__file__).parent / "plugin_dists"
 BUILTIN_ADAPTERS = [
     "diffusers_dit",
     "diffusers_flux",
+    "diffusers_transformer",
     "diffusers_unet",
     "generic",
     "timm_vit",

@@ -104,6 +104,9 @@ class Adapter(ABC):
     #: whether its self-attention sites can merge keys and values alone
     #: (``MergeConfig.keys_values``): the attention takes them from an argument of their own
     merges_keys_values: ClassVar[bool] = False
+    #: whether ``attach_model`` warns itself about sites that merged nothing (else ``apply``
+    #: warns once when no site of the model merged in a forward)
+    watches_sites: ClassVar[bool] = False
 
     def __init__(self, options: AdapterOptions | None = None) -> None:
         self.options = self.options_class() if options is None else options

@@ -28,6 +28,7 @@ from .errors import (
     close_matches,
 )
 from .load import format_validation_error, load_config
+from .nothing_merged import NothingMergedWatch
 from .observe import Observation, Observer
 from .patch import SitePatch
 from .registry import AdapterSpec, registry
@@ -540,6 +541,8 @@ def apply(
             removables += chosen_adapter.attach(patch, candidate.modules)
             patches.append(patch)
         removables += chosen_adapter.attach_model(root, patches)
+        if not chosen_adapter.watches_sites:
+            removables += NothingMergedWatch(patches).attach(root)
     except BaseException:
         for removable in reversed(removables):
             removable.remove()

@@ -336,31 +336,43 @@ class SitePatch:
                 f"(grid {layout.grid}), but hidden_states has {x.shape[1]} tokens"
             )
         min_tokens = self.config.sites.min_tokens or 1
-        wanted = int(self.ratio * n) if self.config.r is None else self.config.r
+        frames = layout.frames
+        frame = layout.frame() if frames > 1 else layout  # what the strategy plans on
+        per_frame = n // frames
+        # asked per frame: every frame merges alike
+        ratio, r = self.ratio, self.config.r
+        wanted = int(ratio * per_frame) if r is None else r // frames
         if n < min_tokens or wanted == 0:
             reason = f"{n} image tokens < min_tokens {min_tokens}" if n < min_tokens else None
             plan = Plan.identity(x.shape[1], x.device)
             self._count(plan, x.shape[1], _COMPUTED, skipped=reason)
             return plan
-        capacity = self.strategy.capacity(layout, self.site)
-        self._reject(capacity_problem(capacity, n), "capacity()")
+        capacity = self.strategy.capacity(frame, self.site)
+        self._reject(capacity_problem(capacity, per_frame), "capacity()")
         num_merge = min(wanted, int(capacity))
         features, repeats = self._features(self._metric_image_tokens(x, prefix, n, call.metric))
+        if frames > 1:
+            features = features.reshape(features.shape[0] * frames, per_frame, -1)
         with torch.no_grad():
-            plan = self.strategy.make_plan(features, layout, self.site, num_merge, call.random)
+            plan = self.strategy.make_plan(features, frame, self.site, num_merge, call.random)
         rows = features.shape[0]
-        self._reject(plan_problem(plan, n, rows, num_merge, self._check_values), "make_plan")
-        plan = plan.with_prefix(prefix)
+        self._reject(
+            plan_problem(plan, per_frame, rows, num_merge, self._check_values), "make_plan"
+        )
+        if frames > 1 and plan.batch == 1 < rows:
+            plan = plan.repeat(rows)  # a plan shared by every row serves every frame
+        plan = plan.per_frame(frames).with_prefix(prefix)
         if plan.batch not in (1, x.shape[0]):
             plan = plan.repeat(repeats)
         self._count(plan, x.shape[1], _COMPUTED)
-        self._info.shortfall = wanted - num_merge
+        self._info.shortfall = (wanted - num_merge) * frames
         if num_merge < wanted and not self._warned_shortfall:
             self._warned_shortfall = True
             warnings.warn(
                 f"site {self.site.name!r}: {self.strategy.name} can merge only {num_merge} of "
-                f"the {wanted} tokens that {self._asked()} asks for among {n} tokens on a "
-                f"{layout.grid[0]} x {layout.grid[1]} grid (its partition ran out), and merged "
+                f"the {wanted} tokens that {self._asked()} asks for among {per_frame} tokens on a "
+                f"{layout.grid[0]} x {layout.grid[1]} grid{_per_frame(frames)} (its partition "
+                "ran out), and merged "
                 "what it could; "
                 "stats() shows the shortfall per site. Lower the ratio or use smaller windows.",
                 ShortfallWarning,
@@ -656,3 +668,7 @@ def report_fit(template: ValueCorrection, used: ValueCorrection) -> None:
     Written at every call without reading ``template`` first: under ``torch.compile`` a read
     would guard on whether it held a fit yet, and add a graph variant."""
     template.beta, template.verified = used.beta, used.verified
+
+
+def _per_frame(frames: int) -> str:
+    return f" (in each of {frames} frames)" if frames > 1 else ""

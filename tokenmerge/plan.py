@@ -232,6 +232,32 @@ class Plan:
             else torch.cat([self.log_counts.new_zeros(rows, num_prefix), self.log_counts], 1),
         )
 
+    def per_frame(self, frames: int) -> Plan:
+        """One plan over ``frames`` frames laid end to end, from this plan's rows, one row per
+        frame (row ``p * frames + f`` is frame ``f`` of sample ``p``): every frame keeps its
+        own tokens, and no token merges into another frame."""
+        if frames == 1:
+            return self
+        rows = self.batch // frames
+        n, m, r = self.num_tokens, self.num_out, self.num_merged
+        frame = torch.arange(frames, device=self.device).view(1, frames, 1)
+
+        def shifted(index: Tensor, step: int) -> Tensor:
+            width = index.shape[1]
+            return (index.view(rows, frames, width) + frame * step).view(rows, frames * width)
+
+        return Plan(
+            kept=shifted(self.kept, n),
+            src=shifted(self.src, n),
+            dst=shifted(self.dst, m),
+            origin=shifted(self.origin, m),
+            dst_count=self.dst_count.reshape(rows, frames * r),
+            num_tokens=frames * n,
+            log_counts=None
+            if self.log_counts is None
+            else self.log_counts.reshape(rows, frames * m),
+        )
+
     def repeat(self, times: int) -> Plan:
         """Stack the plan ``times`` times along the batch (e.g. both classifier-free halves)."""
         if times == 1:

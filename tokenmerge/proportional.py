@@ -70,4 +70,16 @@ class SizeBias:
             mask = bias.unsqueeze(1).expand(merged.shape[0], 1, -1)
         else:
             mask = bias[:, None, None, :]
+        given = kwargs.get(self.keyword)
+        if isinstance(given, Tensor):  # the call's own mask (already over the merged keys)
+            mask = _combined(given, mask)
         return {**kwargs, self.keyword: mask}
+
+
+def _combined(given: Tensor, bias: Tensor) -> Tensor:
+    """The call's own mask with the size bias added: a boolean mask (True: attend) becomes
+    additive, its masked keys the dtype's lowest value (not -inf: a query with every key
+    masked then gets finite logits, as the model's own masked rows do in most kernels)."""
+    if given.dtype == torch.bool:
+        return bias.masked_fill(~given, torch.finfo(bias.dtype).min)
+    return given.to(bias.dtype) + bias

@@ -107,17 +107,25 @@ class TokenLayout:
         positions: progressive mode only: ``(B or 1, n)`` row-major index in ``grid`` of every
             image token still present (a merged token keeps its destination's position); None
             while the tokens are the whole grid in order.
+        frames: local mode: video frames of ``grid`` each, one after the other (frame-major,
+            then row-major). Each frame is planned on its own, so no token merges into another
+            frame's token; the strategy sees one frame's ``grid``.
     """
 
     grid: tuple[int, int]
     num_prefix: int = 0
     positions: Tensor | None = None
+    frames: int = 1
 
     @property
     def num_image_tokens(self) -> int:
         if self.positions is not None:
             return self.positions.shape[-1]
-        return self.grid[0] * self.grid[1]
+        return self.frames * self.grid[0] * self.grid[1]
+
+    def frame(self) -> TokenLayout:
+        """The layout of one frame: what a strategy plans on."""
+        return TokenLayout(self.grid, self.num_prefix, self.positions)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 import tokenmerge
-from tokenmerge.errors import ConfigError
+from tokenmerge.errors import ConfigError, NothingMergedWarning
 
 from .progress import Progress
 from .variants import StrategyVariant
@@ -356,7 +357,10 @@ def _compare(
         for column, (_, config) in zip(columns, [(None, None), *configs], strict=True):
             handle = None if config is None else tokenmerge.apply(generator.target, config)
             try:
-                image, seconds = _timed(settings.device, generator.image, prompt, seed)
+                with warnings.catch_warnings():
+                    # reported below as this command's own error, with the option to fix it
+                    warnings.simplefilter("ignore", NothingMergedWarning)
+                    image, seconds = _timed(settings.device, generator.image, prompt, seed)
             finally:
                 if handle is not None:
                     handle.remove()

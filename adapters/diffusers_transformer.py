@@ -1,0 +1,427 @@
+"""The diffusers transformer adapter: any diffusers image or video transformer, found by what it
+is made of rather than by its class (Sana, Wan, Qwen-Image, HunyuanVideo, CogVideoX, ...).
+
+What makes a model one of these: a diffusers ``ModelMixin`` whose blocks (the items of the
+``nn.ModuleList`` attributes of the model) hold diffusers attention modules (``Attention`` or
+any ``AttentionModuleMixin``), and whose image tokens can be placed on a grid:
+
+- from latents ``(B, C, H, W)`` or video latents ``(B, C, F, H, W)`` / ``(B, F, C, H, W)``
+  over the config's patch size (``patch_size``, an int or ``(t, h, w)``, and ``patch_size_t``);
+- from ``img_shapes`` (Qwen-Image: ``(frames, rows, cols)`` per image);
+- from ``num_frames``, ``height`` and ``width`` (LTX-Video's packed tokens).
+
+Sites are the blocks, in model order (stages: the first, middle and last third). Each site
+merges around every attention module of the block whose ``hidden_states`` are exactly the image
+tokens (self-attention and joint attention as ``"attn"``, cross-attention as ``"cross_attn"``,
+queries only) and, with ``sites.mlp``, around its diffusers ``FeedForward`` modules of the image
+stream. Text tokens are never merged: where a joint attention takes them as
+``encoder_hidden_states`` they attend to the merged image tokens and come back whole; a module
+given text and image tokens in one sequence passes through, counted in ``stats()``.
+
+Positions follow the tokens: every site plans once for the whole batch (``shared_plan``), and at
+a merged call every other argument with a token axis of the image's length, rotary tables in
+any form (cos / sin pairs, complex frequencies, batched or not) and attention masks alike, is
+reduced to the rows of the kept tokens (``token_axes`` says which axis). A kept token is a real
+token (a ToMe destination, a ReToM representative), so its position stays exact. A call the
+reduction cannot place passes through with the reason: an argument spanning text and image
+tokens, text as long as the image, a table with two axes of the image's length.
+
+Value correction (``value_correction``) applies where the attention has a view of its own
+(``tokenmerge.adapters._views``); these models' attention classes have none yet, so their
+``stats()`` show None.
+
+Video: the grid has frames; every frame is planned on its own (``TokenLayout.frames``), so no
+token merges into another frame's token, while attention still spans all frames.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapter import AdapterOptions, SiteCandidate
+from tokenmerge.adapters._diffusers import (
+    GridHook,
+    TargetGuard,
+    TransformerAdapter,
+    depth_stage,
+    value_correction,
+)
+from tokenmerge.patch import SitePatch
+from tokenmerge.plan import Plan
+from tokenmerge.site import Site, TokenLayout
+
+__all__ = ["DiffusersTransformerAdapter", "token_axes"]
+
+#: module-name parts of a block's text stream (``txt_mlp``, ``ff_context``...): never merged
+_TEXT_PARTS = ("txt", "text", "context", "encoder", "added")
+
+
+def _attention_classes() -> tuple[type, ...]:
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return Attention, AttentionModuleMixin
+
+
+def _feed_forward() -> type:
+    from diffusers.models.attention import FeedForward
+
+    return FeedForward
+
+
+def _model_mixin() -> type:
+    from diffusers.models.modeling_utils import ModelMixin
+
+    return ModelMixin
+
+
+def is_attention(module: nn.Module) -> bool:
+    """A diffusers attention module: ``Attention``, an ``AttentionModuleMixin``, or a class of
+    its own built the same way (Mochi's: an ``...Attention`` with ``to_q`` / ``to_k`` / ``to_v``
+    and a processor)."""
+    if isinstance(module, _attention_classes()):
+        return True
+    return type(module).__name__.endswith("Attention") and all(
+        hasattr(module, name) for name in ("to_q", "to_k", "to_v", "processor")
+    )
+
+
+def model_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of ``root``: the items of its module lists that hold an attention module."""
+    found = []
+    for name, child in root.named_children():
+        if not isinstance(child, nn.ModuleList):
+            continue
+        for index, block in enumerate(child):
+            if any(is_attention(m) for m in block.modules()):
+                found.append((f"{name}.{index}", block))
+    return found
+
+
+def block_targets(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(kind, module)`` of every module a block merges around: its outermost attention
+    modules (``"attn"`` or ``"cross_attn"``) and its image-stream ``FeedForward`` (``"mlp"``)."""
+    feed_forward = _feed_forward()
+    found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []  # names of the modules found: their descendants are theirs
+    for name, module in block.named_modules():
+        if not name or any(name.startswith(f"{outer}.") for outer in inside):
+            continue
+        if is_attention(module):
+            found.append(("cross_attn" if _is_cross(name, module) else "attn", module))
+            inside.append(name)
+        elif isinstance(module, feed_forward):
+            inside.append(name)
+            if not any(part in name.lower() for part in _TEXT_PARTS):
+                found.append(("mlp", module))
+    return found
+
+
+def _is_cross(name: str, module: nn.Module) -> bool:
+    # by its name first: diffusers' is_cross_attention only says that a cross_attention_dim
+    # was given, which some self-attention modules are (OmniGen's); joint attention (text
+    # through added projections) counts as self-attention
+    last = name.rsplit(".", 1)[-1].lower()
+    if last in ("attn", "attn1", "self_attn", "attention"):
+        return False
+    if last == "attn2" or "cross" in last:
+        return True
+    return bool(getattr(module, "is_cross_attention", False))
+
+
+def token_axes(name: str, value: Tensor, tokens: int) -> list[int] | None:
+    """The axes of argument ``name`` that run over the ``tokens`` image tokens, reduced with
+    them at a merged call; None when that cannot be told.
+
+    A mask or a bias (by its name) may have several (queries and keys): each axis of that
+    length. Any other tensor, a positional table, has one: the first axis of that length
+    other than its last (its features), or its only one; an integer tensor (token positions)
+    may have it last. Two such axes are ambiguous.
+
+    Example:
+        >>> import torch
+        >>> token_axes("rotary_emb", torch.zeros(1, 64, 1, 16), 64)  # Wan's cos or sin
+        [1]
+        >>> token_axes("attention_mask", torch.zeros(2, 1, 64, 64), 64)
+        [2, 3]
+        >>> token_axes("image_rotary_emb", torch.zeros(7, 8), 64) is None  # text rows
+        False
+    """
+    shape = value.shape
+    if any(part in name for part in ("mask", "bias")):
+        return [axis for axis, size in enumerate(shape) if size == tokens]
+    positions = not value.is_floating_point() and not value.is_complex()
+    candidates = range(value.dim() if positions else max(value.dim() - 1, 1))
+    axes = [axis for axis in candidates if shape[axis] == tokens]
+    return None if len(axes) > 1 else axes
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors in ``value``: itself, or those in its (nested) tuples and lists."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for part in value:
+            yield from _tensors(part)
+
+
+#: the arguments a merged call never reduces: the merged tokens and the text tokens
+_NOT_TABLES = frozenset({"hidden_states", "encoder_hidden_states"})
+
+
+class LatentGrid(GridHook):
+    """Pre-hook of the model: the image-token grid of this call, ``(frames, rows, cols)``, read
+    from its arguments (shapes and Python values only, never a device value). Serves as every
+    site's layout: a call whose hidden states are not exactly those tokens has none."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        signature = inspect.signature(type(root).forward)
+        self.names = [p for p in signature.parameters if p != "self"]
+        config = root.config
+        size = config.get("patch_size", 1) or 1
+        sizes = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if len(sizes) == 2:
+            sizes = (config.get("patch_size_t", 1) or 1, *sizes)
+        self.patch = sizes  # (frames, rows, cols)
+        self.in_channels = config.get("in_channels")
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        given = {**dict(zip(self.names, args, strict=False)), **kwargs}
+        self.calls.value.grid = self.read(given)
+
+    def read(self, given: dict[str, Any]) -> tuple[int, int, int] | None:
+        """``(frames, rows, cols)`` of this call's image tokens, or None."""
+        pt, ph, pw = self.patch
+        shapes = given.get("img_shapes")
+        if shapes:
+            first = shapes[0]
+            shape = (
+                first[0]
+                if isinstance(first, (list, tuple))
+                and first
+                and isinstance(first[0], (list, tuple))
+                else first
+            )
+            if isinstance(shape, (list, tuple)) and len(shape) == 3:
+                return tuple(int(v) for v in shape)  # type: ignore[return-value]
+            return None
+        frames, height, width = (given.get(k) for k in ("num_frames", "height", "width"))
+        if all(isinstance(v, int) for v in (frames, height, width)):
+            return _divided((frames, height, width), self.patch)
+        x = given.get("hidden_states")
+        if not isinstance(x, Tensor):
+            return None
+        if x.dim() == 4:
+            return _divided((1, *x.shape[2:]), (1, ph, pw))
+        if x.dim() == 5:
+            channels_first = self.in_channels is None or x.shape[1] == self.in_channels
+            frames_first = x.shape[2:] if channels_first else (x.shape[1], *x.shape[3:])
+            return _divided(tuple(frames_first), (pt, ph, pw))
+        return None
+
+    def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        grid = self.calls.value.grid
+        if grid is None:
+            return None
+        frames, rows, cols = grid
+        if hidden_states.shape[1] != frames * rows * cols:
+            return None
+        return TokenLayout((rows, cols), frames=frames)
+
+    def tokens(self) -> int | None:
+        """How many image tokens this call's grid holds (None: no grid)."""
+        grid = self.calls.value.grid
+        return None if grid is None else grid[0] * grid[1] * grid[2]
+
+
+def _divided(sizes: tuple, patch: tuple) -> tuple[int, int, int] | None:
+    if any(size % step for size, step in zip(sizes, patch, strict=True)):
+        return None
+    return tuple(size // step for size, step in zip(sizes, patch, strict=True))  # type: ignore
+
+
+class Keywords:
+    """Pre-hook of a target that passes its positional arguments after the first as keywords
+    (Wan's blocks call ``attn1(x, None, None, rotary_emb)``), so a merged call can reduce them
+    by name."""
+
+    def __init__(self, module: nn.Module) -> None:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD,)
+        self.names = [p.name for p in parameters if p.kind in kinds]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if len(args) <= 1 or len(args) > len(self.names):
+            return None
+        return args[:1], {**kwargs, **dict(zip(self.names[1:], args[1:], strict=False))}
+
+
+class TableGuard(TargetGuard):
+    """Lets a call merge only when every argument with the image's length can be reduced."""
+
+    def __init__(self, grid: LatentGrid, module: nn.Module, kind: str, block: nn.Module) -> None:
+        super().__init__(module, kind, block)
+        self.grid = grid
+
+    def __call__(self, args: tuple, kwargs: dict) -> str | None:
+        reason = self.replaying_hook()
+        if reason is not None:
+            return reason
+        if self.kind == "mlp" and getattr(self.block, "_chunk_size", None) is not None:
+            return "MLP run in token chunks (forward chunking)"
+        tokens = self.grid.tokens()
+        x = args[0] if args else kwargs.get("hidden_states")
+        if tokens is None or not isinstance(x, Tensor) or x.dim() != 3:
+            return None  # the layout has no grid for it: passed through, counted as such
+        if x.shape[1] != tokens:
+            return (
+                f"hidden states of {x.shape[1]} tokens, not the {tokens} image tokens "
+                "(text and image tokens in one sequence?)"
+            )
+        text = kwargs.get("encoder_hidden_states")
+        if text is x:
+            return "keys and values from the hidden states, passed again as encoder_hidden_states"
+        text_length = text.shape[1] if isinstance(text, Tensor) and text.dim() == 3 else 0
+        for name, value in kwargs.items():
+            if name in _NOT_TABLES:
+                continue
+            for part in _tensors(value):
+                axes = token_axes(name, part, tokens)
+                if axes is None:
+                    return f"{name} has two axes of {tokens} rows: which runs over the tokens?"
+                if axes and text_length == tokens:
+                    return f"text as long as the image ({tokens} tokens): {name} is ambiguous"
+                if text_length and text_length + tokens in part.shape:
+                    return (
+                        f"{name} spans text and image tokens ({text_length} + {tokens} rows); "
+                        "which rows are the image's is not known here"
+                    )
+                if not axes and any(size > tokens for size in part.shape[:-1]):
+                    return (
+                        f"{name} of shape {tuple(part.shape)} has more rows than the {tokens} "
+                        "image tokens (text and image tokens together?)"
+                    )
+        return None
+
+
+def reduce_tables(plan: Plan, kwargs: dict) -> dict:
+    """The call's keyword arguments with every token axis (``token_axes``) reduced to the rows
+    of the tokens the batch-shared ``plan`` keeps."""
+    tokens = plan.num_tokens
+    reduced = {}
+    for name, value in kwargs.items():
+        if name in _NOT_TABLES:
+            continue
+        if any(True for _ in _tensors(value)):
+            reduced[name] = _reduced(plan, name, value, tokens)
+    return {**kwargs, **reduced} if reduced else kwargs
+
+
+def _reduced(plan: Plan, name: str, value: Any, tokens: int) -> Any:
+    """``value`` (a tensor, or nested tuples and lists of them) with its token axes reduced."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_reduced(plan, name, part, tokens) for part in value)
+    if not isinstance(value, Tensor):
+        return value
+    axes = token_axes(name, value, tokens) or ()
+    if not axes:
+        return value
+    device = value.device
+    rows = plan.derived(("kept rows", device), lambda: plan.kept[0].to(device))
+    for axis in axes:
+        value = value.index_select(axis, rows)
+    return value
+
+
+class DiffusersTransformerAdapter(TransformerAdapter):
+    """Merging in any diffusers image or video transformer built from diffusers attention
+    modules, and the pipelines that hold one (``pipe.transformer`` is patched).
+
+    Example:
+        >>> import torch, tokenmerge
+        >>> from diffusers import SanaTransformer2DModel
+        >>> sana = SanaTransformer2DModel(in_channels=4, out_channels=4,
+        ...     num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        ...     num_cross_attention_heads=2, cross_attention_head_dim=8,
+        ...     cross_attention_dim=16, caption_channels=8, sample_size=16,
+        ...     patch_size=2).eval()
+        >>> handle = tokenmerge.apply(sana, "tome", ratio=0.5, sites={"min_tokens": 1})
+        >>> handle.adapter.name, [site.name for site in handle.sites]
+        ('diffusers_transformer', ['transformer_blocks.0', 'transformer_blocks.1'])
+        >>> text = torch.randn(1, 5, 8)
+        >>> out = sana(torch.randn(1, 4, 16, 16), encoder_hidden_states=text,
+        ...            timestep=torch.tensor([500])).sample
+        >>> out.shape, handle.stats()["transformer_blocks.0"].tokens_out
+        (torch.Size([1, 4, 16, 16]), 32)
+        >>> handle.remove()
+    """
+
+    name = "diffusers_transformer"
+
+    def __init__(self, options: AdapterOptions | None = None) -> None:
+        super().__init__(options)
+        self._targets: dict[str, list[tuple[str, nn.Module]]] = {}
+
+    @staticmethod
+    def model_classes() -> tuple[type, ...]:
+        return (_model_mixin(),)
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        root = model if isinstance(model, _model_mixin()) else getattr(model, "transformer", None)
+        return isinstance(root, _model_mixin()) and _griddable(root) and bool(model_blocks(root))
+
+    def root(self, model: Any) -> nn.Module:
+        return model if isinstance(model, _model_mixin()) else super().root(model)
+
+    def candidates(self, root: nn.Module) -> list[SiteCandidate]:
+        self.watch_root(root, LatentGrid(root))
+        blocks = model_blocks(root)
+        found = []
+        for index, (name, block) in enumerate(blocks):
+            targets = block_targets(block)
+            if not targets:
+                continue
+            modules: dict[str, nn.Module] = {}
+            for kind, module in targets:
+                modules.setdefault(kind, module)
+            stage = depth_stage(index, len(blocks))
+            site = Site(name, stage=stage, block_index=index, shared_plan=True)
+            self._blocks[name] = block
+            self._targets[name] = targets
+            found.append(SiteCandidate(site, modules))
+        return found
+
+    def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
+        block, handles = self.attach_block(patch)
+        for kind, module in self._targets[patch.site.name]:
+            if kind not in modules:
+                continue
+            keywords = Keywords(module)
+            handles.append(module.register_forward_pre_hook(keywords, with_kwargs=True))
+            guard = TableGuard(self._grid, module, kind, block)
+            correction = value_correction(patch, kind, module)
+            if correction is not None and correction.view.verify:
+                # a view guessed from projection names knows nothing of rotary or per-head
+                # norms over all heads: it would fail its check (or the call) at every fit
+                correction = None
+            adjust = None if kind == "mlp" else reduce_tables
+            handles += patch.attach_local(module, guard=guard, adjust=adjust, correction=correction)
+        return handles
+
+
+def _griddable(root: nn.Module) -> bool:
+    """Whether the grid of a call can be read: a patch size, or arguments that give it."""
+    config = getattr(root, "config", None)
+    if config is None:
+        return False
+    names = set(inspect.signature(type(root).forward).parameters)
+    if "img_shapes" in names or {"num_frames", "height", "width"} <= names:
+        return True
+    return config.get("patch_size") is not None and "hidden_states" in names

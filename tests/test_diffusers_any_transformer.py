@@ -1,0 +1,229 @@
+"""Any diffusers image or video transformer, found by what it is made of
+(``adapters/diffusers_transformer.py``), and Chroma through the Flux adapter: tiny random-weight
+builds of every class in ``diffusers_zoo`` and whole generations of tiny pipelines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from diffusers_zoo import ZOO, output_of
+from tiny_transformer_pipelines import TINY_PIPELINES, generate
+from torch import Tensor, nn
+
+import tokenmerge
+from tokenmerge.adapters.diffusers_transformer import is_attention, reduce_tables, token_axes
+from tokenmerge.errors import NothingMergedWarning
+from tokenmerge.plan import Plan
+
+#: the adapter ``apply`` chooses for each zoo model
+ADAPTER = {name: "diffusers_transformer" for name in ZOO} | {
+    "flux": "diffusers_flux",
+    "chroma": "diffusers_flux",
+    "sd3": "diffusers_dit",
+}
+#: models none of whose attention calls can merge, and the reason they pass through with
+NOTHING_MERGES = {
+    "lumina_next": "keys and values from the hidden states",
+    "lumina2": "text and image tokens in one sequence",
+    "omnigen": "text and image tokens in one sequence",
+    "hidream": "text and image tokens",
+}
+MERGING = [name for name in ZOO if name not in NOTHING_MERGES]
+SITES = {"min_tokens": 1, "mlp": True}
+
+
+def _plain(name: str) -> tuple[nn.Module, dict[str, Any], Tensor]:
+    entry = ZOO[name]
+    model, kwargs = entry.build(), entry.inputs(2)
+    with torch.no_grad():
+        return model, kwargs, output_of(model, kwargs)
+
+
+def _run(model: nn.Module, kwargs: dict[str, Any]) -> Tensor:
+    with torch.no_grad():
+        return output_of(model, kwargs)
+
+
+@pytest.mark.parametrize("name", MERGING)
+def test_merges_and_is_exact_at_ratio_zero_and_after_removal(name: str) -> None:
+    model, kwargs, plain = _plain(name)
+    with tokenmerge.apply(model, "tome", ratio=0.0, sites=SITES):
+        assert torch.equal(_run(model, kwargs), plain)
+    handle = tokenmerge.apply(model, "retom", ratio=0.5, sites=SITES)
+    assert handle.adapter.name == ADAPTER[name]
+    merged = _run(model, kwargs)
+    stats = handle.stats()
+    handle.remove()
+    assert merged.shape == plain.shape and torch.isfinite(merged).all()
+    assert not torch.equal(merged, plain)
+    assert any(site.tokens_out < site.tokens_in for site in stats.values()), stats
+    assert torch.equal(_run(model, kwargs), plain)
+
+
+@pytest.mark.parametrize("name", sorted(NOTHING_MERGES))
+def test_a_model_that_cannot_merge_says_why_and_runs_unchanged(name: str) -> None:
+    model, kwargs, plain = _plain(name)
+    with tokenmerge.apply(model, "tome", ratio=0.5, sites=SITES) as handle:
+        with pytest.warns(NothingMergedWarning, match=NOTHING_MERGES[name]):
+            out = _run(model, kwargs)
+        assert all(site.tokens_out == site.tokens_in for site in handle.stats().values())
+    assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("name", ["wan", "qwen_image", "ltx", "allegro", "hunyuan_video"])
+@pytest.mark.parametrize("strategy", ["tome", "todo", "random"])
+def test_every_strategy_merges(name: str, strategy: str) -> None:
+    model, kwargs, plain = _plain(name)
+    with tokenmerge.apply(model, strategy, ratio=0.5, sites=SITES, seed=0) as handle:
+        out = _run(model, kwargs)
+        merged = [s for s in handle.stats().values() if s.tokens_out < s.tokens_in]
+    assert out.shape == plain.shape and torch.isfinite(out).all() and merged
+
+
+@pytest.mark.parametrize("name", MERGING)
+def test_no_argument_of_a_merged_call_keeps_the_full_token_count(name: str) -> None:
+    # rotary tables, positions and masks follow the merged tokens: none is left whole
+    model, kwargs, _ = _plain(name)
+    seen: list[str] = []
+    handle = tokenmerge.apply(model, "tome", ratio=0.5, sites=SITES, seed=0)
+    grid = ZOO[name].grid
+    tokens = grid[0] * grid[1] * grid[2]
+
+    def spy(module: nn.Module, args: tuple, call: dict) -> None:
+        x = args[0] if args else call.get("hidden_states")
+        if not isinstance(x, Tensor) or x.shape[1] >= tokens:
+            return  # not merged
+        for key, value in call.items():
+            for part in _tensors(value):
+                if key != "encoder_hidden_states" and tokens in part.shape:
+                    seen.append(f"{type(module).__name__}.{key} {tuple(part.shape)}")
+
+    hooks = [
+        module.register_forward_pre_hook(spy, with_kwargs=True)
+        for module in model.modules()
+        if is_attention(module)
+    ]
+    _run(model, kwargs)
+    for hook in hooks:
+        hook.remove()
+    handle.remove()
+    assert not seen, seen
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for part in value for t in _tensors(part)]
+    return []
+
+
+@pytest.mark.parametrize("name", ["wan", "ltx", "hunyuan_video", "cogvideox", "mochi", "allegro"])
+def test_video_tokens_merge_within_their_frame(name: str) -> None:
+    model, kwargs, _ = _plain(name)
+    frames, rows, cols = ZOO[name].grid
+    per_frame = rows * cols
+    with tokenmerge.apply(model, "tome", ratio=0.5, sites=SITES, seed=0) as handle:
+        _run(model, kwargs)
+        plans = [site.last_plan for site in handle.patches if site.last_plan is not None]
+    assert plans
+    for plan in plans:
+        assert plan.num_tokens == frames * per_frame
+        destination = plan.kept.gather(1, plan.dst)
+        assert torch.equal(plan.src // per_frame, destination // per_frame)
+        # every frame merges alike
+        assert torch.equal(
+            torch.bincount(plan.kept[0] // per_frame, minlength=frames),
+            torch.full((frames,), plan.num_out // frames),
+        )
+
+
+def test_wan_rotary_rows_give_each_kept_token_its_own_position() -> None:
+    # merging pairs of identical tokens and attending among the kept ones with the reduced
+    # table is Wan's own attention over all tokens with the merged-away ones masked out as keys
+    model, kwargs, _ = _plain("wan")
+    latents = kwargs["hidden_states"][:1]
+    attention = model.blocks[0].attn1
+    with torch.no_grad():
+        table = model.rope(latents)
+        tokens = table[0].shape[1]
+        x = torch.randn(
+            1, tokens, model.config.num_attention_heads * model.config.attention_head_dim
+        )
+        src = torch.arange(1, tokens, 3)
+        dst = src - 1
+        x[:, src] = x[:, dst]
+        plan = Plan.from_assignment(src[None], dst[None], tokens)
+        reduced = reduce_tables(plan, {"rotary_emb": table})["rotary_emb"]
+        merged = attention(plan.merge(x), None, None, reduced)
+        visible = torch.ones(tokens, dtype=torch.bool)
+        visible[src] = False
+        reference = attention(x, None, visible[None, None, None, :], table)[:, plan.kept[0]]
+        torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-5)
+        # the test can fail: the first rows of the table are not the kept tokens' positions
+        first = tuple(part[:, : plan.num_out] for part in table)
+        wrong = attention(plan.merge(x), None, None, first)
+        assert not torch.allclose(wrong, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "tokens", "axes"),
+    [
+        ("rotary_emb", (1, 64, 1, 16), 64, [1]),  # Wan's cos / sin
+        ("image_rotary_emb", (64, 8), 64, [0]),  # Qwen-Image's image frequencies
+        ("image_rotary_emb", (6, 8), 64, []),  # and its text frequencies
+        ("image_rotary_emb", (2, 64, 16), 64, [1]),  # LTX's batched tables
+        ("rotary_emb", (64, 64), 64, [0]),  # features as many as the tokens
+        ("attention_mask", (2, 1, 64, 64), 64, [2, 3]),
+        ("attention_mask", (2, 64), 64, [1]),
+        ("grid", (1, 64), 64, [1]),  # Allegro's integer positions (float: features)
+    ],
+)
+def test_token_axes(name: str, shape: tuple, tokens: int, axes: list[int]) -> None:
+    dtype = torch.long if name == "grid" else torch.float32
+    assert token_axes(name, torch.zeros(shape, dtype=dtype), tokens) == axes
+
+
+def test_token_axes_ambiguous() -> None:
+    assert token_axes("rotary_emb", torch.zeros(64, 64, 8), 64) is None
+
+
+def test_chroma_attention_mask_follows_the_merged_tokens() -> None:
+    # masked text tokens stay invisible when the image merges: the output does not depend on
+    # what they hold, as without merging
+    model, kwargs, _ = _plain("chroma")
+    text = kwargs["encoder_hidden_states"]
+    mask = torch.ones(text.shape[0], text.shape[1] + 64, dtype=torch.bool)
+    mask[1, 3 : text.shape[1]] = False
+    changed = text.clone()
+    changed[1, 3:] = torch.randn_like(changed[1, 3:])
+    masked = {**kwargs, "attention_mask": mask}
+    for strategy in ("retom", "todo"):
+        with tokenmerge.apply(model, strategy, ratio=0.5, sites=SITES, seed=0) as handle:
+            out = _run(model, masked)
+            out_changed = _run(model, {**masked, "encoder_hidden_states": changed})
+            assert all(s.passed_through == 0 for s in handle.stats().values())
+        assert torch.equal(out[1], out_changed[1]), strategy
+        assert not torch.equal(out[0], _run(model, masked)[0])  # it merged
+
+
+@pytest.mark.parametrize("name", list(TINY_PIPELINES))
+def test_whole_generation_of_a_tiny_pipeline(name: str) -> None:
+    entry = TINY_PIPELINES[name]
+    pipe = entry.build()
+    plain = generate(pipe, entry.call(pipe, 0))
+    with tokenmerge.apply(pipe, "tome", ratio=0.0, sites=SITES):
+        assert torch.equal(generate(pipe, entry.call(pipe, 0)), plain)
+    handle = tokenmerge.apply(pipe, "retom", ratio=0.5, sites=SITES)
+    merged = generate(pipe, entry.call(pipe, 0))
+    stats = handle.stats()
+    handle.remove()
+    frames, rows, cols = entry.image_tokens
+    assert merged.shape == plain.shape and torch.isfinite(merged).all()
+    assert not torch.equal(merged, plain)
+    assert frames * rows * cols in {site.tokens_in for site in stats.values()}
+    assert any(site.tokens_out < site.tokens_in for site in stats.values())
+    assert sum(site.plans_reused for site in stats.values()) > 0  # planned across steps
+    assert torch.equal(generate(pipe, entry.call(pipe, 0)), plain)
