@@ -29,7 +29,10 @@ def tokenmerge_register_adapters(register):
             requires={"diffusers": "0.42"},
             extra="diffusers",
             claims=("diffusers.",),
-            description="diffusers UNet2DConditionModel (SD 1.x / 2.x / XL) and its pipelines",
+            description=(
+                "diffusers UNet2DConditionModel (SD 1.x / 2.x / XL), Stable Video Diffusion's "
+                "UNetSpatioTemporalConditionModel and their pipelines"
+            ),
         )
     )
     register(

@@ -224,7 +224,9 @@ class RotaryGuard(TargetGuard):
         parts = table if isinstance(table, (tuple, list)) else [table]
         if table is not None and not all(isinstance(t, Tensor) and t.dim() == 2 for t in parts):
             return "a rotary table that is not one unbatched (tokens, dim) table"
-        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if len(args) > 2 and args[2] is not None:
+            return "an attention mask passed by position"
+        mask = kwargs.get("attention_mask")
         if mask is not None and (table is None or parts[0].shape[0] not in mask.shape):
             return "an attention mask that does not run over the rotary table's tokens"
         return None

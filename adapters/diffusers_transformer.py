@@ -22,9 +22,11 @@ Positions follow the tokens: every site plans once for the whole batch (``shared
 a merged call every other argument with a token axis of the image's length, rotary tables in
 any form (cos / sin pairs, complex frequencies, batched or not) and attention masks alike, is
 reduced to the rows of the kept tokens (``token_axes`` says which axis). A kept token is a real
-token (a ToMe destination, a ReToM representative), so its position stays exact. A call the
-reduction cannot place passes through with the reason: an argument spanning text and image
-tokens, text as long as the image, a table with two axes of the image's length.
+token (a ToMe destination, a ReToM representative), so its position stays exact. An argument over
+the call's text and image tokens together is reduced where the processor's order of the two is
+known (``JOINT_ORDER``). A call the reduction cannot place passes through with the reason: an
+argument spanning text and image tokens in an unknown order, text as long as the image, a table
+with two axes of the image's length.
 
 Value correction (``value_correction``) applies where the attention has a view of its own
 (``tokenmerge.adapters._views``); these models' attention classes have none yet, so their
@@ -40,6 +42,7 @@ import inspect
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -51,6 +54,8 @@ from tokenmerge.adapters._diffusers import (
     depth_stage,
     value_correction,
 )
+from tokenmerge.attention_view import processor_name
+from tokenmerge.calls import CallValues, PerThread
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
@@ -247,9 +252,10 @@ def _divided(sizes: tuple, patch: tuple) -> tuple[int, int, int] | None:
 
 
 class Keywords:
-    """Pre-hook of a target that passes its positional arguments after the first as keywords
-    (Wan's blocks call ``attn1(x, None, None, rotary_emb)``), so a merged call can reduce them
-    by name."""
+    """Pre-hook of a target that passes its first argument by position and the others as
+    keywords (Wan's blocks call ``attn1(x, None, None, rotary_emb)``; HiDream names the first
+    ``norm_hidden_states``), so a merged call finds its tokens first and reduces the rest by
+    name."""
 
     def __init__(self, module: nn.Module) -> None:
         parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
@@ -257,17 +263,46 @@ class Keywords:
         self.names = [p.name for p in parameters if p.kind in kinds]
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if len(args) <= 1 or len(args) > len(self.names):
+        if not args and self.names and self.names[0] in kwargs:
+            kwargs = dict(kwargs)
+            args = (kwargs.pop(self.names[0]),)
+        elif len(args) <= 1 or len(args) > len(self.names):
             return None
         return args[:1], {**kwargs, **dict(zip(self.names[1:], args[1:], strict=False))}
+
+
+class BlockText:
+    """Pre-hook of a block: the length of the text its call was given (0: none), per thread.
+    A module the block runs on its text as well as on its image (CogView4 puts both through
+    one ``ff``) cannot tell them apart when they are as long."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.names = [p for p in inspect.signature(type(block).forward).parameters][1:]
+        self.calls = PerThread(_no_text)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "calls": PerThread(_no_text)}
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        given = {**dict(zip(self.names, args, strict=False)), **kwargs}
+        text = given.get("encoder_hidden_states")
+        known = isinstance(text, Tensor) and text.dim() == 3
+        self.calls.value.length = text.shape[1] if known else 0
+
+
+def _no_text() -> CallValues:
+    return CallValues(length=0)
 
 
 class TableGuard(TargetGuard):
     """Lets a call merge only when every argument with the image's length can be reduced."""
 
-    def __init__(self, grid: LatentGrid, module: nn.Module, kind: str, block: nn.Module) -> None:
+    def __init__(
+        self, grid: LatentGrid, text: BlockText, module: nn.Module, kind: str, block: nn.Module
+    ) -> None:
         super().__init__(module, kind, block)
         self.grid = grid
+        self.text = text
 
     def __call__(self, args: tuple, kwargs: dict) -> str | None:
         reason = self.replaying_hook()
@@ -284,6 +319,8 @@ class TableGuard(TargetGuard):
                 f"hidden states of {x.shape[1]} tokens, not the {tokens} image tokens "
                 "(text and image tokens in one sequence?)"
             )
+        if self.text.calls.value.length == tokens:
+            return f"the block's text is as long as the image ({tokens} tokens): which is this?"
         text = kwargs.get("encoder_hidden_states")
         if text is x:
             return "keys and values from the hidden states, passed again as encoder_hidden_states"
@@ -297,12 +334,16 @@ class TableGuard(TargetGuard):
                     return f"{name} has two axes of {tokens} rows: which runs over the tokens?"
                 if axes and text_length == tokens:
                     return f"text as long as the image ({tokens} tokens): {name} is ambiguous"
-                if text_length and text_length + tokens in part.shape:
+                joint = JOINT_ORDER.get(processor_name(self.module))
+                if text_length and text_length + tokens in part.shape and joint is None:
                     return (
                         f"{name} spans text and image tokens ({text_length} + {tokens} rows); "
                         "which rows are the image's is not known here"
                     )
-                if not axes and any(size > tokens for size in part.shape[:-1]):
+                spans = token_axes(name, part, text_length + tokens) if joint else []
+                if spans is None:
+                    return f"{name} has two axes over the text and image tokens"
+                if not axes and not spans and any(size > tokens for size in part.shape[:-1]):
                     return (
                         f"{name} of shape {tuple(part.shape)} has more rows than the {tokens} "
                         "image tokens (text and image tokens together?)"
@@ -310,33 +351,69 @@ class TableGuard(TargetGuard):
         return None
 
 
-def reduce_tables(plan: Plan, kwargs: dict) -> dict:
+#: where a joint attention processor puts the text it takes as ``encoder_hidden_states``, for
+#: the arguments that run over text and image tokens (HunyuanVideo's model makes a text-padding
+#: mask over image then text tokens); a call with such an argument under a processor not
+#: listed here passes through, since which rows are the image's is not known
+JOINT_ORDER = {"HunyuanVideoAttnProcessor2_0": "image first"}
+
+
+def reduce_tables(plan: Plan, kwargs: dict, joint: str | None = None) -> dict:
     """The call's keyword arguments with every token axis (``token_axes``) reduced to the rows
-    of the tokens the batch-shared ``plan`` keeps."""
-    tokens = plan.num_tokens
+    of the tokens the batch-shared ``plan`` keeps; with ``joint`` (``JOINT_ORDER``'s
+    ``"image first"`` or ``"text first"``), also every axis over the image and the call's text
+    tokens together, whose text rows all stay."""
+    text = kwargs.get("encoder_hidden_states")
+    text_length = text.shape[1] if joint and isinstance(text, Tensor) and text.dim() == 3 else 0
+    lengths = {plan.num_tokens: None}
+    if text_length:
+        lengths[plan.num_tokens + text_length] = (joint, text_length)
     reduced = {}
     for name, value in kwargs.items():
         if name in _NOT_TABLES:
             continue
         if any(True for _ in _tensors(value)):
-            reduced[name] = _reduced(plan, name, value, tokens)
+            reduced[name] = _reduced(plan, name, value, lengths)
     return {**kwargs, **reduced} if reduced else kwargs
 
 
-def _reduced(plan: Plan, name: str, value: Any, tokens: int) -> Any:
-    """``value`` (a tensor, or nested tuples and lists of them) with its token axes reduced."""
+class TableReducer:
+    """``reduce_tables`` for one target, with the joint order of its processor at each call."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, plan: Plan, kwargs: dict) -> dict:
+        return reduce_tables(plan, kwargs, JOINT_ORDER.get(processor_name(self.module)))
+
+
+def _reduced(plan: Plan, name: str, value: Any, lengths: dict) -> Any:
+    """``value`` (a tensor, or nested tuples and lists of them) with its token axes reduced:
+    ``lengths`` maps each reduced length to None (the image tokens) or ``(order, text)``."""
     if isinstance(value, (tuple, list)):
-        return type(value)(_reduced(plan, name, part, tokens) for part in value)
+        return type(value)(_reduced(plan, name, part, lengths) for part in value)
     if not isinstance(value, Tensor):
         return value
-    axes = token_axes(name, value, tokens) or ()
-    if not axes:
-        return value
-    device = value.device
-    rows = plan.derived(("kept rows", device), lambda: plan.kept[0].to(device))
-    for axis in axes:
-        value = value.index_select(axis, rows)
+    for length, joint in lengths.items():
+        for axis in token_axes(name, value, length) or ():
+            value = value.index_select(axis, _rows(plan, joint, value.device))
     return value
+
+
+def _rows(plan: Plan, joint: tuple[str, int] | None, device: torch.device) -> Tensor:
+    """The rows kept: the plan's, behind or before the text's where ``joint`` says."""
+    key = ("kept rows", joint, device)
+    return plan.derived(key, lambda: _joint_rows(plan, joint).to(device))
+
+
+def _joint_rows(plan: Plan, joint: tuple[str, int] | None) -> Tensor:
+    kept = plan.kept[0]
+    if joint is None:
+        return kept
+    order, text = joint
+    if order == "image first":
+        return torch.cat([kept, plan.num_tokens + torch.arange(text, device=kept.device)])
+    return torch.cat([torch.arange(text, device=kept.device), kept + text])
 
 
 class DiffusersTransformerAdapter(TransformerAdapter):
@@ -400,18 +477,20 @@ class DiffusersTransformerAdapter(TransformerAdapter):
 
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         block, handles = self.attach_block(patch)
+        text = BlockText(block)
+        handles.append(block.register_forward_pre_hook(text, with_kwargs=True))
         for kind, module in self._targets[patch.site.name]:
             if kind not in modules:
                 continue
             keywords = Keywords(module)
             handles.append(module.register_forward_pre_hook(keywords, with_kwargs=True))
-            guard = TableGuard(self._grid, module, kind, block)
+            guard = TableGuard(self._grid, text, module, kind, block)
             correction = value_correction(patch, kind, module)
             if correction is not None and correction.view.verify:
                 # a view guessed from projection names knows nothing of rotary or per-head
                 # norms over all heads: it would fail its check (or the call) at every fit
                 correction = None
-            adjust = None if kind == "mlp" else reduce_tables
+            adjust = None if kind == "mlp" else TableReducer(module)
             handles += patch.attach_local(module, guard=guard, adjust=adjust, correction=correction)
         return handles
 

@@ -1,11 +1,15 @@
-"""The diffusers UNet adapter: SD 1.x, SD 2.x, SDXL and any ``UNet2DConditionModel`` pipeline.
+"""The diffusers UNet adapter: SD 1.x, SD 2.x, SDXL and any ``UNet2DConditionModel`` pipeline, and
+Stable Video Diffusion's ``UNetSpatioTemporalConditionModel``.
 
 Sites are the ``BasicTransformerBlock``s of the spatial ``Transformer2DModel``s in
-``down_blocks``, ``mid_block`` and ``up_blocks`` (temporal transformers of video UNets are never
-sites). Each site merges around its self-attention (``attn1``) and, when the config asks, its
-cross-attention (``attn2``, queries only) and MLP (``ff``), with native torch hooks on those
-modules: no class is swapped and no attention processor replaced, so LoRA, IP-Adapter, fused QKV,
-offloading hooks and attention back-ends keep working.
+``down_blocks``, ``mid_block`` and ``up_blocks``, and the spatial blocks of SVD's
+``TransformerSpatioTemporalModel``s; temporal blocks (attention across frames) are never sites.
+SVD runs its spatial blocks on the frames as a batch, ``(batch * frames, tokens, channels)``, so
+each frame plans on its own and no token merges into another frame. Each site merges around
+its self-attention (``attn1``) and, when the config asks, its cross-attention (``attn2``,
+queries only) and MLP (``ff``), with native torch hooks on those modules: no class is swapped
+and no attention processor replaced, so LoRA, IP-Adapter, fused QKV, offloading hooks and
+attention back-ends keep working.
 
 - Grid: read from each ``Transformer2DModel``'s input ``(B, C, H, W)`` by a pre-hook.
 - Stage and level: ``down`` / ``mid`` / ``up``, and the downsample factor of the site's grid
@@ -52,16 +56,26 @@ def _diffusers():
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.attention_processor import Attention
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.models.unets.unet_spatio_temporal_condition import (
+        UNetSpatioTemporalConditionModel,
+    )
 
-    return diffusers, BasicTransformerBlock, Attention, Transformer2DModel, UNet2DConditionModel
+    return (
+        diffusers,
+        BasicTransformerBlock,
+        Attention,
+        (Transformer2DModel, TransformerSpatioTemporalModel),
+        (UNet2DConditionModel, UNetSpatioTemporalConditionModel),
+    )
 
 
 def _check_signatures() -> None:
-    _, block, attention, transformer, unet = _diffusers()
+    _, block, attention, transformers, unets = _diffusers()
     expected = {
-        unet: ("sample", "timestep"),
-        transformer: ("hidden_states",),
+        **{unet: ("sample", "timestep", "encoder_hidden_states") for unet in unets},
+        **{transformer: ("hidden_states",) for transformer in transformers},
         block: ("hidden_states",),
         attention: ("hidden_states", "encoder_hidden_states", "attention_mask"),
     }
@@ -79,7 +93,8 @@ class _GridReader(PatchGrid):
 
 
 class DiffusersUNetAdapter(Adapter):
-    """Merging in diffusers ``UNet2DConditionModel``s and the pipelines that hold one.
+    """Merging in diffusers ``UNet2DConditionModel``s and ``UNetSpatioTemporalConditionModel``s
+    and the pipelines that hold one.
 
     Example:
         >>> import torch, tokenmerge
@@ -125,12 +140,6 @@ class DiffusersUNetAdapter(Adapter):
                 "every merged token; tokenmerge merges UNet2DConditionModel (SD 1.x / 2.x / XL) "
                 "and does not merge this one (the generic adapter would pass every call through "
                 "and warn)"
-            )
-        if name == "UNetSpatioTemporalConditionModel":
-            return (
-                "Stable Video Diffusion's UNet runs temporal attention across frames next to "
-                "its spatial attention, and merging only the spatial attention, frame by frame, "
-                "is not implemented yet; the generic adapter would merge across frames"
             )
         return None
 

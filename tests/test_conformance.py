@@ -156,7 +156,20 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
     ],
     "diffusers_transformer": [
         TinyModel(f"tiny-{name}", ZOO[name].build, run_zoo(name), ZOO_OVERRIDES)
-        for name in ("sana", "qwen_image", "wan", "hunyuan_video", "ltx")
+        for name in (
+            "sana",
+            "qwen_image",
+            "hunyuan_dit",
+            "cogview3plus",
+            "cogview4",
+            "auraflow",
+            "wan",
+            "hunyuan_video",
+            "ltx",
+            "cogvideox",
+            "mochi",
+            "allegro",
+        )
     ],
     # progressive mode (the default) merges at most half of a block's tokens: the checks' 0.5
     "timm_vit": [

@@ -13,7 +13,12 @@ from tiny_transformer_pipelines import TINY_PIPELINES, generate
 from torch import Tensor, nn
 
 import tokenmerge
-from tokenmerge.adapters.diffusers_transformer import is_attention, reduce_tables, token_axes
+from tokenmerge.adapters.diffusers_transformer import (
+    Keywords,
+    is_attention,
+    reduce_tables,
+    token_axes,
+)
 from tokenmerge.errors import NothingMergedWarning
 from tokenmerge.plan import Plan
 
@@ -227,3 +232,52 @@ def test_whole_generation_of_a_tiny_pipeline(name: str) -> None:
     assert any(site.tokens_out < site.tokens_in for site in stats.values())
     assert sum(site.plans_reused for site in stats.values()) > 0  # planned across steps
     assert torch.equal(generate(pipe, entry.call(pipe, 0)), plain)
+
+
+def test_a_module_run_on_text_as_long_as_the_image_passes_through() -> None:
+    # CogView4 puts its text through the image's ff too: with 64 text tokens and 64 image
+    # tokens the two calls cannot be told apart, so neither merges (none with the image's plan)
+    model, kwargs, _ = _plain("cogview4")
+    text = torch.randn(2, 64, kwargs["encoder_hidden_states"].shape[-1])
+    long_text = {**kwargs, "encoder_hidden_states": text}
+    plain = _run(model, long_text)
+    sites = {"attn": False, "mlp": True, "min_tokens": 1}
+    with tokenmerge.apply(model, "tome", ratio=0.5, sites=sites) as handle:
+        with pytest.warns(NothingMergedWarning, match="text is as long as the image"):
+            out = _run(model, long_text)
+        assert all(s.tokens_out == s.tokens_in for s in handle.stats().values())
+        merged = _run(model, kwargs)  # 6 text tokens: the image's ff merges, the text's not
+        assert any(s.tokens_out < s.tokens_in for s in handle.stats().values())
+    assert torch.equal(out, plain) and not torch.equal(merged, _run(model, kwargs))
+
+
+def test_targets_get_their_tokens_first_and_the_rest_by_name() -> None:
+    model, _, _ = _plain("wan")
+    attention = model.blocks[0].attn1
+    keywords = Keywords(attention)
+    x, table = torch.zeros(1, 4, 24), (torch.zeros(1, 4, 1, 12),) * 2
+    args, kwargs = keywords(attention, (x, None, None, table), {})
+    assert args == (x,) and kwargs["rotary_emb"] is table and kwargs["attention_mask"] is None
+    args, kwargs = keywords(attention, (), {"hidden_states": x, "rotary_emb": table})
+    assert args == (x,) and kwargs == {"rotary_emb": table}
+    assert keywords(attention, (x,), {"rotary_emb": table}) is None  # nothing to move
+
+
+def test_hunyuan_video_text_padding_mask_follows_the_merged_tokens() -> None:
+    # the model masks text padding over image then text tokens; the merged attention keeps
+    # masking it: what the padded text holds changes nothing, merged or not
+    model, kwargs, _ = _plain("hunyuan_video")
+    mask = kwargs["encoder_attention_mask"].clone()
+    mask[1, 3:] = 0
+    changed = kwargs["encoder_hidden_states"].clone()
+    changed[1, 3:] = torch.randn_like(changed[1, 3:])
+    padded = {**kwargs, "encoder_attention_mask": mask}
+    assert torch.equal(
+        _run(model, padded)[1], _run(model, {**padded, "encoder_hidden_states": changed})[1]
+    )
+    with tokenmerge.apply(model, "retom", ratio=0.5, sites=SITES) as handle:
+        out = _run(model, padded)
+        out_changed = _run(model, {**padded, "encoder_hidden_states": changed})
+        stats = handle.stats().values()
+    assert all(s.passed_through == 0 and s.tokens_out < s.tokens_in for s in stats)
+    assert torch.equal(out[1], out_changed[1])

@@ -1225,15 +1225,6 @@ def test_video_unet_is_not_taken_for_an_image_unet() -> None:
                  attention_head_dim=8),
             "adds its residual inside the attention module",
         ),
-        (
-            "UNetSpatioTemporalConditionModel",
-            dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-                 up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-                 cross_attention_dim=32, num_attention_heads=(2, 4),
-                 projection_class_embeddings_input_dim=3 * 8, addition_time_embed_dim=8),
-            "temporal attention across frames",
-        ),
     ],
 )  # fmt: skip
 def test_unets_it_cannot_merge_are_refused_with_the_reason(model_class, config, why):
@@ -1245,3 +1236,57 @@ def test_unets_it_cannot_merge_are_refused_with_the_reason(model_class, config, 
     message = str(info.value)
     assert message.startswith(f"{model_class} is not supported: ") and why in message
     assert "adapter='generic'" not in message  # no fallback that would merge nothing or wrong
+
+
+def tiny_svd_unet() -> nn.Module:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32, num_attention_heads=(2, 4), in_channels=4, out_channels=4,
+        projection_class_embeddings_input_dim=3 * 8, addition_time_embed_dim=8,
+    ).eval()  # fmt: skip
+
+
+def test_stable_video_diffusion_merges_its_spatial_attention_frame_by_frame() -> None:
+    unet = tiny_svd_unet()
+    g = torch.Generator().manual_seed(0)
+    frames = 3
+    sample = torch.randn(2, frames, 4, 16, 16, generator=g)
+    image = torch.randn(2, 1, 32, generator=g)
+    added = torch.tensor([[6.0, 127.0, 0.02]]).repeat(2, 1)
+
+    def call() -> torch.Tensor:
+        with torch.no_grad():
+            return unet(sample, 999, image, added).sample
+
+    plain = call()
+    with tokenmerge.apply(unet, "tome", ratio=0.0, sites={"min_tokens": 1}):
+        assert torch.equal(call(), plain)
+    seen: dict[str, set[int]] = defaultdict(set)
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda m, args, name=name: seen[name].add(args[0].shape[1])
+        )
+        for name, module in unet.named_modules()
+        if name.endswith(("attn1", "attn2")) and "temporal_transformer_blocks" in name
+    ]
+    handle = tokenmerge.apply(unet, "tome", ratio=0.5, sites={"min_tokens": 1})
+    merged = call()
+    names = [site.name for site in handle.sites]
+    plans = [patch.last_plan for patch in handle.patches]
+    stats = handle.stats()
+    handle.remove()
+    for hook in hooks:
+        hook.remove()
+    assert names and all(".transformer_blocks." in name for name in names)
+    assert not any("temporal" in name for name in names)
+    assert all((s.tokens_in, s.tokens_out) == (256, 128) for s in stats.values())
+    # a plan row per frame of each sample (the frames are the spatial blocks' batch)
+    assert all(plan.batch == 2 * frames and not plan.is_identity for plan in plans)
+    assert seen and all(lengths == {frames} for lengths in seen.values())  # frames whole
+    assert merged.shape == plain.shape and not torch.equal(merged, plain)
+    assert torch.equal(call(), plain)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from diffusers_zoo import ZOO, output_of
 from snapshots import Journal
 from torch import Tensor, nn
 from transformer_models import FAMILIES, inputs
@@ -57,9 +58,25 @@ def transformer_model(family: str) -> tuple[nn.Module, Call]:
     return model, call
 
 
+def zoo_model(name: str) -> tuple[nn.Module, Call]:
+    """A model of the diffusers transformer adapter, its timestep from the schedule in the
+    scale and dtype its tiny build's call uses (0-1 for flow matching)."""
+    entry = ZOO[name]
+    model, kwargs = entry.build(), entry.inputs(2)
+    given = kwargs["timestep"]
+    schedule = SCHEDULE / 1000 if given.max() <= 1 else SCHEDULE
+    schedule = schedule.to(given.dtype)
+
+    def call(step: int) -> Tensor:
+        return output_of(model, {**kwargs, "timestep": schedule[step].expand(given.shape[0])})
+
+    return model, call
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, Call]]] = {
     "unet": unet_model,
     **{family: (lambda family=family: transformer_model(family)) for family in FAMILIES},
+    **{name: (lambda name=name: zoo_model(name)) for name in ("wan", "qwen_image", "sana")},
 }
 
 
