@@ -16,7 +16,10 @@ tokens (self-attention and joint attention as ``"attn"``, cross-attention as ``"
 queries only) and, with ``sites.mlp``, around its diffusers ``FeedForward`` modules of the image
 stream. Text tokens are never merged: where a joint attention takes them as
 ``encoder_hidden_states`` they attend to the merged image tokens and come back whole; a module
-given text and image tokens in one sequence passes through, counted in ``stats()``.
+given text and image tokens in one sequence merges the image part where the order is known
+(``TEXT_FIRST_BLOCKS``) and passes through otherwise, counted in ``stats()``. Self-attention
+given its own tokens again as ``encoder_hidden_states`` (OmniGen, Lumina) gets the merged tokens
+there too.
 
 Positions follow the tokens: every site plans once for the whole batch (``shared_plan``), and at
 a merged call every other argument with a token axis of the image's length, rotary tables in
@@ -39,7 +42,7 @@ token merges into another frame's token, while attention still spans all frames.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -175,6 +178,13 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(part)
 
 
+#: blocks whose hidden states are one sequence of text then image tokens, joined by the model
+#: (its text, AuraFlow's registers, OmniGen's time token first): the image tokens merge, the
+#: others are protected like a ViT's class token. A block that joins them in another order, or
+#: not the same way for every sample (Lumina2 pads each caption), is not listed: its calls pass
+#: through, since where the image rows are is not known.
+TEXT_FIRST_BLOCKS = frozenset({"AuraFlowSingleTransformerBlock", "OmniGenBlock"})
+
 #: the arguments a merged call never reduces: the merged tokens and the text tokens
 _NOT_TABLES = frozenset({"hidden_states", "encoder_hidden_states"})
 
@@ -238,6 +248,16 @@ class LatentGrid(GridHook):
         if hidden_states.shape[1] != frames * rows * cols:
             return None
         return TokenLayout((rows, cols), frames=frames)
+
+    def layout_text_first(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        """The layout at a block of ``TEXT_FIRST_BLOCKS``: the tokens beyond the grid's come
+        first, protected."""
+        grid = self.calls.value.grid
+        if grid is None:
+            return None
+        frames, rows, cols = grid
+        extra = hidden_states.shape[1] - frames * rows * cols
+        return None if extra < 0 else TokenLayout((rows, cols), extra, frames=frames)
 
     def tokens(self) -> int | None:
         """How many image tokens this call's grid holds (None: no grid)."""
@@ -303,6 +323,7 @@ class TableGuard(TargetGuard):
         super().__init__(module, kind, block)
         self.grid = grid
         self.text = text
+        self.text_first = type(block).__name__ in TEXT_FIRST_BLOCKS
 
     def __call__(self, args: tuple, kwargs: dict) -> str | None:
         reason = self.replaying_hook()
@@ -314,16 +335,23 @@ class TableGuard(TargetGuard):
         x = args[0] if args else kwargs.get("hidden_states")
         if tokens is None or not isinstance(x, Tensor) or x.dim() != 3:
             return None  # the layout has no grid for it: passed through, counted as such
-        if x.shape[1] != tokens:
+        if self.text_first and x.shape[1] > tokens:
+            tokens = x.shape[1]  # text then image tokens: every argument runs over both
+        elif x.shape[1] != tokens:
             return (
                 f"hidden states of {x.shape[1]} tokens, not the {tokens} image tokens "
                 "(text and image tokens in one sequence?)"
             )
         if self.text.calls.value.length == tokens:
             return f"the block's text is as long as the image ({tokens} tokens): which is this?"
+        if kwargs.get("base_sequence_length") is not None:
+            return (
+                "attention scaled by its sequence length (Lumina's proportional attention): "
+                "fewer tokens would change the scale"
+            )
         text = kwargs.get("encoder_hidden_states")
-        if text is x:
-            return "keys and values from the hidden states, passed again as encoder_hidden_states"
+        if text is x:  # keys and values from the hidden states themselves: merged with them
+            text = None
         text_length = text.shape[1] if isinstance(text, Tensor) and text.dim() == 3 else 0
         for name, value in kwargs.items():
             if name in _NOT_TABLES:
@@ -444,6 +472,7 @@ class DiffusersTransformerAdapter(TransformerAdapter):
     def __init__(self, options: AdapterOptions | None = None) -> None:
         super().__init__(options)
         self._targets: dict[str, list[tuple[str, nn.Module]]] = {}
+        self._text_first: set[str] = set()  # sites of TEXT_FIRST_BLOCKS
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:
@@ -470,10 +499,17 @@ class DiffusersTransformerAdapter(TransformerAdapter):
                 modules.setdefault(kind, module)
             stage = depth_stage(index, len(blocks))
             site = Site(name, stage=stage, block_index=index, shared_plan=True)
+            if type(block).__name__ in TEXT_FIRST_BLOCKS:
+                self._text_first.add(name)
             self._blocks[name] = block
             self._targets[name] = targets
             found.append(SiteCandidate(site, modules))
         return found
+
+    def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
+        if site.name in self._text_first:
+            return self._grid.layout_text_first
+        return self._grid.layout
 
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         block, handles = self.attach_block(patch)
@@ -491,7 +527,13 @@ class DiffusersTransformerAdapter(TransformerAdapter):
                 # norms over all heads: it would fail its check (or the call) at every fit
                 correction = None
             adjust = None if kind == "mlp" else TableReducer(module)
-            handles += patch.attach_local(module, guard=guard, adjust=adjust, correction=correction)
+            handles += patch.attach_local(
+                module,
+                guard=guard,
+                adjust=adjust,
+                correction=correction,
+                again="encoder_hidden_states",
+            )
         return handles
 
 

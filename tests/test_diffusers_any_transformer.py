@@ -29,12 +29,7 @@ ADAPTER = {name: "diffusers_transformer" for name in ZOO} | {
     "sd3": "diffusers_dit",
 }
 #: models none of whose attention calls can merge, and the reason they pass through with
-NOTHING_MERGES = {
-    "lumina_next": "keys and values from the hidden states",
-    "lumina2": "text and image tokens in one sequence",
-    "omnigen": "text and image tokens in one sequence",
-    "hidream": "text and image tokens",
-}
+NOTHING_MERGES = {"hidream": "text and image tokens"}
 MERGING = [name for name in ZOO if name not in NOTHING_MERGES]
 SITES = {"min_tokens": 1, "mlp": True}
 
@@ -281,3 +276,18 @@ def test_hunyuan_video_text_padding_mask_follows_the_merged_tokens() -> None:
         stats = handle.stats().values()
     assert all(s.passed_through == 0 and s.tokens_out < s.tokens_in for s in stats)
     assert torch.equal(out[1], out_changed[1])
+
+
+def test_attention_scaled_by_its_length_passes_through() -> None:
+    # Lumina's proportional attention scales the logits by the log of the sequence length:
+    # fewer tokens would change the scale, so those calls stay whole
+    model, kwargs, _ = _plain("lumina_next")
+    scaled = {**kwargs, "cross_attention_kwargs": {"base_sequence_length": 16}}
+    plain = _run(model, scaled)
+    with tokenmerge.apply(model, "tome", ratio=0.5, sites=SITES) as handle:
+        with pytest.warns(NothingMergedWarning, match="scaled by its sequence length"):
+            out = _run(model, scaled)
+        assert all(s.tokens_out == s.tokens_in for s in handle.stats().values())
+        _run(model, kwargs)  # without the scale: merged
+        assert any(s.tokens_out < s.tokens_in for s in handle.stats().values())
+    assert torch.equal(out, plain)

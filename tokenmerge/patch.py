@@ -468,6 +468,7 @@ class SitePatch:
         bias: SizeBias | None = None,
         keys_values: str | None = None,
         check: Check | None = None,
+        again: str | None = None,
     ) -> list[RemovableHandle]:
         """Merge ``module``'s hidden states before its forward and unmerge its output after.
 
@@ -485,9 +486,22 @@ class SitePatch:
         ``encoder_hidden_states``): the merged tokens go there, the hidden states stay whole
         (every query) and nothing is unmerged (``MergeConfig.keys_values``). ``check``, when
         given, sees every call about to merge and may refuse it with an ``InputError``.
+        ``again``, when given, is a keyword by which the module may take the hidden states a
+        second time (OmniGen's and Lumina's self-attention pass them as
+        ``encoder_hidden_states``): a call passing that very tensor there gets the merged
+        tokens there too.
         """
         hook = _LocalHook(
-            self, arg_name, guard, adjust, correction, bias, self.new_target(), keys_values, check
+            self,
+            arg_name,
+            guard,
+            adjust,
+            correction,
+            bias,
+            self.new_target(),
+            keys_values,
+            check,
+            again,
         )
         if correction is not None:
             self.report_correction(correction)
@@ -538,6 +552,7 @@ class _LocalHook:
         target: int = 1,
         keys_values: str | None = None,
         check: Check | None = None,
+        again: str | None = None,
     ) -> None:
         self.patch = patch
         self.arg_name = arg_name
@@ -549,6 +564,7 @@ class _LocalHook:
         self.target = target
         self.keys_values = keys_values
         self.check = check
+        self.again = again  # see SitePatch.attach_local
         #: per thread: the call's plan, with its ``(x, merged, call)`` when a correction needs
         #: them
         self.slots = PerThread(list)
@@ -602,6 +618,8 @@ class _LocalHook:
         # the call's own arguments (the full rotary table, text tokens) for the correction's fit
         inputs = (x, merged, Call(args, kwargs), sources) if self.correction is not None else None
         slot.append((plan, inputs))
+        if self.again is not None and kwargs.get(self.again) is x:
+            kwargs = {**kwargs, self.again: merged}
         if self.adjust is not None:
             kwargs = self.adjust(plan, kwargs)
         if self.bias is not None:
@@ -617,19 +635,26 @@ class _LocalHook:
         plan, inputs = slot.pop()  # never kept past the call
         if plan is None or plan.is_identity:
             return None
-        observed = self.patch.observed
         if isinstance(output, Tensor):
-            self.patch.check_merged_output(plan, output, module)
-            return observed("unmerge", self._unmerge, plan, output, inputs)
+            return self._unmerged(module, plan, output, inputs)
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-            self.patch.check_merged_output(plan, output[0], module)
-            unmerged = observed("unmerge", self._unmerge, plan, output[0], inputs)
+            unmerged = self._unmerged(module, plan, output[0], inputs)
             return type(output)([unmerged, *output[1:]])
         raise TypeError(
             f"site {self.patch.site.name!r}: cannot unmerge the output of "
             f"{type(module).__name__} ({type(output).__name__}); expected a tensor or a tuple "
             "whose first element is the hidden states"
         )
+
+    def _unmerged(self, module: nn.Module, plan: Plan, y: Tensor, inputs: tuple | None) -> Tensor:
+        """``y`` unmerged; an output with more than one feature axis (Lumina-Next's attention
+        returns ``(B, tokens, heads, head_dim)``) is unmerged with its features flattened."""
+        observed = self.patch.observed
+        if y.dim() > 3 and y.shape[1] == plan.num_out and inputs is None:
+            flat = observed("unmerge", self._unmerge, plan, y.flatten(2), None)
+            return flat.unflatten(2, y.shape[2:])
+        self.patch.check_merged_output(plan, y, module)
+        return observed("unmerge", self._unmerge, plan, y, inputs)
 
     def _unmerge(self, plan: Plan, y: Tensor, inputs: tuple | None) -> Tensor:
         unmerged = plan.unmerge(y)
