@@ -372,9 +372,8 @@ class SitePatch:
                 f"site {self.site.name!r}: {self.strategy.name} can merge only {num_merge} of "
                 f"the {wanted} tokens that {self._asked()} asks for among {per_frame} tokens on a "
                 f"{layout.grid[0]} x {layout.grid[1]} grid{_per_frame(frames)} (its partition "
-                "ran out), and merged "
-                "what it could; "
-                "stats() shows the shortfall per site. Lower the ratio or use smaller windows.",
+                "ran out), and merged what it could; stats() shows the shortfall per site. "
+                "Lower the ratio or use smaller windows.",
                 ShortfallWarning,
                 stacklevel=4,  # the caller of make_plan (past observed)
             )

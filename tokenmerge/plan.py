@@ -244,7 +244,7 @@ class Plan:
 
         def shifted(index: Tensor, step: int) -> Tensor:
             width = index.shape[1]
-            return (index.view(rows, frames, width) + frame * step).view(rows, frames * width)
+            return (index.reshape(rows, frames, width) + frame * step).reshape(rows, -1)
 
         return Plan(
             kept=shifted(self.kept, n),
