@@ -169,6 +169,8 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             "cogvideox",
             "mochi",
             "allegro",
+            "omnigen",
+            "lumina_next",
         )
     ],
     # progressive mode (the default) merges at most half of a block's tokens: the checks' 0.5
