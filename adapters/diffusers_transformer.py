@@ -63,7 +63,15 @@ from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
 
-__all__ = ["DiffusersTransformerAdapter", "token_axes"]
+__all__ = [
+    "JOINT_ORDER",
+    "TEXT_FIRST_BLOCKS",
+    "DiffusersTransformerAdapter",
+    "Keywords",
+    "is_attention",
+    "reduce_tables",
+    "token_axes",
+]
 
 #: module-name parts of a block's text stream (``txt_mlp``, ``ff_context``...): never merged
 _TEXT_PARTS = ("txt", "text", "context", "encoder", "added")
