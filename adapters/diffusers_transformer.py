@@ -186,12 +186,20 @@ def _tensors(value: Any) -> Iterator[Tensor]:
             yield from _tensors(part)
 
 
-#: blocks whose hidden states are one sequence of text then image tokens, joined by the model
-#: (its text, AuraFlow's registers, OmniGen's time token first): the image tokens merge, the
-#: others are protected like a ViT's class token. A block that joins them in another order, or
+#: blocks whose modules take one sequence of text then image tokens, joined by the model or the
+#: block (its text, AuraFlow's registers, OmniGen's time token first): the image tokens merge,
+#: the others are protected like a ViT's class token. A block that joins them in another order, or
 #: not the same way for every sample (Lumina2 pads each caption), is not listed: its calls pass
 #: through, since where the image rows are is not known.
-TEXT_FIRST_BLOCKS = frozenset({"AuraFlowSingleTransformerBlock", "OmniGenBlock"})
+TEXT_FIRST_BLOCKS = frozenset(
+    {
+        "AuraFlowSingleTransformerBlock",
+        "OmniGenBlock",
+        # their attention takes the image tokens alone, their MLP the text then the image
+        "CogVideoXBlock",
+        "CogView3PlusTransformerBlock",
+    }
+)
 
 #: the arguments a merged call never reduces: the merged tokens and the text tokens
 _NOT_TABLES = frozenset({"hidden_states", "encoder_hidden_states"})

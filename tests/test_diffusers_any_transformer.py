@@ -291,3 +291,23 @@ def test_attention_scaled_by_its_length_passes_through() -> None:
         _run(model, kwargs)  # without the scale: merged
         assert any(s.tokens_out < s.tokens_in for s in handle.stats().values())
     assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("name", ["cogvideox", "cogview3plus"])
+def test_an_mlp_given_text_then_image_shares_its_attention_plan(name: str) -> None:
+    # the block's attention takes the image tokens alone and its MLP the text then the image
+    # tokens: the MLP merges with the attention's plan, the text kept in front, so the site
+    # plans once and reuses the plan at every later step
+    model, kwargs, _ = _plain(name)
+    seen: list[int] = []
+    grid = ZOO[name].grid
+    tokens, text = grid[0] * grid[1] * grid[2], kwargs["encoder_hidden_states"].shape[1]
+    with tokenmerge.apply(model, "tome", ratio=0.5, sites=SITES, cache_interval=100) as handle:
+        for block in model.transformer_blocks:  # after the merge hooks: sees merged tokens
+            block.ff.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+        for step in (900, 800, 700):
+            _run(model, {**kwargs, "timestep": torch.full_like(kwargs["timestep"], step)})
+        stats = handle.stats().values()
+    assert all(s.plans_computed == 1 and s.plans_reused == 2 for s in stats), list(stats)
+    assert all(s.passed_through == 0 for s in stats)
+    assert set(seen) == {text + tokens - tokens // 2}  # the text whole, half the image

@@ -312,10 +312,29 @@ class SitePatch:
                 self._count(cached.plan, x.shape[1], _REUSED)
             call.last = cached
             return cached.plan
+        if cached is not None and not first:
+            shared = self._behind_more_prefix(cached, x)
+            if shared is not None:
+                return shared
         plan = self.make_plan(x)
         if plan is not None:
             call.keep(_CachedPlan(key, plan, call.layout))
         return plan
+
+    def _behind_more_prefix(self, cached: _CachedPlan, x: Tensor) -> Plan | None:
+        """The site call's plan for a later target given the same image tokens behind more
+        protected ones (CogVideoX's MLP takes the text, then the image tokens its attention
+        took alone): the plan with the extra tokens kept in front, made once with it."""
+        if cached.key[0] != x.shape[0] or cached.key[2:] != (x.device, x.dtype):
+            return None
+        layout, old = self.layout(self.site, x), cached.layout
+        if layout is None or (layout.grid, layout.frames) != (old.grid, old.frames):
+            return None
+        extra = layout.num_prefix - old.num_prefix
+        if extra <= 0 or layout.positions is not None or old.positions is not None:
+            return None
+        plan = cached.plan
+        return plan.derived(("prefix", extra), lambda: plan.with_prefix(extra))
 
     def make_plan(self, x: Tensor) -> Plan | None:
         """A fresh plan for ``x (B, N, C)``, bypassing the cache (counted in the stats); None
