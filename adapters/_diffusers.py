@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -11,7 +10,13 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import Adapter, AdapterOptions, depth_stage, parameter_index
+from tokenmerge.adapter import (
+    Adapter,
+    AdapterOptions,
+    depth_stage,
+    forward_parameters,
+    parameter_index,
+)
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.attention_view import PLAIN_PROCESSORS, processor_name
 from tokenmerge.calls import CallValues, PerThread
@@ -27,6 +32,7 @@ __all__ = [
     "TransformerAdapter",
     "check_signatures",
     "depth_stage",
+    "given_arguments",
     "parameter_index",
     "size_bias",
     "value_correction",
@@ -45,6 +51,12 @@ _WEIGHT_ONLY_HOOKS = frozenset(
 )
 
 
+def given_arguments(names: list[str], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name: ``args`` matched to ``names`` (``forward_parameters``), then
+    ``kwargs``."""
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
 def check_signatures(expected: dict[type, tuple[str, ...]], adapter: str) -> None:
     """Fail loudly when a diffusers release changed a call an adapter relies on.
 
@@ -55,7 +67,7 @@ def check_signatures(expected: dict[type, tuple[str, ...]], adapter: str) -> Non
     import diffusers
 
     for cls, names in expected.items():
-        params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+        params = forward_parameters(cls)
         if tuple(params[: len(names)]) != names:
             raise UnsupportedModelError(
                 f"diffusers {diffusers.__version__} changed {cls.__name__}.forward: its "

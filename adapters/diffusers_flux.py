@@ -35,7 +35,6 @@ padding) is reduced with the rotary table.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from typing import Any
 
@@ -43,13 +42,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import AdapterOptions, SiteCandidate
+from tokenmerge.adapter import AdapterOptions, SiteCandidate, forward_parameters
 from tokenmerge.adapters._diffusers import (
     GridHook,
     TargetGuard,
     TransformerAdapter,
     check_signatures,
     depth_stage,
+    given_arguments,
     parameter_index,
     value_correction,
 )
@@ -258,7 +258,7 @@ class SingleBlockBody:
         # if it does, and the merged call's input, merged input and attention arguments, for the
         # correction
         self.calls = PerThread(_body_call)
-        self.arguments = [p for p in inspect.signature(type(block).forward).parameters][1:]
+        self.arguments = forward_parameters(type(block))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "calls": PerThread(_body_call)}
@@ -273,7 +273,7 @@ class SingleBlockBody:
 
     def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # the guard reads the attention's arguments, which only the block sees before the merge
-        given = {**dict(zip(self.arguments, args, strict=False)), **kwargs}
+        given = given_arguments(self.arguments, args, kwargs)
         attention = {**(given.get("joint_attention_kwargs") or {}), **given}
         mask = attention.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2:  # the block makes it (B, 1, L, L)

@@ -49,12 +49,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapter import AdapterOptions, SiteCandidate
+from tokenmerge.adapter import AdapterOptions, SiteCandidate, forward_parameters
 from tokenmerge.adapters._diffusers import (
     GridHook,
     TargetGuard,
     TransformerAdapter,
     depth_stage,
+    given_arguments,
     value_correction,
 )
 from tokenmerge.attention_view import processor_name
@@ -212,8 +213,7 @@ class LatentGrid(GridHook):
 
     def __init__(self, root: nn.Module) -> None:
         super().__init__()
-        signature = inspect.signature(type(root).forward)
-        self.names = [p for p in signature.parameters if p != "self"]
+        self.names = forward_parameters(type(root))
         config = root.config
         size = config.get("patch_size", 1) or 1
         sizes = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -223,8 +223,7 @@ class LatentGrid(GridHook):
         self.in_channels = config.get("in_channels")
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        given = {**dict(zip(self.names, args, strict=False)), **kwargs}
-        self.calls.value.grid = self.read(given)
+        self.calls.value.grid = self.read(given_arguments(self.names, args, kwargs))
 
     def read(self, given: dict[str, Any]) -> tuple[int, int, int] | None:
         """``(frames, rows, cols)`` of this call's image tokens, or None."""
@@ -313,17 +312,20 @@ class BlockText:
     one ``ff``) cannot tell them apart when they are as long."""
 
     def __init__(self, block: nn.Module) -> None:
-        self.names = [p for p in inspect.signature(type(block).forward).parameters][1:]
+        self.names = forward_parameters(type(block))
         self.calls = PerThread(_no_text)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "calls": PerThread(_no_text)}
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        given = {**dict(zip(self.names, args, strict=False)), **kwargs}
-        text = given.get("encoder_hidden_states")
-        known = isinstance(text, Tensor) and text.dim() == 3
-        self.calls.value.length = text.shape[1] if known else 0
+        text = given_arguments(self.names, args, kwargs).get("encoder_hidden_states")
+        self.calls.value.length = _text_length(text)
+
+
+def _text_length(text: Any) -> int:
+    """Tokens of a ``(B, T, C)`` text argument; 0 for anything else (none given)."""
+    return text.shape[1] if isinstance(text, Tensor) and text.dim() == 3 else 0
 
 
 def _no_text() -> CallValues:
@@ -366,9 +368,9 @@ class TableGuard(TargetGuard):
                 "fewer tokens would change the scale"
             )
         text = kwargs.get("encoder_hidden_states")
-        if text is x:  # keys and values from the hidden states themselves: merged with them
-            text = None
-        text_length = text.shape[1] if isinstance(text, Tensor) and text.dim() == 3 else 0
+        # keys and values from the hidden states themselves are merged with them: no text
+        text_length = 0 if text is x else _text_length(text)
+        joint = JOINT_ORDER.get(processor_name(self.module))
         for name, value in kwargs.items():
             if name in _NOT_TABLES:
                 continue
@@ -378,7 +380,6 @@ class TableGuard(TargetGuard):
                     return f"{name} has two axes of {tokens} rows: which runs over the tokens?"
                 if axes and text_length == tokens:
                     return f"text as long as the image ({tokens} tokens): {name} is ambiguous"
-                joint = JOINT_ORDER.get(processor_name(self.module))
                 if text_length and text_length + tokens in part.shape and joint is None:
                     return (
                         f"{name} spans text and image tokens ({text_length} + {tokens} rows); "
@@ -407,8 +408,7 @@ def reduce_tables(plan: Plan, kwargs: dict, joint: str | None = None) -> dict:
     of the tokens the batch-shared ``plan`` keeps; with ``joint`` (``JOINT_ORDER``'s
     ``"image first"`` or ``"text first"``), also every axis over the image and the call's text
     tokens together, whose text rows all stay."""
-    text = kwargs.get("encoder_hidden_states")
-    text_length = text.shape[1] if joint and isinstance(text, Tensor) and text.dim() == 3 else 0
+    text_length = _text_length(kwargs.get("encoder_hidden_states")) if joint else 0
     lengths = {plan.num_tokens: None}
     if text_length:
         lengths[plan.num_tokens + text_length] = (joint, text_length)
@@ -558,7 +558,7 @@ def _griddable(root: nn.Module) -> bool:
     config = getattr(root, "config", None)
     if config is None:
         return False
-    names = set(inspect.signature(type(root).forward).parameters)
+    names = set(forward_parameters(type(root)))
     if "img_shapes" in names or {"num_frames", "height", "width"} <= names:
         return True
     return config.get("patch_size") is not None and "hidden_states" in names

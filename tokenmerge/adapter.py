@@ -56,9 +56,14 @@ class AdapterOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def forward_parameters(cls: type) -> list[str]:
+    """The names of ``cls.forward``'s parameters, in order, without ``self``."""
+    return [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+
+
 def parameter_index(cls: type, name: str) -> int | None:
     """Position of argument ``name`` in ``cls.forward`` when passed positionally (no self)."""
-    params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+    params = forward_parameters(cls)
     return params.index(name) if name in params else None
 
 
