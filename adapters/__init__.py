@@ -94,7 +94,8 @@ def tokenmerge_register_adapters(register):
             description=(
                 "transformers vision encoders built like a ViT: ViTModel, "
                 "ViTForImageClassification, DeiT, Dinov2 (with registers), Siglip, "
-                "CLIPVisionModel (with projection) and CLIPModel (its vision tower)"
+                "CLIPVisionModel (with projection), CLIPModel (its vision tower), BEiT, "
+                "Data2Vec-Vision and ViTMAE's encoder"
             ),
         )
     )

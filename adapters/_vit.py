@@ -22,13 +22,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapter import Adapter, AdapterOptions, SiteCandidate, depth_stage
-from tokenmerge.adapters._tables import gather_rows
+from tokenmerge.adapters._tables import gather_pairs, gather_rows
 from tokenmerge.adapters._views import value_correction
 from tokenmerge.calls import CallValues, PerThread
 from tokenmerge.config import MergeConfig
 from tokenmerge.deprecated import user_stacklevel
 from tokenmerge.errors import ConfigError, RatioWarning
 from tokenmerge.patch import Adjust, SitePatch
+from tokenmerge.plan import Plan
 from tokenmerge.progressive import ArgSpec, BlockAdjust, TokenCarry, TokenTrack, attach_progressive
 from tokenmerge.proportional import SizeBias
 from tokenmerge.selectors import per_site_values
@@ -104,6 +105,9 @@ class ViTBlock:
         mask: where the block takes an additive attention mask (None: it takes none).
         sequential: the MLP runs after the attention, on the residual stream (so progressive
             mode can merge at the MLP's input).
+        pair_biases: modules called inside the block whose output is a per-pair bias over the
+            original tokens, ``(1, H, N0, N0)`` (BEiT's relative position bias); progressive
+            mode cuts it to the tokens present.
     """
 
     name: str
@@ -114,6 +118,7 @@ class ViTBlock:
     keys: Any
     mask: ArgSpec | None
     sequential: bool = True
+    pair_biases: tuple[nn.Module, ...] = ()
 
 
 #: progressive mode's ratio when the config gives neither ratio nor r: the highest that kept both
@@ -156,10 +161,14 @@ class ViTAdapter(Adapter):
     def __init__(self, options: ViTOptions | None = None) -> None:
         super().__init__(options)
         self._blocks: dict[str, ViTBlock] = {}
-        # the patch grid of the calling thread's call (tokenmerge.calls)
-        self._grids = PerThread(partial(CallValues, grid=None))
+        # the patch grid of the calling thread's call (tokenmerge.calls), and the grid
+        # positions of the image tokens where they are not the whole grid in order
+        self._grids = PerThread(partial(CallValues, grid=None, positions=None))
         self._num_prefix = 0
         self.carry: TokenCarry | None = None  # progressive mode's token record and hooks
+        # local mode: the kept tokens of the attention call in flight, for the per-pair biases
+        # computed inside it (LocalPairBiasCut)
+        self._kept = PerThread(partial(CallValues, index=None, full=0))
 
     # ------------------------------------------------------------------ per library
     @abstractmethod
@@ -185,6 +194,13 @@ class ViTAdapter(Adapter):
     def local_size_bias(self) -> SizeBias | None:
         """How a local-mode attention call takes proportional attention (None: it cannot)."""
         return None
+
+    def pair_arguments(self) -> tuple[str, ...]:
+        """Keyword arguments of a block (progressive mode) or attention (local mode) call that
+        may hold a per-pair bias over the original tokens (a relative position bias added to
+        an attention mask); one of shape ``(B or 1, H or 1, N0, N0)`` is cut to the tokens of
+        the call."""
+        return ()
 
     # ------------------------------------------------------------------ Adapter
     @property
@@ -229,10 +245,14 @@ class ViTAdapter(Adapter):
     def layout(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
         if site.mode == "progressive":
             return self.carry.track.layout() if self.carry is not None else None
-        grid = self._grids.value.grid
-        if grid is None or hidden_states.shape[1] != self._num_prefix + grid[0] * grid[1]:
+        call = self._grids.value
+        if call.grid is None:
             return None
-        return TokenLayout(grid, self._num_prefix)
+        if hidden_states.shape[1] != TokenTrack.full_count(
+            self._num_prefix, call.grid, call.positions
+        ):
+            return None
+        return TokenLayout(call.grid, self._num_prefix, positions=call.positions)
 
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:
         block = self._blocks[patch.site.name]
@@ -241,6 +261,8 @@ class ViTAdapter(Adapter):
             if self.carry is None:
                 handles.append(self._start_tracking())
             at_mlp = self.options.merge_at == "mlp" and block.sequential
+            for bias in block.pair_biases:
+                handles += PairBiasCut(self.carry.tracks).attach(bias)
             return handles + attach_progressive(
                 patch, self.carry.tracks, block.block, block.keys_module, block.keys,
                 block.mlp if at_mlp else None,
@@ -254,8 +276,11 @@ class ViTAdapter(Adapter):
                 continue
             bias = self.local_size_bias() if patch.config.local_proportional_attention else None
             correction = value_correction(patch, kind, module)
+            inside = set(module.modules())
+            for pair_bias in (m for m in block.pair_biases if m in inside):
+                handles += LocalPairBiasCut(self._kept).attach(pair_bias)
             handles += patch.attach_local(
-                module, adjust=self.local_adjust(), correction=correction, bias=bias
+                module, adjust=self._local_adjust(), correction=correction, bias=bias
             )
         return handles
 
@@ -272,8 +297,37 @@ class ViTAdapter(Adapter):
                 "attention cannot be passed; set adapter_options={'proportional_attention': False}"
             )
         track = TokenTrack(self._num_prefix)
-        self.carry = TokenCarry(track, self._current_grid, mask, proportional, self.block_adjust())
+        self.carry = TokenCarry(
+            track, self._current_grid, mask, proportional, self._block_adjust(),
+            positions=self._current_positions,
+        )  # fmt: skip
         return self.carry.attach_restore(blocks[-1].block)
+
+    def _block_adjust(self) -> BlockAdjust | None:
+        """The adapter's block adjustment, after the per-pair biases are cut."""
+        own, names = self.block_adjust(), self.pair_arguments()
+        if not names:
+            return own
+
+        def adjust(track: TokenTrack, kwargs: dict) -> dict:
+            kwargs = cut_pair_arguments(kwargs, names, track.num_full, track.token_index())
+            return own(track, kwargs) if own is not None else kwargs
+
+        return adjust
+
+    def _local_adjust(self) -> Adjust | None:
+        """The adapter's local adjustment, after the per-pair biases are cut."""
+        own, names = self.local_adjust(), self.pair_arguments()
+        if not names:
+            return own
+
+        def adjust(plan: Plan, kwargs: dict) -> dict:
+            kept = self._kept.value
+            kept.index, kept.full = plan.kept, plan.num_tokens
+            kwargs = cut_pair_arguments(kwargs, names, plan.num_tokens, plan.kept)
+            return own(plan, kwargs) if own is not None else kwargs
+
+        return adjust
 
     def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
         if self.mode == "progressive":
@@ -289,3 +343,79 @@ class ViTAdapter(Adapter):
 
     def _current_grid(self) -> tuple[int, int] | None:
         return self._grids.value.grid
+
+    def _current_positions(self) -> Tensor | None:
+        return self._grids.value.positions
+
+
+def cut_pair_arguments(kwargs: dict, names: tuple[str, ...], full: int, index: Tensor) -> dict:
+    """``kwargs`` with every per-pair bias over ``full`` tokens among ``names`` cut to the rows
+    and columns of the tokens ``index (P, n)`` names."""
+    cut = {}
+    for name in names:
+        value = kwargs.get(name)
+        if isinstance(value, Tensor) and value.dim() == 4 and value.shape[-2:] == (full, full):
+            cut[name] = gather_pairs(value, index)
+    return {**kwargs, **cut} if cut else kwargs
+
+
+class PairBiasCut:
+    """Hooks of a module computing a per-pair bias over a block's original tokens inside the
+    block (BEiT's relative position bias) in progressive mode: once tokens merged, its output is
+    cut to the tokens present, and a ``dim_size`` argument naming the merged token count (the
+    size transformers interpolates the bias to) is set back to the original count (a class, so
+    ``copy.deepcopy`` copies it with the model)."""
+
+    def __init__(self, tracks: PerThread) -> None:
+        self.tracks = tracks
+        self.cuts = PerThread(partial(CallValues, index=None, full=0))  # this call's cut
+
+    def attach(self, module: nn.Module) -> list[RemovableHandle]:
+        return [
+            module.register_forward_pre_hook(self.before, with_kwargs=True),
+            module.register_forward_hook(self.after),
+        ]
+
+    def take(self, tokens: int | None) -> tuple[Tensor, int] | None:
+        """``(index (B, n), N0)`` of the tokens this call runs on, or None when they are the
+        original ones; ``tokens``: the call's ``dim_size`` argument, if any."""
+        track = self.tracks.value
+        if not track.merged:
+            return None
+        # one row per sample, materialised: transformers adds the mask to the cut in place
+        return track.token_index().expand(track.sizes.shape[0], -1), track.num_full
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        cut = self.cuts.value
+        taken = self.take(kwargs.get("dim_size"))
+        cut.index, cut.full = taken if taken is not None else (None, 0)
+        if taken is not None and kwargs.get("dim_size") == taken[0].shape[1]:
+            return args, {**kwargs, "dim_size": taken[1]}
+        return None
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        cut = self.cuts.value
+        index, full = cut.index, cut.full
+        cut.index = None
+        if index is None or not isinstance(output, Tensor) or output.dim() != 4:
+            return None
+        if output.shape[-2:] != (full, full):
+            return None
+        return gather_pairs(output, index)
+
+
+class LocalPairBiasCut(PairBiasCut):
+    """``PairBiasCut`` inside an attention merged in local mode: the cut is the kept tokens of
+    the call's plan, which the attention's adjustment leaves in ``kept``; a call whose
+    ``dim_size`` is not their count is not the merged call."""
+
+    def __init__(self, kept: PerThread) -> None:
+        super().__init__(kept)
+
+    def take(self, tokens: int | None) -> tuple[Tensor, int] | None:
+        call = self.tracks.value
+        index, full = call.index, call.full
+        call.index = None  # used once: the next call of the module is another attention call
+        if index is None or tokens != index.shape[1]:
+            return None
+        return index, full

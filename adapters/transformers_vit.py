@@ -1,15 +1,23 @@
 """Hugging Face transformers vision encoders built like a ViT, by structure: patch-embedded
-image tokens (a ``Conv2d`` in ``embeddings``), layers the model records hidden states from, each
-with an attention holding ``k_proj`` and an ``mlp``. That covers ``ViTModel``, DeiT, Dinov2 (with
-or without registers), Siglip's vision model, the vision tower of ``CLIPModel`` and their task
-heads (``...ForImageClassification``, reached through ``base_model``). The protected prefix is
-read from the embeddings: class, distillation and register tokens. ViTMAE (random patch
-masking), BEiT and Data2Vec-Vision (relative position biases inside the attention) are refused
-with the reason, windowed models (a ``window_size`` in their config) are not claimed.
+image tokens (a ``Conv2d`` in ``embeddings``), layers each with an attention holding ``k_proj``
+(or a self-attention holding ``key``) and an ``mlp`` (or an ``intermediate`` layer). That covers
+``ViTModel``, DeiT, Dinov2 (with or without registers), Siglip's vision model, the vision tower
+of ``CLIPModel``, BEiT, Data2Vec-Vision, ViTMAE's encoder and their task heads
+(``...ForImageClassification``, reached through ``base_model``). The protected prefix is read
+from the embeddings: class, distillation and register tokens. Windowed models (a
+``window_size`` in their config) are not claimed.
+
+- Relative position biases (BEiT, Data2Vec-Vision): a ``(1, H, N0, N0)`` bias over the original
+  tokens, from a ``...RelativePositionBias`` module or in a layer's ``attention_mask`` /
+  ``relative_position_bias`` argument, is cut to the rows and columns of the tokens present
+  (``adapters._vit.PairBiasCut``, ``cut_pair_arguments``).
+- ViTMAE: the embeddings keep a random subset of the patches, shuffled; their ``ids_restore``
+  output gives each token's grid position (``TokenLayout.positions``).
 
 Layers are found by class, the one the model records hidden states from
-(``type(model)._can_record_outputs["hidden_states"]``), inside the vision module only: a
-``CLIPModel``'s text tower uses the same layer class and is never touched. Native hooks only:
+(``type(model)._can_record_outputs["hidden_states"]``, else the class of ``encoder.layer``'s
+items), inside the vision module only: a ``CLIPModel``'s text tower and ViTMAE's decoder use
+the same layer class and are never touched. Native hooks only:
 
 - keys: the output of the attention's ``k_proj``, ``(B, N, H * d)``, averaged over heads;
 - proportional attention: the additive ``attention_mask`` every layer passes to its attention
@@ -44,6 +52,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tokenmerge.adapter import forward_parameters, parameter_index
 from tokenmerge.adapters._vit import HeadMean, ViTAdapter, ViTBlock
 from tokenmerge.errors import UnsupportedModelError
 from tokenmerge.patch import SitePatch
@@ -52,21 +61,11 @@ from tokenmerge.progressive import ArgSpec, TokenCarry
 __all__ = ["TransformersViTAdapter"]
 
 
-#: encoders built like a ViT whose tokens cannot be merged, and why
-_REFUSED = {
-    "ViTMAEModel": (
-        "ViTMAE drops and shuffles patches at random before its encoder (config.mask_ratio), so "
-        "the tokens its layers see have no grid to merge on"
-    ),
-    "BeitModel": (
-        "BEiT adds relative position biases inside its attention (not through attention_mask), "
-        "which cannot follow merged tokens"
-    ),
-    "Data2VecVisionModel": (
-        "Data2Vec-Vision is BEiT's architecture: relative position biases inside its attention, "
-        "which cannot follow merged tokens"
-    ),
-}
+#: the layer argument carrying an additive attention bias: a mask, or the shared relative
+#: position bias of BEiT-style models whose layers take no mask (Data2Vec-Vision)
+_MASK_ARGUMENTS = ("attention_mask", "relative_position_bias")
+#: how the modules computing a relative position bias per pair of tokens end their class name
+_PAIR_BIAS = "RelativePositionBias"
 #: prefix-token parameters of the embeddings (class, distillation, registers): tokens per row
 _PREFIX_PARAMETERS = ("cls_token", "distillation_token", "register_tokens")
 
@@ -84,9 +83,16 @@ def _encoder(model: Any) -> nn.Module | None:
 
 
 def _layer_class(encoder: nn.Module) -> type | None:
+    """The class of the encoder's layers: the one it records hidden states from, or (models
+    that collect them by hand, Data2Vec-Vision) the items of its ``encoder.layer`` list."""
     recorded = getattr(type(encoder), "_can_record_outputs", None) or {}
     layer = recorded.get("hidden_states")
-    return layer if isinstance(layer, type) else None
+    if isinstance(layer, type):
+        return layer
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return type(layers[0])
+    return None
 
 
 def _patch_projection(encoder: nn.Module) -> nn.Conv2d | None:
@@ -100,7 +106,7 @@ def _vision_module(model: Any) -> nn.Module | None:
     """The encoder of a model built like a ViT (patch-embedded image tokens, layers that record
     hidden states), or None."""
     encoder = _encoder(model)
-    if encoder is None or type(encoder).__name__ in _REFUSED:
+    if encoder is None:
         return None
     if _layer_class(encoder) is None or _patch_projection(encoder) is None:
         return None
@@ -120,17 +126,13 @@ class TransformersViTAdapter(ViTAdapter):
     name = "transformers_vit"
     supported_names: ClassVar[tuple[str, ...]] = (
         "transformers vision encoders built like a ViT (ViTModel, DeiT, Dinov2 with or "
-        "without registers, Siglip, CLIP's vision tower...) and their task heads",
+        "without registers, Siglip, CLIP's vision tower, BEiT, Data2Vec-Vision, ViTMAE...) and "
+        "their task heads",
     )
 
     @classmethod
     def supports(cls, model: Any) -> bool:
         return _vision_module(model) is not None
-
-    @classmethod
-    def refusal(cls, model: Any) -> str | None:
-        encoder = _encoder(model)
-        return None if encoder is None else _REFUSED.get(type(encoder).__name__)
 
     def root(self, model: Any) -> nn.Module:
         # a CLIPModel is patched in its vision tower: the text tower shares the layer class
@@ -139,31 +141,45 @@ class TransformersViTAdapter(ViTAdapter):
     def find_blocks(self, root: nn.Module) -> list[ViTBlock]:
         encoder = _vision_module(root)
         layer_class = _layer_class(encoder)
+        inside = set(encoder.modules())  # not a decoder of the same layer class (ViTMAE's)
         blocks = []
         for name, layer in root.named_modules():
-            if not isinstance(layer, layer_class):
-                continue
-            attn = getattr(layer, "attention", None) or getattr(layer, "self_attn", None)
-            mlp = getattr(layer, "mlp", None)
-            keys_module = getattr(attn, "k_proj", None)
-            if not all(isinstance(m, nn.Module) for m in (attn, mlp, keys_module)):
-                raise UnsupportedModelError(
-                    f"layer {name} ({type(layer).__name__}) has no attention k_proj / mlp "
-                    "sub-modules this adapter hooks; supported: " + ", ".join(self.supported_names)
-                )
-            heads = getattr(attn, "num_attention_heads", None) or attn.num_heads
-            blocks.append(
-                ViTBlock(
-                    name,
-                    layer,
-                    attn,
-                    mlp,
-                    keys_module,
-                    HeadMean(heads),
-                    ArgSpec("attention_mask", 1),
-                )
-            )
+            if isinstance(layer, layer_class) and layer in inside:
+                blocks.append(self._block(name, layer))
         return blocks
+
+    def _block(self, name: str, layer: nn.Module) -> ViTBlock:
+        attn = getattr(layer, "attention", None) or getattr(layer, "self_attn", None)
+        # a self-attention inside the attention module (Data2Vec-Vision: query / key / value)
+        inner = getattr(attn, "attention", attn)
+        keys_module = getattr(attn, "k_proj", None) or getattr(inner, "key", None)
+        # an MLP module, or the first of the two a layer calls in turn (Data2Vec-Vision's
+        # intermediate, then output)
+        mlp = getattr(layer, "mlp", None) or getattr(layer, "intermediate", None)
+        if not all(isinstance(m, nn.Module) for m in (attn, mlp, keys_module)):
+            raise UnsupportedModelError(
+                f"layer {name} ({type(layer).__name__}) has no attention k_proj / mlp "
+                "sub-modules this adapter hooks; supported: " + ", ".join(self.supported_names)
+            )
+        heads = next(
+            getattr(m, a) for m in (attn, inner) for a in ("num_attention_heads", "num_heads")
+            if hasattr(m, a)
+        )  # fmt: skip
+        biases = tuple(m for m in layer.modules() if type(m).__name__.endswith(_PAIR_BIAS))
+        mask = next(a for a in _MASK_ARGUMENTS if a in forward_parameters(type(layer)))
+        return ViTBlock(
+            name,
+            layer,
+            attn,
+            mlp,
+            keys_module,
+            HeadMean(heads),
+            ArgSpec(mask, parameter_index(type(layer), mask)),
+            pair_biases=biases,
+        )
+
+    def pair_arguments(self) -> tuple[str, ...]:
+        return _MASK_ARGUMENTS
 
     def num_prefix(self, root: nn.Module) -> int:
         # the tokens the embeddings put in front of the patches: a class token (ViT, CLIP,
@@ -184,12 +200,23 @@ class TransformersViTAdapter(ViTAdapter):
 
     def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
         handles = super().attach_model(root, patches)
+        embeddings = _vision_module(root).embeddings
+        if callable(getattr(embeddings, "random_masking", None)):
+            handles.append(embeddings.register_forward_hook(self._read_kept_patches))
         if self.carry is not None:
             # the module whose forward collects the recorded hidden states
             self.carry.keep_block_inputs()
             restore = _RestoreHiddenStates(self.carry)
             handles.append(_vision_module(root).register_forward_hook(restore))
         return handles
+
+    def _read_kept_patches(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """ViTMAE's embeddings keep a random subset of the patches, in random order, behind
+        the class token, and return ``ids_restore``: the grid position of every token is the
+        patch it came from."""
+        tokens, ids_restore = output[0], output[-1]
+        kept = tokens.shape[1] - self._num_prefix
+        self._grids.value.positions = ids_restore.argsort(dim=1)[:, :kept]
 
 
 class _RestoreHiddenStates:

@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from tokenmerge.errors import ConfigError
 from tokenmerge.plan import Plan
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
@@ -48,7 +49,8 @@ class ToMeConfig(CellConfig):
         default="auto",
         description=(
             "'cells': tomesd's 2-D cells; 'alternate': ToMe's even / odd split (at most half "
-            "merge). Default 'auto': cells at local-mode sites, alternate at progressive ones."
+            "merge). Default 'auto': cells at local-mode sites over a whole grid, alternate "
+            "elsewhere."
         ),
     )
 
@@ -89,9 +91,19 @@ class ToMeStrategy(Strategy):
     name = "tome"
     config_class = ToMeConfig
 
-    def _uses_cells(self, site: Site) -> bool:
+    def _uses_cells(self, site: Site, layout: TokenLayout) -> bool:
+        # cells tile the whole grid in order; tokens that are a subset of it (merged ones in
+        # progressive mode, ViTMAE's kept patches) take the alternating partition
+        whole = layout.positions is None
         if self.config.partition == "auto":
-            return site.mode == "local"
+            return site.mode == "local" and whole
+        if self.config.partition == "cells" and not whole:
+            raise ConfigError(
+                f"site {site.name!r}: tome's partition='cells' tiles the whole token grid in "
+                f"order, but this site's {layout.num_image_tokens} image tokens are a subset of "
+                f"the {layout.grid[0]} x {layout.grid[1]} grid (merged in an earlier block, or "
+                "patches a model dropped, as ViTMAE does); use partition='auto' or 'alternate'"
+            )
         return self.config.partition == "cells"
 
     def _cells(self, grid: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -100,7 +112,7 @@ class ToMeStrategy(Strategy):
 
     def capacity(self, layout: TokenLayout, site: Site) -> int:
         n = layout.num_image_tokens
-        if not self._uses_cells(site):
+        if not self._uses_cells(site, layout):
             return n // 2  # ToMe's cap: at most half the tokens, and none of a single token
         sy, sx, rows, cols = self._cells(layout.grid)
         return n - rows * cols if sy * sx > 1 else 0
@@ -131,7 +143,7 @@ class ToMeStrategy(Strategy):
     ) -> Plan:
         n = layout.num_image_tokens
         device = features.device
-        if self._uses_cells(site):
+        if self._uses_cells(site, layout):
             dst_idx, src_idx = self._cell_partition(layout.grid, device, rng)
         else:
             src_idx = torch.arange(0, n, 2, device=device)

@@ -189,6 +189,10 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             "tiny-vit-classifier", vit_model("hf_vit_classifier"), run_vit("hf_vit_classifier")
         ),
         TinyModel("tiny-clip", vit_model("clip"), run_vit("clip")),
+        *(
+            TinyModel(f"tiny-{family}", vit_model(family), run_vit(family))
+            for family in ("hf_beit", "data2vec_vision", "vit_mae")
+        ),
     ],
 }
 

@@ -15,6 +15,8 @@ import timm
 import torch
 from torch import Tensor, nn
 from transformers import (
+    BeitConfig,
+    BeitForImageClassification,
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
@@ -22,6 +24,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
+    Data2VecVisionConfig,
+    Data2VecVisionModel,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
     Dinov2Config,
@@ -32,6 +36,8 @@ from transformers import (
     SiglipVisionModel,
     ViTConfig,
     ViTForImageClassification,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
     ViTModel,
 )
 
@@ -191,7 +197,7 @@ def make_clip_text() -> nn.Module:
 
 
 def _hf_small(config_class: type, **extra: Any) -> Any:
-    """A tiny config of one of the ViT-like transformers encoders (DeiT, Dinov2, Siglip)."""
+    """A tiny config of one of the ViT-like transformers encoders (DeiT, Dinov2, Siglip...)."""
     return config_class(
         hidden_size=32, num_hidden_layers=DEPTH, num_attention_heads=2, intermediate_size=64,
         image_size=IMG, patch_size=PATCH, **extra,
@@ -214,6 +220,47 @@ def make_dinov2_registers() -> nn.Module:
 
 def make_siglip_vision() -> nn.Module:
     return _seeded(lambda: SiglipVisionModel(_hf_small(SiglipVisionConfig)))
+
+
+def _random_pair_biases(model: nn.Module) -> nn.Module:
+    """Relative position bias tables drawn at random (transformers starts them at zero, where
+    a bias cut to the wrong tokens would go unseen)."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(3)
+        for name, parameter in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                parameter.normal_()
+    return model
+
+
+def make_hf_beit() -> nn.Module:
+    """BEiT: a relative position bias in every layer and one shared by all of them."""
+    config = _hf_small(
+        BeitConfig, use_relative_position_bias=True, use_shared_relative_position_bias=True
+    )
+    return _random_pair_biases(_seeded(lambda: BeitForImageClassification(config)))
+
+
+def make_data2vec_vision() -> nn.Module:
+    """Data2Vec-Vision (as its checkpoints: a relative position bias inside every attention)."""
+    config = _hf_small(Data2VecVisionConfig, use_relative_position_bias=True)
+    return _random_pair_biases(_seeded(lambda: Data2VecVisionModel(config)))
+
+
+def make_vit_mae() -> nn.Module:
+    """ViTMAE for pre-training: an encoder on a random quarter of the patches, and a decoder
+    of the same layer class on all of them (never merged)."""
+    config = _hf_small(
+        ViTMAEConfig, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64,
+    )  # fmt: skip
+    return _seeded(lambda: ViTMAEForPreTraining(config))
+
+
+def mae_noise(batch: int, seed: int = 4) -> Tensor:
+    """ViTMAE keeps the patches of the lowest noise: fixed noise, the same patches each call."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, (IMG // PATCH) ** 2, generator=g)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -244,6 +291,7 @@ class Family:
         num_prefix: protected tokens in front of the image tokens.
         img: input side in pixels.
         patch: patch side in pixels.
+        kept: image tokens the blocks receive, when not the whole grid (ViTMAE's quarter).
     """
 
     name: str
@@ -252,6 +300,7 @@ class Family:
     num_prefix: int
     img: int = IMG
     patch: int = PATCH
+    kept: int | None = None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -259,7 +308,7 @@ class Family:
 
     @property
     def image_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.kept or self.grid[0] * self.grid[1]
 
     @property
     def tokens(self) -> int:
@@ -273,6 +322,8 @@ class Family:
         if self.name == "clip":
             ids = text_ids(images.shape[0])
             return model(input_ids=ids, pixel_values=images, **kwargs)
+        if self.name == "vit_mae":
+            kwargs = {"noise": mae_noise(images.shape[0]), **kwargs}
         if self.adapter == "transformers_vit":
             return model(pixel_values=images, **kwargs)
         return model(images, **kwargs)
@@ -288,8 +339,10 @@ class Family:
         if self.adapter == "timm_vit":
             return list(model.blocks)
         module = vision_module(model)
-        layer = type(module)._can_record_outputs["hidden_states"]
-        return [m for m in module.modules() if isinstance(m, layer)]
+        recorded = type(module)._can_record_outputs
+        if recorded is None:  # Data2Vec-Vision collects its hidden states by hand
+            return list(module.encoder.layer)
+        return [m for m in module.modules() if isinstance(m, recorded["hidden_states"])]
 
 
 def vision_module(model: nn.Module) -> nn.Module:
@@ -327,5 +380,8 @@ FAMILIES: dict[str, Family] = {
         Family("dinov2", make_dinov2, "transformers_vit", 1),
         Family("dinov2_registers", make_dinov2_registers, "transformers_vit", 3),
         Family("siglip_vision", make_siglip_vision, "transformers_vit", 0),
+        Family("hf_beit", make_hf_beit, "transformers_vit", 1),
+        Family("data2vec_vision", make_data2vec_vision, "transformers_vit", 1),
+        Family("vit_mae", make_vit_mae, "transformers_vit", 1, kept=(IMG // PATCH) ** 2 // 4),
     )
 }

@@ -64,6 +64,9 @@ class TokenTrack:
     def __init__(self, num_prefix: int) -> None:
         self.num_prefix = num_prefix
         self.grid: tuple[int, int] | None = None
+        #: ``(B or 1, n)`` grid index of each image token the blocks receive, when they are not
+        #: the whole grid in order (ViTMAE keeps a random subset of the patches); None: they are
+        self.start_positions: Tensor | None = None
         self.clear()
 
     def clear(self) -> None:
@@ -72,10 +75,24 @@ class TokenTrack:
         self.origin: Tensor | None = None
         self.num_tokens = 0
 
-    def start(self, grid: tuple[int, int]) -> None:
+    def start(self, grid: tuple[int, int], positions: Tensor | None = None) -> None:
         """A block sees the whole token set: a new call begins (or nothing has merged yet)."""
         self.grid = grid
+        self.start_positions = positions
         self.clear()
+
+    @staticmethod
+    def full_count(num_prefix: int, grid: tuple[int, int], positions: Tensor | None) -> int:
+        """Tokens a block receives before any merge."""
+        image = grid[0] * grid[1] if positions is None else positions.shape[-1]
+        return num_prefix + image
+
+    @property
+    def num_full(self) -> int:
+        """Tokens of the call before any merge (0 before a call)."""
+        if self.grid is None:
+            return 0
+        return self.full_count(self.num_prefix, self.grid, self.start_positions)
 
     @property
     def merged(self) -> bool:
@@ -84,7 +101,8 @@ class TokenTrack:
     def layout(self) -> TokenLayout | None:
         if self.grid is None:
             return None
-        return TokenLayout(self.grid, self.num_prefix, positions=self.positions)
+        positions = self.positions if self.merged else self.start_positions
+        return TokenLayout(self.grid, self.num_prefix, positions=positions)
 
     def sizes_for(self, plan: Plan, batch: int) -> Tensor:
         """``(batch, N)`` sizes of the tokens ``plan`` applies to (ones before any merge)."""
@@ -100,7 +118,9 @@ class TokenTrack:
         if self.origin is None:
             n = plan.num_tokens
             self.origin = torch.arange(n, device=device).unsqueeze(0)
-            self.positions = torch.arange(n - self.num_prefix, device=device).unsqueeze(0)
+            self.positions = self.start_positions
+            if self.positions is None:
+                self.positions = torch.arange(n - self.num_prefix, device=device).unsqueeze(0)
         self.sizes = merged_sizes
         rows = max(plan.batch, self.origin.shape[0])
         self.origin = plan.origin.expand(rows, -1).gather(1, self.origin.expand(rows, -1))
@@ -108,6 +128,17 @@ class TokenTrack:
         rows = max(plan.batch, self.positions.shape[0])
         self.positions = self.positions.expand(rows, -1).gather(1, image_kept.expand(rows, -1))
         self.num_tokens = plan.num_out
+
+    def token_index(self) -> Tensor | None:
+        """``(B or 1, N)`` original index of every current token (a merged token takes its
+        destination's), prefix tokens first; None before the first merge. Per-pair tables made
+        for the original tokens (relative position biases) are cut to the current ones with
+        it."""
+        if self.positions is None:
+            return None
+        prefix = torch.arange(self.num_prefix, device=self.positions.device)
+        prefix = prefix.unsqueeze(0).expand(self.positions.shape[0], -1)
+        return torch.cat([prefix, self.positions + self.num_prefix], dim=1)
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor:
         """``(B, 1, 1, N)`` additive logits bias: ``log(size)`` of every key."""
@@ -163,9 +194,12 @@ class TokenCarry:
         mask: ArgSpec | None,
         proportional: bool,
         adjust: BlockAdjust | None = None,
+        positions: Callable[[], Tensor | None] | None = None,
     ) -> None:
         self.tracks = PerThread(partial(TokenTrack, track.num_prefix))
         self.grid = grid
+        #: the call's start positions (``TokenTrack.start_positions``), when the adapter has any
+        self.positions = positions
         self.mask = mask
         self.proportional = proportional and mask is not None
         self.adjust = adjust
@@ -212,8 +246,9 @@ class TokenCarry:
             return None
         track = self.tracks.value
         grid = self.grid()
-        if grid is not None and x.shape[1] == track.num_prefix + grid[0] * grid[1]:
-            track.start(grid)
+        positions = self.positions() if self.positions is not None else None
+        if grid is not None and x.shape[1] == track.full_count(track.num_prefix, grid, positions):
+            track.start(grid, positions)
         merged = track.merged and x.shape[1] == track.num_tokens
         if self.block_inputs is not None:
             self.block_inputs[self.blocks.index(module)] = track.origin if merged else None
@@ -280,7 +315,7 @@ class _ProgressiveSite:
         elif track.merged:
             expected = track.num_tokens
         else:
-            expected = track.num_prefix + track.grid[0] * track.grid[1]
+            expected = track.num_full
         if x.shape[1] != expected:
             self.patch.count_pass_through(
                 f"{x.shape[1]} tokens, not the {expected} tokens tracked in this call (was the "

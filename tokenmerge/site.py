@@ -104,9 +104,10 @@ class TokenLayout:
             token count; in progressive mode it is the model's original patch grid.
         num_prefix: protected tokens before the image tokens (class, distillation, registers),
             never merged.
-        positions: progressive mode only: ``(B or 1, n)`` row-major index in ``grid`` of every
-            image token still present (a merged token keeps its destination's position); None
-            while the tokens are the whole grid in order.
+        positions: ``(B or 1, n)`` row-major index in ``grid`` of every image token present,
+            when they are not the whole grid in order: in progressive mode once tokens merged (a
+            merged token keeps its destination's position), and where a model keeps a subset of
+            its patches (ViTMAE); None while the tokens are the whole grid in order.
         frames: local mode: video frames of ``grid`` each, one after the other (frame-major,
             then row-major). Each frame is planned on its own, so no token merges into another
             frame's token; the strategy sees one frame's ``grid``.
