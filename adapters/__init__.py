@@ -31,7 +31,7 @@ def tokenmerge_register_adapters(register):
             claims=("diffusers.",),
             description=(
                 "diffusers UNet2DConditionModel (SD 1.x / 2.x / XL), Stable Video Diffusion's "
-                "UNetSpatioTemporalConditionModel and their pipelines"
+                "UNetSpatioTemporalConditionModel, UNet2DModel (DDPM) and their pipelines"
             ),
         )
     )
@@ -68,6 +68,19 @@ def tokenmerge_register_adapters(register):
             description=(
                 "any other diffusers image or video transformer built from diffusers attention "
                 "modules (Sana, Qwen-Image, Wan, HunyuanVideo, CogVideoX, LTX-Video...)"
+            ),
+        )
+    )
+    register(
+        AdapterSpec(
+            name="timm_hierarchical",
+            target="tokenmerge.adapters.timm_hierarchical:TimmHierarchicalAdapter",
+            requires={"timm": "1.0.31"},
+            extra="timm",
+            claims=("timm.",),
+            description=(
+                "timm hierarchical / windowed models (Swin v1 / v2 / v2-cr, MaxViT, CoAtNet, "
+                "MaxxViT, LeViT, SAM, EfficientViT-MSRA): merging around their token-wise MLPs"
             ),
         )
     )

@@ -459,6 +459,8 @@ def _known(module: nn.Module) -> bool:
             ("diffusers.models.transformers.transformer_flux", "FluxAttention"),
             ("timm.layers.attention", "Attention"),
             ("timm.models.eva", "EvaAttention"),
+            # BEiT's: q / v biases and a relative position bias no view models
+            ("timm.models.beit", "Attention"),
             *_TRANSFORMERS,
         )
     )

@@ -306,28 +306,12 @@ class ViTAdapter(Adapter):
     def _block_adjust(self) -> BlockAdjust | None:
         """The adapter's block adjustment, after the per-pair biases are cut."""
         own, names = self.block_adjust(), self.pair_arguments()
-        if not names:
-            return own
-
-        def adjust(track: TokenTrack, kwargs: dict) -> dict:
-            kwargs = cut_pair_arguments(kwargs, names, track.num_full, track.token_index())
-            return own(track, kwargs) if own is not None else kwargs
-
-        return adjust
+        return _PresentPairs(names, own) if names else own
 
     def _local_adjust(self) -> Adjust | None:
         """The adapter's local adjustment, after the per-pair biases are cut."""
         own, names = self.local_adjust(), self.pair_arguments()
-        if not names:
-            return own
-
-        def adjust(plan: Plan, kwargs: dict) -> dict:
-            kept = self._kept.value
-            kept.index, kept.full = plan.kept, plan.num_tokens
-            kwargs = cut_pair_arguments(kwargs, names, plan.num_tokens, plan.kept)
-            return own(plan, kwargs) if own is not None else kwargs
-
-        return adjust
+        return _KeptPairs(names, own, self._kept) if names else own
 
     def attach_model(self, root: nn.Module, patches: list[SitePatch]) -> list[RemovableHandle]:
         if self.mode == "progressive":
@@ -357,6 +341,34 @@ def cut_pair_arguments(kwargs: dict, names: tuple[str, ...], full: int, index: T
         if isinstance(value, Tensor) and value.dim() == 4 and value.shape[-2:] == (full, full):
             cut[name] = gather_pairs(value, index)
     return {**kwargs, **cut} if cut else kwargs
+
+
+class _PresentPairs:
+    """Progressive mode's block adjustment: the per-pair biases among ``names`` cut to the
+    tokens present, then the adapter's own adjustment (classes, not closures, so
+    ``copy.deepcopy`` copies what they hold with the model)."""
+
+    def __init__(self, names: tuple[str, ...], own: BlockAdjust | None) -> None:
+        self.names, self.own = names, own
+
+    def __call__(self, track: TokenTrack, kwargs: dict) -> dict:
+        kwargs = cut_pair_arguments(kwargs, self.names, track.num_full, track.token_index())
+        return self.own(track, kwargs) if self.own is not None else kwargs
+
+
+class _KeptPairs:
+    """Local mode's attention adjustment: the per-pair biases among ``names`` cut to the kept
+    tokens, which it also leaves in ``kept`` for the biases made inside the attention
+    (``LocalPairBiasCut``), then the adapter's own adjustment."""
+
+    def __init__(self, names: tuple[str, ...], own: Adjust | None, kept: PerThread) -> None:
+        self.names, self.own, self.kept = names, own, kept
+
+    def __call__(self, plan: Plan, kwargs: dict) -> dict:
+        kept = self.kept.value
+        kept.index, kept.full = plan.kept, plan.num_tokens
+        kwargs = cut_pair_arguments(kwargs, self.names, plan.num_tokens, plan.kept)
+        return self.own(plan, kwargs) if self.own is not None else kwargs
 
 
 class PairBiasCut:

@@ -17,7 +17,8 @@ queries only) and, with ``sites.mlp``, around its diffusers ``FeedForward`` modu
 stream. Text tokens are never merged: where a joint attention takes them as
 ``encoder_hidden_states`` they attend to the merged image tokens and come back whole; a module
 given text and image tokens in one sequence merges the image part where the order is known
-(``TEXT_FIRST_BLOCKS``) and passes through otherwise, counted in ``stats()``. Self-attention
+(``TEXT_FIRST_BLOCKS``, ``IMAGE_FIRST_BLOCKS``) and passes through otherwise, counted in
+``stats()``. Self-attention
 given its own tokens again as ``encoder_hidden_states`` (OmniGen, Lumina) gets the merged tokens
 there too.
 
@@ -29,7 +30,9 @@ token (a ToMe destination, a ReToM representative), so its position stays exact.
 the call's text and image tokens together is reduced where the processor's order of the two is
 known (``JOINT_ORDER``). A call the reduction cannot place passes through with the reason: an
 argument spanning text and image tokens in an unknown order, text as long as the image, a table
-with two axes of the image's length.
+with two axes of the image's length. Lumina's proportional attention (``base_sequence_length``:
+logits scaled by ``sqrt(log(L) / log(base))`` for ``L`` tokens) gets the base that keeps the
+whole call's scale.
 
 Value correction (``value_correction``) applies where the attention has a view of its own
 (``tokenmerge.adapters._views``); these models' attention classes have none yet, so their
@@ -42,6 +45,7 @@ token merges into another frame's token, while attention still spans all frames.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -202,8 +206,22 @@ TEXT_FIRST_BLOCKS = frozenset(
     }
 )
 
+#: blocks whose modules take one sequence of image then text tokens (HiDream's single-stream
+#: blocks, wrapped in a ``HiDreamBlock``): the image tokens merge, the text behind is protected
+IMAGE_FIRST_BLOCKS = frozenset({"HiDreamImageSingleTransformerBlock"})
+
+
+def sequence_order(block: nn.Module) -> str | None:
+    """``"text first"`` or ``"image first"`` where a block's modules take text and image tokens
+    in one sequence in that order (the block or a block it wraps is listed), else None."""
+    names = {type(block).__name__, *(type(m).__name__ for m in block.children())}
+    if names & TEXT_FIRST_BLOCKS:
+        return "text first"
+    return "image first" if names & IMAGE_FIRST_BLOCKS else None
+
+
 #: the arguments a merged call never reduces: the merged tokens and the text tokens
-_NOT_TABLES = frozenset({"hidden_states", "encoder_hidden_states"})
+_NOT_TABLES = frozenset({"hidden_states", "encoder_hidden_states", "norm_encoder_hidden_states"})
 
 
 class LatentGrid(GridHook):
@@ -267,12 +285,24 @@ class LatentGrid(GridHook):
     def layout_text_first(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
         """The layout at a block of ``TEXT_FIRST_BLOCKS``: the tokens beyond the grid's come
         first, protected."""
+        return self._joined(hidden_states, "text first")
+
+    def layout_image_first(self, site: Site, hidden_states: Tensor) -> TokenLayout | None:
+        """The layout at a block of ``IMAGE_FIRST_BLOCKS``: the tokens beyond the grid's come
+        last, protected."""
+        return self._joined(hidden_states, "image first")
+
+    def _joined(self, hidden_states: Tensor, order: str) -> TokenLayout | None:
         grid = self.calls.value.grid
         if grid is None:
             return None
         frames, rows, cols = grid
         extra = hidden_states.shape[1] - frames * rows * cols
-        return None if extra < 0 else TokenLayout((rows, cols), extra, frames=frames)
+        if extra < 0:
+            return None
+        if order == "text first":
+            return TokenLayout((rows, cols), extra, frames=frames)
+        return TokenLayout((rows, cols), frames=frames, num_suffix=extra)
 
     def tokens(self) -> int | None:
         """How many image tokens this call's grid holds (None: no grid)."""
@@ -341,7 +371,7 @@ class TableGuard(TargetGuard):
         super().__init__(module, kind, block)
         self.grid = grid
         self.text = text
-        self.text_first = type(block).__name__ in TEXT_FIRST_BLOCKS
+        self.joined = sequence_order(block) is not None  # text and image in one sequence
 
     def __call__(self, args: tuple, kwargs: dict) -> str | None:
         reason = self.replaying_hook()
@@ -353,8 +383,8 @@ class TableGuard(TargetGuard):
         x = args[0] if args else kwargs.get("hidden_states")
         if tokens is None or not isinstance(x, Tensor) or x.dim() != 3:
             return None  # the layout has no grid for it: passed through, counted as such
-        if self.text_first and x.shape[1] > tokens:
-            tokens = x.shape[1]  # text then image tokens: every argument runs over both
+        if self.joined and x.shape[1] > tokens:
+            tokens = x.shape[1]  # text and image tokens: every argument runs over both
         elif x.shape[1] != tokens:
             return (
                 f"hidden states of {x.shape[1]} tokens, not the {tokens} image tokens "
@@ -362,12 +392,10 @@ class TableGuard(TargetGuard):
             )
         if self.text.calls.value.length == tokens:
             return f"the block's text is as long as the image ({tokens} tokens): which is this?"
-        if kwargs.get("base_sequence_length") is not None:
-            return (
-                "attention scaled by its sequence length (Lumina's proportional attention): "
-                "fewer tokens would change the scale"
-            )
-        text = kwargs.get("encoder_hidden_states")
+        base = kwargs.get("base_sequence_length")
+        if base is not None and (not isinstance(base, (int, float)) or base <= 1):
+            return f"base_sequence_length {base!r}: not a number above 1 to rescale"
+        text = call_text(kwargs)
         # keys and values from the hidden states themselves are merged with them: no text
         text_length = 0 if text is x else _text_length(text)
         joint = JOINT_ORDER.get(processor_name(self.module))
@@ -400,7 +428,14 @@ class TableGuard(TargetGuard):
 #: the arguments that run over text and image tokens (HunyuanVideo's model makes a text-padding
 #: mask over image then text tokens); a call with such an argument under a processor not
 #: listed here passes through, since which rows are the image's is not known
-JOINT_ORDER = {"HunyuanVideoAttnProcessor2_0": "image first"}
+JOINT_ORDER = {"HunyuanVideoAttnProcessor2_0": "image first", "HiDreamAttnProcessor": "image first"}
+
+
+def call_text(kwargs: dict) -> Any:
+    """The text tokens an attention call takes (HiDream's processor names them
+    ``norm_encoder_hidden_states``)."""
+    text = kwargs.get("encoder_hidden_states")
+    return kwargs.get("norm_encoder_hidden_states") if text is None else text
 
 
 def reduce_tables(plan: Plan, kwargs: dict, joint: str | None = None) -> dict:
@@ -408,7 +443,7 @@ def reduce_tables(plan: Plan, kwargs: dict, joint: str | None = None) -> dict:
     of the tokens the batch-shared ``plan`` keeps; with ``joint`` (``JOINT_ORDER``'s
     ``"image first"`` or ``"text first"``), also every axis over the image and the call's text
     tokens together, whose text rows all stay."""
-    text_length = _text_length(kwargs.get("encoder_hidden_states")) if joint else 0
+    text_length = _text_length(call_text(kwargs)) if joint else 0
     lengths = {plan.num_tokens: None}
     if text_length:
         lengths[plan.num_tokens + text_length] = (joint, text_length)
@@ -428,7 +463,18 @@ class TableReducer:
         self.module = module
 
     def __call__(self, plan: Plan, kwargs: dict) -> dict:
-        return reduce_tables(plan, kwargs, JOINT_ORDER.get(processor_name(self.module)))
+        kwargs = reduce_tables(plan, kwargs, JOINT_ORDER.get(processor_name(self.module)))
+        base = kwargs.get("base_sequence_length")
+        if base is None:
+            return kwargs
+        return {**kwargs, "base_sequence_length": same_scale_base(base, plan)}
+
+
+def same_scale_base(base: float, plan: Plan) -> float:
+    """Lumina's proportional attention scales the logits by ``sqrt(log(L) / log(base))`` for
+    ``L`` query tokens: the base that gives the merged call (``plan.num_out`` tokens) the scale
+    of the whole one, so merging changes the tokens, not the temperature."""
+    return base ** (math.log(plan.num_out) / math.log(plan.num_tokens))
 
 
 def _reduced(plan: Plan, name: str, value: Any, lengths: dict) -> Any:
@@ -488,7 +534,8 @@ class DiffusersTransformerAdapter(TransformerAdapter):
     def __init__(self, options: AdapterOptions | None = None) -> None:
         super().__init__(options)
         self._targets: dict[str, list[tuple[str, nn.Module]]] = {}
-        self._text_first: set[str] = set()  # sites of TEXT_FIRST_BLOCKS
+        #: sites whose modules take text and image tokens in one sequence: in which order
+        self._orders: dict[str, str] = {}
 
     @staticmethod
     def model_classes() -> tuple[type, ...]:
@@ -515,16 +562,20 @@ class DiffusersTransformerAdapter(TransformerAdapter):
                 modules.setdefault(kind, module)
             stage = depth_stage(index, len(blocks))
             site = Site(name, stage=stage, block_index=index, shared_plan=True)
-            if type(block).__name__ in TEXT_FIRST_BLOCKS:
-                self._text_first.add(name)
+            order = sequence_order(block)
+            if order is not None:
+                self._orders[name] = order
             self._blocks[name] = block
             self._targets[name] = targets
             found.append(SiteCandidate(site, modules))
         return found
 
     def layout_for(self, site: Site) -> Callable[[Site, Tensor], TokenLayout | None]:
-        if site.name in self._text_first:
+        order = self._orders.get(site.name)
+        if order == "text first":
             return self._grid.layout_text_first
+        if order == "image first":
+            return self._grid.layout_image_first
         return self._grid.layout
 
     def attach(self, patch: SitePatch, modules: dict[str, nn.Module]) -> list[RemovableHandle]:

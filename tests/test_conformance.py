@@ -16,15 +16,20 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import pytest
 import torch
 from diffusers_zoo import ZOO, output_of
+from hierarchical_models import FAMILIES as HIERARCHICAL
+from hierarchical_models import build as build_hierarchical
+from hierarchical_models import runner as run_hierarchical
 from pydantic import ConfigDict, Field
 from torch import nn
 from toy_models import Attention
 from transformer_models import FAMILIES, inputs
+from unet_models import tiny_unet2d
 from vit_models import FAMILIES as VIT_FAMILIES
 
 import tokenmerge
@@ -94,6 +99,13 @@ def run_unet(model: nn.Module) -> Any:
     return model(UNET_SAMPLE, 999, encoder_hidden_states=UNET_TEXT)
 
 
+UNET2D_SAMPLE = torch.randn(2, 3, 16, 16, generator=_UNET_GEN)
+
+
+def run_unet2d(model: nn.Module) -> Any:
+    return model(UNET2D_SAMPLE, 999)
+
+
 def run_transformer(family: str) -> Callable[[nn.Module], Any]:
     kwargs = inputs(family)
     return lambda model: model(**kwargs)
@@ -138,7 +150,10 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             },
         )
     ],
-    "diffusers_unet": [TinyModel("tiny-unet", tiny_unet, run_unet, {"sites": {"min_tokens": 1}})],
+    "diffusers_unet": [
+        TinyModel("tiny-unet", tiny_unet, run_unet, {"sites": {"min_tokens": 1}}),
+        TinyModel("tiny-unet2d", tiny_unet2d, run_unet2d, {"sites": {"min_tokens": 1}}),
+    ],
     "diffusers_dit": [
         TinyModel(
             f"tiny-{family}",
@@ -171,6 +186,7 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             "allegro",
             "omnigen",
             "lumina_next",
+            "hidream",
         )
     ],
     # progressive mode (the default) merges at most half of a block's tokens: the checks' 0.5
@@ -184,6 +200,14 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
         ),
         TinyModel("tiny-eva02", vit_model("eva02"), run_vit("eva02")),
     ],
+    "timm_hierarchical": [
+        TinyModel(
+            f"tiny-{family}",
+            partial(build_hierarchical, HIERARCHICAL[family]),
+            run_hierarchical(HIERARCHICAL[family]),
+        )
+        for family in ("swin", "coatnet")
+    ],  # fmt: skip
     "transformers_vit": [
         TinyModel(
             "tiny-vit-classifier", vit_model("hf_vit_classifier"), run_vit("hf_vit_classifier")

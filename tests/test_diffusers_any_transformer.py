@@ -4,6 +4,7 @@ builds of every class in ``diffusers_zoo`` and whole generations of tiny pipelin
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -28,9 +29,7 @@ ADAPTER = {name: "diffusers_transformer" for name in ZOO} | {
     "chroma": "diffusers_flux",
     "sd3": "diffusers_dit",
 }
-#: models none of whose attention calls can merge, and the reason they pass through with
-NOTHING_MERGES = {"hidream": "text and image tokens"}
-MERGING = [name for name in ZOO if name not in NOTHING_MERGES]
+MERGING = list(ZOO)
 SITES = {"min_tokens": 1, "mlp": True}
 
 
@@ -60,16 +59,6 @@ def test_merges_and_is_exact_at_ratio_zero_and_after_removal(name: str) -> None:
     assert not torch.equal(merged, plain)
     assert any(site.tokens_out < site.tokens_in for site in stats.values()), stats
     assert torch.equal(_run(model, kwargs), plain)
-
-
-@pytest.mark.parametrize("name", sorted(NOTHING_MERGES))
-def test_a_model_that_cannot_merge_says_why_and_runs_unchanged(name: str) -> None:
-    model, kwargs, plain = _plain(name)
-    with tokenmerge.apply(model, "tome", ratio=0.5, sites=SITES) as handle:
-        with pytest.warns(NothingMergedWarning, match=NOTHING_MERGES[name]):
-            out = _run(model, kwargs)
-        assert all(site.tokens_out == site.tokens_in for site in handle.stats().values())
-    assert torch.equal(out, plain)
 
 
 @pytest.mark.parametrize("name", ["wan", "qwen_image", "ltx", "allegro", "hunyuan_video"])
@@ -278,19 +267,31 @@ def test_hunyuan_video_text_padding_mask_follows_the_merged_tokens() -> None:
     assert torch.equal(out[1], out_changed[1])
 
 
-def test_attention_scaled_by_its_length_passes_through() -> None:
-    # Lumina's proportional attention scales the logits by the log of the sequence length:
-    # fewer tokens would change the scale, so those calls stay whole
+def test_attention_scaled_by_its_length_keeps_its_scale() -> None:
+    # Lumina's proportional attention scales the logits by sqrt(log(L) / log(base)) for L
+    # query tokens: a merged call gets the base that keeps the whole call's scale
     model, kwargs, _ = _plain("lumina_next")
     scaled = {**kwargs, "cross_attention_kwargs": {"base_sequence_length": 16}}
     plain = _run(model, scaled)
+    seen: list[tuple[int, float]] = []
+
+    def spy(module: nn.Module, args: tuple, call: dict) -> None:
+        if call.get("key_rotary_emb") is not None:  # self-attention: scaled
+            length = (args[0] if args else call["hidden_states"]).shape[1]
+            seen.append((length, call["base_sequence_length"]))
+
     with tokenmerge.apply(model, "tome", ratio=0.5, sites=SITES) as handle:
-        with pytest.warns(NothingMergedWarning, match="scaled by its sequence length"):
-            out = _run(model, scaled)
-        assert all(s.tokens_out == s.tokens_in for s in handle.stats().values())
-        _run(model, kwargs)  # without the scale: merged
-        assert any(s.tokens_out < s.tokens_in for s in handle.stats().values())
-    assert torch.equal(out, plain)
+        for module in model.modules():
+            if is_attention(module):
+                module.register_forward_pre_hook(spy, with_kwargs=True)
+        out = _run(model, scaled)
+        stats = handle.stats().values()
+    assert all(s.passed_through == 0 and s.tokens_out < s.tokens_in for s in stats)
+    whole = ZOO["lumina_next"].grid[1] * ZOO["lumina_next"].grid[2]
+    assert seen and all(length < whole for length, _ in seen)
+    for length, base in seen:
+        assert math.log(length, base) == pytest.approx(math.log(whole, 16), rel=1e-12)
+    assert out.shape == plain.shape and not torch.equal(out, plain)
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "cogview3plus"])
@@ -311,3 +312,46 @@ def test_an_mlp_given_text_then_image_shares_its_attention_plan(name: str) -> No
     assert all(s.plans_computed == 1 and s.plans_reused == 2 for s in stats), list(stats)
     assert all(s.passed_through == 0 for s in stats)
     assert set(seen) == {text + tokens - tokens // 2}  # the text whole, half the image
+
+
+def test_hidream_text_behind_the_image_keeps_its_rotary_rows() -> None:
+    """HiDream's single-stream blocks take image then text tokens in one sequence, and both
+    kinds of block one rotary table over image then text: the image rows follow the merged
+    tokens (a subset of the image's, in order), the text rows all stay, last."""
+    model, kwargs, _ = _plain("hidream")
+    grid = ZOO["hidream"].grid
+    image = grid[0] * grid[1] * grid[2]
+    tables: dict[str, list[Tensor]] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, call: dict) -> None:
+            tables.setdefault(name, []).append(call["image_rotary_emb"])
+
+        return hook
+
+    double, single = (
+        m.block.attn1 for m in (model.double_stream_blocks[0], model.single_stream_blocks[0])
+    )
+
+    def spy() -> list:
+        return [
+            attention.register_forward_pre_hook(keep(name), with_kwargs=True)
+            for name, attention in (("double", double), ("single", single))
+        ]
+
+    hooks = spy()
+    _run(model, kwargs)
+    for hook in hooks:
+        hook.remove()
+    with tokenmerge.apply(model, "retom", ratio=0.5, sites=SITES) as handle:
+        spy()  # after apply: sees the calls as merged
+        _run(model, kwargs)
+        assert all(s.tokens_out < s.tokens_in for s in handle.stats().values())
+    for name in ("double", "single"):
+        full, cut = tables[name]
+        text = full.shape[1] - image
+        assert cut.shape[1] == full.shape[1] - image // 2, name
+        assert torch.equal(cut[:, -text:], full[:, -text:]), name
+        rows = full[0, :image].flatten(1)
+        found = [int((rows == row).all(1).nonzero()[0]) for row in cut[0, :-text].flatten(1)]
+        assert found == sorted(set(found)), name  # distinct image rows, in token order

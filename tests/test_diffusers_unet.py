@@ -1214,30 +1214,6 @@ def test_video_unet_is_not_taken_for_an_image_unet() -> None:
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in video.modules())
 
 
-@pytest.mark.parametrize(
-    ("model_class", "config", "why"),
-    [
-        (
-            "UNet2DModel",
-            dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                 attention_head_dim=8),
-            "adds its residual inside the attention module",
-        ),
-    ],
-)  # fmt: skip
-def test_unets_it_cannot_merge_are_refused_with_the_reason(model_class, config, why):
-    import diffusers
-
-    model = getattr(diffusers, model_class)(**config)
-    with pytest.raises(tokenmerge.UnsupportedModelError) as info:
-        tokenmerge.apply(model, "retom")
-    message = str(info.value)
-    assert message.startswith(f"{model_class} is not supported: ") and why in message
-    assert "adapter='generic'" not in message  # no fallback that would merge nothing or wrong
-
-
 def tiny_svd_unet() -> nn.Module:
     import diffusers
 

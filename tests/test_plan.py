@@ -324,6 +324,41 @@ def test_with_prefix_leaves_prefix_tokens_untouched(assignment, prefix, batch, w
 
 
 @FAST
+@given(
+    assignment=assignments(),
+    prefix=st.integers(0, 2),
+    suffix=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_with_suffix_leaves_suffix_tokens_untouched(assignment, prefix, suffix, batch, seed):
+    # HiDream's single-stream blocks: image tokens first, text behind, protected
+    plan, src, dst_token, n = build(assignment)
+    wrapped = plan.with_prefix(prefix).with_suffix(suffix)
+    assert plan.with_suffix(0) is plan
+    batch = batch_for(plan.batch, batch)
+    total = prefix + n + suffix
+    check_plan_indices(wrapped, total)
+    assert wrapped.num_merged == plan.num_merged and wrapped.num_out == total - plan.num_merged
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, total, 4, generator=gen)
+    merged = wrapped.merge(x)
+    assert torch.equal(merged[:, :prefix], x[:, :prefix])
+    assert torch.equal(merged[:, merged.shape[1] - suffix :], x[:, total - suffix :])
+    image = slice(prefix, prefix + n)
+    torch.testing.assert_close(
+        merged[:, prefix : merged.shape[1] - suffix], plan.merge(x[:, image])
+    )
+    y = torch.randn(batch, wrapped.num_out, 4, generator=gen)
+    restored = wrapped.unmerge(y)
+    assert torch.equal(restored[:, total - suffix :], y[:, y.shape[1] - suffix :])
+    assert torch.equal(restored[:, image], plan.unmerge(y[:, prefix : y.shape[1] - suffix]))
+    if wrapped.log_counts is not None:
+        tail = wrapped.log_counts[:, wrapped.num_out - suffix :]
+        assert torch.equal(tail, torch.zeros_like(tail))
+
+
+@FAST
 @given(assignment=assignments(rows=1), batch=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
 def test_batch_shared_plan_applies_to_any_batch(assignment, batch, seed):
     plan, src, dst_token, n = build(assignment)

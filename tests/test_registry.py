@@ -51,6 +51,7 @@ BUILTIN_ADAPTERS = [
     "diffusers_transformer",
     "diffusers_unet",
     "generic",
+    "timm_hierarchical",
     "timm_vit",
     "transformers_vit",
 ]

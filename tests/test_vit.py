@@ -814,26 +814,6 @@ def test_unsupported_models_are_named() -> None:
     assert hook_count(resnet) == hook_count(text) == 0
 
 
-@pytest.mark.parametrize(
-    ("name", "options", "why"),
-    [
-        ("beit_base_patch16_224", dict(depth=1, embed_dim=32, num_heads=2, img_size=IMG),
-         "relative position bias"),
-        ("naflexvit_base_patch16_gap", dict(depth=1, embed_dim=32, num_heads=2),
-         "variable number of patches"),
-        ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=16,
-                                              num_heads=(1, 1, 2, 2)), "hierarchical model"),
-    ],
-)  # fmt: skip
-def test_timm_models_it_cannot_merge_are_refused_with_the_reason(name, options, why) -> None:
-    model = timm.create_model(name, pretrained=False, **options)
-    with pytest.raises(UnsupportedModelError) as info:
-        tokenmerge.apply(model, "tome", r=2)
-    message = str(info.value)
-    assert message.startswith(f"{type(model).__name__} is not supported: ") and why in message
-    assert hook_count(model) == 0
-
-
 def test_windowed_encoders_are_not_claimed() -> None:
     from transformers import SwinConfig, SwinModel
 

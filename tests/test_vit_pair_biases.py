@@ -10,6 +10,7 @@ came from.
 
 from __future__ import annotations
 
+import copy as copy_module
 from typing import Any
 
 import pytest
@@ -162,3 +163,16 @@ def test_vit_mae_tome_takes_the_alternating_partition_in_local_mode() -> None:
         ):
             fam.run(model)
     assert hook_count(model) == hooks and snapshot(model) == before
+
+
+@pytest.mark.parametrize("mode", ["progressive", "local"])
+def test_a_deepcopy_of_a_patched_model_cuts_its_own_biases(mode: str) -> None:
+    """The copy's hooks share their per-call state with each other, not with the original's."""
+    model = make_data2vec_vision()
+    x = pixels()
+    with tokenmerge.apply(model, "retom", ratio=0.25, adapter_options={"mode": mode}):
+        with torch.no_grad():
+            merged = model(pixel_values=x)[0]
+        copy = copy_module.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(copy(pixel_values=x)[0], merged)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 
 def tiny_unet() -> UNet2DConditionModel:
@@ -20,3 +20,20 @@ def tiny_unet() -> UNet2DConditionModel:
         norm_num_groups=8,
         sample_size=16,
     ).eval()
+
+
+def tiny_unet2d(seed: int = 0, **extra) -> UNet2DModel:
+    """A random-weight DDPM-style UNet (attention on feature maps), 16 x 16 samples of 3
+    channels: attention at level 2 (``down_blocks.1``, the mid block, ``up_blocks.0``)."""
+    torch.manual_seed(seed)
+    options = dict(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    options.update(extra)
+    return UNet2DModel(**options).eval()

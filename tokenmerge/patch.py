@@ -333,6 +333,8 @@ class SitePatch:
         extra = layout.num_prefix - old.num_prefix
         if extra <= 0 or layout.positions is not None or old.positions is not None:
             return None
+        if layout.num_suffix or old.num_suffix:
+            return None
         plan = cached.plan
         return plan.derived(("prefix", extra), lambda: plan.with_prefix(extra))
 
@@ -347,12 +349,13 @@ class SitePatch:
             return None
         call = self.calls.value
         call.layout = layout
-        prefix = layout.num_prefix
+        prefix, suffix = layout.num_prefix, layout.num_suffix
         n = layout.num_image_tokens
-        if prefix + n != x.shape[1]:
+        if prefix + n + suffix != x.shape[1]:
             raise ValueError(
-                f"site {self.site.name!r}: the layout says {prefix} prefix + {n} image tokens "
-                f"(grid {layout.grid}), but hidden_states has {x.shape[1]} tokens"
+                f"site {self.site.name!r}: the layout says {prefix} prefix + {n} image + "
+                f"{suffix} suffix tokens (grid {layout.grid}), but hidden_states has "
+                f"{x.shape[1]} tokens"
             )
         min_tokens = self.config.sites.min_tokens or 1
         frames = layout.frames
@@ -380,7 +383,7 @@ class SitePatch:
         )
         if frames > 1 and plan.batch == 1 < rows:
             plan = plan.repeat(rows)  # a plan shared by every row serves every frame
-        plan = plan.per_frame(frames).with_prefix(prefix)
+        plan = plan.per_frame(frames).with_prefix(prefix).with_suffix(suffix)
         if plan.batch not in (1, x.shape[0]):
             plan = plan.repeat(repeats)
         self._count(plan, x.shape[1], _COMPUTED)
@@ -419,10 +422,10 @@ class SitePatch:
         (all of ``x``'s tokens, or its ``n`` image tokens alone), else ``x``'s own."""
         if metric is not None and metric.shape[0] == x.shape[0]:
             if metric.shape[1] == x.shape[1]:
-                return metric[:, prefix:]
+                return metric[:, prefix : prefix + n]
             if metric.shape[1] == n:
                 return metric
-        return x[:, prefix:]
+        return x[:, prefix : prefix + n]
 
     def check_merged_output(self, plan: Plan, y: Tensor, module: nn.Module) -> None:
         """Raise ``InputError`` unless ``y``, the output of ``module`` run on merged tokens, still

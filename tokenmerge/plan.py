@@ -232,6 +232,24 @@ class Plan:
             else torch.cat([self.log_counts.new_zeros(rows, num_prefix), self.log_counts], 1),
         )
 
+    def with_suffix(self, num_suffix: int) -> Plan:
+        """The same plan before ``num_suffix`` protected tokens that always stay, unmerged."""
+        if num_suffix == 0:
+            return self
+        rows = self.batch
+        suffix = torch.arange(num_suffix, device=self.device).expand(rows, -1)
+        return Plan(
+            kept=torch.cat([self.kept, suffix + self.num_tokens], dim=1),
+            src=self.src,
+            dst=self.dst,
+            origin=torch.cat([self.origin, suffix + self.num_out], dim=1),
+            dst_count=self.dst_count,
+            num_tokens=self.num_tokens + num_suffix,
+            log_counts=None
+            if self.log_counts is None
+            else torch.cat([self.log_counts, self.log_counts.new_zeros(rows, num_suffix)], 1),
+        )
+
     def per_frame(self, frames: int) -> Plan:
         """One plan over ``frames`` frames laid end to end, from this plan's rows, one row per
         frame (row ``p * frames + f`` is frame ``f`` of sample ``p``): every frame keeps its

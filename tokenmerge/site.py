@@ -111,12 +111,15 @@ class TokenLayout:
         frames: local mode: video frames of ``grid`` each, one after the other (frame-major,
             then row-major). Each frame is planned on its own, so no token merges into another
             frame's token; the strategy sees one frame's ``grid``.
+        num_suffix: protected tokens after the image tokens (text behind the image in one
+            sequence, as in HiDream's single-stream blocks), never merged.
     """
 
     grid: tuple[int, int]
     num_prefix: int = 0
     positions: Tensor | None = None
     frames: int = 1
+    num_suffix: int = 0
 
     @property
     def num_image_tokens(self) -> int:
