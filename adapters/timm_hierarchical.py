@@ -44,8 +44,8 @@ mixes tokens, so such calls pass through unmerged (``stats().passed_through``).
 Example:
     >>> import timm, torch, tokenmerge
     >>> model = timm.create_model(
-    ...     "swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(2, 2),
-    ...     num_heads=(1, 2), img_size=56,
+    ...     "swin_tiny_patch4_window7_224", pretrained=False,
+    ...     embed_dim=16, depths=(2, 2), num_heads=(1, 2), img_size=56,
     ... ).eval()
     >>> with tokenmerge.apply(model, "tome", ratio=0.5) as handle:
     ...     logits = model(torch.randn(1, 3, 56, 56))
