@@ -46,10 +46,12 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -64,15 +66,18 @@ from tokenmerge.adapters._diffusers import (
 )
 from tokenmerge.attention_view import processor_name
 from tokenmerge.calls import CallValues, PerThread
+from tokenmerge.errors import TokenMergeWarning
 from tokenmerge.patch import SitePatch
 from tokenmerge.plan import Plan
 from tokenmerge.site import Site, TokenLayout
 
 __all__ = [
+    "IMAGE_FIRST_BLOCKS",
     "JOINT_ORDER",
     "TEXT_FIRST_BLOCKS",
     "DiffusersTransformerAdapter",
     "Keywords",
+    "TransformerOptions",
     "is_attention",
     "reduce_tables",
     "token_axes",
@@ -229,8 +234,10 @@ class LatentGrid(GridHook):
     from its arguments (shapes and Python values only, never a device value). Serves as every
     site's layout: a call whose hidden states are not exactly those tokens has none."""
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: nn.Module, frames_span: int = 1) -> None:
         super().__init__()
+        self.frames_span = frames_span
+        self.warned_span = False
         self.names = forward_parameters(type(root))
         config = root.config
         size = config.get("patch_size", 1) or 1
@@ -241,7 +248,26 @@ class LatentGrid(GridHook):
         self.in_channels = config.get("in_channels")
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.calls.value.grid = self.read(given_arguments(self.names, args, kwargs))
+        grid = self.read(given_arguments(self.names, args, kwargs))
+        self.calls.value.grid = None if grid is None else self.grouped(grid)
+
+    def grouped(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """``(groups, span * rows, cols)``: ``span`` consecutive frames planned together, as
+        one grid of their rows stacked (tokens are frame-major, so that is their order), with
+        ``span`` the largest divisor of the frame count up to ``frames_span``."""
+        frames, rows, cols = grid
+        span = max(d for d in range(1, min(self.frames_span, frames) + 1) if frames % d == 0)
+        if span < self.frames_span and frames > 1 and not self.warned_span:
+            self.warned_span = True
+            warnings.warn(
+                f"frames_span={self.frames_span}: the {frames} latent frames of this call do not "
+                f"split into groups of {self.frames_span}; planning groups of {span} frame(s), "
+                f"the largest divisor of {frames} up to {self.frames_span}. Choose a "
+                f"frames_span that divides the latent frame count (reported once)",
+                TokenMergeWarning,
+                stacklevel=2,
+            )
+        return frames // span, rows * span, cols
 
     def read(self, given: dict[str, Any]) -> tuple[int, int, int] | None:
         """``(frames, rows, cols)`` of this call's image tokens, or None."""
@@ -506,6 +532,25 @@ def _joint_rows(plan: Plan, joint: tuple[str, int] | None) -> Tensor:
     return torch.cat([torch.arange(text, device=kept.device), kept + text])
 
 
+class TransformerOptions(AdapterOptions):
+    """Options of the ``diffusers_transformer`` adapter.
+
+    Example:
+        >>> from tokenmerge.adapters.diffusers_transformer import TransformerOptions
+        >>> TransformerOptions(frames_span=3).frames_span
+        3
+    """
+
+    frames_span: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Video: consecutive latent frames planned together, stacked as one grid (a token "
+            "may merge into another frame's of its group). Default 1: each frame on its own."
+        ),
+    )
+
+
 class DiffusersTransformerAdapter(TransformerAdapter):
     """Merging in any diffusers image or video transformer built from diffusers attention
     modules, and the pipelines that hold one (``pipe.transformer`` is patched).
@@ -530,8 +575,10 @@ class DiffusersTransformerAdapter(TransformerAdapter):
     """
 
     name = "diffusers_transformer"
+    options_class: ClassVar[type[AdapterOptions]] = TransformerOptions
+    options: TransformerOptions
 
-    def __init__(self, options: AdapterOptions | None = None) -> None:
+    def __init__(self, options: TransformerOptions | None = None) -> None:
         super().__init__(options)
         self._targets: dict[str, list[tuple[str, nn.Module]]] = {}
         #: sites whose modules take text and image tokens in one sequence: in which order
@@ -550,7 +597,7 @@ class DiffusersTransformerAdapter(TransformerAdapter):
         return model if isinstance(model, _model_mixin()) else super().root(model)
 
     def candidates(self, root: nn.Module) -> list[SiteCandidate]:
-        self.watch_root(root, LatentGrid(root))
+        self.watch_root(root, LatentGrid(root, self.options.frames_span))
         blocks = model_blocks(root)
         found = []
         for index, (name, block) in enumerate(blocks):

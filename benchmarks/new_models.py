@@ -43,6 +43,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "todo": dict(config="todo", ratio=RATIO),
     "retom, attn + mlp": dict(config="retom", ratio=RATIO, sites={"mlp": True}),
 }
+#: video: the same, and consecutive latent frames planned together (tokens may merge across
+#: frames)
+VIDEO_CONFIGS: dict[str, dict[str, Any]] = {
+    **CONFIGS,
+    "tome, frames_span 3": dict(config="tome", ratio=RATIO, adapter_options={"frames_span": 3}),
+}
 VIT_CONFIGS: dict[str, dict[str, Any]] = {
     "tome r=8": dict(config="tome", r=8),
     "retom r=8": dict(config="retom", r=8),
@@ -99,7 +105,7 @@ def _dinov2() -> tuple[nn.Module, dict[str, Tensor]]:
 
 MODELS: dict[str, tuple[Callable[[], tuple[nn.Module, dict]], dict[str, dict[str, Any]]]] = {
     "flux": (_flux, CONFIGS),
-    "wan": (_wan, CONFIGS),
+    "wan": (_wan, VIDEO_CONFIGS),
     "dinov2": (_dinov2, VIT_CONFIGS),
 }
 

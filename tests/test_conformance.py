@@ -26,11 +26,13 @@ from hierarchical_models import FAMILIES as HIERARCHICAL
 from hierarchical_models import build as build_hierarchical
 from hierarchical_models import runner as run_hierarchical
 from pydantic import ConfigDict, Field
+from timm_more_models import make_beit_both, make_naflexvit
 from torch import nn
 from toy_models import Attention
 from transformer_models import FAMILIES, inputs
 from unet_models import tiny_unet2d
 from vit_models import FAMILIES as VIT_FAMILIES
+from vit_models import pixels
 
 import tokenmerge
 from tokenmerge.adapters.generic import GenericAdapter
@@ -123,6 +125,10 @@ def run_vit(family: str) -> Callable[[nn.Module], Any]:
     return VIT_FAMILIES[family].run
 
 
+def run_timm(model: nn.Module) -> Any:
+    return model(pixels())
+
+
 def vit_model(family: str) -> Callable[[], nn.Module]:
     return VIT_FAMILIES[family].build
 
@@ -199,6 +205,8 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             {"adapter_options": {"mode": "local"}},
         ),
         TinyModel("tiny-eva02", vit_model("eva02"), run_vit("eva02")),
+        TinyModel("tiny-timm-beit", make_beit_both, run_timm),
+        TinyModel("tiny-naflexvit", make_naflexvit, run_timm),
     ],
     "timm_hierarchical": [
         TinyModel(
@@ -215,7 +223,15 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
         TinyModel("tiny-clip", vit_model("clip"), run_vit("clip")),
         *(
             TinyModel(f"tiny-{family}", vit_model(family), run_vit(family))
-            for family in ("hf_beit", "data2vec_vision", "vit_mae")
+            for family in (
+                "hf_deit",
+                "dinov2",
+                "dinov2_registers",
+                "siglip_vision",
+                "hf_beit",
+                "data2vec_vision",
+                "vit_mae",
+            )
         ),
     ],
 }

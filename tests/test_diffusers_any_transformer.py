@@ -20,7 +20,7 @@ from tokenmerge.adapters.diffusers_transformer import (
     reduce_tables,
     token_axes,
 )
-from tokenmerge.errors import NothingMergedWarning
+from tokenmerge.errors import NothingMergedWarning, TokenMergeWarning
 from tokenmerge.plan import Plan
 
 #: the adapter ``apply`` chooses for each zoo model
@@ -127,6 +127,45 @@ def test_video_tokens_merge_within_their_frame(name: str) -> None:
             torch.bincount(plan.kept[0] // per_frame, minlength=frames),
             torch.full((frames,), plan.num_out // frames),
         )
+
+
+def test_frames_span_plans_consecutive_frames_together() -> None:
+    """frames_span=3 on Wan's 3 latent frames: one plan over the three, where ToMe's matching
+    merges tokens into other frames' (a static scene's repeats); rotary rows still follow."""
+    model, kwargs, plain = _plain("wan")
+    frames, rows, cols = ZOO["wan"].grid
+    per_frame = rows * cols
+    options = {"frames_span": 3}
+    with tokenmerge.apply(
+        model, "tome", ratio=0.5, sites=SITES, seed=0, adapter_options=options
+    ) as handle:
+        out = _run(model, kwargs)
+        plans = [site.last_plan for site in handle.patches if site.last_plan is not None]
+    assert out.shape == plain.shape and torch.isfinite(out).all()
+    across = 0
+    for plan in plans:
+        destination = plan.kept.gather(1, plan.dst)
+        across += int((plan.src // per_frame != destination // per_frame).sum())
+    assert across > 0
+    with tokenmerge.apply(model, "tome", ratio=0.0, sites=SITES, adapter_options=options):
+        assert torch.equal(_run(model, kwargs), plain)
+
+
+def test_a_frames_span_that_does_not_divide_the_frames_warns_and_takes_a_divisor() -> None:
+    model, kwargs, _ = _plain("wan")
+    frames, rows, cols = ZOO["wan"].grid  # 3 frames: a span of 2 falls to 1
+    options = {"frames_span": 2}
+    with tokenmerge.apply(
+        model, "tome", ratio=0.5, sites=SITES, seed=0, adapter_options=options
+    ) as handle:
+        with pytest.warns(TokenMergeWarning, match="groups of 1 frame"):
+            _run(model, kwargs)
+        plans = [site.last_plan for site in handle.patches if site.last_plan is not None]
+    for plan in plans:
+        destination = plan.kept.gather(1, plan.dst)
+        assert torch.equal(plan.src // (rows * cols), destination // (rows * cols))
+    with pytest.raises(tokenmerge.ConfigError, match="frames_span"):
+        tokenmerge.apply(model, "tome", adapter_options={"frames_span": 0})
 
 
 def test_wan_rotary_rows_give_each_kept_token_its_own_position() -> None:
