@@ -30,7 +30,7 @@ from timm_more_models import make_beit_both, make_naflexvit
 from torch import nn
 from toy_models import Attention
 from transformer_models import FAMILIES, inputs
-from unet_models import tiny_unet2d
+from unet_models import tiny_svd_unet, tiny_unet2d
 from vit_models import FAMILIES as VIT_FAMILIES
 from vit_models import pixels
 
@@ -108,6 +108,15 @@ def run_unet2d(model: nn.Module) -> Any:
     return model(UNET2D_SAMPLE, 999)
 
 
+SVD_SAMPLE = torch.randn(2, 3, 4, 16, 16, generator=_UNET_GEN)  # 3 frames
+SVD_IMAGE = torch.randn(2, 1, 32, generator=_UNET_GEN)
+SVD_ADDED = torch.tensor([[6.0, 127.0, 0.02]]).repeat(2, 1)  # fps, motion bucket, noise aug
+
+
+def run_svd(model: nn.Module) -> Any:
+    return model(SVD_SAMPLE, 999, SVD_IMAGE, SVD_ADDED)
+
+
 def run_transformer(family: str) -> Callable[[nn.Module], Any]:
     kwargs = inputs(family)
     return lambda model: model(**kwargs)
@@ -159,6 +168,7 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
     "diffusers_unet": [
         TinyModel("tiny-unet", tiny_unet, run_unet, {"sites": {"min_tokens": 1}}),
         TinyModel("tiny-unet2d", tiny_unet2d, run_unet2d, {"sites": {"min_tokens": 1}}),
+        TinyModel("tiny-svd", tiny_svd_unet, run_svd, {"sites": {"min_tokens": 1}}),
     ],
     "diffusers_dit": [
         TinyModel(
@@ -192,6 +202,7 @@ TINY_MODELS: dict[str, list[TinyModel]] = {
             "allegro",
             "omnigen",
             "lumina_next",
+            "lumina2",
             "hidream",
         )
     ],

@@ -24,6 +24,7 @@ from diffusers.models.attention import BasicTransformerBlock  # noqa: E402
 from diffusers.models.transformers.transformer_2d import Transformer2DModel  # noqa: E402
 from snapshots import counting, hook_count, snapshot, watch_fits
 from torch import nn
+from unet_models import tiny_svd_unet
 
 import tokenmerge  # noqa: E402
 from tokenmerge import AlreadyAppliedError, NoSitesError, ShortfallWarning  # noqa: E402
@@ -1212,19 +1213,6 @@ def test_video_unet_is_not_taken_for_an_image_unet() -> None:
     assert "UNet3DConditionModel" in str(error.value)
     assert "adapter 'diffusers_unet' supports diffusers UNet2DConditionModel" in str(error.value)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in video.modules())
-
-
-def tiny_svd_unet() -> nn.Module:
-    import diffusers
-
-    torch.manual_seed(0)
-    return diffusers.UNetSpatioTemporalConditionModel(
-        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        cross_attention_dim=32, num_attention_heads=(2, 4), in_channels=4, out_channels=4,
-        projection_class_embeddings_input_dim=3 * 8, addition_time_embed_dim=8,
-    ).eval()  # fmt: skip
 
 
 def test_stable_video_diffusion_merges_its_spatial_attention_frame_by_frame() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel, UNetSpatioTemporalConditionModel
 
 
 def tiny_unet() -> UNet2DConditionModel:
@@ -37,3 +37,16 @@ def tiny_unet2d(seed: int = 0, **extra) -> UNet2DModel:
     )
     options.update(extra)
     return UNet2DModel(**options).eval()
+
+
+def tiny_svd_unet() -> UNetSpatioTemporalConditionModel:
+    """A seeded random-weight Stable Video Diffusion UNet: spatial and temporal attention at
+    level 1, image embeddings of width 32, three added-time ids of 8 channels each."""
+    torch.manual_seed(0)
+    return UNetSpatioTemporalConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32, num_attention_heads=(2, 4), in_channels=4, out_channels=4,
+        projection_class_embeddings_input_dim=3 * 8, addition_time_embed_dim=8,
+    ).eval()  # fmt: skip
