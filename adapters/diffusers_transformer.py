@@ -198,9 +198,9 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 
 #: blocks whose modules take one sequence of text then image tokens, joined by the model or the
 #: block (its text, AuraFlow's registers, OmniGen's time token first): the image tokens merge,
-#: the others are protected like a ViT's class token. A block that joins them in another order, or
-#: not the same way for every sample (Lumina2 pads each caption), is not listed: its calls pass
-#: through, since where the image rows are is not known.
+#: the others are protected like a ViT's class token. A block that joins them in another order
+#: is not listed: its calls pass through, since where the image rows are is not known; so do
+#: calls under a padding mask (``BlockText``), where each sample's image starts elsewhere.
 TEXT_FIRST_BLOCKS = frozenset(
     {
         "AuraFlowSingleTransformerBlock",
@@ -208,6 +208,9 @@ TEXT_FIRST_BLOCKS = frozenset(
         # their attention takes the image tokens alone, their MLP the text then the image
         "CogVideoXBlock",
         "CogView3PlusTransformerBlock",
+        # its main layers join each caption and the image: text first, the same place in every
+        # sample unless a padding mask says the captions differ (such calls pass through)
+        "Lumina2TransformerBlock",
     }
 )
 
@@ -365,7 +368,10 @@ class Keywords:
 class BlockText:
     """Pre-hook of a block: the length of the text its call was given (0: none), per thread.
     A module the block runs on its text as well as on its image (CogView4 puts both through
-    one ``ff``) cannot tell them apart when they are as long."""
+    one ``ff``) cannot tell them apart when they are as long. Also whether the call carries a
+    padding mask ``(B, N)`` over its tokens: in one sequence of text then image (Lumina2's
+    main layers), each sample's text then has a length of its own, and its image tokens start
+    at a place of their own."""
 
     def __init__(self, block: nn.Module) -> None:
         self.names = forward_parameters(type(block))
@@ -375,8 +381,16 @@ class BlockText:
         return {**self.__dict__, "calls": PerThread(_no_text)}
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        text = given_arguments(self.names, args, kwargs).get("encoder_hidden_states")
-        self.calls.value.length = _text_length(text)
+        given = given_arguments(self.names, args, kwargs)
+        call = self.calls.value
+        call.length = _text_length(given.get("encoder_hidden_states"))
+        mask, x = given.get("attention_mask"), given.get("hidden_states")
+        call.padded = (
+            isinstance(mask, Tensor)
+            and isinstance(x, Tensor)
+            and mask.dim() == 2
+            and mask.shape == x.shape[:2]
+        )
 
 
 def _text_length(text: Any) -> int:
@@ -385,7 +399,7 @@ def _text_length(text: Any) -> int:
 
 
 def _no_text() -> CallValues:
-    return CallValues(length=0)
+    return CallValues(length=0, padded=False)
 
 
 class TableGuard(TargetGuard):
@@ -410,6 +424,11 @@ class TableGuard(TargetGuard):
         if tokens is None or not isinstance(x, Tensor) or x.dim() != 3:
             return None  # the layout has no grid for it: passed through, counted as such
         if self.joined and x.shape[1] > tokens:
+            if self.text.calls.value.padded:
+                return (
+                    "text and image tokens in one sequence under a padding mask: each sample's "
+                    "text has its own length, so its image tokens start at a place of their own"
+                )
             tokens = x.shape[1]  # text and image tokens: every argument runs over both
         elif x.shape[1] != tokens:
             return (

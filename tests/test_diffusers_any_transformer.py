@@ -394,3 +394,27 @@ def test_hidream_text_behind_the_image_keeps_its_rotary_rows() -> None:
         rows = full[0, :image].flatten(1)
         found = [int((rows == row).all(1).nonzero()[0]) for row in cut[0, :-text].flatten(1)]
         assert found == sorted(set(found)), name  # distinct image rows, in token order
+
+
+def test_lumina2_main_layers_merge_unless_captions_differ_in_length() -> None:
+    """Lumina2's main layers take each caption then the image in one sequence: with captions of
+    one length (no padding mask) the image part merges, the caption protected in front; with
+    captions of different lengths each image starts elsewhere, and those calls pass through."""
+    model, kwargs, plain = _plain("lumina2")
+    main = {"layers.0", "layers.1"}
+    with tokenmerge.apply(model, "retom", ratio=0.5, sites=SITES) as handle:
+        _run(model, kwargs)
+        stats = handle.stats()
+        assert all(stats[name].tokens_out < stats[name].tokens_in for name in main)
+    shorter = kwargs["encoder_attention_mask"].clone()
+    shorter[0, -2:] = False  # the first caption two tokens shorter: a padding mask
+    padded = {**kwargs, "encoder_attention_mask": shorter}
+    expected = _run(model, padded)
+    with tokenmerge.apply(model, "retom", ratio=0.5, sites=SITES) as handle:
+        out = _run(model, padded)
+        stats = handle.stats()
+    for name in main:
+        assert stats[name].tokens_out == stats[name].tokens_in
+        assert "padding mask" in str(stats[name].pass_reason)
+    assert stats["noise_refiner.0"].tokens_out < stats["noise_refiner.0"].tokens_in
+    assert out.shape == expected.shape and not torch.equal(out, expected)
