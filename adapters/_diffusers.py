@@ -18,7 +18,7 @@ from tokenmerge.adapter import (
     parameter_index,
 )
 from tokenmerge.adapters._views import value_correction
-from tokenmerge.attention_view import PLAIN_PROCESSORS, processor_name
+from tokenmerge.attention_view import KEYS_VALUES_PROCESSORS, PLAIN_PROCESSORS, processor_name
 from tokenmerge.calls import CallValues, PerThread
 from tokenmerge.errors import ConfigError, UnsupportedModelError
 from tokenmerge.patch import SitePatch
@@ -124,10 +124,11 @@ class TargetGuard:
         if self.keys_values:
             if kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None) is not None:
                 return "self-attention given encoder_hidden_states already (only_cross_attention)"
-            if processor_name(self.module) not in PLAIN_PROCESSORS:
+            if processor_name(self.module) not in KEYS_VALUES_PROCESSORS:
                 return (
                     f"keys_values with the {processor_name(self.module)} attention processor, "
-                    "which may not take keys and values from encoder_hidden_states"
+                    "which may not take keys and values from encoder_hidden_states (fused QKV "
+                    "projections: there is no to_kv)"
                 )
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
         if mask is None:
@@ -150,15 +151,15 @@ def target_hooks(patch: SitePatch, kind: str, module: nn.Module, block: nn.Modul
             one (SD3's joint attention takes the text as ``encoder_hidden_states``).
     """
     asked = patch.config.keys_values if kind == "attn" else False
-    plain = processor_name(module) in PLAIN_PROCESSORS
-    keys_values = asked is True or (asked == "auto" and plain)
-    if keys_values and not plain:
+    able = processor_name(module) in KEYS_VALUES_PROCESSORS
+    keys_values = asked is True or (asked == "auto" and able)
+    if keys_values and not able:
         raise ConfigError(
             f"site {patch.site.name!r}: keys_values=True merges the keys and values of a "
             "self-attention by passing them as encoder_hidden_states, which its "
-            f"{processor_name(module)} processor uses otherwise (joint attention takes the text "
-            "there). Set keys_values='auto' (tokens merged there) or False, or exclude the "
-            "site (sites={'exclude': [...]})"
+            f"{processor_name(module)} processor cannot take that way (joint attention takes "
+            "the text there; fused QKV projections have no to_kv). Set keys_values='auto' "
+            "(tokens merged there) or False, or exclude the site (sites={'exclude': [...]})"
         )
     if keys_values:
         patch.merges_keys_values()

@@ -77,6 +77,7 @@ from tokenmerge.adapters._diffusers import (
     target_hooks,
 )
 from tokenmerge.attention_view import (
+    KEYS_VALUES_PROCESSORS,
     PLAIN_PROCESSORS,
     Call,
     DiffusersAttentionView,
@@ -144,11 +145,6 @@ class _GridReader(PatchGrid):
         super().__init__(patch_size=1)
         self.transformer = transformer
         self.attached = False  # its pre-hook is installed (once, by the transformer's first site)
-
-
-#: processors that take a self-attention's keys and values from ``encoder_hidden_states`` through
-#: ``to_k`` / ``to_v``; the fused one calls ``to_kv`` there, which a fused self-attention lacks
-_KEYS_VALUES_PROCESSORS = PLAIN_PROCESSORS - {"FusedAttnProcessor2_0"}
 
 
 @dataclass
@@ -222,7 +218,7 @@ class _FeatureMapAttention:
         if self.attention.group_norm is None:
             return "attention without a group_norm: no normed tokens to merge"
         processor = processor_name(self.attention)
-        allowed = _KEYS_VALUES_PROCESSORS if self.keys_values else PLAIN_PROCESSORS
+        allowed = KEYS_VALUES_PROCESSORS if self.keys_values else PLAIN_PROCESSORS
         if processor not in allowed:
             return (
                 f"the {processor} attention processor, which may not compute plain attention "
@@ -349,7 +345,7 @@ def _feature_map_keys_values(patch: SitePatch, attention: nn.Module) -> bool:
         ConfigError: ``keys_values=True`` with a fused attention processor.
     """
     asked = patch.config.keys_values
-    able = processor_name(attention) in _KEYS_VALUES_PROCESSORS
+    able = processor_name(attention) in KEYS_VALUES_PROCESSORS
     if asked is True and not able:
         raise ConfigError(
             f"site {patch.site.name!r}: keys_values=True merges the keys and values of a "

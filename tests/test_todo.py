@@ -10,7 +10,7 @@ from unet_models import tiny_unet
 from vit_models import FAMILIES as VIT_FAMILIES
 
 import tokenmerge
-from tokenmerge.errors import ConfigError
+from tokenmerge.errors import ConfigError, NothingMergedWarning
 from tokenmerge.rng import SiteRandom
 from tokenmerge.site import Site, TokenLayout
 from tokenmerge.testing import count_kernels
@@ -154,3 +154,26 @@ def test_the_ratio_is_capped_by_the_cells():
     with pytest.raises(ConfigError, match="0.75"):
         tokenmerge.load_config("todo", ratio=0.8)
     assert tokenmerge.load_config("todo", ratio=0.85, sx=3, sy=3).ratio == 0.85
+
+
+def test_fused_qkv_projections_never_take_merged_keys_and_values() -> None:
+    """A self-attention fused by fuse_qkv_projections has to_qkv, no to_kv: its processor
+    cannot take keys and values from encoder_hidden_states. Fused before apply, todo merges
+    its tokens there instead; fused after apply, the calls pass through with the reason (it
+    crashed inside diffusers before)."""
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
+    unet = tiny_unet()
+    unet.fuse_qkv_projections()
+    with torch.no_grad(), tokenmerge.apply(unet, "todo", ratio=0.5, sites={"min_tokens": 1}) as h:
+        unet(x, 999, text)
+        stats = h.stats().values()
+        assert all(s.tokens_out < s.tokens_in and s.passed_through == 0 for s in stats)
+    with pytest.raises(ConfigError, match="no to_kv"):
+        tokenmerge.apply(unet, "todo", keys_values=True, sites={"min_tokens": 1})
+    unet = tiny_unet()
+    with tokenmerge.apply(unet, "todo", ratio=0.5, sites={"min_tokens": 1}) as h:
+        unet.fuse_qkv_projections()
+        with torch.no_grad(), pytest.warns(NothingMergedWarning, match="no to_kv"):
+            unet(x, 999, text)
+        assert all(s.passed_through == 1 for s in h.stats().values())

@@ -363,6 +363,10 @@ PLAIN_PROCESSORS = frozenset(
         "XFormersAttnProcessor",
     }
 )
+#: plain processors that take a self-attention's keys and values from ``encoder_hidden_states``
+#: through ``to_k`` / ``to_v``; the fused one calls ``to_kv`` there, which a self-attention
+#: fused by ``fuse_qkv_projections`` lacks (it has ``to_qkv``)
+KEYS_VALUES_PROCESSORS = PLAIN_PROCESSORS - {"FusedAttnProcessor2_0"}
 
 
 def processor_name(attention: nn.Module) -> str:
