@@ -22,9 +22,11 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
 
 
 def gather_pairs(table: Tensor, index: Tensor) -> Tensor:
-    """Rows and columns ``index (P, n)`` of a per-pair table ``(B or 1, H, N, N)`` (a relative
-    position bias over the original tokens): ``(P or B, H, n, n)``, the bias between the tokens
-    the index names."""
+    """Rows and columns ``index (P, n)`` of a per-pair table ``(H, N, N)`` or
+    ``(B or 1, H, N, N)`` (a relative position bias over the original tokens):
+    ``(P or B, H, n, n)``, the bias between the tokens the index names."""
+    if table.dim() == 3:
+        table = table[None]
     rows = max(table.shape[0], index.shape[0])
     heads, tokens = table.shape[1], table.shape[-1]
     n = index.shape[1]

@@ -198,8 +198,8 @@ class ViTAdapter(Adapter):
     def pair_arguments(self) -> tuple[str, ...]:
         """Keyword arguments of a block (progressive mode) or attention (local mode) call that
         may hold a per-pair bias over the original tokens (a relative position bias added to
-        an attention mask); one of shape ``(B or 1, H or 1, N0, N0)`` is cut to the tokens of
-        the call."""
+        an attention mask); one of shape ``(H, N0, N0)`` or ``(B or 1, H or 1, N0, N0)`` is cut
+        to the tokens of the call."""
         return ()
 
     # ------------------------------------------------------------------ Adapter
@@ -338,7 +338,8 @@ def cut_pair_arguments(kwargs: dict, names: tuple[str, ...], full: int, index: T
     cut = {}
     for name in names:
         value = kwargs.get(name)
-        if isinstance(value, Tensor) and value.dim() == 4 and value.shape[-2:] == (full, full):
+        pairs = isinstance(value, Tensor) and value.dim() in (3, 4)
+        if pairs and value.shape[-2:] == (full, full):
             cut[name] = gather_pairs(value, index)
     return {**kwargs, **cut} if cut else kwargs
 

@@ -220,48 +220,35 @@ class TimmViTAdapter(ViTAdapter):
         self._grids.value.grid = (int(grid[0]), int(grid[1]))
 
     def block_adjust(self) -> BlockAdjust | None:
-        if not (self._rope or self._shared_bias):
-            return None
-        return _arguments_of_present_tokens
+        return _rope_of_present_tokens if self._rope else None
+
+    def pair_arguments(self) -> tuple[str, ...]:
+        # BEiT's model-wide bias reaches every block, and its attention, over the original tokens
+        return (_SHARED_BIAS,) if self._shared_bias else ()
 
     def local_size_bias(self) -> SizeBias | None:
         # timm's Attention adds attn_mask to its logits, BEiT's adds shared_rel_pos_bias
         return SizeBias(_SHARED_BIAS if self._shared_bias else "attn_mask", "sdpa")
 
     def local_adjust(self) -> Adjust | None:
-        if not (self._rope or self._shared_bias or self._pair_tables):
+        if not (self._rope or self._pair_tables):
             return None
         return self._arguments_of_kept_tokens
 
     def _arguments_of_kept_tokens(self, plan: Plan, kwargs: dict) -> dict:
         if self._tokens is not None:
             self._tokens.keep(plan.kept)  # for the per-layer bias made inside the attention
-        shared = kwargs.get(_SHARED_BIAS)
-        if isinstance(shared, Tensor):
-            kwargs = {**kwargs, _SHARED_BIAS: cut_pairs(shared, plan.kept)}
         rope = kwargs.get("rope")
         if rope is None:
             return kwargs
         return {**kwargs, "rope": gather_rows(rope, plan.kept_without_prefix(self._num_prefix))}
 
 
-def _arguments_of_present_tokens(track: TokenTrack, kwargs: dict) -> dict:
-    shared = kwargs.get(_SHARED_BIAS)
-    if isinstance(shared, Tensor):
-        kwargs = {**kwargs, _SHARED_BIAS: cut_pairs(shared, track.token_index())}
+def _rope_of_present_tokens(track: TokenTrack, kwargs: dict) -> dict:
     rope = kwargs.get("rope")
     if rope is None:
         return kwargs
     return {**kwargs, "rope": gather_rows(rope, track.positions)}
-
-
-def cut_pairs(bias: Tensor, index: Tensor) -> Tensor:
-    """A per-pair bias ``(H, N0, N0)`` or ``(B or 1, H, N0, N0)`` over the original tokens cut
-    to the rows and columns of the tokens ``index (P, n)`` names: ``(P or B, H, n, n)``; a bias
-    already over ``n`` tokens is returned as it is."""
-    if bias.shape[-1] == index.shape[-1]:
-        return bias
-    return gather_pairs(bias if bias.dim() == 4 else bias.expand(1, *bias.shape), index)
 
 
 class BeitKeys:
@@ -329,7 +316,7 @@ class PairBiasOfTokens:
     def __call__(self) -> Tensor:
         bias = type(self.attn)._get_rel_pos_bias(self.attn)
         index = self.tokens.take()
-        return bias if index is None else cut_pairs(bias, index)
+        return bias if index is None else gather_pairs(bias, index)
 
 
 class RefuseIntermediates:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from vit_models import pixels
 
 import tokenmerge
+from tokenmerge.adapters import _vit as vit_base
 from tokenmerge.adapters import timm_vit
 from tokenmerge.adapters.timm_vit import PairBiasOfTokens, TimmViTAdapter
 from tokenmerge.errors import TokenMergeError
@@ -127,7 +128,9 @@ def test_local_biases_follow_the_kept_tokens(build, images, monkeypatch) -> None
     ref = model.forward_features(images)[:, 1:]
     with _apply(model, "tome", 4, "local"):
         right = _relative(model.forward_features(images)[:, 1:], ref)
-    monkeypatch.setattr(timm_vit, "cut_pairs", _wrong_cut)
+    # both cuts: the model-wide bias (adapters._vit) and the per-layer one (timm_vit)
+    monkeypatch.setattr(timm_vit, "gather_pairs", _wrong_cut)
+    monkeypatch.setattr(vit_base, "gather_pairs", _wrong_cut)
     with _apply(model, "tome", 4, "local"):
         wrong = _relative(model.forward_features(images)[:, 1:], ref)
     assert right < wrong / 2
