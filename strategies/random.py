@@ -76,12 +76,12 @@ class RandomStrategy(Strategy):
             return self._progressive_plan(layout, num_merge, rng)
         cells = shared_window_partition(layout.grid, self._cell(), device)
         valid = cells >= 0
-        blocked = float("-inf")  # a Python scalar: no host-to-device copy
-        draw = rng.uniform(cells.shape, device)
-        dst_slot = torch.where(valid, draw, blocked).argmax(dim=1, keepdim=True)
-        is_dst = torch.zeros_like(valid).scatter(1, dst_slot, True)
-        draw = rng.uniform(cells.shape, device)
-        chosen = pick_top(torch.where(valid & ~is_dst, draw, blocked).flatten(), num_merge)
+        # one draw serves both choices: its low 16 bits pick each cell's destination, all 32
+        # bits rank the other tokens (the halves of the hash are independent); -1 is ineligible
+        bits = rng.bits(cells.shape, device)
+        dst_slot = torch.where(valid, bits & 0xFFFF, -1).argmax(dim=1, keepdim=True)
+        rank = torch.where(valid, bits, -1).scatter_(1, dst_slot, -1)
+        chosen = pick_top(rank.flatten(), num_merge)
         src = cells.flatten()[chosen]
         dst = cells.gather(1, dst_slot).squeeze(1)[chosen // cells.shape[1]]
         return Plan.from_assignment(src.unsqueeze(0), dst.unsqueeze(0), n)
@@ -94,5 +94,6 @@ class RandomStrategy(Strategy):
         device = positions.device
         size = grown_window(layout.grid, self._cell(), n, num_merge)
         labels, count = window_labels(positions, layout.grid, size)
-        dst_of = best_per_window(rng.uniform((1, n), device), labels, count).gather(1, labels)
-        return merge_into_representatives(dst_of, rng.uniform((1, n), device), num_merge)
+        bits = rng.bits((1, n), device)  # one draw for both choices, as on a grid
+        dst_of = best_per_window((bits & 0xFFFF).float(), labels, count).gather(1, labels)
+        return merge_into_representatives(dst_of, (bits >> 8).float(), num_merge)

@@ -42,6 +42,7 @@ from tokenmerge.strict import Integer
 from tokenmerge.windows import (
     best_per_window,
     grown_window,
+    made_once,
     num_windows,
     shared_window_partition,
     window_labels,
@@ -176,16 +177,8 @@ def representatives(features: Tensor, windows: Tensor) -> tuple[Tensor, Tensor]:
         ``to_rep (P, W, K)``: cosine similarity of each member to its representative, ``-inf``
         for padding and for the representative itself (the tokens that cannot merge).
     """
-    valid = windows >= 0
-    # padding slots hold token 0's features: left out of the sums, masked in every result
-    members = features[:, windows.clamp(min=0)]  # (P, W, K, C)
-    window_sum = valid.to(members.dtype)[:, None, :] @ members  # (P, W, 1, C)
-    count = valid.sum(dim=1, keepdim=True)  # (W, 1)
-    # mean similarity to the other members; a window of one token is its own representative
-    # (dot products as batched matrix-vector products: no (P, W, K, C) temporary)
-    mean_similarity = (_dots(members, window_sum) - 1) / (count - 1).clamp(min=1)
+    rep_slot, members, valid = _representative_slots(features, windows)
     blocked = float("-inf")  # a Python scalar: no host-to-device copy
-    rep_slot = torch.where(valid, mean_similarity, blocked).argmax(dim=-1)
     rep = members.gather(2, rep_slot[..., None, None].expand(-1, -1, 1, members.shape[-1]))
     to_rep = _dots(members, rep)
     is_rep = torch.zeros(to_rep.shape, dtype=torch.bool, device=features.device)
@@ -193,8 +186,36 @@ def representatives(features: Tensor, windows: Tensor) -> tuple[Tensor, Tensor]:
     return rep_slot, torch.where(valid & ~is_rep, to_rep, blocked)
 
 
+def _representative_slots(features: Tensor, windows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``representatives``' ``rep_slot``, with the members' features ``(P, W, K, C)`` and
+    which window slots hold a token ``(W, K)``."""
+    valid, tokens, weights, others = _window_tables(windows, features.dtype)
+    # padding slots hold token 0's features: left out of the sums, masked in every result
+    members = features[:, tokens]  # (P, W, K, C)
+    window_sum = weights @ members  # (P, W, 1, C)
+    # mean similarity to the other members; a window of one token is its own representative
+    # (dot products as batched matrix-vector products: no (P, W, K, C) temporary)
+    mean_similarity = (_dots(members, window_sum) - 1) / others
+    blocked = float("-inf")  # a Python scalar: no host-to-device copy
+    return torch.where(valid, mean_similarity, blocked).argmax(dim=-1), members, valid
+
+
+@made_once
+def _window_tables(windows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Of a (shared) window partition ``(W, K)``: which slots hold a token, the token of every
+    slot (token 0 for padding), the slots' weights ``(W, 1, K)`` in ``dtype`` and every
+    window's member count less one, at least 1 ``(W, 1)``."""
+    valid = windows >= 0
+    count = valid.sum(dim=1, keepdim=True)
+    return valid, windows.clamp(min=0), valid.to(dtype)[:, None, :], (count - 1).clamp(min=1)
+
+
 def _detail_plan(
-    features: Tensor, rep_token: Tensor, num_merge: int, labels: Tensor | None = None
+    features: Tensor,
+    rep_token: Tensor,
+    num_merge: int,
+    labels: Tensor | None = None,
+    empty_windows: bool = True,
 ) -> Plan:
     """Merge the ``num_merge`` tokens most like a representative, each into its most similar
     token that stays.
@@ -205,28 +226,31 @@ def _detail_plan(
     thus give up many tokens and detailed ones few. With ``labels`` (``(P or 1, n)``, every
     token's window: the window scope) a token is measured against its own window's
     representative and merges within its window; without, against the most similar
-    representative, and it merges anywhere.
+    representative, and it merges anywhere. ``empty_windows=False`` says that every window
+    has a token (windows over a whole grid), which saves masking.
     """
     rows, n, channels = features.shape
-    valid = rep_token < n
-    rep_token = rep_token.clamp(max=n - 1)
-    rep_features = features.gather(1, rep_token.unsqueeze(-1).expand(-1, -1, channels))
     blocked = float("-inf")  # a Python scalar: no host-to-device copy
-    to_reps = torch.where(valid.unsqueeze(1), features @ rep_features.transpose(1, 2), blocked)
+    if empty_windows:
+        valid = rep_token < n
+        rep_token = rep_token.clamp(max=n - 1)
+    rep_features = features.gather(1, rep_token.unsqueeze(-1).expand(-1, -1, channels))
+    to_reps = features @ rep_features.transpose(1, 2)
+    if empty_windows:
+        to_reps = torch.where(valid.unsqueeze(1), to_reps, blocked)
     if labels is None:
         likeness = to_reps.amax(dim=-1)
     else:
         labels = labels.expand(rows, -1)
         likeness = to_reps.gather(2, labels.unsqueeze(-1)).squeeze(-1)
-    is_rep = torch.zeros(rows, n, dtype=torch.bool, device=features.device)
-    is_rep.scatter_(1, rep_token, True)
-    chosen = pick_top(torch.where(is_rep, blocked, likeness), num_merge)  # (P, r)
-    is_src = torch.zeros_like(is_rep).scatter_(1, chosen, True)
-    unreachable = is_src.unsqueeze(1)
-    if labels is not None:
-        unreachable = unreachable | (labels.gather(1, chosen).unsqueeze(-1) != labels.unsqueeze(1))
+    chosen = pick_top(likeness.scatter_(1, rep_token, blocked), num_merge)  # (P, r)
     sources = features.gather(1, chosen.unsqueeze(-1).expand(-1, -1, channels))
-    to_kept = torch.where(unreachable, blocked, sources @ features.transpose(1, 2))
+    to_kept = sources @ features.transpose(1, 2)  # (P, r, n)
+    if labels is not None:  # the tokens of other windows are out of reach
+        other_window = labels.gather(1, chosen).unsqueeze(-1) != labels.unsqueeze(1)
+        to_kept = to_kept.masked_fill_(other_window, blocked)
+    # no source is a destination
+    to_kept.scatter_(2, chosen.unsqueeze(1).expand(-1, num_merge, -1), blocked)
     return Plan.from_assignment(chosen, to_kept.argmax(dim=-1), n)
 
 
@@ -269,16 +293,17 @@ class ReToMStrategy(Strategy):
             return self._progressive_plan(features, layout, site, num_merge)
         windows = shared_window_partition(layout.grid, self._window(site), features.device)
         rows = features.shape[0]
-        rep_slot, to_rep = representatives(features, windows)
+        rep_slot = _representative_slots(features, windows)[0]
         rep_token = windows.expand(rows, -1, -1).gather(2, rep_slot.unsqueeze(-1)).squeeze(-1)
         window_scope = self.config.scope_in(progressive=False) == "window"
         if self.config.destinations == "detail":
-            if not window_scope:
-                return _detail_plan(features, rep_token, num_merge)
-            tokens = torch.arange(n, device=features.device).unsqueeze(0)
-            labels, _ = window_labels(tokens, layout.grid, self._window(site))
-            return _detail_plan(features, rep_token, num_merge, labels)
+            labels = None
+            if window_scope:
+                tokens = torch.arange(n, device=features.device).unsqueeze(0)
+                labels, _ = window_labels(tokens, layout.grid, self._window(site))
+            return _detail_plan(features, rep_token, num_merge, labels, empty_windows=False)
         if window_scope:
+            to_rep = representatives(features, windows)[1]
             chosen = pick_top(to_rep.flatten(1), num_merge)
             src = windows.flatten().expand(rows, -1).gather(1, chosen)
             dst = rep_token.gather(1, chosen // windows.shape[1])

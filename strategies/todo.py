@@ -17,7 +17,6 @@ grid positions and grow as ReToM's windows do, each keeping its first token.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -136,7 +135,7 @@ def _pooling_plan(
     """The same for every call on the grid, so its tensors are made once and shared, with the
     row indices they keep (``Plan.rows``). Each call gets a plan object of its own all the same:
     what is fitted to a plan (the value correction) is fitted to the call that made it."""
-    return replace(_shared_pooling_plan(tuple(grid), tuple(cell), num_merge, torch.device(device)))
+    return _shared_pooling_plan(tuple(grid), tuple(cell), num_merge, torch.device(device)).another()
 
 
 def _make_pooling_order(

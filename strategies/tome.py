@@ -143,13 +143,17 @@ class ToMeStrategy(Strategy):
     ) -> Plan:
         n = layout.num_image_tokens
         device = features.device
-        if self._uses_cells(site, layout):
-            dst_idx, src_idx = self._cell_partition(layout.grid, device, rng)
-        else:
-            src_idx = torch.arange(0, n, 2, device=device)
-            dst_idx = torch.arange(1, n, 2, device=device)
         rows = features.shape[0]
-        if num_merge == 0 or dst_idx.numel() == 0:
+        if num_merge == 0 or n < 2:
+            return Plan.identity(n, device)
+        if not self._uses_cells(site, layout):
+            # ToMe's partition: even tokens (sources) against odd ones, as strided views
+            similarity = features[:, 0::2] @ features[:, 1::2].transpose(1, 2)
+            best, match = similarity.max(dim=-1)
+            chosen = pick_top(best, num_merge)
+            return Plan.from_assignment(chosen * 2, match.gather(1, chosen) * 2 + 1, n)
+        dst_idx, src_idx = self._cell_partition(layout.grid, device, rng)
+        if dst_idx.numel() == 0:
             return Plan.identity(n, device)
         similarity = features[:, src_idx] @ features[:, dst_idx].transpose(1, 2)
         best, match = similarity.max(dim=-1)

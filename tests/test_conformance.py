@@ -369,8 +369,7 @@ class ClaimsTooMuch(BlindBase):
 class Unsorted(BlindBase):
     def make_plan(self, features, layout, site, num_merge, rng):
         plan = super().make_plan(features, layout, site, num_merge, rng)
-        fields = {**vars(plan), "kept": plan.kept.flip(1)}
-        return Plan(**fields)
+        return plan.replace(kept=plan.kept.flip(1))
 
 
 class MutatesFeatures(SeeingBase):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tokenmerge.plan import Plan
@@ -563,3 +563,53 @@ def test_per_frame_plan_merges_each_frame_on_its_own(assignment, seed):
             restored[:, f * n : (f + 1) * n], single.unmerge(single.merge(part))
         )
     torch.testing.assert_close(frames.slot_log_sizes(), frames.counts.log())
+
+
+@FAST
+@given(
+    assignment=assignments(max_tokens=8, max_rows=4),
+    layout=st.lists(
+        st.sampled_from(["frames", "prefix", "suffix", "repeat"]), min_size=1, max_size=4
+    ),
+    sizes=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(  # a shared plan repeated, then cut into frames; prefix behind the frames
+    assignment=(torch.tensor([[1, 3]]), torch.tensor([[0, 2]]), 5),
+    layout=["repeat", "frames", "prefix", "repeat"],
+    sizes=2,
+    batch=1,
+    seed=0,
+)
+def test_a_plan_placed_before_it_is_applied_equals_one_placed_field_by_field(
+    assignment, layout, sizes, batch, seed
+):
+    """``from_assignment`` plans note ``per_frame`` / ``with_prefix`` / ``with_suffix`` /
+    ``repeat`` and build their rows once, in the final layout; plans built field by field
+    transform their fields at once. Both must be the same plan, field by field and applied."""
+    plan, *_ = build(assignment)
+    by_fields = plan.replace()  # the same plan, built field by field
+    for step in layout:
+        if step == "frames" and plan.batch % 2 == 0:
+            plan, by_fields = plan.per_frame(2), by_fields.per_frame(2)
+        elif step == "prefix":
+            plan, by_fields = plan.with_prefix(sizes), by_fields.with_prefix(sizes)
+        elif step == "suffix":
+            plan, by_fields = plan.with_suffix(sizes), by_fields.with_suffix(sizes)
+        elif step == "repeat":
+            plan, by_fields = plan.repeat(sizes), by_fields.repeat(sizes)
+    assert (plan.num_tokens, plan.num_out, plan.batch) == (
+        by_fields.num_tokens,
+        by_fields.num_out,
+        by_fields.batch,
+    )
+    samples = batch_for(plan.batch, batch)
+    x = torch.randn(samples, plan.num_tokens, 3, generator=torch.Generator().manual_seed(seed))
+    merged = plan.merge(x)  # applied first: the fields below come from the rows it built
+    torch.testing.assert_close(merged, by_fields.merge(x))
+    torch.testing.assert_close(plan.unmerge(merged), by_fields.unmerge(merged))
+    for name in ("kept", "src", "dst", "origin", "dst_count"):
+        assert torch.equal(getattr(plan, name), getattr(by_fields, name)), name
+    torch.testing.assert_close(plan.slot_log_sizes(), by_fields.slot_log_sizes())
+    torch.testing.assert_close(plan.counts, by_fields.counts)

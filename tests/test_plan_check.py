@@ -4,7 +4,6 @@ the built-in strategies' plans cost no host read."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Literal
 
@@ -51,7 +50,7 @@ def with_fields(**fields) -> Callable[[Plan, int], Plan]:
             name: value(getattr(plan, name)) if callable(value) else value
             for name, value in fields.items()
         }
-        return dataclasses.replace(plan, **changes)
+        return plan.replace(**changes)
 
     return fault
 

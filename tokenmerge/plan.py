@@ -13,11 +13,14 @@ batch size of a per-sample plan or 1 for a plan shared by the whole batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import replace as _replace_dataclass
 from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+
+from .windows import made_once
 
 __all__ = ["Plan", "PlanRows"]
 
@@ -74,7 +77,81 @@ class PlanRows(NamedTuple):
         return self.pairs[: self.slots.shape[0]]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
+class _Assignment:
+    """A plan as a strategy made it, and the layout it was placed in since: ``src`` and
+    ``dst_token`` ``(Q, r)`` over ``tokens`` image tokens per row; the rows, repeated
+    ``repeats`` times along the batch, are ``frames`` consecutive frames of each sample,
+    behind ``prefix`` and before ``suffix`` protected tokens."""
+
+    src: Tensor
+    dst_token: Tensor
+    tokens: int
+    frames: int = 1
+    prefix: int = 0
+    suffix: int = 0
+    repeats: int = 1
+
+    @property
+    def samples(self) -> int:
+        return self.src.shape[0] * self.repeats // self.frames
+
+    @property
+    def merged(self) -> int:
+        return self.frames * self.src.shape[1]
+
+    @property
+    def total(self) -> int:
+        return self.prefix + self.frames * self.tokens + self.suffix
+
+
+def _row_starts(a: _Assignment) -> Tensor:
+    """``(Q * repeats, 1)``: the flat row of every assignment row's first image token."""
+    rows = a.src.shape[0] * a.repeats
+    return _starts(rows, a.frames, a.total, a.prefix, a.tokens, a.src.device)
+
+
+@made_once
+def _starts(
+    rows: int, frames: int, total: int, prefix: int, tokens: int, device: torch.device
+) -> Tensor:
+    row = torch.arange(rows, device=device)
+    return ((row // frames) * total + prefix + (row % frames) * tokens).unsqueeze(1)
+
+
+@made_once
+def _one(device: torch.device) -> Tensor:
+    return torch.ones(1, device=device)
+
+
+#: ``_offsets`` of the fields of plans made by ``from_assignment``, which many plans share
+_shared_offsets = made_once(_offsets)
+
+
+def _built_rows(a: _Assignment) -> tuple[PlanRows, Tensor]:
+    """The ``PlanRows`` (float32 weights) of an assignment for its own batch, and every slot's
+    size ``(batch * M,)``: the whole plan in one pass over flat rows, with no index per sample
+    to offset afterwards."""
+    batch, total, merged = a.samples, a.total, a.merged
+    count = batch * merged
+    pairs = torch.stack([a.src, a.dst_token])  # sources and destinations: one index for both
+    if a.repeats > 1:
+        pairs = pairs.repeat(1, a.repeats, 1)
+    pairs = (pairs + _row_starts(a)).view(-1)
+    sources, destinations = pairs[:count], pairs[count:]
+    keep = torch.ones(batch * total, dtype=torch.long, device=pairs.device)
+    keep.index_fill_(0, sources, 0)
+    # a stable sort puts the kept rows first, sample after sample, in token order
+    kept = keep.sort(descending=True, stable=True).indices[: batch * (total - merged)]
+    slot = keep.cumsum(0).sub_(1)  # of every kept row: how many kept rows precede it
+    slots = slot.index_select(0, destinations)
+    origin = slot.index_copy_(0, sources, slots)  # slot is not needed any more
+    sizes = torch.ones(kept.shape, device=pairs.device)
+    sizes.index_add_(0, slots, _one(pairs.device).expand(count))
+    weight = sizes.index_select(0, slots).reciprocal_().unsqueeze(1)
+    return PlanRows(kept=kept, pairs=pairs, slots=slots, origin=origin, weight=weight), sizes
+
+
 class Plan:
     """One merge of ``num_tokens`` tokens into ``num_tokens - num_merged`` slots.
 
@@ -88,10 +165,14 @@ class Plan:
             the source's share of the slot's mean when every token has size 1 (local mode), taken
             in the input's dtype at merge time.
         num_tokens: ``N``.
-        log_counts: ``(P, M)`` float32 log of how many tokens each slot stands for, made with
-            the plan (``from_assignment``) because every merged attention call with
-            proportional attention adds it to its logits (``tokenmerge.proportional``); None
-            in plans built field by field, where ``slot_log_sizes`` computes it.
+        log_counts: ``(P, M)`` float32 log of how many tokens each slot stands for, which
+            every merged attention call with proportional attention adds to its logits
+            (``tokenmerge.proportional``); None in plans built field by field, where
+            ``slot_log_sizes`` computes it.
+
+    A plan made by ``from_assignment`` computes its merge rows (``rows``) in one pass when
+    first applied, and each attribute above only when first read: merging and unmerging
+    never need them.
 
     Example:
         >>> import torch
@@ -104,15 +185,117 @@ class Plan:
         [2.0, 2.0, 6.0, 6.0]
     """
 
-    kept: Tensor
-    src: Tensor
-    dst: Tensor
-    origin: Tensor
-    dst_count: Tensor
-    num_tokens: int
-    log_counts: Tensor | None = None
-    #: what calls derive from the plan (``PlanRows`` by batch and dtype...), made once
-    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+    FIELDS = ("kept", "src", "dst", "origin", "dst_count", "num_tokens", "log_counts")
+
+    def __init__(
+        self,
+        kept: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        origin: Tensor,
+        dst_count: Tensor,
+        num_tokens: int,
+        log_counts: Tensor | None = None,
+    ) -> None:
+        self._given = (kept, src, dst, origin, dst_count, log_counts)
+        self.num_tokens = num_tokens
+        self._assignment: _Assignment | None = None
+        #: what calls derive from the plan (``PlanRows`` by batch and dtype...), made once
+        self._derived: dict = {}
+
+    @classmethod
+    def _assigned(cls, assignment: _Assignment) -> Plan:
+        plan = cls.__new__(cls)
+        plan._given = None
+        plan.num_tokens = assignment.total
+        plan._assignment = assignment
+        plan._derived = {}
+        return plan
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(num_tokens={self.num_tokens}, num_merged={self.num_merged}, batch={self.batch})"
+        )
+
+    def another(self) -> Plan:
+        """A plan object of its own with this plan's tensors and what was derived from them
+        (what is fitted to a plan object, the value correction, is not shared)."""
+        other = Plan.__new__(Plan)
+        other.__dict__.update(self.__dict__)
+        return other
+
+    def replace(self, **fields: object) -> Plan:
+        """A plan built field by field from this one's fields, some of them replaced."""
+        return Plan(**{name: getattr(self, name) for name in self.FIELDS} | fields)
+
+    # ------------------------------------------------------------------ fields
+    def _field(self, index: int, name: str) -> Tensor | None:
+        if self._given is not None:
+            return self._given[index]
+        return self.derived(("field", name), lambda: self._field_of_rows(name))
+
+    def _field_of_rows(self, name: str) -> Tensor:
+        a = self._assignment
+        rows, sizes = self._built()
+        batch, total, out = a.samples, a.total, a.total - a.merged
+        # the first samples of the build: the plan's own, or those of a plan shared by a batch
+        first = {
+            "kept": (rows.kept[: batch * out], out, total),
+            "src": (rows.sources[: batch * a.merged], a.merged, total),
+            "dst": (rows.slots[: batch * a.merged], a.merged, out),
+            "origin": (rows.origin[: batch * total], total, out),
+        }
+        if name in first:
+            flat, width, step = first[name]
+            field = flat.view(batch, width)
+            # a one-row plan's rows are its tokens; other rows are offset by their sample's
+            return field if batch == 1 else field - _shared_offsets(batch, step, sizes.device)
+        if name == "dst_count":
+            return sizes.index_select(0, first["dst"][0]).view(batch, -1)
+        return sizes[: batch * out].log().view(batch, out)  # log_counts
+
+    @property
+    def kept(self) -> Tensor:
+        return self._field(0, "kept")
+
+    @property
+    def src(self) -> Tensor:
+        return self._field(1, "src")
+
+    @property
+    def dst(self) -> Tensor:
+        return self._field(2, "dst")
+
+    @property
+    def origin(self) -> Tensor:
+        return self._field(3, "origin")
+
+    @property
+    def dst_count(self) -> Tensor:
+        return self._field(4, "dst_count")
+
+    @property
+    def log_counts(self) -> Tensor | None:
+        return self._field(5, "log_counts")
+
+    def _built(self) -> tuple[PlanRows, Tensor]:
+        """An assigned plan's rows (float32) and slot sizes for its own batch; for a plan
+        shared by the batch, those of the first batch it was applied to will do (its fields
+        are the first sample's)."""
+        builds = self._derived.get("builds")
+        if builds and self.batch not in builds and self.batch == 1:
+            return next(iter(builds.values()))
+        return self._build(self.batch)
+
+    def _build(self, batch: int) -> tuple[PlanRows, Tensor]:
+        """An assigned plan's rows and slot sizes for ``batch`` samples, made once per batch."""
+        builds = self._derived.setdefault("builds", {})
+        if batch not in builds:
+            a = self._assignment
+            if batch != self.batch:  # a plan shared by the batch: built for it whole
+                a = _replace_dataclass(a, repeats=a.repeats * batch)
+            builds[batch] = _built_rows(a)
+        return builds[batch]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -147,42 +330,22 @@ class Plan:
                 f"src and dst_token must both be (P, r); got {tuple(src.shape)} and "
                 f"{tuple(dst_token.shape)}"
             )
-        rows, num_merged = src.shape
-        if num_merged == 0:
+        if src.shape[1] == 0:
             return cls.identity(num_tokens, src.device)
-        num_out = num_tokens - num_merged
-        device = src.device
-        is_src = torch.zeros(rows, num_tokens, dtype=torch.bool, device=device)
-        is_src.scatter_(1, src, True)
-        # a stable sort puts the kept tokens first, in token order
-        kept = torch.sort(is_src, dim=1, stable=True).indices[:, :num_out].contiguous()
-        # slot of every kept token: how many kept tokens precede it
-        slot = torch.cumsum(~is_src, dim=1) - 1
-        dst = slot.gather(1, dst_token)
-        origin = slot.scatter(1, src, dst)
-        counts = torch.ones(rows, num_out, device=device).scatter_add_(
-            1, dst, torch.ones(rows, num_merged, device=device)
-        )
-        return cls(
-            kept=kept,
-            src=src,
-            dst=dst,
-            origin=origin,
-            dst_count=counts.gather(1, dst),
-            num_tokens=num_tokens,
-            log_counts=counts.log(),
-        )
+        return cls._assigned(_Assignment(src, dst_token, num_tokens))
 
     # ------------------------------------------------------------------ properties
     @property
     def num_merged(self) -> int:
         """``r``: how many tokens merge away."""
+        if self._assignment is not None:
+            return self._assignment.merged
         return self.src.shape[1]
 
     @property
     def num_out(self) -> int:
         """``M = N - r``: tokens after the merge."""
-        return self.kept.shape[1]
+        return self.num_tokens - self.num_merged
 
     @property
     def is_identity(self) -> bool:
@@ -192,10 +355,14 @@ class Plan:
     @property
     def batch(self) -> int:
         """Rows of the plan: the batch size, or 1 for a plan shared by the whole batch."""
+        if self._assignment is not None:
+            return self._assignment.samples
         return self.kept.shape[0]
 
     @property
     def device(self) -> torch.device:
+        if self._assignment is not None:
+            return self._assignment.src.device
         return self.kept.device
 
     @property
@@ -206,20 +373,31 @@ class Plan:
     @property
     def counts(self) -> Tensor:
         """``(P, M)`` how many original tokens each slot stands for (local mode)."""
+        if self._assignment is not None:
+            return self._built()[1][: self.batch * self.num_out].view(self.batch, self.num_out)
         ones = torch.ones(self.origin.shape, device=self.device)
         return torch.zeros(self.kept.shape, device=self.device).scatter_add(1, self.origin, ones)
 
     def slot_log_sizes(self) -> Tensor:
         """``(P, M)`` float32 ``log`` of ``counts``: ``log_counts`` when the plan carries it."""
-        return self.log_counts if self.log_counts is not None else self.counts.log()
+        log_counts = self.log_counts
+        return log_counts if log_counts is not None else self.counts.log()
 
     # ------------------------------------------------------------------ transforms
+    # On a plan made by ``from_assignment`` these only note the layout: its rows are made once,
+    # in the final layout, when it is first applied.
+    def _placed(self, **layout: int) -> Plan:
+        return Plan._assigned(_replace_dataclass(self._assignment, **layout))
+
     def with_prefix(self, num_prefix: int) -> Plan:
         """The same plan behind ``num_prefix`` protected tokens that always stay, unmerged."""
         if num_prefix == 0:
             return self
+        if self._assignment is not None:
+            return self._placed(prefix=self._assignment.prefix + num_prefix)
         rows = self.batch
         prefix = torch.arange(num_prefix, device=self.device).expand(rows, -1)
+        log_counts = self.log_counts
         return Plan(
             kept=torch.cat([prefix, self.kept + num_prefix], dim=1),
             src=self.src + num_prefix,
@@ -228,16 +406,19 @@ class Plan:
             dst_count=self.dst_count,
             num_tokens=self.num_tokens + num_prefix,
             log_counts=None
-            if self.log_counts is None
-            else torch.cat([self.log_counts.new_zeros(rows, num_prefix), self.log_counts], 1),
+            if log_counts is None
+            else torch.cat([log_counts.new_zeros(rows, num_prefix), log_counts], 1),
         )
 
     def with_suffix(self, num_suffix: int) -> Plan:
         """The same plan before ``num_suffix`` protected tokens that always stay, unmerged."""
         if num_suffix == 0:
             return self
+        if self._assignment is not None:
+            return self._placed(suffix=self._assignment.suffix + num_suffix)
         rows = self.batch
         suffix = torch.arange(num_suffix, device=self.device).expand(rows, -1)
+        log_counts = self.log_counts
         return Plan(
             kept=torch.cat([self.kept, suffix + self.num_tokens], dim=1),
             src=self.src,
@@ -246,8 +427,8 @@ class Plan:
             dst_count=self.dst_count,
             num_tokens=self.num_tokens + num_suffix,
             log_counts=None
-            if self.log_counts is None
-            else torch.cat([self.log_counts, self.log_counts.new_zeros(rows, num_suffix)], 1),
+            if log_counts is None
+            else torch.cat([log_counts, log_counts.new_zeros(rows, num_suffix)], 1),
         )
 
     def per_frame(self, frames: int) -> Plan:
@@ -256,6 +437,13 @@ class Plan:
         own tokens, and no token merges into another frame."""
         if frames == 1:
             return self
+        a = self._assignment
+        if (
+            a is not None
+            and (a.frames, a.prefix, a.suffix) == (1, 0, 0)
+            and a.src.shape[0] * a.repeats % frames == 0
+        ):
+            return self._placed(frames=frames)
         rows = self.batch // frames
         n, m, r = self.num_tokens, self.num_out, self.num_merged
         frame = torch.arange(frames, device=self.device).view(1, frames, 1)
@@ -264,6 +452,7 @@ class Plan:
             width = index.shape[1]
             return (index.reshape(rows, frames, width) + frame * step).reshape(rows, -1)
 
+        log_counts = self.log_counts
         return Plan(
             kept=shifted(self.kept, n),
             src=shifted(self.src, n),
@@ -271,15 +460,16 @@ class Plan:
             origin=shifted(self.origin, m),
             dst_count=self.dst_count.reshape(rows, frames * r),
             num_tokens=frames * n,
-            log_counts=None
-            if self.log_counts is None
-            else self.log_counts.reshape(rows, frames * m),
+            log_counts=None if log_counts is None else log_counts.reshape(rows, frames * m),
         )
 
     def repeat(self, times: int) -> Plan:
         """Stack the plan ``times`` times along the batch (e.g. both classifier-free halves)."""
         if times == 1:
             return self
+        if self._assignment is not None:
+            return self._placed(repeats=self._assignment.repeats * times)
+        log_counts = self.log_counts
         return Plan(
             kept=self.kept.repeat(times, 1),
             src=self.src.repeat(times, 1),
@@ -287,11 +477,16 @@ class Plan:
             origin=self.origin.repeat(times, 1),
             dst_count=self.dst_count.repeat(times, 1),
             num_tokens=self.num_tokens,
-            log_counts=None if self.log_counts is None else self.log_counts.repeat(times, 1),
+            log_counts=None if log_counts is None else log_counts.repeat(times, 1),
         )
 
     def to(self, device: torch.device | str) -> Plan:
         """The plan with its index tensors on ``device``."""
+        a = self._assignment
+        if a is not None:
+            moved = _replace_dataclass(a, src=a.src.to(device), dst_token=a.dst_token.to(device))
+            return Plan._assigned(moved)
+        log_counts = self.log_counts
         return Plan(
             kept=self.kept.to(device),
             src=self.src.to(device),
@@ -299,7 +494,7 @@ class Plan:
             origin=self.origin.to(device),
             dst_count=self.dst_count.to(device),
             num_tokens=self.num_tokens,
-            log_counts=None if self.log_counts is None else self.log_counts.to(device),
+            log_counts=None if log_counts is None else log_counts.to(device),
         )
 
     def derived(self, key: Hashable, make: Callable[[], T]) -> T:
@@ -323,20 +518,31 @@ class Plan:
         key = ("rows", batch, dtype)
         rows = self._derived.get(key)
         if rows is None:
-            inputs = _offsets(batch, self.num_tokens, self.device)
-            outputs = _offsets(batch, self.num_out, self.device)
-            destinations = self.kept.gather(1, self.dst)
-            # sources and destinations in one (2, batch, r) index: one kernel for both
-            pairs = torch.stack([self.src.expand(batch, -1), destinations.expand(batch, -1)])
-            weight = self.dst_count.to(dtype).expand(batch, -1).reciprocal()
-            rows = self._derived[key] = PlanRows(
-                kept=(self.kept + inputs).flatten(),
-                pairs=(pairs + inputs).flatten(),
-                slots=(self.dst + outputs).flatten(),
-                origin=(self.origin + outputs).flatten(),
-                weight=weight.reshape(-1, 1),
-            )
+            rows = self._derived[key] = self._make_rows(batch, dtype)
         return rows
+
+    def _make_rows(self, batch: int, dtype: torch.dtype) -> PlanRows:
+        a = self._assignment
+        if a is not None:
+            own, sizes = self._build(batch)
+            if dtype == torch.float32:
+                return own
+            # the reciprocal in the dtype itself: exact where the dtype is (float64)
+            weight = sizes.index_select(0, own.slots).to(dtype).reciprocal_().unsqueeze(1)
+            return own._replace(weight=weight)
+        inputs = _offsets(batch, self.num_tokens, self.device)
+        outputs = _offsets(batch, self.num_out, self.device)
+        destinations = self.kept.gather(1, self.dst)
+        # sources and destinations in one (2, batch, r) index: one kernel for both
+        pairs = torch.stack([self.src.expand(batch, -1), destinations.expand(batch, -1)])
+        weight = self.dst_count.to(dtype).expand(batch, -1).reciprocal()
+        return PlanRows(
+            kept=(self.kept + inputs).flatten(),
+            pairs=(pairs + inputs).flatten(),
+            slots=(self.dst + outputs).flatten(),
+            origin=(self.origin + outputs).flatten(),
+            weight=weight.reshape(-1, 1),
+        )
 
     # ------------------------------------------------------------------ application
     def _check(self, x: Tensor, tokens: int) -> int:
@@ -405,9 +611,12 @@ class Plan:
         """Each source's share of its slot's mean, ``(B, r)``, and the sizes after the merge,
         ``(B, M)``, for tokens of ``sizes`` ``(B, N)``."""
         merged = self.merge_sizes(sizes)
-        batch = sizes.shape[0]
-        src_size = sizes.gather(1, self.src.expand(batch, -1))
-        return src_size / merged.gather(1, self.dst.expand(batch, -1)), merged
+        if self.is_identity:
+            return sizes.new_empty(sizes.shape[0], 0), merged
+        rows = self.rows(sizes.shape[0], torch.float32)
+        src_size = sizes.reshape(-1).index_select(0, rows.sources)
+        share = src_size / merged.reshape(-1).index_select(0, rows.slots)
+        return share.view(sizes.shape[0], -1), merged
 
     def merge_sizes(self, sizes: Tensor) -> Tensor:
         """Sizes after the merge: ``(B, N) -> (B, M)``; a slot's size is the sum of its tokens'."""
@@ -415,8 +624,9 @@ class Plan:
         batch = sizes.shape[0]
         if self.is_identity:
             return sizes
-        slot = torch.zeros(batch, self.num_out, dtype=sizes.dtype, device=sizes.device)
-        return slot.scatter_add(1, self.origin.expand(batch, -1), sizes)
+        rows = self.rows(batch, torch.float32)
+        slot = torch.zeros(batch * self.num_out, dtype=sizes.dtype, device=sizes.device)
+        return slot.index_add_(0, rows.origin, sizes.reshape(-1)).view(batch, self.num_out)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """Copy each slot's value back to every token merged into it: ``(B, M, C) -> (B, N, C)``."""

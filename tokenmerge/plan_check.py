@@ -108,6 +108,9 @@ def _structure_problem(plan: Any, num_tokens: int, batch: int, num_merge: int | 
         return f"plan.num_tokens is {type(n).__name__} {n!r}, not int"
     if n != num_tokens:
         return f"the plan is over {n} tokens, expected {num_tokens}"
+    assignment = plan._assignment  # noqa: SLF001 (a plan made by from_assignment)
+    if assignment is not None:
+        return _assignment_problem(plan, assignment, batch, num_merge)
     for field in (*_INDEX_FIELDS, "dst_count"):
         value = getattr(plan, field)
         if not isinstance(value, Tensor):
@@ -119,14 +122,11 @@ def _structure_problem(plan: Any, num_tokens: int, batch: int, num_merge: int | 
                 return f"plan.dst_count is {value.dtype}, not floating point"
         elif value.dtype != torch.long:
             return f"plan.{field} is {value.dtype}, not torch.long (token indices)"
+    problem = _size_problem(plan, batch, num_merge)
+    if problem is not None:
+        return problem
     rows, m, r = plan.batch, plan.num_out, plan.num_merged
-    if rows not in (1, batch):
-        allowed = "1" if batch == 1 else f"1 or {batch}"
-        return f"the plan has {rows} rows for a batch of {batch} ({allowed})"
-    if num_merge is not None and r != num_merge:
-        return f"the plan merged {r} tokens; {num_merge} were asked for (num_merge)"
-    if m + r != n:
-        return f"{m} kept + {r} merged tokens != {n} tokens"
+    n = plan.num_tokens
     shapes = {"kept": (rows, m), "src": (rows, r), "dst": (rows, r), "origin": (rows, n)}
     shapes["dst_count"] = (rows, r)
     if plan.log_counts is not None:
@@ -141,9 +141,43 @@ def _structure_problem(plan: Any, num_tokens: int, batch: int, num_merge: int | 
     return None
 
 
+def _size_problem(plan: Plan, batch: int, num_merge: int | None) -> str | None:
+    rows, m, r, n = plan.batch, plan.num_out, plan.num_merged, plan.num_tokens
+    if rows not in (1, batch):
+        allowed = "1" if batch == 1 else f"1 or {batch}"
+        return f"the plan has {rows} rows for a batch of {batch} ({allowed})"
+    if num_merge is not None and r != num_merge:
+        return f"the plan merged {r} tokens; {num_merge} were asked for (num_merge)"
+    if m + r != n:
+        return f"{m} kept + {r} merged tokens != {n} tokens"
+    return None
+
+
+def _assignment_problem(
+    plan: Plan, assignment: Any, batch: int, num_merge: int | None
+) -> str | None:
+    """The structure of a plan made by ``from_assignment``: its fields follow from ``src``
+    and ``dst_token`` when it is applied, so those are what is checked (no field is made)."""
+    for name in ("src", "dst_token"):
+        value = getattr(assignment, name)
+        if value.dtype != torch.long:
+            return f"from_assignment's {name} is {value.dtype}, not torch.long (token indices)"
+        if value.device != plan.device:
+            return f"from_assignment's {name} is on {value.device}, src on {plan.device}"
+    return _size_problem(plan, batch, num_merge)
+
+
 def _value_problem(plan: Plan) -> str | None:
     """The index checks, read back together (one host sync); the details of a failure are
     worked out after, on the error path."""
+    assignment = plan._assignment  # noqa: SLF001
+    if assignment is not None:
+        # the fields are made from these: an index out of range would fail there, in torch
+        for name in ("src", "dst_token"):
+            value, high = getattr(assignment, name), assignment.tokens
+            low, top = torch.stack([value.min(), value.max()]).tolist()
+            if low < 0 or top >= high:
+                return f"from_assignment's {name} holds {low}..{top}, outside 0..{high - 1}"
     n, m, rows = plan.num_tokens, plan.num_out, plan.batch
     highs = {"kept": n, "src": n, "dst": m, "origin": m}
     # clamped copies keep every later check in bounds whatever the plan holds

@@ -14,9 +14,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .windows import made_once
+
 __all__ = ["SiteRandom"]
 
 _MASK32 = 0xFFFFFFFF
+_DRAW_STEP = 0x85EBCA77
+_ELEMENT_STEP = 0x9E3779B1
+
+
+@made_once
+def _spread(count: int, device: torch.device) -> Tensor:
+    """``(count,)`` every element's place in a draw's hash input."""
+    return torch.arange(count, dtype=torch.int64, device=device) * _ELEMENT_STEP
 
 
 def _hash32(x: Tensor) -> Tensor:
@@ -44,33 +54,32 @@ class SiteRandom:
     """
 
     def __init__(self, seed: int) -> None:
-        # seed and counter are tensors: under torch.compile they are graph inputs, so sites with
-        # different seeds share one graph and advancing the counter is a traced in-place update
-        # (Python ints would be baked into the graph and force a recompile per value)
-        self.seed = torch.tensor(seed & _MASK32, dtype=torch.int64)
-        self.draws = torch.zeros((), dtype=torch.int64)
+        # the key is a tensor: under torch.compile it is a graph input, so sites with different
+        # seeds share one graph and advancing it is a traced in-place update (a Python int
+        # would be baked into the graph and force a recompile per value)
+        self._seed = seed & _MASK32
+        self.key = torch.tensor(self._seed, dtype=torch.int64)  # seed + draws * _DRAW_STEP
 
     def reset(self) -> None:
         """Start the stream over (same seed, same draws)."""
-        self.draws.zero_()
+        self.key.fill_(self._seed)
 
-    def _bits(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
+    def bits(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
         """32 random bits per element of ``shape`` (int64); each call continues the stream."""
         count = 1
         for size in shape:
             count *= size
         # draws and elements are spread by two odd constants: the (draw, element) pairs that
         # would hash the same input lie billions of elements apart
-        key = (self.draws * 0x85EBCA77 + self.seed).to(device)
-        self.draws.add_(1)
-        index = torch.arange(count, dtype=torch.int64, device=device)
-        return _hash32(index * 0x9E3779B1 + key).view(shape)
+        mixed = _spread(count, torch.device(device)) + self.key.to(device)
+        self.key.add_(_DRAW_STEP)  # after the read: on the CPU .to() is the key itself
+        return _hash32(mixed).view(shape)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
         """Float32 draws in [0, 1) of ``shape``; each call continues the stream."""
-        return (self._bits(shape, device) >> 8).to(torch.float32).mul_(2.0**-24)
+        return (self.bits(shape, device) >> 8).to(torch.float32).mul_(2.0**-24)
 
     def integers(self, high: int, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
         """Int64 draws in ``[0, high)`` of ``shape`` (the bias of the modulo is below
         ``high / 2**32``)."""
-        return self._bits(shape, device) % high
+        return self.bits(shape, device) % high

@@ -21,7 +21,8 @@ __all__ = ["Strategy", "merge_into_representatives", "pick_top"]
 
 
 def pick_top(score: Tensor, count: int) -> Tensor:
-    """Indices of the ``count`` highest scores along the last dim (``-inf`` marks the ineligible).
+    """Indices of the ``count`` highest scores along the last dim (the lowest value, ``-inf``
+    or ``-1`` for integer ranks, marks the ineligible).
 
     ``count`` never exceeds the eligible entries when callers cap it by the strategy's capacity.
     """

@@ -7,7 +7,6 @@ every failure) and loops over its ``cases()``, each run inside ``trial.failing(c
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
@@ -203,11 +202,12 @@ def row_slice(plan: Plan, batch: int, start: int, stop: int | None = None) -> Pl
     if plan.batch == 1:
         plan = plan.repeat(batch)
     rows = slice(start, stop)
-    return dataclasses.replace(
-        plan,
+    log_counts = plan.log_counts
+    return plan.replace(
         kept=plan.kept[rows],
         src=plan.src[rows],
         dst=plan.dst[rows],
         origin=plan.origin[rows],
         dst_count=plan.dst_count[rows],
+        log_counts=None if log_counts is None else log_counts[rows],
     )
