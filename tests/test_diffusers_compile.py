@@ -21,7 +21,8 @@ from unet_models import tiny_unet as make_unet
 import tokenmerge
 
 STRATEGIES = ["tome", "retom", "random"]
-TIMESTEPS = torch.linspace(999, 0, 10).round()
+#: a generation of 20 steps: a whole generation recompiles at most twice after its first step
+TIMESTEPS = torch.linspace(999, 0, 20).round()
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_regional_fullgraph_compile(strategy, inputs):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
             frames_after_step.append(counter.frame_count)
     stats = next(iter(handle.stats().values()))
-    assert (stats.plans_computed, stats.plans_reused) == (4, 6)  # caching was on
+    assert (stats.plans_computed, stats.plans_reused) == (7, 13)  # caching was on
     # after the first step, the loop compiles at most two more graph variants (the planning and
     # the reusing step), whatever the number of steps
     assert frames_after_step[-1] - frames_after_step[0] <= 2, frames_after_step
