@@ -232,3 +232,14 @@ def test_checks_values_follows_the_make_plan_that_runs():
     assert not plan_check.checks_values(Inherits)
     assert plan_check.checks_values(Overrides)
     assert plan_check.checks_values(FaultyStrategy)
+
+
+def test_an_assignment_out_of_range_is_a_plan_problem_not_a_torch_error():
+    # a strategy's from_assignment plan builds its fields only when applied: its sources and
+    # destinations are checked first, so the value check never indexes out of range
+    for src, dst, name in [([[4]], [[0]], "src holds 4..4"), ([[1]], [[-1]], "dst_token holds")]:
+        plan = Plan.from_assignment(torch.tensor(src), torch.tensor(dst), 4)
+        problem = plan_check.plan_problem(plan, num_tokens=4, batch=1)
+        assert problem is not None and name in problem and "outside 0..3" in problem, problem
+    good = Plan.from_assignment(torch.tensor([[1]]), torch.tensor([[0]]), 4)
+    assert plan_check.plan_problem(good, num_tokens=4, batch=1) is None
