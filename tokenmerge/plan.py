@@ -37,6 +37,7 @@ def _flat_index(index: Tensor, batch: int, tokens: int) -> Tensor:
     return (index.expand(batch, -1) + _offsets(batch, tokens, index.device)).flatten()
 
 
+@made_once
 def _offsets(batch: int, tokens: int, device: torch.device) -> Tensor:
     """``(batch, 1)``: the first row of every sample in ``x.reshape(batch * tokens, C)``."""
     return torch.arange(0, batch * tokens, tokens, device=device).unsqueeze(1)
@@ -105,16 +106,11 @@ class _Assignment:
         return self.prefix + self.frames * self.tokens + self.suffix
 
 
-def _row_starts(a: _Assignment) -> Tensor:
-    """``(Q * repeats, 1)``: the flat row of every assignment row's first image token."""
-    rows = a.src.shape[0] * a.repeats
-    return _starts(rows, a.frames, a.total, a.prefix, a.tokens, a.src.device)
-
-
 @made_once
 def _starts(
     rows: int, frames: int, total: int, prefix: int, tokens: int, device: torch.device
 ) -> Tensor:
+    """``(rows, 1)``: the flat row of every assignment row's first image token."""
     row = torch.arange(rows, device=device)
     return ((row // frames) * total + prefix + (row % frames) * tokens).unsqueeze(1)
 
@@ -122,10 +118,6 @@ def _starts(
 @made_once
 def _one(device: torch.device) -> Tensor:
     return torch.ones(1, device=device)
-
-
-#: ``_offsets`` of the fields of plans made by ``from_assignment``, which many plans share
-_shared_offsets = made_once(_offsets)
 
 
 def _built_rows(a: _Assignment) -> tuple[PlanRows, Tensor]:
@@ -137,7 +129,8 @@ def _built_rows(a: _Assignment) -> tuple[PlanRows, Tensor]:
     pairs = torch.stack([a.src, a.dst_token])  # sources and destinations: one index for both
     if a.repeats > 1:
         pairs = pairs.repeat(1, a.repeats, 1)
-    pairs = (pairs + _row_starts(a)).view(-1)
+    starts = _starts(pairs.shape[1], a.frames, total, a.prefix, a.tokens, pairs.device)
+    pairs = (pairs + starts).view(-1)
     sources, destinations = pairs[:count], pairs[count:]
     keep = torch.ones(batch * total, dtype=torch.long, device=pairs.device)
     keep.index_fill_(0, sources, 0)
@@ -150,6 +143,15 @@ def _built_rows(a: _Assignment) -> tuple[PlanRows, Tensor]:
     sizes.index_add_(0, slots, _one(pairs.device).expand(count))
     weight = sizes.index_select(0, slots).reciprocal_().unsqueeze(1)
     return PlanRows(kept=kept, pairs=pairs, slots=slots, origin=origin, weight=weight), sizes
+
+
+#: the fields a plan built field by field is given, in ``Plan._given`` order
+_GIVEN = ("kept", "src", "dst", "origin", "dst_count", "log_counts")
+
+
+def _field_property(name: str) -> property:
+    """A plan's field ``name``: the one it was given, or made from its rows when first read."""
+    return property(lambda plan: plan._field(name), doc=f"The plan's ``{name}`` (see ``Plan``).")
 
 
 class Plan:
@@ -229,9 +231,9 @@ class Plan:
         return Plan(**{name: getattr(self, name) for name in self.FIELDS} | fields)
 
     # ------------------------------------------------------------------ fields
-    def _field(self, index: int, name: str) -> Tensor | None:
+    def _field(self, name: str) -> Tensor | None:
         if self._given is not None:
-            return self._given[index]
+            return self._given[_GIVEN.index(name)]
         return self.derived(("field", name), lambda: self._field_of_rows(name))
 
     def _field_of_rows(self, name: str) -> Tensor:
@@ -249,34 +251,17 @@ class Plan:
             flat, width, step = first[name]
             field = flat.view(batch, width)
             # a one-row plan's rows are its tokens; other rows are offset by their sample's
-            return field if batch == 1 else field - _shared_offsets(batch, step, sizes.device)
+            return field if batch == 1 else field - _offsets(batch, step, sizes.device)
         if name == "dst_count":
             return sizes.index_select(0, first["dst"][0]).view(batch, -1)
         return sizes[: batch * out].log().view(batch, out)  # log_counts
 
-    @property
-    def kept(self) -> Tensor:
-        return self._field(0, "kept")
-
-    @property
-    def src(self) -> Tensor:
-        return self._field(1, "src")
-
-    @property
-    def dst(self) -> Tensor:
-        return self._field(2, "dst")
-
-    @property
-    def origin(self) -> Tensor:
-        return self._field(3, "origin")
-
-    @property
-    def dst_count(self) -> Tensor:
-        return self._field(4, "dst_count")
-
-    @property
-    def log_counts(self) -> Tensor | None:
-        return self._field(5, "log_counts")
+    kept = _field_property("kept")
+    src = _field_property("src")
+    dst = _field_property("dst")
+    origin = _field_property("origin")
+    dst_count = _field_property("dst_count")
+    log_counts = _field_property("log_counts")
 
     def _built(self) -> tuple[PlanRows, Tensor]:
         """An assigned plan's rows (float32) and slot sizes for its own batch; for a plan
