@@ -60,6 +60,7 @@ from tokenmerge.patch import EMPTY_BATCH, SitePatch, per_thread_correction, repo
 from tokenmerge.plan import Plan
 from tokenmerge.proportional import SizeBias
 from tokenmerge.site import Site
+from tokenmerge.windows import token_indices
 
 __all__ = ["DiffusersFluxAdapter"]
 
@@ -206,7 +207,7 @@ def _rotary_rows(plan: Plan, extra: int) -> Tensor:
     """The rotary table's rows of the ``extra`` text tokens and of the tokens ``plan`` keeps."""
     rows = plan.kept[0]
     if extra:
-        rows = torch.cat([torch.arange(extra, device=rows.device), rows + extra])
+        rows = torch.cat([token_indices(extra, rows.device)[0], rows + extra])
     return rows
 
 

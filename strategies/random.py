@@ -75,12 +75,15 @@ class RandomStrategy(Strategy):
         if layout.positions is not None:
             return self._progressive_plan(layout, num_merge, rng)
         cells = shared_window_partition(layout.grid, self._cell(), device)
-        valid = cells >= 0
         # one draw serves both choices: its low 16 bits pick each cell's destination, all 32
         # bits rank the other tokens (the halves of the hash are independent); -1 is ineligible
         bits = rng.bits(cells.shape, device)
-        dst_slot = torch.where(valid, bits & 0xFFFF, -1).argmax(dim=1, keepdim=True)
-        rank = torch.where(valid, bits, -1).scatter_(1, dst_slot, -1)
+        low = bits & 0xFFFF
+        if cells.numel() > n:  # padding slots, where the grid did not divide
+            valid = cells >= 0
+            low, bits = torch.where(valid, low, -1), torch.where(valid, bits, -1)
+        dst_slot = low.argmax(dim=1, keepdim=True)
+        rank = bits.scatter_(1, dst_slot, -1)
         chosen = pick_top(rank.flatten(), num_merge)
         src = cells.flatten()[chosen]
         dst = cells.gather(1, dst_slot).squeeze(1)[chosen // cells.shape[1]]

@@ -45,6 +45,7 @@ from tokenmerge.windows import (
     made_once,
     num_windows,
     shared_window_partition,
+    token_indices,
     window_labels,
 )
 
@@ -189,25 +190,25 @@ def representatives(features: Tensor, windows: Tensor) -> tuple[Tensor, Tensor]:
 def _representative_slots(features: Tensor, windows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``representatives``' ``rep_slot``, with the members' features ``(P, W, K, C)`` and
     which window slots hold a token ``(W, K)``."""
-    valid, tokens, weights, others = _window_tables(windows, features.dtype)
+    valid, tokens, weights = _window_tables(windows, features.dtype)
     # padding slots hold token 0's features: left out of the sums, masked in every result
     members = features[:, tokens]  # (P, W, K, C)
     window_sum = weights @ members  # (P, W, 1, C)
-    # mean similarity to the other members; a window of one token is its own representative
-    # (dot products as batched matrix-vector products: no (P, W, K, C) temporary)
-    mean_similarity = (_dots(members, window_sum) - 1) / others
-    blocked = float("-inf")  # a Python scalar: no host-to-device copy
-    return torch.where(valid, mean_similarity, blocked).argmax(dim=-1), members, valid
+    # the highest mean similarity to the other members is the highest dot product with the
+    # window's sum: a member's own term is 1 and the count is the window's (dot products as
+    # batched matrix-vector products: no (P, W, K, C) temporary)
+    similarity = _dots(members, window_sum)
+    if windows.numel() > features.shape[1]:  # padding slots, where the grid did not divide
+        similarity = torch.where(valid, similarity, float("-inf"))
+    return similarity.argmax(dim=-1), members, valid
 
 
 @made_once
-def _window_tables(windows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _window_tables(windows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Of a (shared) window partition ``(W, K)``: which slots hold a token, the token of every
-    slot (token 0 for padding), the slots' weights ``(W, 1, K)`` in ``dtype`` and every
-    window's member count less one, at least 1 ``(W, 1)``."""
+    slot (token 0 for padding) and the slots' weights ``(W, 1, K)`` in ``dtype``."""
     valid = windows >= 0
-    count = valid.sum(dim=1, keepdim=True)
-    return valid, windows.clamp(min=0), valid.to(dtype)[:, None, :], (count - 1).clamp(min=1)
+    return valid, windows.clamp(min=0), valid.to(dtype)[:, None, :]
 
 
 def _detail_plan(
@@ -299,7 +300,7 @@ class ReToMStrategy(Strategy):
         if self.config.destinations == "detail":
             labels = None
             if window_scope:
-                tokens = torch.arange(n, device=features.device).unsqueeze(0)
+                tokens = token_indices(n, features.device)
                 labels, _ = window_labels(tokens, layout.grid, self._window(site))
             return _detail_plan(features, rep_token, num_merge, labels, empty_windows=False)
         if window_scope:
@@ -337,13 +338,10 @@ class ReToMStrategy(Strategy):
         labels, count = window_labels(positions, layout.grid, size)
         index = labels.unsqueeze(-1).expand(-1, -1, channels)
         window_sum = features.new_zeros(rows, count, channels).scatter_add(1, index, features)
-        members = features.new_zeros(rows, count).scatter_add(
-            1, labels, torch.ones_like(labels, dtype=features.dtype)
-        )
-        own_sum = window_sum.gather(1, index)
-        own_count = members.gather(1, labels)
-        mean_similarity = ((features * own_sum).sum(-1) - 1) / (own_count - 1).clamp(min=1)
-        rep_token = best_per_window(mean_similarity, labels, count)  # (P, windows)
+        # the highest dot product with the window's sum is the highest mean similarity to the
+        # other members (as in _representative_slots)
+        similarity = (features * window_sum.gather(1, index)).sum(-1)
+        rep_token = best_per_window(similarity, labels, count)  # (P, windows)
         window_scope = self.config.scope_in(progressive=True) == "window"
         if self.config.destinations == "detail":
             return _detail_plan(features, rep_token, num_merge, labels if window_scope else None)

@@ -82,6 +82,14 @@ def _make_cell_tokens(
 _cell_tokens = made_once(_make_cell_tokens)
 
 
+@made_once
+def _other_places(places: int, device: torch.device) -> Tensor:
+    """``(places, places - 1)``: row ``d`` lists every place of a cell but ``d``, in order."""
+    place = torch.arange(places, device=device)
+    other = place[: places - 1].unsqueeze(0)
+    return other + (other >= place.unsqueeze(1))  # j, or j + 1 from the destination on
+
+
 class ToMeStrategy(Strategy):
     """ToMe: bipartite soft matching, on tomesd's 2-D cells or ToMe's alternating partition.
 
@@ -124,14 +132,13 @@ class ToMeStrategy(Strategy):
         sy, sx, rows, cols = self._cells(grid)
         cells, leftover = _cell_tokens(tuple(grid), (sy, sx), torch.device(device))
         if self.config.random_destinations:
-            offset = rng.integers(sy * sx, (rows * cols, 1), device)
+            place = rng.integers(sy * sx, (rows * cols,), device)
         else:
-            offset = torch.zeros(rows * cols, 1, dtype=torch.long, device=device)
-        dst = cells.gather(1, offset).squeeze(1)
-        # every other place of each cell, in order: place j, or j + 1 from the destination on
-        places = torch.arange(sy * sx - 1, device=device)
-        others = cells.gather(1, places + (places >= offset))
-        return dst, torch.cat([others.flatten(), leftover])
+            place = torch.zeros(rows * cols, dtype=torch.long, device=device)
+        dst = cells.gather(1, place.unsqueeze(1)).squeeze(1)
+        # every other place of each cell, from a table of them per destination place
+        others = cells.gather(1, _other_places(sy * sx, torch.device(device))[place]).flatten()
+        return dst, (torch.cat([others, leftover]) if leftover.numel() else others)
 
     def make_plan(
         self,
@@ -143,7 +150,6 @@ class ToMeStrategy(Strategy):
     ) -> Plan:
         n = layout.num_image_tokens
         device = features.device
-        rows = features.shape[0]
         if num_merge == 0 or n < 2:
             return Plan.identity(n, device)
         if not self._uses_cells(site, layout):
@@ -155,9 +161,11 @@ class ToMeStrategy(Strategy):
         dst_idx, src_idx = self._cell_partition(layout.grid, device, rng)
         if dst_idx.numel() == 0:
             return Plan.identity(n, device)
+        # the sources' features against the destinations' only: comparing every token and
+        # blocking the destinations' own matches would save building the sources' index, for a
+        # third more products (2 x 2 cells), which costs more than it saves (docs/benchmarks.md)
         similarity = features[:, src_idx] @ features[:, dst_idx].transpose(1, 2)
         best, match = similarity.max(dim=-1)
         chosen = pick_top(best, num_merge)
-        src = src_idx.expand(rows, -1).gather(1, chosen)
-        dst = dst_idx[match.gather(1, chosen)]
-        return Plan.from_assignment(src, dst, n)
+        src = src_idx.expand(features.shape[0], -1).gather(1, chosen)
+        return Plan.from_assignment(src, dst_idx[match.gather(1, chosen)], n)

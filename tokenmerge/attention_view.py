@@ -236,7 +236,7 @@ class QKVView(AttentionView):
         eye = torch.eye(channels, device=x.device, dtype=x.dtype)
         keys = linear_part(self.key, eye)  # (C, H d): row c is W_k e_c
         per_head = keys.t().reshape(heads, -1, channels)  # (H, d, C): W_k,h
-        wide = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # (gradcheck)
         folded = (query @ per_head).to(wide).reshape(batch, heads * count, channels)
         inputs = x.to(wide)
         scale = self.scale if self.scale is not None else query.shape[-1] ** -0.5

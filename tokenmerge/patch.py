@@ -281,9 +281,13 @@ class SitePatch:
         if not self.site.shared_plan and self.config.share_cfg_plan and batch % 2 == 0:
             tokens, repeats = tokens[batch // 2 :], 2  # only the half that plans is normalised
         with torch.no_grad():
-            # contiguous first: a UNet block input is a channels-strided view of a conv output,
-            # which makes the norm and every gather of the plan read memory across rows
-            features = F.normalize(tokens.float().contiguous(), dim=-1)
+            # channels made contiguous first: a UNet block input is a channels-strided view of a
+            # conv output, which makes the norm and every gather of the plan read memory across
+            # rows (rows cut from a longer sequence, behind a class token, are read as they are)
+            tokens = tokens.float()
+            if tokens.stride(-1) != 1:
+                tokens = tokens.contiguous()
+            features = F.normalize(tokens, dim=-1)
             if self.site.shared_plan:
                 return F.normalize(features.mean(0, keepdim=True), dim=-1), 1
         return features, repeats

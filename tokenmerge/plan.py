@@ -117,13 +117,14 @@ def _starts(
 
 @made_once
 def _one(device: torch.device) -> Tensor:
-    return torch.ones(1, device=device)
+    return torch.ones(1, dtype=torch.long, device=device)
 
 
 def _built_rows(a: _Assignment) -> tuple[PlanRows, Tensor]:
-    """The ``PlanRows`` (float32 weights) of an assignment for its own batch, and every slot's
-    size ``(batch * M,)``: the whole plan in one pass over flat rows, with no index per sample
-    to offset afterwards."""
+    """The ``PlanRows`` (float32 weights) of an assignment for its own batch, and the size of
+    every kept row's slot ``(batch * total,)`` (int64; what it holds at the sources' rows means
+    nothing): the whole plan in one pass over flat rows, with no index per sample to offset
+    afterwards."""
     batch, total, merged = a.samples, a.total, a.merged
     count = batch * merged
     pairs = torch.stack([a.src, a.dst_token])  # sources and destinations: one index for both
@@ -139,9 +140,9 @@ def _built_rows(a: _Assignment) -> tuple[PlanRows, Tensor]:
     slot = keep.cumsum(0).sub_(1)  # of every kept row: how many kept rows precede it
     slots = slot.index_select(0, destinations)
     origin = slot.index_copy_(0, sources, slots)  # slot is not needed any more
-    sizes = torch.ones(kept.shape, device=pairs.device)
-    sizes.index_add_(0, slots, _one(pairs.device).expand(count))
-    weight = sizes.index_select(0, slots).reciprocal_().unsqueeze(1)
+    # keep (1 at every kept row) becomes the kept rows' slot sizes: 1 + the sources they take
+    sizes = keep.index_add_(0, destinations, _one(pairs.device).expand(count))
+    weight = sizes.index_select(0, destinations).reciprocal().float().unsqueeze(1)
     return PlanRows(kept=kept, pairs=pairs, slots=slots, origin=origin, weight=weight), sizes
 
 
@@ -238,7 +239,7 @@ class Plan:
 
     def _field_of_rows(self, name: str) -> Tensor:
         a = self._assignment
-        rows, sizes = self._built()
+        rows, _ = self._built()
         batch, total, out = a.samples, a.total, a.total - a.merged
         # the first samples of the build: the plan's own, or those of a plan shared by a batch
         first = {
@@ -251,10 +252,12 @@ class Plan:
             flat, width, step = first[name]
             field = flat.view(batch, width)
             # a one-row plan's rows are its tokens; other rows are offset by their sample's
-            return field if batch == 1 else field - _offsets(batch, step, sizes.device)
+            return field if batch == 1 else field - _offsets(batch, step, self.device)
+        sizes = self._slot_sizes()
         if name == "dst_count":
-            return sizes.index_select(0, first["dst"][0]).view(batch, -1)
-        return sizes[: batch * out].log().view(batch, out)  # log_counts
+            return sizes.index_select(0, first["dst"][0]).float().view(batch, -1)
+        # log_counts: the log of an int64 tensor is float32
+        return sizes[: batch * out].log().float().view(batch, out)
 
     kept = _field_property("kept")
     src = _field_property("src")
@@ -272,8 +275,18 @@ class Plan:
             return next(iter(builds.values()))
         return self._build(self.batch)
 
+    def _slot_sizes(self) -> Tensor:
+        """``(batch * M,)`` int64 size of every slot of an assigned plan's own build (made
+        only when read: merging needs the sources' weights alone)."""
+
+        def make() -> Tensor:
+            rows, sizes = self._built()
+            return sizes.index_select(0, rows.kept)
+
+        return self.derived("slot sizes", make)
+
     def _build(self, batch: int) -> tuple[PlanRows, Tensor]:
-        """An assigned plan's rows and slot sizes for ``batch`` samples, made once per batch."""
+        """An assigned plan's rows and row sizes for ``batch`` samples, made once per batch."""
         builds = self._derived.setdefault("builds", {})
         if batch not in builds:
             a = self._assignment
@@ -359,7 +372,8 @@ class Plan:
     def counts(self) -> Tensor:
         """``(P, M)`` how many original tokens each slot stands for (local mode)."""
         if self._assignment is not None:
-            return self._built()[1][: self.batch * self.num_out].view(self.batch, self.num_out)
+            sizes = self._slot_sizes()[: self.batch * self.num_out]
+            return sizes.float().view(self.batch, self.num_out)
         ones = torch.ones(self.origin.shape, device=self.device)
         return torch.zeros(self.kept.shape, device=self.device).scatter_add(1, self.origin, ones)
 
@@ -513,7 +527,8 @@ class Plan:
             if dtype == torch.float32:
                 return own
             # the reciprocal in the dtype itself: exact where the dtype is (float64)
-            weight = sizes.index_select(0, own.slots).to(dtype).reciprocal_().unsqueeze(1)
+            destinations = own.pairs[own.slots.shape[0] :]
+            weight = sizes.index_select(0, destinations).to(dtype).reciprocal_().unsqueeze(1)
             return own._replace(weight=weight)
         inputs = _offsets(batch, self.num_tokens, self.device)
         outputs = _offsets(batch, self.num_out, self.device)

@@ -38,8 +38,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .calls import CallValues, PerThread
 from .patch import EMPTY_BATCH, SitePatch
-from .plan import Plan, gather_rows
+from .plan import Plan
 from .site import TokenLayout
+from .windows import made_once
 
 __all__ = ["ArgSpec", "TokenCarry", "TokenTrack", "attach_progressive"]
 
@@ -57,8 +58,13 @@ class TokenTrack:
         num_prefix: protected tokens in front (class, distillation, registers).
         grid: the original patch grid of the call.
         sizes: ``(B, N)`` patches each current token stands for; None before the first merge.
-        positions: ``(B or 1, n)`` original grid index of every current image token.
-        origin: ``(B or 1, N0)`` current token of every original token.
+        positions: ``(B or 1, n)`` original grid index of every current image token (a view;
+            one row while every plan was shared by the batch).
+        origin: ``(B * N0,)`` row, among the current tokens of the whole batch
+            (``x.reshape(B * N, C)``), of every original token.
+
+    Both are followed as flat rows of the batch, as the plans' own rows are (``Plan.rows``):
+    one row gather per merge for each, no index offset per sample.
     """
 
     def __init__(self, num_prefix: int) -> None:
@@ -71,9 +77,23 @@ class TokenTrack:
 
     def clear(self) -> None:
         self.sizes: Tensor | None = None
-        self.positions: Tensor | None = None
         self.origin: Tensor | None = None
+        #: ``(B * N,)`` of every current token: its destination's grid index, ``j - num_prefix``
+        #: for protected token ``j`` (so that adding ``num_prefix`` gives ``token_index``)
+        self._grid_rows: Tensor | None = None
+        #: whether every plan so far was shared by the batch (every sample's rows are alike)
+        self._shared = True
         self.num_tokens = 0
+
+    @property
+    def positions(self) -> Tensor | None:
+        if self._grid_rows is None:
+            return None
+        return self._rows_by_sample()[:, self.num_prefix :]
+
+    def _rows_by_sample(self) -> Tensor:
+        rows = self._grid_rows.view(-1, self.num_tokens)
+        return rows[:1] if self._shared else rows
 
     def start(self, grid: tuple[int, int], positions: Tensor | None = None) -> None:
         """A block sees the whole token set: a new call begins (or nothing has merged yet)."""
@@ -111,34 +131,40 @@ class TokenTrack:
         return self.sizes.expand(batch, -1)
 
     def record(self, plan: Plan, merged_sizes: Tensor) -> None:
-        """Follow ``plan``, just applied; ``merged_sizes`` are the sizes after it."""
+        """Follow ``plan``, just applied to a batch; ``merged_sizes`` ``(B, M)`` are the
+        sizes after it."""
         if plan.is_identity:
             return
-        device = plan.device
+        rows = plan.rows(merged_sizes.shape[0], torch.float32)
+        self._shared = self._shared and plan.batch == 1
         if self.origin is None:
-            n = plan.num_tokens
-            self.origin = torch.arange(n, device=device).unsqueeze(0)
-            self.positions = self.start_positions
-            if self.positions is None:
-                self.positions = torch.arange(n - self.num_prefix, device=device).unsqueeze(0)
+            self.origin = rows.origin
+            grid_rows = self._start_rows(merged_sizes.shape[0], plan.num_tokens, plan.device)
+            start = self.start_positions
+            self._shared = self._shared and (start is None or start.shape[0] == 1)
+        else:
+            self.origin = rows.origin.index_select(0, self.origin)
+            grid_rows = self._grid_rows
+        self._grid_rows = grid_rows.index_select(0, rows.kept)
         self.sizes = merged_sizes
-        rows = max(plan.batch, self.origin.shape[0])
-        self.origin = plan.origin.expand(rows, -1).gather(1, self.origin.expand(rows, -1))
-        image_kept = plan.kept_without_prefix(self.num_prefix)
-        rows = max(plan.batch, self.positions.shape[0])
-        self.positions = self.positions.expand(rows, -1).gather(1, image_kept.expand(rows, -1))
         self.num_tokens = plan.num_out
+
+    def _start_rows(self, batch: int, tokens: int, device: torch.device) -> Tensor:
+        """``(batch * tokens,)`` grid rows of the tokens before any merge."""
+        if self.start_positions is None:
+            return _whole_grid_rows(batch, self.num_prefix, tokens, device)
+        prefix = _whole_grid_rows(batch, self.num_prefix, self.num_prefix, device)
+        image = self.start_positions.expand(batch, -1)
+        return torch.cat([prefix.view(batch, -1), image], dim=1).flatten()
 
     def token_index(self) -> Tensor | None:
         """``(B or 1, N)`` original index of every current token (a merged token takes its
         destination's), prefix tokens first; None before the first merge. Per-pair tables made
         for the original tokens (relative position biases) are cut to the current ones with
         it."""
-        if self.positions is None:
+        if self._grid_rows is None:
             return None
-        prefix = torch.arange(self.num_prefix, device=self.positions.device)
-        prefix = prefix.unsqueeze(0).expand(self.positions.shape[0], -1)
-        return torch.cat([prefix, self.positions + self.num_prefix], dim=1)
+        return self._rows_by_sample() + self.num_prefix
 
     def attention_bias(self, dtype: torch.dtype) -> Tensor:
         """``(B, 1, 1, N)`` additive logits bias: ``log(size)`` of every key."""
@@ -146,7 +172,23 @@ class TokenTrack:
 
     def restore(self, x: Tensor) -> Tensor:
         """Every original token gets a copy of the token it was merged into: ``(B, N0, C)``."""
-        return gather_rows(x, self.origin)
+        return restore_rows(x, self.origin)
+
+
+def restore_rows(x: Tensor, origin: Tensor) -> Tensor:
+    """``x (B, N, C)`` -> ``(B, N0, C)``: the row ``origin (B * N0,)`` names for every original
+    token."""
+    batch, tokens, channels = x.shape
+    flat = x.reshape(batch * tokens, channels)
+    return flat.index_select(0, origin).view(batch, -1, channels)
+
+
+@made_once
+def _whole_grid_rows(batch: int, num_prefix: int, tokens: int, device: torch.device) -> Tensor:
+    """``(batch * tokens,)`` ``TokenTrack``'s grid rows of a whole grid behind ``num_prefix``
+    protected tokens: ``-num_prefix .. tokens - num_prefix - 1`` for every sample."""
+    one = torch.arange(-num_prefix, tokens - num_prefix, device=device)
+    return one.repeat(batch)
 
 
 @dataclass(frozen=True)
@@ -231,7 +273,7 @@ class TokenCarry:
         restored = []
         for state, origin in zip(states, boundaries[offset:], strict=True):
             if origin is not None and isinstance(state, Tensor) and state.dim() == 3:
-                state = gather_rows(state, origin)
+                state = restore_rows(state, origin)
             restored.append(state)
         return type(states)(restored)
 

@@ -30,16 +30,17 @@ def _spread(count: int, device: torch.device) -> Tensor:
 
 
 def _hash32(x: Tensor) -> Tensor:
-    """A 32-bit integer mixing function (lowbias32) on int64 tensors holding 32-bit values.
+    """32 well-mixed bits (int64, 0 .. 2**32 - 1) of every int64 in ``x``.
 
-    Products stay below 2**64 and wrap in int64; only their low 32 bits are kept.
+    lowbias32's xor-shifts and multipliers, on the whole int64 words: products wrap modulo
+    2**64 and their high bits are shifted down into the low ones, so no mask is needed between
+    the steps (each would be a kernel per draw); only the result is cut to 32 bits.
     """
-    x = x & _MASK32
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
+    x = x * 0x7FEB352D
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+    x = x * 0x846CA68B
+    return (x ^ (x >> 16)) & _MASK32
 
 
 class SiteRandom:
@@ -59,10 +60,15 @@ class SiteRandom:
         # would be baked into the graph and force a recompile per value)
         self._seed = seed & _MASK32
         self.key = torch.tensor(self._seed, dtype=torch.int64)  # seed + draws * _DRAW_STEP
+        #: whether the stream was drawn from since it (re)started: a stream never drawn from
+        #: (a strategy that draws nothing) is not reset, one op fewer per site and call
+        self._drawn = False
 
     def reset(self) -> None:
         """Start the stream over (same seed, same draws)."""
-        self.key.fill_(self._seed)
+        if self._drawn:
+            self.key.fill_(self._seed)
+            self._drawn = False
 
     def bits(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
         """32 random bits per element of ``shape`` (int64); each call continues the stream."""
@@ -73,6 +79,7 @@ class SiteRandom:
         # would hash the same input lie billions of elements apart
         mixed = _spread(count, torch.device(device)) + self.key.to(device)
         self.key.add_(_DRAW_STEP)  # after the read: on the CPU .to() is the key itself
+        self._drawn = True
         return _hash32(mixed).view(shape)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device | str) -> Tensor:

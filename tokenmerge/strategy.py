@@ -16,6 +16,7 @@ from .errors import ConfigError, InputError, PluginError
 from .plan import Plan
 from .rng import SiteRandom
 from .site import Site, TokenLayout
+from .windows import token_indices
 
 __all__ = ["Strategy", "merge_into_representatives", "pick_top"]
 
@@ -35,7 +36,7 @@ def merge_into_representatives(rep_of: Tensor, score: Tensor, num_merge: int) ->
     ``rep_of (P, n)`` is the representative of every token (a representative is its own);
     representatives never merge. ``num_merge`` must not exceed the non-representatives.
     """
-    tokens = torch.arange(rep_of.shape[1], device=rep_of.device)
+    tokens = token_indices(rep_of.shape[1], rep_of.device)
     blocked = float("-inf")  # a Python scalar: no host-to-device copy
     chosen = pick_top(torch.where(rep_of == tokens, blocked, score), num_merge)
     return Plan.from_assignment(chosen, rep_of.gather(1, chosen), rep_of.shape[1])

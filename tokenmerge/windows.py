@@ -19,6 +19,7 @@ __all__ = [
     "grown_window",
     "num_windows",
     "shared_window_partition",
+    "token_indices",
     "window_labels",
     "window_partition",
 ]
@@ -114,9 +115,23 @@ def window_labels(
         [[0, 1, 0, 1]]
     """
     sy, sx = clamp_window(grid, size)
-    cols = math.ceil(grid[1] / sx)
-    labels = (positions // grid[1] // sy) * cols + (positions % grid[1]) // sx
-    return labels, num_windows(grid, (sy, sx))
+    table = _label_table(tuple(grid), (sy, sx), positions.device)
+    return table[positions], num_windows(grid, (sy, sx))
+
+
+@made_once
+def _label_table(grid: tuple[int, int], size: tuple[int, int], device: torch.device) -> Tensor:
+    """``(H * W,)`` window of every grid position, made once: one lookup per call instead of
+    the arithmetic."""
+    (h, w), (sy, sx) = grid, size
+    positions = torch.arange(h * w, device=device)
+    return (positions // w // sy) * math.ceil(w / sx) + (positions % w) // sx
+
+
+@made_once
+def token_indices(n: int, device: torch.device) -> Tensor:
+    """``(1, n)``: ``0 .. n - 1``, made once per size and device and shared: never modify it."""
+    return torch.arange(n, device=device).unsqueeze(0)
 
 
 def best_per_window(score: Tensor, labels: Tensor, count: int) -> Tensor:
@@ -127,7 +142,7 @@ def best_per_window(score: Tensor, labels: Tensor, count: int) -> Tensor:
     rows, n = score.shape
     top = score.new_full((rows, count), float("-inf"))
     top = top.scatter_reduce(1, labels, score, "amax", include_self=True)
-    tokens = torch.arange(n, device=score.device).expand(rows, -1)
+    tokens = token_indices(n, score.device).expand(rows, -1)
     candidate = torch.where(score >= top.gather(1, labels), tokens, n)
     first = torch.full((rows, count), n, dtype=torch.long, device=score.device)
     return first.scatter_reduce(1, labels, candidate, "amin", include_self=True)
