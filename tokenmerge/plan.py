@@ -77,6 +77,11 @@ class PlanRows(NamedTuple):
         """``(B * r,)`` rows of the sources."""
         return self.pairs[: self.slots.shape[0]]
 
+    @property
+    def destinations(self) -> Tensor:
+        """``(B * r,)`` rows of each source's destination token."""
+        return self.pairs[self.slots.shape[0] :]
+
 
 @dataclass(frozen=True)
 class _Assignment:
@@ -527,8 +532,7 @@ class Plan:
             if dtype == torch.float32:
                 return own
             # the reciprocal in the dtype itself: exact where the dtype is (float64)
-            destinations = own.pairs[own.slots.shape[0] :]
-            weight = sizes.index_select(0, destinations).to(dtype).reciprocal_().unsqueeze(1)
+            weight = sizes.index_select(0, own.destinations).to(dtype).reciprocal_().unsqueeze(1)
             return own._replace(weight=weight)
         inputs = _offsets(batch, self.num_tokens, self.device)
         outputs = _offsets(batch, self.num_out, self.device)
