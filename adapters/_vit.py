@@ -195,6 +195,11 @@ class ViTAdapter(Adapter):
         """How a local-mode attention call takes proportional attention (None: it cannot)."""
         return None
 
+    def rotary(self) -> bool:
+        """Whether the blocks take rotary position tables (``Site.rotary``); read once the
+        blocks are found."""
+        return False
+
     def pair_arguments(self) -> tuple[str, ...]:
         """Keyword arguments of a block (progressive mode) or attention (local mode) call that
         may hold a per-pair bias over the original tokens (a relative position bias added to
@@ -211,9 +216,10 @@ class ViTAdapter(Adapter):
         blocks = self.find_blocks(root)
         self._num_prefix = self.num_prefix(root)
         self._blocks = {b.name: b for b in blocks}
+        rotary = self.rotary()
         return [
             SiteCandidate(
-                Site(b.name, stage=depth_stage(i, len(blocks)), block_index=i),
+                Site(b.name, stage=depth_stage(i, len(blocks)), block_index=i, rotary=rotary),
                 {"attn": b.attn, "mlp": b.mlp},
             )
             for i, b in enumerate(blocks)

@@ -400,7 +400,7 @@ class DiffusersFluxAdapter(TransformerAdapter):
             else:
                 continue
             stage = depth_stage(index, len(named))
-            site = Site(name, stage=stage, block_index=index, shared_plan=True)
+            site = Site(name, stage=stage, block_index=index, shared_plan=True, rotary=True)
             self._blocks[name] = block
             found.append(SiteCandidate(site, modules))
         return found

@@ -80,6 +80,7 @@ __all__ = [
     "TransformerOptions",
     "is_attention",
     "reduce_tables",
+    "takes_rotary",
     "token_axes",
 ]
 
@@ -146,6 +147,21 @@ def block_targets(block: nn.Module) -> list[tuple[str, nn.Module]]:
             if not any(part in name.lower() for part in _TEXT_PARTS):
                 found.append(("mlp", module))
     return found
+
+
+def takes_rotary(block_class: type) -> bool:
+    """Whether a block's forward takes a rotary position table: a parameter named like one
+    (``image_rotary_emb``, ``rotary_emb``, ``rope``, ``freqs_cis``: every diffusers block
+    with rotary positions names it so).
+
+    Example:
+        >>> from diffusers.models.transformers import transformer_wan, sana_transformer
+        >>> wan = transformer_wan.WanTransformerBlock
+        >>> takes_rotary(wan), takes_rotary(sana_transformer.SanaTransformerBlock)
+        (True, False)
+    """
+    names = [name.lower() for name in forward_parameters(block_class)]
+    return any("rotary" in name or "rope" in name or name == "freqs_cis" for name in names)
 
 
 def _is_cross(name: str, module: nn.Module) -> bool:
@@ -627,7 +643,8 @@ class DiffusersTransformerAdapter(TransformerAdapter):
             for kind, module in targets:
                 modules.setdefault(kind, module)
             stage = depth_stage(index, len(blocks))
-            site = Site(name, stage=stage, block_index=index, shared_plan=True)
+            rotary = takes_rotary(type(block))
+            site = Site(name, stage=stage, block_index=index, shared_plan=True, rotary=rotary)
             order = sequence_order(block)
             if order is not None:
                 self._orders[name] = order

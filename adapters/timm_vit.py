@@ -222,6 +222,9 @@ class TimmViTAdapter(ViTAdapter):
     def block_adjust(self) -> BlockAdjust | None:
         return _rope_of_present_tokens if self._rope else None
 
+    def rotary(self) -> bool:
+        return self._rope
+
     def pair_arguments(self) -> tuple[str, ...]:
         # BEiT's model-wide bias reaches every block, and its attention, over the original tokens
         return (_SHARED_BIAS,) if self._shared_bias else ()

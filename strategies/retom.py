@@ -15,8 +15,10 @@
    - ``"representatives"``: the ``r`` non-representatives most like a representative merge into
      it; only representatives take merges.
 
-   ``scope="global"`` (the default) lets a token merge anywhere; ``scope="window"`` keeps it in
-   its own window. The destination is always a real token, so positions stay exact.
+   ``scope="global"`` lets a token merge anywhere; ``scope="window"`` keeps it in its own
+   window; ``"auto"`` (the default) is the window scope where positions are rotary
+   (``Site.rotary``) and the global scope elsewhere. The destination is always a real token, so
+   positions stay exact.
 4. Plans are cached for ``cache_interval`` denoising steps (the framework's plan cache).
 5. Progressive mode (ViTs): windows over the tokens' *original* grid positions (a merged token
    keeps its representative's position); a window's side doubles when the tokens left cannot
@@ -41,11 +43,11 @@ from tokenmerge.strategy import Strategy, merge_into_representatives, pick_top
 from tokenmerge.strict import Integer
 from tokenmerge.windows import (
     best_per_window,
+    grid_window_labels,
     grown_window,
     made_once,
     num_windows,
     shared_window_partition,
-    token_indices,
     window_labels,
 )
 
@@ -59,8 +61,10 @@ class ReToMConfig(MergeConfig):
         >>> import tokenmerge
         >>> window_size = {"mid": 4, "*": 2}
         >>> config = tokenmerge.load_config("retom", ratio=0.5, window_size=window_size)
-        >>> config.scope_in(progressive=False), config.cache_interval
-        ('global', 2)
+        >>> from tokenmerge.site import Site
+        >>> rotary = Site("blocks.0", rotary=True)
+        >>> config.scope_at(Site("blocks.0")), config.scope_at(rotary)
+        ('global', 'window')
     """
 
     strategy: Literal["retom"] = Field(default="retom", description="Always 'retom'.")
@@ -72,10 +76,10 @@ class ReToMConfig(MergeConfig):
         ),
     )
     scope: Literal["auto", "window", "global"] = Field(
-        default="global",
+        default="auto",
         description=(
             "'window': a token merges within its own window; 'global': anywhere. 'auto': window "
-            "in diffusion, global in ViTs. Default 'global'."
+            "where positions are rotary (Site.rotary), global elsewhere. Default 'auto'."
         ),
     )
     destinations: Literal["detail", "representatives"] = Field(
@@ -129,11 +133,17 @@ class ReToMConfig(MergeConfig):
                 raise ValueError(f"window_size {size} is too large: at most {MAX_CELL} tokens")
         return value
 
-    def scope_in(self, progressive: bool) -> Literal["window", "global"]:
-        """The scope in effect: ``scope`` itself, or what ``"auto"`` means in this mode."""
+    def scope_at(self, site: Site) -> Literal["window", "global"]:
+        """The scope in effect at ``site``: ``scope`` itself, or for ``"auto"`` the window scope
+        where the site's positions are rotary and the global scope elsewhere.
+
+        Rotary positions enter inside attention, so features say nothing of where a token is,
+        and a token merged into a far destination attends from the destination's place; where
+        positions are in the features (added tables, convolutions), similar tokens are near
+        ones already."""
         if self.scope != "auto":
             return self.scope
-        return "global" if progressive else "window"
+        return "window" if site.rotary else "global"
 
     def smallest_window(self) -> int:
         return min(per_site_values(self.window_size))
@@ -296,12 +306,11 @@ class ReToMStrategy(Strategy):
         rows = features.shape[0]
         rep_slot = _representative_slots(features, windows)[0]
         rep_token = windows.expand(rows, -1, -1).gather(2, rep_slot.unsqueeze(-1)).squeeze(-1)
-        window_scope = self.config.scope_in(progressive=False) == "window"
+        window_scope = self.config.scope_at(site) == "window"
         if self.config.destinations == "detail":
             labels = None
             if window_scope:
-                tokens = token_indices(n, features.device)
-                labels, _ = window_labels(tokens, layout.grid, self._window(site))
+                labels = grid_window_labels(layout.grid, self._window(site), features.device)
             return _detail_plan(features, rep_token, num_merge, labels, empty_windows=False)
         if window_scope:
             to_rep = representatives(features, windows)[1]
@@ -342,7 +351,7 @@ class ReToMStrategy(Strategy):
         # other members (as in _representative_slots)
         similarity = (features * window_sum.gather(1, index)).sum(-1)
         rep_token = best_per_window(similarity, labels, count)  # (P, windows)
-        window_scope = self.config.scope_in(progressive=True) == "window"
+        window_scope = self.config.scope_at(site) == "window"
         if self.config.destinations == "detail":
             return _detail_plan(features, rep_token, num_merge, labels if window_scope else None)
         if not window_scope:

@@ -4,6 +4,7 @@ builds of every class in ``diffusers_zoo`` and whole generations of tiny pipelin
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -59,6 +60,30 @@ def test_merges_and_is_exact_at_ratio_zero_and_after_removal(name: str) -> None:
     assert not torch.equal(merged, plain)
     assert any(site.tokens_out < site.tokens_in for site in stats.values()), stats
     assert torch.equal(_run(model, kwargs), plain)
+
+
+@pytest.mark.parametrize("name", MERGING)
+def test_sites_are_rotary_where_the_blocks_take_a_rotary_table(name: str) -> None:
+    """``Site.rotary`` (retom's window scope under ``scope="auto"``) is read from the blocks'
+    signatures: checked here against the tables the blocks really receive."""
+    model, kwargs, _ = _plain(name)
+    received: dict[str, bool] = {}
+
+    def record(module: nn.Module, args: tuple, block_kwargs: dict) -> None:
+        given = inspect.signature(module.forward).bind(*args, **block_kwargs).arguments
+        names = [n for n, v in given.items() if v is not None]
+        received[module_names[module]] = any(
+            "rotary" in n or "rope" in n or n == "freqs_cis" for n in names
+        )
+
+    with tokenmerge.apply(model, "retom", ratio=0.5, sites=SITES) as handle:
+        module_names = {model.get_submodule(s.name): s.name for s in handle.sites}
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in module_names]
+        _run(model, kwargs)
+        for hook in hooks:
+            hook.remove()
+        rotary = {s.name: s.rotary for s in handle.sites}
+    assert rotary == received, name
 
 
 @pytest.mark.parametrize("name", ["wan", "qwen_image", "ltx", "allegro", "hunyuan_video"])

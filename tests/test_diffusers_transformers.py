@@ -62,6 +62,7 @@ def test_sites_and_depth_stages() -> None:
     assert [s.stage for s in sites] == ["first", "first", "middle", "last"]
     assert [s.block_index for s in sites] == [0, 1, 2, 3]
     assert all(s.shared_plan for s in sites)  # the rotary table is shared by the batch
+    assert all(s.rotary for s in sites)
     with tokenmerge.apply(
         make_dit(), "tome", sites={"min_tokens": 1, "stages": ["middle", "last"]}
     ) as handle:
@@ -69,7 +70,7 @@ def test_sites_and_depth_stages() -> None:
             ("transformer_blocks.1", "middle"),
             ("transformer_blocks.2", "last"),
         ]
-        assert not any(s.shared_plan for s in handle.sites)
+        assert not any(s.shared_plan or s.rotary for s in handle.sites)
 
 
 def test_targets_follow_the_config() -> None:

@@ -119,6 +119,30 @@ def test_learned_attention_harness_measures_every_strategy_on_merged_sites(loade
     assert errors["disagreement"] > 0 and errors["kl"] > 0
 
 
+def test_denoiser_probe_runs_each_digit_alone_where_a_plan_serves_the_whole_batch(loaded):
+    """Flux's sites plan once per batch (its rotary table is the batch's): the probe then runs
+    every digit as a batch of its own, so no digit's merge is planned on other digits."""
+    flux = DenoiserProbe(loaded["digit-flux"], per_class=1, held_out=3, steps=1)
+    dit = DenoiserProbe(loaded["digit-dit"], per_class=1, held_out=3, steps=1)
+    assert flux.per_digit and not dit.per_digit  # the DiT plans every sample on its own
+    model, t = flux.model, 0.5
+    config = tokenmerge.load_config("retom", ratio=0.5, sites={"min_tokens": 1})
+    with tokenmerge.apply(model, config) as handle, torch.no_grad():
+        measured = flux._one_step(handle)[t]
+        alone = []
+        for index in range(3):
+            handle.new_generation()
+            noisy = (1 - t) * flux.images[index : index + 1] + t * flux.noise[index : index + 1]
+            times = torch.full((1,), t)
+            alone.append(digits.velocity(model, noisy, times, flux.labels[index : index + 1]))
+        handle.new_generation()
+        noisy = (1 - t) * flux.images + t * flux.noise
+        together = digits.velocity(model, noisy, torch.full((3,), t), flux.labels)
+    torch.testing.assert_close(measured, torch.cat(alone))
+    # one plan made on the three digits' mean features is another merge
+    assert (together - measured).abs().max() > 1e-2
+
+
 def test_harness_script_prints_a_table(capsys):
     script = _script("learned_attention")
     assert (

@@ -32,11 +32,13 @@ CACHED_BUDGET = 8
 CORRECTED_BUDGET = 12
 #: extra kernels per merged module call of a call that makes its plans (the similarity, the
 #: plan's rows, the merge and unmerge), on a grid whose shared tables exist: tomesd 0.1.3 makes
-#: its plans in 30 per site on the UNet; ToMe's own matching and merge are 18 per ViT block
-PLANNING_BUDGET = {"tome": 53, "random": 42, "retom-uncorrected": 52, "retom": 48}
+#: its plans in 30 per site on the UNet; ToMe's own matching and merge are 18 per ViT block.
+#: retom's window scope (its default where positions are rotary: FLUX.1, Wan) adds three: the
+#: sources' windows, their comparison with every token's and the mask
+PLANNING_BUDGET = {"tome": 53, "random": 42, "retom-uncorrected": 55, "retom": 51}
 #: with the value correction (retom, where the attention allows it), whose fit runs the exact
 #: attention of sampled tokens
-CORRECTED_PLANNING_BUDGET = 127
+CORRECTED_PLANNING_BUDGET = 130
 #: progressive mode (ViT-B/16 layout, ToMe's r=13 per block): extra kernels per block
 PROGRESSIVE_BUDGET = {"tome": 43, "random": 65, "retom": 64}
 SCHEDULE = torch.tensor([999.0, 979.0, 959.0, 939.0])

@@ -414,20 +414,24 @@ def test_retom_detail_destinations(grid, size, batch, seed, scope, data):
 
 
 @pytest.mark.parametrize("progressive", [False, True])
-def test_retom_auto_scope_is_window_for_diffusion_and_global_for_vits(progressive):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_retom_auto_scope_is_window_where_positions_are_rotary_and_global_elsewhere(
+    progressive, rotary
+):
     grid = (8, 8)
     positions = torch.arange(64).unsqueeze(0) if progressive else None
     layout = TokenLayout(grid, positions=positions)
+    site = Site("blocks.0", rotary=rotary)
     features = features_for(2, 64, seed=3)
-    assert tokenmerge.get_strategy("retom").config.scope == "global"  # the default
-    auto = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2, scope="auto")
-    expected = "global" if progressive else "window"
-    assert auto.config.scope_in(progressive) == expected
+    auto = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2)
+    assert auto.config.scope == "auto"  # the default
+    expected = "window" if rotary else "global"
+    assert auto.config.scope_at(site) == expected
     explicit = tokenmerge.get_strategy("retom", ratio=0.0, window_size=2, scope=expected)
     other = tokenmerge.get_strategy(
-        "retom", ratio=0.0, window_size=2, scope="window" if progressive else "global"
+        "retom", ratio=0.0, window_size=2, scope="global" if rotary else "window"
     )
-    plans = [s.make_plan(features, layout, SITE, 24, gen()) for s in (auto, explicit, other)]
+    plans = [s.make_plan(features, layout, site, 24, gen()) for s in (auto, explicit, other)]
     assert torch.equal(plans[0].origin, plans[1].origin)
     assert not torch.equal(plans[0].origin, plans[2].origin)  # the scope did matter here
 

@@ -496,6 +496,17 @@ def test_merging_duplicates_keeps_the_pooled_output(pool: str, split: int | None
 # ---------------------------------------------------------------------------- EVA rotary rows
 
 
+@pytest.mark.parametrize("family", ["vit", "eva02", "hf_vit"])
+def test_sites_say_where_positions_are_rotary(family: str) -> None:
+    """EVA's blocks take ``rope=``: its sites are rotary, and retom's default scope keeps a
+    token's merges in its window there (``scope="auto"``); plain ViTs add their positions."""
+    model = FAMILIES[family].build()
+    with tokenmerge.apply(model, "retom") as handle:
+        assert [site.rotary for site in handle.sites] == [family == "eva02"] * DEPTH
+        scopes = {handle.config.scope_at(site) for site in handle.sites}
+    assert scopes == {"window" if family == "eva02" else "global"}
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_eva_rotary_rows_follow_the_tokens(mode: str, strategy: str) -> None:

@@ -80,6 +80,9 @@ class Site:
         mode: ``"local"`` (merge, run, unmerge) or ``"progressive"`` (tokens stay merged).
         shared_plan: one plan for the whole batch (required where a positional table is shared
             by the batch, as with rotary embeddings).
+        rotary: the block receives rotary position tables: positions enter inside attention,
+            so the tokens' features carry none, and a token merged into a far destination
+            attends and is attended to from the destination's place.
     """
 
     name: str
@@ -89,6 +92,7 @@ class Site:
     block_index: int | None = None
     mode: str = "local"
     shared_plan: bool = False
+    rotary: bool = False
 
     def matches(self, pattern: str) -> bool:
         """True when the glob ``pattern`` matches the site's name (see ``module_glob``)."""

@@ -15,6 +15,7 @@ T = TypeVar("T")
 __all__ = [
     "best_per_window",
     "clamp_window",
+    "grid_window_labels",
     "made_once",
     "grown_window",
     "num_windows",
@@ -117,6 +118,20 @@ def window_labels(
     sy, sx = clamp_window(grid, size)
     table = _label_table(tuple(grid), (sy, sx), positions.device)
     return table[positions], num_windows(grid, (sy, sx))
+
+
+def grid_window_labels(
+    grid: tuple[int, int], size: tuple[int, int], device: torch.device
+) -> Tensor:
+    """``window_labels`` of a whole grid's tokens in row-major order, ``(1, H * W)``, made once
+    per grid, size and device and shared: never modify it.
+
+    Example:
+        >>> grid_window_labels((2, 3), (2, 2), torch.device("cpu")).tolist()
+        [[0, 0, 1, 0, 0, 1]]
+    """
+    table = _label_table(tuple(grid), clamp_window(grid, size), torch.device(device))
+    return table.unsqueeze(0)
 
 
 @made_once

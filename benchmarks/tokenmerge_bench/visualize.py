@@ -375,9 +375,9 @@ def _window(patch: SitePatch, grid: tuple[int, int]) -> tuple[int, int] | None:
     ``"window"`` in effect: ReToM and plugins shaped like it)."""
     window_for = getattr(patch.config, "window_for", None)
     scope = getattr(patch.config, "scope", None)
-    scope_in = getattr(patch.config, "scope_in", None)  # retom's "auto" resolved
-    if callable(scope_in):
-        scope = scope_in(progressive=False)
+    scope_at = getattr(patch.config, "scope_at", None)  # retom's "auto" resolved
+    if callable(scope_at):
+        scope = scope_at(patch.site)
     if not callable(window_for) or scope != "window":
         return None
     size = window_for(patch.site)
