@@ -4,16 +4,16 @@ The site is a diffusers ``Attention`` (320 channels, 8 heads, SDPA processor) wi
 weights (key projection tied to the query projection, scaled by 3), on tokens made from the
 bundled photograph at 32 x 32, 64 x 64 and 96 x 96 (1024, 4096 and 9216 tokens: SD 1.5 at 256,
 512 and 768 px), batch 2, ratio 0.5. Configurations, each run as a denoising loop would run it
-(one call per step, plans made every step or once per ``cache_interval`` steps):
+(one call per step for 10 steps, plans made every step or once per ``cache_interval`` steps):
 
 - ``none``: the attention alone;
 - ``tomesd``: tomesd 0.1.3's own ``bipartite_soft_matching_random2d`` planned every step, its
   merge / unmerge functions (needs ``pip install tomesd``);
 - ``tome``: tokenmerge's ``tome`` (tomesd's algorithm), planned every step;
-- ``retom (before)``: ``retom`` with the defaults it had before they were chosen by measurement
-  (2 x 2 windows, window scope, no value correction), a plan per 5 steps;
-- ``retom``: ``retom`` with today's defaults (6 x 6 windows, window scope, value correction),
-  a plan per 5 steps.
+- ``retom (first wave)``: ``retom`` with the first wave's defaults (2 x 2 windows, window scope,
+  merged into the representatives, no value correction), a plan per 5 steps;
+- ``retom``: ``retom`` with today's defaults (at this site 6 x 6 windows, the global scope,
+  the detail destinations, the value correction), a plan per 2 steps.
 
 Parts (milliseconds per call, plans amortised over the steps that reuse them): ``plan``,
 ``merge``, ``attention`` (on the merged tokens), ``unmerge`` (the copy back), ``correct`` (the
@@ -44,11 +44,19 @@ from tokenmerge.state import StepState
 from tokenmerge_bench.fidelity import tie_self_attention
 from tokenmerge_bench.photos import photo_tokens
 
-CHANNELS, HEADS, BATCH, RATIO, CACHE = 320, 8, 2, 0.5, 5
+CHANNELS, HEADS, BATCH, RATIO, STEPS = 320, 8, 2, 0.5, 10
 SITE = Site("down_blocks.0.attentions.0.transformer_blocks.0", stage="down", level=1)
 CONFIGS = {
     "tome": dict(config="tome", cache_interval=1),
-    "retom (before)": dict(config="retom", window_size=2, scope="window", value_correction=False),
+    "retom (first wave)": dict(
+        config="retom",
+        window_size=2,
+        scope="window",
+        destinations="representatives",
+        cache_interval=5,
+        local_proportional_attention=False,
+        value_correction=False,
+    ),
     "retom": dict(config="retom"),
 }
 
@@ -142,15 +150,15 @@ def main() -> None:
                 for name in names:
                     timer = Timer(device)
                     if name == "none":
-                        run_none(attn, x, CACHE, timer)
+                        run_none(attn, x, STEPS, timer)
                     elif name == "tomesd":
-                        run_tomesd(attn, x, CACHE, timer)
+                        run_tomesd(attn, x, STEPS, timer)
                     else:
-                        run_ours(name, attn, x, CACHE, timer)
+                        run_ours(name, attn, x, STEPS, timer)
                     if round_index:
                         for part in parts[:-1]:
-                            samples[name][part].append(timer.ms.get(part, 0.0) / CACHE)
-                        samples[name]["total"].append(sum(timer.ms.values()) / CACHE)
+                            samples[name][part].append(timer.ms.get(part, 0.0) / STEPS)
+                        samples[name]["total"].append(sum(timer.ms.values()) / STEPS)
         print(f"\n{side * side} tokens")
         print(f"{'config':>16} " + " ".join(f"{p:>9}" for p in parts))
         for name in names:

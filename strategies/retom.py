@@ -11,7 +11,8 @@
    - ``"detail"`` (the default): the representatives stay, and so do the tokens least like
      them (the detail one token per window cannot stand for); the ``r`` tokens most like a
      representative merge, each into its most similar token that stays. Plain regions give up
-     many tokens, detailed ones few.
+     many tokens, detailed ones few. One sort splits sources from the tokens that stay, and
+     only those pairs are compared: ``r (N - r)`` dot products.
    - ``"representatives"``: the ``r`` non-representatives most like a representative merge into
      it; only representatives take merges.
 
@@ -254,15 +255,18 @@ def _detail_plan(
     else:
         labels = labels.expand(rows, -1)
         likeness = to_reps.gather(2, labels.unsqueeze(-1)).squeeze(-1)
-    chosen = pick_top(likeness.scatter_(1, rep_token, blocked), num_merge)  # (P, r)
-    sources = features.gather(1, chosen.unsqueeze(-1).expand(-1, -1, channels))
-    to_kept = sources @ features.transpose(1, 2)  # (P, r, n)
+    # one sort splits the tokens into the sources (the first r) and the tokens that stay, so
+    # sources are compared with the tokens that stay only: half the products of all n, and no
+    # mask to keep a source from being a destination
+    order = likeness.scatter_(1, rep_token, blocked).argsort(dim=1, descending=True)
+    chosen, kept = order[:, :num_merge], order[:, num_merge:]  # (P, r), (P, n - r)
+    ordered = features.gather(1, order.unsqueeze(-1).expand(-1, -1, channels))
+    to_kept = ordered[:, :num_merge] @ ordered[:, num_merge:].transpose(1, 2)  # (P, r, n - r)
     if labels is not None:  # the tokens of other windows are out of reach
-        other_window = labels.gather(1, chosen).unsqueeze(-1) != labels.unsqueeze(1)
+        window = labels.gather(1, order)
+        other_window = window[:, :num_merge, None] != window[:, None, num_merge:]
         to_kept = to_kept.masked_fill_(other_window, blocked)
-    # no source is a destination
-    to_kept.scatter_(2, chosen.unsqueeze(1).expand(-1, num_merge, -1), blocked)
-    return Plan.from_assignment(chosen, to_kept.argmax(dim=-1), n)
+    return Plan.from_assignment(chosen, kept.gather(1, to_kept.argmax(dim=-1)), n)
 
 
 def _dots(members: Tensor, one: Tensor) -> Tensor:
